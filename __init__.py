@@ -1,0 +1,42 @@
+"""cosegment: training-free correspondences and co-segmentation of image collections from Stable Diffusion's
+self-attention (cross self-attention)."""
+
+__version__ = "0.1.0"
+
+from .pipeline_cosegment import (  # noqa: E402
+    DEFAULT_MODEL_ID,
+    CoSegmentationFeatures,
+    CoSegmentationPipelineOutput,
+    PairCorrespondence,
+    StableDiffusionCoSegmentationPipeline,
+    analyze_features,
+)
+from .utils.correspondence import (  # noqa: E402
+    SelectionThresholds,
+    argmax_matches,
+    attention_row_statistics,
+    cross_attention_probs,
+    inverse_mapping_entropy,
+    inverse_mapping_error,
+    mapping_density,
+    neighbourhood_spread,
+    paper_thresholds,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "CoSegmentationFeatures",
+    "CoSegmentationPipelineOutput",
+    "PairCorrespondence",
+    "SelectionThresholds",
+    "StableDiffusionCoSegmentationPipeline",
+    "analyze_features",
+    "argmax_matches",
+    "attention_row_statistics",
+    "cross_attention_probs",
+    "inverse_mapping_entropy",
+    "inverse_mapping_error",
+    "mapping_density",
+    "neighbourhood_spread",
+    "paper_thresholds",
+]

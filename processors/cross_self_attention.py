@@ -1,0 +1,182 @@
+"""Attention processor that records the self-attention queries and keys of chosen layers.
+
+The processor computes exactly what diffusers' :class:`AttnProcessor2_0` computes (same operations, same order) and
+hands the per-head queries and keys to a per-call :class:`AttentionStore`. No global state: the store is created for
+one pipeline call and given to every processor of that call; the pipeline restores the original processors in a
+``finally`` block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+class StopForward(Exception):
+    """Raised by the last capturing processor so that the UNet forward ends early (nothing after it is needed)."""
+
+
+class AttentionStore:
+    """Collects the queries and keys of the chosen layers during one pipeline call.
+
+    Args:
+        layer_names (`list[str]`): the attention modules (names as in `unet.named_modules()`) to record.
+        stop_after_last (`bool`, defaults to `False`): raise :class:`StopForward` once every chosen layer has
+            run in the current forward, so the rest of the UNet is skipped.
+
+    Attributes:
+        queries, keys (`dict[str, list[torch.Tensor]]`): per layer, one `(B, H, N, d)` tensor per forward.
+    """
+
+    def __init__(self, layer_names: list[str], stop_after_last: bool = False) -> None:
+        self.layer_names = list(layer_names)
+        self.stop_after_last = stop_after_last
+        self.queries: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
+        self.keys: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
+        self._seen_this_forward: set[str] = set()
+
+    def begin_forward(self) -> None:
+        """Marks the start of a UNet forward (resets the early-exit bookkeeping)."""
+        self._seen_this_forward = set()
+
+    def add(self, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Stores `(B, H, N, d)` query and key of layer `name`; may raise :class:`StopForward`."""
+        self.queries[name].append(query.detach())
+        self.keys[name].append(key.detach())
+        self._seen_this_forward.add(name)
+        if self.stop_after_last and len(self._seen_this_forward) == len(self.layer_names):
+            raise StopForward()
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Concatenates the forwards of each layer along the batch: two lists of `(B_total, H, N, d)` tensors."""
+        queries = [torch.cat(self.queries[name], dim=0) for name in self.layer_names]
+        keys = [torch.cat(self.keys[name], dim=0) for name in self.layer_names]
+        return queries, keys
+
+
+class CrossSelfAttentionCaptureProcessor(AttnProcessor2_0):
+    """:class:`AttnProcessor2_0` that also records the layer's per-head query and key.
+
+    The output equals the stock processor's (same code path); the query and key are stored as `(B, H, N, d)` after
+    the head split (and after `norm_q`/`norm_k` where the layer has them), which are the tensors the softmax of
+    Eq. 2.1 is taken over.
+
+    Args:
+        store (`AttentionStore`): the per-call store.
+        name (`str`): the attention module's name, used as the store key.
+    """
+
+    def __init__(self, store: AttentionStore, name: str) -> None:
+        super().__init__()
+        self.store = store
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+
+        # Record after the stock output is computed, so that an early exit happens after this layer has run.
+        self.store.add(self.name, query, key)
+        return hidden_states
+
+
+def self_attention_layer_levels(unet: torch.nn.Module) -> dict[str, int]:
+    """Self-attention (`attn1`) modules of a UNet and their downsampling level.
+
+    A layer at level `l` sees the latent grid downsampled `2 ** l` times: its token grid is
+    `(height / vae_scale_factor / 2 ** l, width / vae_scale_factor / 2 ** l)`.
+
+    Returns:
+        `{module_name: level}` in module order, for every `Attention` module named `...attn1` that is not a
+        cross-attention layer.
+    """
+    down_levels, level = [], 0
+    for block in getattr(unet, "down_blocks", []):
+        down_levels.append(level)
+        if getattr(block, "downsamplers", None):
+            level += 1
+    bottom = level
+    up_levels = []
+    for block in getattr(unet, "up_blocks", []):
+        up_levels.append(level)
+        if getattr(block, "upsamplers", None):
+            level -= 1
+    levels = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention) or not name.endswith("attn1") or module.is_cross_attention:
+            continue
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            levels[name] = down_levels[int(parts[1])]
+        elif parts[0] == "up_blocks":
+            levels[name] = up_levels[int(parts[1])]
+        elif parts[0] == "mid_block":
+            levels[name] = bottom
+    return levels

@@ -1,0 +1,126 @@
+"""A tiny random Stable-Diffusion-2-shaped pipeline built offline, for tests, examples and benchmarks.
+
+Random weights carry no semantics: use it to check shapes, coordinates and plumbing, never method quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (CLIP's tokenizer uses the same)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _write_tokenizer_files(folder: str) -> tuple[str, str]:
+    """A byte-level CLIP vocabulary (every byte, alone and word-final, plus the special tokens) and a few merges."""
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges = ["t h", "th e</w>", "a n", "i n", "o n</w>"]
+    vocab_list += [m.replace(" ", "") for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
+    os.makedirs(folder, exist_ok=True)
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_file, "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle)
+    with open(merges_file, "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return vocab_file, merges_file
+
+
+def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32, seed: int = 0):
+    """Builds (and saves to `folder` when given) a tiny random `StableDiffusionPipeline` shaped like SD 2.x.
+
+    Four UNet levels like SD (so sizes are multiples of 64 and `up_blocks.2` reads 1/2 of the latent grid), linear
+    projections, a VAE with scale factor 8, a 2-layer CLIP text encoder and a byte-level tokenizer with
+    `model_max_length=77`. At `sample_size=32` the processing size is 256 px and `up_blocks.2` has 16 x 16 tokens.
+
+    Returns:
+        the `StableDiffusionPipeline` (float32, CPU).
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 4, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            pad_token_id=1,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="gelu",
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = _write_tokenizer_files(tmp)
+        tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe

@@ -1,0 +1,47 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cosegment.testing import make_tiny_stable_diffusion
+
+INF = float("inf")
+# Every threshold disabled: on a random UNet nothing is semantic, so plumbing tests keep every match.
+NO_FILTER = {"max_entropy": INF, "max_spread": INF, "max_collapse": INF, "max_inverse_error": INF}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> str:
+    """A tiny random SD2-shaped `StableDiffusionPipeline`, saved once per test session."""
+    folder = str(tmp_path_factory.mktemp("tiny-sd"))
+    make_tiny_stable_diffusion(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_sd_path):
+    from cosegment import StableDiffusionCoSegmentationPipeline
+
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[np.ndarray]:
+    """Real photographs of different sizes (scikit-image's samples, shipped with the package)."""
+    import skimage.data
+
+    return [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.astronaut(), skimage.data.rocket()]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,490 @@
+"""Cross self-attention maths of the seed note (Eq. 2.4-2.13): pure torch functions, any device, float32 inside.
+
+Shapes: `H` heads, `N_s` source tokens, `N_t` target tokens, `d` head size. Grid positions are `(row, col)` on an
+`(h, w)` token grid flattened row-major (token index `row * w + col`); distances are in grid cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Row chunks are sized so one float32 `(H, rows, N_t)` logit block holds about this many elements (64 MiB).
+_CHUNK_ELEMENTS = 2**24
+
+
+def _as_heads(x: torch.Tensor, name: str) -> torch.Tensor:
+    """`(N, d)` or `(H, N, d)` -> `(H, N, d)`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim == 2:
+        return x.unsqueeze(0)
+    if x.ndim == 3:
+        return x
+    raise ValueError(f"`{name}` must have shape (N, d) or (H, N, d), got {tuple(x.shape)}.")
+
+
+def _as_head_list(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [_as_heads(x, name)]
+    items = [_as_heads(t, f"{name}[{i}]") for i, t in enumerate(x)]
+    if not items:
+        raise ValueError(f"`{name}` must hold at least one tensor, got an empty sequence.")
+    return items
+
+
+def _check_pairs(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> None:
+    if len(queries) != len(keys):
+        raise ValueError(f"`queries` and `keys` must have the same length, got {len(queries)} and {len(keys)}.")
+    for i, (q, k) in enumerate(zip(queries, keys)):
+        if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+            raise ValueError(
+                f"`queries[{i}]` {tuple(q.shape)} and `keys[{i}]` {tuple(k.shape)} must share heads and head size."
+            )
+        if q.shape[1] != queries[0].shape[1] or k.shape[1] != keys[0].shape[1]:
+            raise ValueError("All `queries` (and all `keys`) must have the same number of tokens.")
+
+
+def default_chunk_size(num_heads: int, num_targets: int) -> int:
+    """Rows per chunk so that one float32 `(H, rows, N_t)` block stays near 64 MiB."""
+    return max(1, _CHUNK_ELEMENTS // max(1, num_heads * num_targets))
+
+
+def _mean_softmax_rows(
+    queries: list[torch.Tensor], keys: list[torch.Tensor], start: int, stop: int, scale: float | None
+) -> torch.Tensor:
+    """Mean over layers and heads of `softmax(Q[start:stop] K^T * scale)`: `(stop - start, N_t)` float32."""
+    total = None
+    for q, k in zip(queries, keys):
+        s = q.shape[-1] ** -0.5 if scale is None else scale
+        logits = torch.matmul(q[:, start:stop].float(), k.float().transpose(-1, -2)) * s
+        probs = torch.softmax(logits, dim=-1).mean(dim=0)
+        total = probs if total is None else total.add_(probs)
+    return total / len(queries)
+
+
+def cross_attention_probs(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Head-averaged cross self-attention `A_st = mean_h softmax(Q_s K_t^T * scale)` (Eq. 2.2, 2.4-2.6).
+
+    Args:
+        queries: `(H, N_s, d)` or `(N_s, d)` queries of the source image (or a sequence of such tensors, one per
+            layer / noise draw, averaged after the softmax).
+        keys: `(H, N_t, d)` or `(N_t, d)` keys of the target image (same length as `queries` when a sequence).
+        scale: logit scale, defaults to `d ** -0.5`.
+        chunk_size: rows computed at once; `None` computes all rows together.
+
+    Returns:
+        `(N_s, N_t)` float32, rows sum to 1 (Eq. 2.5).
+    """
+    qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
+    _check_pairs(qs, ks)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+    num_rows = qs[0].shape[1]
+    step = num_rows if chunk_size is None else chunk_size
+    rows = [_mean_softmax_rows(qs, ks, i, min(i + step, num_rows), scale) for i in range(0, num_rows, step)]
+    if not rows:
+        return torch.zeros(0, ks[0].shape[1], device=qs[0].device)
+    return torch.cat(rows, dim=0)
+
+
+def _row_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of `(R, N)` non-negative float32 probabilities, rows renormalised."""
+    probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+    return entropy.clamp_min(0.0)
+
+
+@dataclass
+class AttentionRowStatistics:
+    """Per-row statistics of an attention matrix `A_st` that was never stored whole.
+
+    Attributes:
+        argmax: `(N_s,)` long, `f(p) = argmax_y A_st[p, y]` (Eq. 2.12).
+        max_prob: `(N_s,)` float32, `A_st[p, f(p)]`.
+        entropy: `(N_s,)` float32, entropy of row p in nats (Eq. 2.10 when `A_st` is read as the inverse map).
+    """
+
+    argmax: torch.Tensor
+    max_prob: torch.Tensor
+    entropy: torch.Tensor
+
+
+def attention_row_statistics(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    scale: float | None = None,
+    chunk_size: int | None = None,
+) -> AttentionRowStatistics:
+    """Argmax, maximum and entropy of each row of `A_st` (see :func:`cross_attention_probs`), in row chunks.
+
+    Memory stays bounded by one `(H, chunk_size, N_t)` block whatever `N_s`; `chunk_size=None` picks a chunk of about
+    64 MiB. Results equal those computed from the full `(N_s, N_t)` matrix.
+    """
+    qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
+    _check_pairs(qs, ks)
+    num_rows, num_targets = qs[0].shape[1], ks[0].shape[1]
+    step = chunk_size or default_chunk_size(max(q.shape[0] for q in qs), num_targets)
+    argmax, max_prob, entropy = [], [], []
+    for start in range(0, num_rows, step):
+        probs = _mean_softmax_rows(qs, ks, start, min(start + step, num_rows), scale)
+        value, index = probs.max(dim=-1)
+        argmax.append(index)
+        max_prob.append(value)
+        entropy.append(_row_entropy(probs))
+    device = qs[0].device
+    if not argmax:
+        empty = torch.zeros(0, device=device)
+        return AttentionRowStatistics(empty.long(), empty, empty)
+    return AttentionRowStatistics(torch.cat(argmax), torch.cat(max_prob), torch.cat(entropy))
+
+
+def argmax_matches(attn: torch.Tensor) -> torch.Tensor:
+    """Forward matches `f(p) = argmax_y A[p, y]` (Eq. 2.12).
+
+    Args:
+        attn: `(N_s, N_t)` attention.
+
+    Returns:
+        `(N_s,)` long target indices (the first maximum on ties).
+    """
+    if not isinstance(attn, torch.Tensor) or attn.ndim != 2:
+        raise ValueError(f"`attn` must be a 2-D tensor (N_s, N_t), got {getattr(attn, 'shape', type(attn))}.")
+    if attn.shape[1] == 0:
+        raise ValueError("`attn` has no target columns to match to.")
+    return attn.argmax(dim=-1)
+
+
+def _check_grid(grid_size: Sequence[int], name: str = "grid_size") -> tuple[int, int]:
+    if len(grid_size) != 2 or any(int(v) != v or v < 1 for v in grid_size):
+        raise ValueError(f"`{name}` must be two positive ints (h, w), got {tuple(grid_size)!r}.")
+    return int(grid_size[0]), int(grid_size[1])
+
+
+def _check_indices(indices: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    if not isinstance(indices, torch.Tensor) or indices.ndim != 1:
+        raise ValueError(f"`{name}` must be a 1-D tensor of token indices, got {getattr(indices, 'shape', indices)}.")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer token indices, got dtype {indices.dtype}.")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
+        raise ValueError(
+            f"`{name}` holds indices outside [0, {size}): min {int(indices.min())}, max {int(indices.max())}."
+        )
+    return indices.long()
+
+
+def token_coordinates(grid_size: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """`(h * w, 2)` float32 `(row, col)` of every token of an `(h, w)` grid, row-major."""
+    h, w = _check_grid(grid_size)
+    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    return torch.stack([rows, cols], dim=-1)
+
+
+def inverse_mapping_error(forward: torch.Tensor, backward: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """Inverse mapping error `IMS(p) = ||p - g(f(p))||_2` in source grid cells (Eq. 2.7-2.8).
+
+    Args:
+        forward: `(N_s,)` long, `f`: source token -> target token.
+        backward: `(N_t,)` long, `g`: target token -> source token.
+        grid_size: `(h, w)` of the source grid, `h * w == N_s`.
+
+    Returns:
+        `(N_s,)` float32, 0 where the mapping is cycle-consistent.
+    """
+    h, w = _check_grid(grid_size)
+    forward = _check_indices(forward, backward.shape[0] if isinstance(backward, torch.Tensor) else 0, "forward")
+    if forward.shape[0] != h * w:
+        raise ValueError(f"`forward` has {forward.shape[0]} tokens but `grid_size` {(h, w)} has {h * w}.")
+    backward = _check_indices(backward, h * w, "backward")
+    coords = token_coordinates((h, w), device=forward.device)
+    return torch.linalg.vector_norm(coords - coords[backward[forward]], dim=-1)
+
+
+def mapping_density(forward: torch.Tensor, num_targets: int) -> torch.Tensor:
+    """Mapping density `MD(y) = #{p : f(p) = y}` (Eq. 2.9).
+
+    Args:
+        forward: `(N_s,)` long target index of each source token.
+        num_targets: `N_t`.
+
+    Returns:
+        `(N_t,)` float32 counts, summing to `N_s`.
+    """
+    if int(num_targets) != num_targets or num_targets < 1:
+        raise ValueError(f"`num_targets` must be a positive int, got {num_targets!r}.")
+    forward = _check_indices(forward, int(num_targets), "forward")
+    return torch.bincount(forward, minlength=int(num_targets)).float()
+
+
+def inverse_mapping_entropy(attn: torch.Tensor) -> torch.Tensor:
+    """Inverse mapping entropy `IME(y) = -sum_x P(x | y) log P(x | y)` in nats (Eq. 2.10).
+
+    Args:
+        attn: `(N_t, N_s)` inverse attention `A_ts` (rows are renormalised to sum to 1; non-negative).
+
+    Returns:
+        `(N_t,)` float32 in `[0, log N_s]`.
+    """
+    if not isinstance(attn, torch.Tensor) or attn.ndim != 2:
+        raise ValueError(f"`attn` must be a 2-D tensor (N_t, N_s), got {getattr(attn, 'shape', type(attn))}.")
+    if attn.numel() and bool((attn < 0).any()):
+        raise ValueError("`attn` must be non-negative.")
+    return _row_entropy(attn.float())
+
+
+# The 3x3 neighbourhood of Eq. 2.11 without the centre.
+_NEIGHBOUR_OFFSETS = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
+
+
+def neighbourhood_spread(
+    forward: torch.Tensor, grid_size: Sequence[int], target_grid_size: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbourhood check of Eq. 2.11-2.13 (DESIGN step 6).
+
+    For each source token p and its 3x3 neighbours n inside the grid:
+    spread `S(p) = mean_n ||f(n) - f(p)||^2` (target cells squared) and collapse share
+    `C(p) = mean_n [f(n) == f(p)]`.
+
+    Args:
+        forward: `(N_s,)` long, `f`: source token -> target token.
+        grid_size: `(h, w)` of the source grid.
+        target_grid_size: `(h_t, w_t)` of the target grid, defaults to `grid_size`.
+
+    Returns:
+        `(spread, collapse_share)`, each `(N_s,)` float32. A 1x1 grid (no neighbours) gives 0 and 0.
+    """
+    h, w = _check_grid(grid_size)
+    ht, wt = _check_grid(target_grid_size if target_grid_size is not None else grid_size, "target_grid_size")
+    forward = _check_indices(forward, ht * wt, "forward")
+    if forward.shape[0] != h * w:
+        raise ValueError(f"`forward` has {forward.shape[0]} tokens but `grid_size` {(h, w)} has {h * w}.")
+    target = token_coordinates((ht, wt), device=forward.device)[forward].view(h, w, 2)
+    index = forward.view(h, w)
+    spread = torch.zeros(h, w, device=forward.device)
+    same = torch.zeros(h, w, device=forward.device)
+    count = torch.zeros(h, w, device=forward.device)
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        # centre region [r0, r1) x [c0, c1) whose neighbour (r + di, c + dj) is inside the grid
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        centre = target[r0:r1, c0:c1]
+        neighbour = target[r0 + di : r1 + di, c0 + dj : c1 + dj]
+        spread[r0:r1, c0:c1] += ((neighbour - centre) ** 2).sum(dim=-1)
+        same[r0:r1, c0:c1] += (index[r0 + di : r1 + di, c0 + dj : c1 + dj] == index[r0:r1, c0:c1]).float()
+        count[r0:r1, c0:c1] += 1
+    count = count.clamp_min(1)
+    return (spread / count).flatten(), (same / count).flatten()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selection (DESIGN steps 7-8)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The paper preset's entropy limit (2 nats) was read off grids of this many tokens; it scales with log N.
+_PAPER_REFERENCE_TOKENS = 1024
+_PAPER_MAX_ENTROPY = 2.0
+_PAPER_MAX_SPREAD = 20.0
+_PAPER_MAX_COLLAPSE = 0.5
+_PAPER_MAX_INVERSE_ERROR = 1.0
+
+
+@dataclass
+class SelectionThresholds:
+    """Limits a correspondence `p -> f(p)` must meet to be kept; `inf` disables a check.
+
+    Attributes:
+        max_entropy: IME of the target `f(p)` in nats, strictly below (Eq. 2.10).
+        max_spread: neighbourhood spread in target cells squared, at most (Eq. 2.11-2.13).
+        max_collapse: share of neighbours landing on `f(p)` itself, at most.
+        max_inverse_error: `||p - g(f(p))||` in source cells, at most (Eq. 2.8).
+    """
+
+    max_entropy: float
+    max_spread: float
+    max_collapse: float
+    max_inverse_error: float
+
+    def __post_init__(self) -> None:
+        for name in ("max_entropy", "max_spread", "max_collapse", "max_inverse_error"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative number (inf disables it), got {value!r}.")
+            setattr(self, name, float(value))
+
+
+def paper_thresholds(num_tokens: int) -> SelectionThresholds:
+    """The research note's limits: IME < 2 nats at N = 1024 scaled by `log N / log 1024`, spread <= 20 cells^2,
+    collapse share <= 0.5, IMS <= 1 cell."""
+    if num_tokens < 2:
+        raise ValueError(f"`num_tokens` must be at least 2, got {num_tokens}.")
+    scale = math.log(num_tokens) / math.log(_PAPER_REFERENCE_TOKENS)
+    return SelectionThresholds(
+        max_entropy=_PAPER_MAX_ENTROPY * scale,
+        max_spread=_PAPER_MAX_SPREAD,
+        max_collapse=_PAPER_MAX_COLLAPSE,
+        max_inverse_error=_PAPER_MAX_INVERSE_ERROR,
+    )
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample: the cut maximising the between-class variance.
+
+    Args:
+        values: `(K,)` finite values (non-finite ones are ignored).
+        bins: histogram bins.
+
+    Returns:
+        The threshold (a float between the sample's min and max); `inf` for an empty or constant sample, so that
+        nothing is cut.
+    """
+    values = values.detach().float().flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return math.inf
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return math.inf
+    hist = torch.histc(values, bins=bins, min=lo, max=hi)
+    centres = lo + (torch.arange(bins, device=values.device, dtype=torch.float32) + 0.5) * (hi - lo) / bins
+    weight0 = hist.cumsum(0)
+    weight1 = hist.sum() - weight0
+    mean0 = (hist * centres).cumsum(0) / weight0.clamp_min(1)
+    mean1 = ((hist * centres).sum() - (hist * centres).cumsum(0)) / weight1.clamp_min(1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    between = between[:-1] if bins > 1 else between
+    # every cut inside an empty gap scores the same: take the middle of the best plateau
+    best = torch.nonzero(between >= between.max() * (1 - 1e-6)).flatten().float()
+    k = float(best.mean())
+    return lo + (k + 1) * (hi - lo) / bins
+
+
+@dataclass
+class PassStatistics:
+    """Everything the selection of one pass (source -> target) looks at, per source token p.
+
+    Attributes:
+        forward: `(N_s,)` long `f(p)`.
+        target_entropy: `(N_s,)` IME of `f(p)` in nats (Eq. 2.10).
+        inverse_error: `(N_s,)` IMS(p) in source cells (Eq. 2.8).
+        spread: `(N_s,)` neighbourhood spread in target cells squared.
+        collapse: `(N_s,)` collapse share in [0, 1].
+        score: `(N_s,)` confidence in [0, 1] (see :func:`pass_statistics`).
+    """
+
+    forward: torch.Tensor
+    target_entropy: torch.Tensor
+    inverse_error: torch.Tensor
+    spread: torch.Tensor
+    collapse: torch.Tensor
+    score: torch.Tensor
+
+
+def pass_statistics(
+    forward_rows: AttentionRowStatistics,
+    backward_rows: AttentionRowStatistics,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+) -> PassStatistics:
+    """Statistics of one pass from the row statistics of `A_st` (forward) and `A_ts` (backward).
+
+    The confidence `score` is `sqrt((1 - H_st(p) / log N_t) * (1 - H_ts(f(p)) / log N_s)) * exp(-IMS(p)^2 / 2)`:
+    the geometric mean of how peaked the forward row of p and the inverse row of its match are (1 for a one-hot
+    row, 0 for a uniform one), damped by the cycle error in cells. It is 1 only for a cycle-consistent match whose
+    attention is one-hot both ways, so sorting by it puts sharp, mutual matches first.
+    """
+    target_grid_size = grid_size if target_grid_size is None else target_grid_size
+    forward, backward = forward_rows.argmax, backward_rows.argmax
+    num_source, num_target = forward.shape[0], backward.shape[0]
+    inverse_error = inverse_mapping_error(forward, backward, grid_size)
+    spread, collapse = neighbourhood_spread(forward, grid_size, target_grid_size)
+    target_entropy = backward_rows.entropy[forward]
+    sharp_forward = 1.0 - forward_rows.entropy / math.log(max(num_target, 2))
+    sharp_backward = 1.0 - target_entropy / math.log(max(num_source, 2))
+    score = (sharp_forward.clamp(0, 1) * sharp_backward.clamp(0, 1)).sqrt() * torch.exp(-0.5 * inverse_error**2)
+    return PassStatistics(forward, target_entropy, inverse_error, spread, collapse, score.clamp(0, 1))
+
+
+def auto_thresholds(stats: PassStatistics) -> SelectionThresholds:
+    """Thresholds from one pass's own statistics, no fixed numbers.
+
+    Entropy and spread limits are Otsu cuts of the pass's target-entropy and (log) spread distributions, measured
+    on the cycle-consistent tokens (IMS = 0) where there are any; the inverse error must be zero (the match comes
+    back to its own cell); the collapse limit is the Otsu cut of the collapse shares.
+    """
+    consistent = stats.inverse_error == 0
+    pool = consistent if bool(consistent.any()) else torch.ones_like(consistent)
+    max_entropy = otsu_threshold(stats.target_entropy[pool])
+    max_spread = math.expm1(otsu_threshold(torch.log1p(stats.spread[pool])))
+    max_collapse = otsu_threshold(stats.collapse[pool])
+    return SelectionThresholds(
+        max_entropy=max_entropy,
+        max_spread=max_spread if math.isfinite(max_spread) else math.inf,
+        max_collapse=max_collapse,
+        max_inverse_error=0.0,
+    )
+
+
+def select_matches(stats: PassStatistics, thresholds: SelectionThresholds) -> torch.Tensor:
+    """`(N_s,)` bool: which `p -> f(p)` pass every check (DESIGN step 7)."""
+    return (
+        (stats.target_entropy < thresholds.max_entropy)
+        & (stats.spread <= thresholds.max_spread)
+        & (stats.collapse <= thresholds.max_collapse)
+        & (stats.inverse_error <= thresholds.max_inverse_error)
+    )
+
+
+def merge_passes(
+    forward: torch.Tensor,
+    keep_forward: torch.Tensor,
+    score_forward: torch.Tensor,
+    backward: torch.Tensor,
+    keep_backward: torch.Tensor,
+    score_backward: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joins the kept matches of both passes of a pair in the first image's orientation (DESIGN step 8).
+
+    Args:
+        forward, keep_forward, score_forward: `(N_s,)` pass s -> t: `f`, kept mask, confidence.
+        backward, keep_backward, score_backward: `(N_t,)` pass t -> s: `g`, kept mask, confidence.
+
+    Returns:
+        `(source_index, target_index, score, mutual)`, each `(K,)`: token indices in s and t (sorted by
+        `source_index * N_t + target_index`), the larger confidence of the passes that found the match, and whether
+        both passes found it.
+    """
+    num_target = backward.shape[0]
+    src1 = torch.nonzero(keep_forward).flatten()
+    tgt1 = forward[src1]
+    tgt2 = torch.nonzero(keep_backward).flatten()
+    src2 = backward[tgt2]
+    key = torch.cat([src1 * num_target + tgt1, src2 * num_target + tgt2])
+    score = torch.cat([score_forward[src1], score_backward[tgt2]])
+    if key.numel() == 0:
+        empty = key.new_zeros(0)
+        return empty, empty.clone(), score.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=key.device)
+    unique, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    best = score.new_full((unique.shape[0],), -1.0).scatter_reduce(0, inverse, score, reduce="amax")
+    return unique // num_target, unique % num_target, best, counts > 1
+
+
+def token_centres_in_pixels(
+    indices: torch.Tensor, grid_size: Sequence[int], image_size: Sequence[int]
+) -> torch.Tensor:
+    """Token indices -> `(K, 2)` float32 `(x, y)` of the token centres in an image of `image_size = (H, W)` pixels."""
+    h, w = _check_grid(grid_size)
+    height, width = image_size
+    rows = torch.div(indices, w, rounding_mode="floor").float()
+    cols = (indices % w).float()
+    return torch.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], dim=-1)
