@@ -56,14 +56,18 @@ def default_chunk_size(num_heads: int, num_targets: int) -> int:
 def _mean_softmax_rows(
     queries: list[torch.Tensor], keys: list[torch.Tensor], start: int, stop: int, scale: float | None
 ) -> torch.Tensor:
-    """Mean over layers and heads of `softmax(Q[start:stop] K^T * scale)`: `(stop - start, N_t)` float32."""
+    """Mean over layers and heads of `softmax(Q[start:stop] K^T * scale)`: `(stop - start, N_t)` float32.
+
+    `keys` are `(H, d, N_t)` float32 (already transposed); the scale is applied to the `(H, rows, d)` queries rather
+    than to the `(H, rows, N_t)` logits.
+    """
     total = None
-    for q, k in zip(queries, keys):
+    for q, k_t in zip(queries, keys):
         s = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = torch.matmul(q[:, start:stop].float(), k.float().transpose(-1, -2)) * s
-        probs = torch.softmax(logits, dim=-1).mean(dim=0)
+        logits = torch.matmul(q[:, start:stop].float() * s, k_t)
+        probs = torch.softmax(logits, dim=-1).sum(dim=0).div_(q.shape[0])
         total = probs if total is None else total.add_(probs)
-    return total / len(queries)
+    return total.div_(len(queries))
 
 
 def cross_attention_probs(
@@ -90,7 +94,8 @@ def cross_attention_probs(
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
     num_rows = qs[0].shape[1]
     step = num_rows if chunk_size is None else chunk_size
-    rows = [_mean_softmax_rows(qs, ks, i, min(i + step, num_rows), scale) for i in range(0, num_rows, step)]
+    keys_t = [k.float().transpose(-1, -2) for k in ks]
+    rows = [_mean_softmax_rows(qs, keys_t, i, min(i + step, num_rows), scale) for i in range(0, num_rows, step)]
     if not rows:
         return torch.zeros(0, ks[0].shape[1], device=qs[0].device)
     return torch.cat(rows, dim=0)
@@ -133,9 +138,10 @@ def attention_row_statistics(
     _check_pairs(qs, ks)
     num_rows, num_targets = qs[0].shape[1], ks[0].shape[1]
     step = chunk_size or default_chunk_size(max(q.shape[0] for q in qs), num_targets)
+    keys_t = [k.float().transpose(-1, -2) for k in ks]
     argmax, max_prob, entropy = [], [], []
     for start in range(0, num_rows, step):
-        probs = _mean_softmax_rows(qs, ks, start, min(start + step, num_rows), scale)
+        probs = _mean_softmax_rows(qs, keys_t, start, min(start + step, num_rows), scale)
         value, index = probs.max(dim=-1)
         argmax.append(index)
         max_prob.append(value)

@@ -1,0 +1,262 @@
+"""Speed and memory of the co-segmentation pipeline, as ratios measured in one run on one machine.
+
+    python benchmarks/bench_pipeline.py                 # SD 2.1-base-shaped random weights (full size), CPU
+    python benchmarks/bench_pipeline.py --scale small   # a quarter of the channels, for a quick look
+    python benchmarks/bench_pipeline.py --profile       # also print where the time of one call goes
+
+Prints markdown tables:
+ (a) one pair at 512 px: `__call__` time over the DIFT-equivalent work (VAE encode + UNet forward up to the end of
+     the block that holds the read layers, stock processors) and over a full UNet forward;
+ (b) M = 2, 4, 8, 16: capture time, analysis time, peak memory growth;
+ (c) 256, 512, 768 px: analysis time and peak memory growth of one pair;
+ (d) with a CUDA GPU: the same at real SD 2.1 size in float16, absolute times, device named.
+Weights are random: the numbers measure cost, never quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from cosegment import StableDiffusionCoSegmentationPipeline, analyze_features
+from cosegment.processors.cross_self_attention import StopForward
+from cosegment.testing import _write_tokenizer_files
+
+
+def build_sd21_shaped(scale: str = "full", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight pipeline with SD 2.1-base's architecture (`scale="small"`: a quarter of the channels)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    div = 1 if scale == "full" else 4
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=tuple(c // div for c in (320, 640, 1280, 1280)),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024 // div,
+        use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        norm_num_groups=32 // div,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=tuple(c // div for c in (128, 256, 512, 512)),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32 // div,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=1024 // div,
+            intermediate_size=4096 // div,
+            num_attention_heads=16 // div,
+            num_hidden_layers=23,
+            projection_dim=512 // div,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer(*_write_tokenizer_files(tmp), model_max_length=77)
+    scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True)
+    pipe = StableDiffusionCoSegmentationPipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+class PeakMemory:
+    """Peak growth of this process's resident memory (CPU) or of CUDA allocations, over a `with` block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.process = psutil.Process(os.getpid())
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.growth = torch.cuda.max_memory_allocated() - self.base
+            return
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.growth = self.peak - self.base
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (size, size + 32 * (i % 3), 3), dtype=np.uint8) for i in range(count)]
+
+
+@torch.no_grad()
+def dift_equivalent(pipe, batch: list[np.ndarray], size: int, stop_block: int) -> None:
+    """What DIFT costs: VAE encode, noise, prompt, UNet forward with stock processors until `up_blocks[stop_block]`
+    has run."""
+    device = pipe._execution_device
+    pixels, _ = pipe.prepare_images(batch, size, size)
+    latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device, latents.dtype)
+    t = torch.full((latents.shape[0],), 261, device=device)
+    noisy = pipe.scheduler.add_noise(latents, noise, t)
+    text = pipe.encode_prompt("", device).expand(latents.shape[0], -1, -1)
+
+    def stop(module, args, output):
+        raise StopForward()
+
+    handle = pipe.unet.up_blocks[stop_block].register_forward_hook(stop)
+    try:
+        pipe.unet(noisy, t, encoder_hidden_states=text)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def full_forward(pipe, batch: list[np.ndarray], size: int) -> None:
+    device = pipe._execution_device
+    pixels, _ = pipe.prepare_images(batch, size, size)
+    latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    t = torch.full((latents.shape[0],), 261, device=device)
+    text = pipe.encode_prompt("", device).expand(latents.shape[0], -1, -1)
+    pipe.unet(latents, t, encoder_hidden_states=text)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=["full", "small"], default="full")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--collections", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__},"
+          f" threads {torch.get_num_threads()}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    pipe = build_sd21_shaped(args.scale).to(device)
+    size = 512
+    pair = images(2, size)
+    stop_block = 2  # the block holding the default layers (up_blocks.2)
+    gen = torch.Generator().manual_seed(0)
+
+    if "a" not in args.skip:
+        call = lambda: pipe(image=pair, generator=gen)  # noqa: E731
+        dift = lambda: dift_equivalent(pipe, pair, size, stop_block)  # noqa: E731
+        full = lambda: full_forward(pipe, pair, size)  # noqa: E731
+        call(), dift(), full()  # warm up
+        times = {"call": [], "dift": [], "full": []}
+        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all three alike
+            times["call"].append(timed(call, device))
+            times["dift"].append(timed(dift, device))
+            times["full"].append(timed(full, device))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        table(
+            f"(a) one pair at {size} px, SD 2.1-shaped ({args.scale}) random weights, medians of {args.repeats}",
+            ["__call__ s", "DIFT-equivalent s", "full UNet s", "__call__ / DIFT", "__call__ / full"],
+            [[med["call"], med["dift"], med["full"], med["call"] / med["dift"], med["call"] / med["full"]]],
+        )
+
+    if "b" not in args.skip:
+        rows = []
+        for m in args.collections:
+            batch = images(m, size)
+            start = time.perf_counter()
+            with PeakMemory(device) as cap_mem:
+                features = pipe.capture_features(batch, generator=torch.Generator().manual_seed(0))
+            capture = time.perf_counter() - start
+            start = time.perf_counter()
+            with PeakMemory(device) as ana_mem:
+                analyze_features(features)
+            analysis = time.perf_counter() - start
+            rows.append([m, m * (m - 1) // 2, capture, analysis, cap_mem.growth / 2**20, ana_mem.growth / 2**20])
+        table(
+            f"(b) collections at {size} px",
+            ["M", "pairs", "capture s", "analysis s", "capture peak MiB", "analysis peak MiB"],
+            rows,
+        )
+
+    if "c" not in args.skip:
+        rows = []
+        for px in args.sizes:
+            features = pipe.capture_features(images(2, px), height=px, width=px)
+            n = features.grid_size[0] * features.grid_size[1]
+            start = time.perf_counter()
+            with PeakMemory(device) as mem:
+                analyze_features(features)
+            rows.append([px, n, time.perf_counter() - start, mem.growth / 2**20])
+        table("(c) one pair by resolution: analysis", ["px", "N tokens", "analysis s", "peak MiB"], rows)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pipe(image=pair, generator=gen)
+        print("\n### profile of one pair call (top 15 by total CPU time)\n")
+        print("```")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+        print("```")
+
+    if device.type == "cuda" and "d" not in args.skip:
+        pipe16 = build_sd21_shaped("full", torch.float16).to(device)
+        call = lambda: pipe16(image=pair, generator=gen)  # noqa: E731
+        call()
+        t = statistics.median(timed(call, device) for _ in range(args.repeats))
+        print(f"\n(d) {torch.cuda.get_device_name()}: one pair at 512 px, float16: {t:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
