@@ -410,7 +410,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             repositories that list them load.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "vae->text_encoder->unet"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
     _exclude_from_cpu_offload = ["safety_checker"]
 
