@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from cosegment import CoSegmentationFeatures, analyze_features, attention_row_statistics
@@ -65,3 +66,24 @@ def test_pairs_are_streamed_memory_does_not_depend_on_pair_count(monkeypatch):
     out = analyze_features(features)
     assert len(out.correspondences) == 10
     assert max(sizes) <= heads * n * n  # never more than one pair-direction block at once
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipelines_run_with_float32_maths(tiny_sd_path, photos, dtype):
+    from cosegment import StableDiffusionCoSegmentationPipeline
+
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd_path, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        image=photos[:2],
+        height=128,
+        width=128,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        return_features=True,
+    )
+    assert out.features.queries[0].dtype == dtype  # captured in the model's dtype (half the memory)
+    assert out.entropy_maps.dtype == torch.float32 and bool(torch.isfinite(out.entropy_maps).all())
+    # the maths is float32 whatever the capture dtype: analysing the upcast features gives the same maps
+    upcast = analyze_features(out.features.to(dtype=torch.float32), output_type="pt")
+    torch.testing.assert_close(upcast.entropy_maps, out.entropy_maps)
