@@ -26,7 +26,7 @@ import numpy as np
 import psutil
 import torch
 
-from cosegment import StableDiffusionCoSegmentationPipeline, analyze_features
+from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline, analyze_features
 from cosegment.processors.cross_self_attention import StopForward
 from cosegment.testing import _write_tokenizer_files
 
@@ -199,17 +199,40 @@ def main() -> None:
         call = lambda: pipe(image=pair, generator=gen)  # noqa: E731
         dift = lambda: dift_equivalent(pipe, pair, size, stop_block)  # noqa: E731
         full = lambda: full_forward(pipe, pair, size)  # noqa: E731
-        call(), dift(), full()  # warm up
-        times = {"call": [], "dift": [], "full": []}
-        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all three alike
-            times["call"].append(timed(call, device))
-            times["dift"].append(timed(dift, device))
-            times["full"].append(timed(full, device))
+
+        def no_exit():  # the same call with the early exit switched off
+            analyze_features(pipe.capture_features(pair, generator=gen, stop_early=False))
+
+        runs = {"call": call, "dift": dift, "full": full, "no_exit": no_exit}
+        for fn in runs.values():  # warm up
+            fn()
+        times = {k: [] for k in runs}
+        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all alike
+            for name, fn in runs.items():
+                times[name].append(timed(fn, device))
         med = {k: statistics.median(v) for k, v in times.items()}
         table(
             f"(a) one pair at {size} px, SD 2.1-shaped ({args.scale}) random weights, medians of {args.repeats}",
-            ["__call__ s", "DIFT-equivalent s", "full UNet s", "__call__ / DIFT", "__call__ / full"],
-            [[med["call"], med["dift"], med["full"], med["call"] / med["dift"], med["call"] / med["full"]]],
+            [
+                "__call__ s",
+                "DIFT-equivalent s",
+                "full UNet s",
+                "no early exit s",
+                "__call__ / DIFT",
+                "__call__ / full",
+                "__call__ / no early exit",
+            ],
+            [
+                [
+                    med["call"],
+                    med["dift"],
+                    med["full"],
+                    med["no_exit"],
+                    med["call"] / med["dift"],
+                    med["call"] / med["full"],
+                    med["call"] / med["no_exit"],
+                ]
+            ],
         )
 
     if "b" not in args.skip:
@@ -240,6 +263,14 @@ def main() -> None:
             with PeakMemory(device) as mem:
                 analyze_features(features)
             rows.append([px, n, time.perf_counter() - start, mem.growth / 2**20])
+        # N = 4096 (a 64 x 64 grid, 10 heads of 64: SD 2.1's up_blocks.2 at 1024 px), synthetic features
+        gen4k = torch.Generator().manual_seed(0)
+        qk = [torch.randn(2, 10, 4096, 64, generator=gen4k).to(device) for _ in range(2)]
+        features = CoSegmentationFeatures([qk[0]], [qk[1]], (64, 64), [(1024, 1024)] * 2)
+        start = time.perf_counter()
+        with PeakMemory(device) as mem:
+            analyze_features(features)
+        rows.append(["1024 (synthetic, 1 layer)", 4096, time.perf_counter() - start, mem.growth / 2**20])
         table("(c) one pair by resolution: analysis", ["px", "N tokens", "analysis s", "peak MiB"], rows)
 
     if args.profile:

@@ -72,7 +72,7 @@ def test_pairs_are_streamed_memory_does_not_depend_on_pair_count(monkeypatch):
 def test_half_precision_pipelines_run_with_float32_maths(tiny_sd_path, photos, dtype):
     from cosegment import StableDiffusionCoSegmentationPipeline
 
-    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd_path, torch_dtype=dtype)
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd_path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         image=photos[:2],
