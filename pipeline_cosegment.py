@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,6 +248,20 @@ class CoSegmentationFeatures:
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
 
 
+def pipeline_code_files(pipeline_file: str | os.PathLike) -> list[str]:
+    """The files a self-loading folder needs: the pipeline file's name and those of the modules it imports relatively
+    (`from .utils.correspondence import f` -> `utils/correspondence.py`), as `/`-separated paths relative to its
+    folder, in first-import order. Only two-level imports are followed, like diffusers' custom-pipeline loader."""
+    with open(pipeline_file, encoding="utf-8") as handle:
+        source = handle.read()
+    files = [os.path.basename(os.fspath(pipeline_file))]
+    for module in re.findall(r"^\s*from\s+\.(\w+(?:\.\w+)?)\s+import", source, flags=re.MULTILINE):
+        relative = module.replace(".", "/") + ".py"
+        if relative not in files:
+            files.append(relative)
+    return files
+
+
 def _resolve_thresholds(
     selection: str, stats, num_tokens: int, overrides: dict[str, float | None]
 ) -> SelectionThresholds:
@@ -440,6 +455,50 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
 
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        r"""Saves the components like [`DiffusionPipeline.save_pretrained`], plus this pipeline's code, so that the
+        folder (or the Hub repository made from it) loads with only diffusers installed:
+        `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)`.
+
+        The code files are this file and the helper modules it imports relatively (found by reading its imports, see
+        :func:`pipeline_code_files`); `model_index.json` names the class as `["pipeline_cosegment",
+        "StableDiffusionCoSegmentationPipeline"]`. With `push_to_hub=True` the folder is uploaded after the code is
+        written (`repo_id`, `token`, `private`, `commit_message`, `create_pr` as in diffusers).
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder, created when missing.
+            push_to_hub (`bool`, *optional*, defaults to `False`): upload the folder to the Hugging Face Hub.
+            kwargs: passed to [`DiffusionPipeline.save_pretrained`] (e.g. `safe_serialization`, `variant`).
+        """
+        hub_names = ("repo_id", "token", "private", "commit_message", "create_pr")
+        hub = {name: kwargs.pop(name) for name in hub_names if name in kwargs}
+        save_directory = os.fspath(save_directory)
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        source_dir = os.path.dirname(os.path.abspath(__file__))
+        for relative in pipeline_code_files(__file__):
+            destination = os.path.join(save_directory, relative)
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            shutil.copyfile(os.path.join(source_dir, relative), destination)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as handle:
+            model_index = json.load(handle)
+        module_name = os.path.splitext(os.path.basename(__file__))[0]
+        model_index["_class_name"] = [module_name, type(self).__name__]
+        with open(index_path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            repo_id = create_repo(repo_id, exist_ok=True, private=hub.get("private"), token=hub.get("token")).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=save_directory,
+                token=hub.get("token"),
+                commit_message=hub.get("commit_message") or f"Upload {type(self).__name__}",
+                create_pr=hub.get("create_pr", False),
+            )
+
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
     # ------------------------------------------------------------------------------------------------------------
@@ -632,15 +691,41 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
 
     def prepare_noise(
-        self, num_images: int, ensemble_size: int, shape: tuple[int, ...], generator, device, dtype
+        self,
+        num_images: int,
+        ensemble_size: int,
+        shape: tuple[int, ...],
+        generator,
+        device,
+        dtype,
+        image_indices: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """`(M * ensemble_size, C, h, w)` noise, image-major; image i's draws come from the generator in image order
-        (or from `generator[i]`), so they do not depend on batching or on how images are split across processes."""
+        (or from `generator[i]`), so they do not depend on batching or on how images are split across processes.
+
+        With `image_indices`, the noise of all `num_images` images is drawn as above and only those images' draws are
+        returned (`(len(image_indices) * ensemble_size, C, h, w)`): a process handling a share of the collection gets
+        exactly the noise its images get in a full run."""
         noises = []
         for index in range(num_images):
             gen = generator[index] if isinstance(generator, list) else generator
             noises.append(randn_tensor((ensemble_size, *shape), generator=gen, device=device, dtype=dtype))
+        if image_indices is not None:
+            noises = [noises[index] for index in image_indices]
         return torch.cat(noises)
+
+    @staticmethod
+    def _check_image_indices(image_indices: Sequence[int], num_images: int) -> list[int]:
+        """`image_indices` -> a list of at least 2 distinct, increasing ints in `[0, num_images)`, else `ValueError`."""
+        if isinstance(image_indices, (str, bytes)) or not isinstance(image_indices, Sequence):
+            raise TypeError(f"`image_indices` must be a sequence of ints, got {type(image_indices).__name__}.")
+        indices = list(image_indices)
+        valid = all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices)
+        if not valid or len(indices) < 2 or any(b <= a for a, b in zip(indices, indices[1:])):
+            raise ValueError(f"`image_indices` must be 2 or more increasing ints, got {image_indices!r}.")
+        if indices[0] < 0 or indices[-1] >= num_images:
+            raise ValueError(f"`image_indices` must lie in [0, {num_images}), got {image_indices!r}.")
+        return [int(i) for i in indices]
 
     @torch.no_grad()
     def capture_features(
@@ -655,11 +740,15 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         batch_size: int = 8,
         generator: torch.Generator | list[torch.Generator] | None = None,
         stop_early: bool = True,
+        image_indices: Sequence[int] | None = None,
     ) -> CoSegmentationFeatures:
         """DESIGN steps 1-3: encode, noise, and one UNet forward per batch with the capture processors installed.
 
-        Arguments are those of :meth:`__call__`. Returns the captured [`CoSegmentationFeatures`] (queries and keys
-        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device).
+        Arguments are those of :meth:`__call__`, and `image_indices` (`list[int]`, *optional*): capture only these
+        images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
+        still drawn in collection order, so their features equal those of a full run (batches are formed within the
+        share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
+        draw, in the UNet's dtype, on the execution device).
         """
         height = height or self.default_size
         width = width or self.default_size
@@ -675,6 +764,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`generator` list must have one generator per image ({num_images}), got {len(generator)}."
             )
+        collection_size = num_images
+        if image_indices is not None:
+            image_indices = self._check_image_indices(image_indices, collection_size)
+            pixels = pixels[image_indices]
+            image_sizes = [image_sizes[index] for index in image_indices]
+            num_images = len(image_indices)
         vae_dtype = self.vae.dtype
         latents = []
         for start in range(0, num_images, batch_size):
@@ -684,7 +779,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
         # 2. Noise at one timestep, one draw per image and ensemble member
         noise = self.prepare_noise(
-            num_images, ensemble_size, tuple(latents.shape[1:]), generator, device, latents.dtype
+            collection_size, ensemble_size, tuple(latents.shape[1:]), generator, device, latents.dtype, image_indices
         )
         latents = latents.repeat_interleave(ensemble_size, dim=0)
         noise_scheduler = DDIMScheduler.from_config(self.scheduler.config)

@@ -1,0 +1,534 @@
+"""`cosegment-eval`: keypoint transfer (PCK) on SPair-71k and CUB-200-2011, co-segmentation (Jaccard) on CUB.
+
+    cosegment-eval spair /data/SPair-71k --split test --categories cat dog --limit 50 --out spair.json
+    cosegment-eval cub /data/CUB_200_2011 --limit 20 --out cub.json
+
+Keypoint transfer: a source keypoint at pixel `(x, y)` falls in one token of the source grid; its prediction is the
+centre, in the target image's pixels, of the target token that this token's row of the cross self-attention `A_st`
+(heads, layers and noise draws averaged, seed Eq. 2.4-2.6) peaks on: the full argmax, with no selection threshold,
+so every keypoint gets a prediction and an unreliable one simply counts as a miss. The precision is limited by the
+token grid (32 x 32 at 512 px: 16 px cells).
+
+PCK@alpha: a prediction is correct when it lies within `alpha * max(w, h)` of the true target keypoint, `(w, h)` the
+target's bounding box (SPair-71k's convention; CUB uses its `bounding_boxes.txt`, or the image size without it).
+"PCK per image" averages each pair's fraction of correct keypoints, "PCK per keypoint" pools all keypoints.
+
+The scoring (:func:`pck_threshold`, :func:`correct_keypoints`, :func:`jaccard`, :func:`summarize`) and the dataset
+readers are pure and testable without a model; :class:`PipelinePredictor` binds them to a pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+EVAL_FORMAT = "cosegment.evaluation/1"
+SPAIR_SPLITS = ("trn", "val", "test")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring (pure)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pck_threshold(bbox: Sequence[float], alpha: float = 0.1) -> float:
+    """`alpha * max(w, h)` of a bounding box `(x1, y1, x2, y2)` in pixels."""
+    if len(bbox) != 4:
+        raise ValueError(f"`bbox` must be (x1, y1, x2, y2), got {bbox!r}.")
+    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"`alpha` must be a positive number, got {alpha!r}.")
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"`bbox` must have x2 >= x1 and y2 >= y1, got {bbox!r}.")
+    return alpha * max(x2 - x1, y2 - y1)
+
+
+def correct_keypoints(predicted, target, threshold: float) -> np.ndarray:
+    """`(K,)` bool: `||predicted_k - target_k||_2 <= threshold` for `(K, 2)` x, y keypoints."""
+    predicted = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
+    target = np.asarray(target, dtype=np.float64).reshape(-1, 2)
+    if predicted.shape != target.shape:
+        raise ValueError(f"`predicted` {predicted.shape} and `target` {target.shape} must have the same shape.")
+    if not threshold >= 0:
+        raise ValueError(f"`threshold` must be >= 0, got {threshold!r}.")
+    return np.linalg.norm(predicted - target, axis=1) <= threshold
+
+
+def jaccard(predicted, target) -> float:
+    """Intersection over union of two `(H, W)` masks (1.0 when both are empty)."""
+    predicted, target = np.asarray(predicted, dtype=bool), np.asarray(target, dtype=bool)
+    if predicted.shape != target.shape:
+        raise ValueError(f"`predicted` {predicted.shape} and `target` {target.shape} must have the same shape.")
+    union = np.logical_or(predicted, target).sum()
+    return 1.0 if union == 0 else float(np.logical_and(predicted, target).sum() / union)
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Per category and overall: pairs, keypoints, PCK per image and per keypoint, mean Jaccard.
+
+    Args:
+        records: dicts with `category` and either `correct` (list of bool, one per keypoint: a keypoint pair) or
+            `jaccard` (float: a segmented image).
+
+    Returns:
+        `{"categories": {name: metrics}, "overall": metrics}`; a metric with nothing to average is `None`.
+    """
+
+    def metrics(group: list[dict]) -> dict:
+        pairs = [r for r in group if "correct" in r and len(r["correct"])]
+        masks = [r for r in group if r.get("jaccard") is not None]
+        keypoints = sum(len(r["correct"]) for r in pairs)
+        return {
+            "pairs": len(pairs),
+            "keypoints": keypoints,
+            "pck_per_image": float(np.mean([np.mean(r["correct"]) for r in pairs])) if pairs else None,
+            "pck_per_keypoint": float(sum(sum(r["correct"]) for r in pairs) / keypoints) if keypoints else None,
+            "segmented_images": len(masks),
+            "jaccard": float(np.mean([r["jaccard"] for r in masks])) if masks else None,
+        }
+
+    categories = sorted({r["category"] for r in records})
+    return {
+        "categories": {c: metrics([r for r in records if r["category"] == c]) for c in categories},
+        "overall": metrics(list(records)),
+    }
+
+
+def format_table(summary: dict, alpha: float = 0.1) -> str:
+    """A plain-text table of :func:`summarize`'s output."""
+
+    def cell(value) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    header = ("category", "pairs", "kps", f"PCK@{alpha:g} img", f"PCK@{alpha:g} kp", "images", "Jaccard")
+    rows = [header]
+    for name, m in list(summary["categories"].items()) + [("ALL", summary["overall"])]:
+        rows.append(
+            (
+                name,
+                str(m["pairs"]),
+                str(m["keypoints"]),
+                cell(m["pck_per_image"]),
+                cell(m["pck_per_keypoint"]),
+                str(m["segmented_images"]),
+                cell(m["jaccard"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))) for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Datasets (their published layouts)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KeypointPair:
+    """One evaluation pair: keypoints of the same parts in two images, x, y in each image's own pixels."""
+
+    name: str
+    category: str
+    source_image: str
+    target_image: str
+    source_keypoints: np.ndarray
+    target_keypoints: np.ndarray
+    target_bbox: tuple[float, float, float, float]
+    keypoint_ids: list[int] = field(default_factory=list)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be a positive int or None, got {limit!r}.")
+
+
+def load_spair_pairs(
+    root: str, split: str = "test", categories: Sequence[str] | None = None, limit: int | None = None
+) -> list[KeypointPair]:
+    """SPair-71k pairs from `root/PairAnnotation/<split>/*.json` and images under `root/JPEGImages/<category>/`.
+
+    Args:
+        root: the dataset folder (holding `PairAnnotation/` and `JPEGImages/`).
+        split: `"trn"`, `"val"` or `"test"`.
+        categories: keep only these categories (e.g. `["cat", "dog"]`); all by default.
+        limit: at most this many pairs per category (the first by file name).
+    """
+    if split not in SPAIR_SPLITS:
+        raise ValueError(f"`split` must be one of {SPAIR_SPLITS}, got {split!r}.")
+    _check_limit(limit)
+    folder = os.path.join(root, "PairAnnotation", split)
+    files = sorted(glob.glob(os.path.join(folder, "*.json")))
+    if not files:
+        raise ValueError(f"`root` {root!r} has no SPair-71k annotations in {folder}.")
+    wanted = set(categories) if categories else None
+    pairs, counts = [], {}
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            a = json.load(handle)
+        category = a["category"]
+        if wanted is not None and category not in wanted:
+            continue
+        if limit is not None and counts.get(category, 0) >= limit:
+            continue
+        counts[category] = counts.get(category, 0) + 1
+        pairs.append(
+            KeypointPair(
+                name=os.path.splitext(os.path.basename(path))[0],
+                category=category,
+                source_image=os.path.join(root, "JPEGImages", category, a["src_imname"]),
+                target_image=os.path.join(root, "JPEGImages", category, a["trg_imname"]),
+                source_keypoints=np.asarray(a["src_kps"], dtype=np.float64).reshape(-1, 2),
+                target_keypoints=np.asarray(a["trg_kps"], dtype=np.float64).reshape(-1, 2),
+                target_bbox=tuple(float(v) for v in a["trg_bndbox"]),
+                keypoint_ids=[int(v) for v in a.get("kps_ids", [])],
+            )
+        )
+    if wanted is not None and not pairs:
+        raise ValueError(f"`categories` {sorted(wanted)} match no pair in {folder}.")
+    return pairs
+
+
+def _read_table(path: str) -> list[list[str]]:
+    with open(path, encoding="utf-8") as handle:
+        return [line.split() for line in handle if line.strip()]
+
+
+def _cub_category(relative_path: str) -> str:
+    return relative_path.replace("\\", "/").split("/")[0]
+
+
+def _cub_matches(category: str, wanted: set[str] | None) -> bool:
+    """`001.Black_footed_Albatross` matches itself, `Black_footed_Albatross` and `001`."""
+    if wanted is None:
+        return True
+    number, _, name = category.partition(".")
+    return bool({category, name, number} & wanted)
+
+
+def load_cub(root: str, categories: Sequence[str] | None = None, limit: int | None = None) -> dict:
+    """CUB-200-2011's `images.txt`, `parts/part_locs.txt`, `bounding_boxes.txt` and `segmentations/` (optional).
+
+    Returns:
+        `{"images": [{"id", "path", "category", "bbox" (x1, y1, x2, y2) or None, "mask" path or None,
+        "parts": {part_id: (x, y)} (visible parts only)}, ...]}`: per category at most `limit + 1` images (the first
+        by id), so that `limit` consecutive pairs can be formed.
+    """
+    _check_limit(limit)
+    images_file = os.path.join(root, "images.txt")
+    if not os.path.isfile(images_file):
+        raise ValueError(f"`root` {root!r} is not a CUB-200-2011 folder (no images.txt).")
+    wanted = set(categories) if categories else None
+    boxes = {}
+    if os.path.isfile(os.path.join(root, "bounding_boxes.txt")):
+        for image_id, x, y, w, h in _read_table(os.path.join(root, "bounding_boxes.txt")):
+            x, y, w, h = float(x), float(y), float(w), float(h)
+            boxes[int(image_id)] = (x, y, x + w, y + h)
+    parts: dict[int, dict[int, tuple[float, float]]] = {}
+    parts_file = os.path.join(root, "parts", "part_locs.txt")
+    if os.path.isfile(parts_file):
+        for image_id, part_id, x, y, visible in _read_table(parts_file):
+            if int(float(visible)):
+                parts.setdefault(int(image_id), {})[int(part_id)] = (float(x), float(y))
+    images, counts = [], {}
+    for image_id, relative in sorted(_read_table(images_file), key=lambda row: int(row[0])):
+        category = _cub_category(relative)
+        if not _cub_matches(category, wanted):
+            continue
+        if limit is not None and counts.get(category, 0) >= limit + 1:
+            continue
+        counts[category] = counts.get(category, 0) + 1
+        mask = os.path.join(root, "segmentations", os.path.splitext(relative)[0] + ".png")
+        images.append(
+            {
+                "id": int(image_id),
+                "path": os.path.join(root, "images", relative),
+                "category": category,
+                "bbox": boxes.get(int(image_id)),
+                "mask": mask if os.path.isfile(mask) else None,
+                "parts": parts.get(int(image_id), {}),
+            }
+        )
+    if wanted is not None and not images:
+        raise ValueError(f"`categories` {sorted(wanted)} match no CUB-200-2011 image in {root}.")
+    return {"images": images}
+
+
+def cub_pairs(cub: dict) -> list[KeypointPair]:
+    """Consecutive images of each category as pairs, over the parts visible in both; pairs without any are skipped."""
+    import PIL.Image
+
+    pairs = []
+    by_category: dict[str, list[dict]] = {}
+    for image in cub["images"]:
+        by_category.setdefault(image["category"], []).append(image)
+    for category, images in by_category.items():
+        for source, target in zip(images, images[1:]):
+            shared = sorted(set(source["parts"]) & set(target["parts"]))
+            if not shared:
+                continue
+            bbox = target["bbox"]
+            if bbox is None:
+                with PIL.Image.open(target["path"]) as handle:
+                    bbox = (0.0, 0.0, float(handle.width), float(handle.height))
+            pairs.append(
+                KeypointPair(
+                    name=f"{source['id']}-{target['id']}",
+                    category=category,
+                    source_image=source["path"],
+                    target_image=target["path"],
+                    source_keypoints=np.array([source["parts"][p] for p in shared], dtype=np.float64),
+                    target_keypoints=np.array([target["parts"][p] for p in shared], dtype=np.float64),
+                    target_bbox=tuple(bbox),
+                    keypoint_ids=shared,
+                )
+            )
+    return pairs
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A CUB segmentation PNG -> `(H, W)` bool (foreground where the annotators' mean exceeds one half)."""
+    import PIL.Image
+
+    with PIL.Image.open(path) as handle:
+        return np.asarray(handle.convert("L")) > 127
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation loops (any predictor)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TransferFn = Callable[[KeypointPair], np.ndarray]
+SegmentFn = Callable[[list[str]], "list[np.ndarray] | None"]
+
+
+def evaluate_keypoints(
+    pairs: Sequence[KeypointPair], transfer: TransferFn, alpha: float = 0.1, progress: Callable | None = None
+) -> list[dict]:
+    """One record per pair: `name`, `category`, `correct` (per keypoint), `threshold`, `predicted`.
+
+    Args:
+        transfer: maps a pair to its predicted `(K, 2)` target keypoints (e.g. :meth:`PipelinePredictor.transfer`).
+    """
+    records = []
+    for pair in pairs:
+        predicted = np.asarray(transfer(pair), dtype=np.float64).reshape(-1, 2)
+        threshold = pck_threshold(pair.target_bbox, alpha)
+        correct = correct_keypoints(predicted, pair.target_keypoints, threshold)
+        records.append(
+            {
+                "name": pair.name,
+                "category": pair.category,
+                "correct": correct.tolist(),
+                "threshold": threshold,
+                "predicted": predicted.tolist(),
+            }
+        )
+        if progress is not None:
+            progress(1)
+    return records
+
+
+def evaluate_cosegmentation(cub: dict, segment: SegmentFn, progress: Callable | None = None) -> list[dict]:
+    """Segments each category's images together; one record per image with a ground-truth mask: its Jaccard.
+
+    `segment` maps a list of image paths to `(H_i, W_i)` bool masks, or `None` when it cannot segment (then no
+    record is made).
+    """
+    records = []
+    by_category: dict[str, list[dict]] = {}
+    for image in cub["images"]:
+        if image["mask"] is not None:
+            by_category.setdefault(image["category"], []).append(image)
+    for category, images in by_category.items():
+        if len(images) < 2:
+            continue
+        masks = segment([image["path"] for image in images])
+        if progress is not None:
+            progress(1)
+        if masks is None:
+            continue
+        for image, mask in zip(images, masks):
+            truth = read_mask(image["mask"])
+            records.append({"name": str(image["id"]), "category": category, "jaccard": jaccard(mask, truth)})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline as a predictor
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def keypoint_tokens(keypoints, image_size: Sequence[int], grid_size: Sequence[int]) -> torch.Tensor:
+    """`(K, 2)` x, y pixels of an image of `(H, W)` -> `(K,)` long index of the token (row-major) holding each."""
+    keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
+    height, width = image_size
+    h, w = grid_size
+    cols = np.clip(np.floor(keypoints[:, 0] / width * w), 0, w - 1).astype(np.int64)
+    rows = np.clip(np.floor(keypoints[:, 1] / height * h), 0, h - 1).astype(np.int64)
+    return torch.from_numpy(rows * w + cols)
+
+
+def transfer_keypoints(features, source: int, target: int, keypoints) -> np.ndarray:
+    """Source keypoints -> predicted target keypoints by the full argmax of each keypoint's token's row of `A_st`.
+
+    Args:
+        features: `CoSegmentationFeatures` holding both images.
+        source, target: image indices in `features`.
+        keypoints: `(K, 2)` x, y in the source image's own pixels.
+
+    Returns:
+        `(K, 2)` float x, y of the matched token centres in the target image's own pixels.
+    """
+    from cosegment.utils.correspondence import cross_attention_probs, token_centres_in_pixels
+
+    tokens = keypoint_tokens(keypoints, features.image_sizes[source], features.grid_size)
+    if tokens.numel() == 0:
+        return np.zeros((0, 2))
+    queries_s, _ = features.image(source)
+    _, keys_t = features.image(target)
+    device = queries_s[0].device
+    rows = cross_attention_probs([q[:, tokens.to(device)] for q in queries_s], keys_t)
+    matches = rows.argmax(dim=-1).cpu()
+    points = token_centres_in_pixels(matches, features.grid_size, features.image_sizes[target])
+    return points.numpy().astype(np.float64)
+
+
+class PipelinePredictor:
+    """Binds a `StableDiffusionCoSegmentationPipeline` to the evaluation loops.
+
+    Every call captures its images afresh with a generator seeded by `seed`, so results do not depend on the order
+    in which pairs are evaluated.
+    """
+
+    def __init__(self, pipe, seed: int = 0, **capture) -> None:
+        self.pipe = pipe
+        self.seed = seed
+        self.capture = capture
+
+    @staticmethod
+    def _load(path: str) -> np.ndarray:
+        import PIL.Image
+
+        with PIL.Image.open(path) as handle:
+            return np.asarray(handle.convert("RGB"))
+
+    def transfer(self, pair: KeypointPair) -> np.ndarray:
+        images = [self._load(pair.source_image), self._load(pair.target_image)]
+        features = self.pipe.capture_features(
+            images, generator=torch.Generator().manual_seed(self.seed), **self.capture
+        )
+        return transfer_keypoints(features, 0, 1, pair.source_keypoints)
+
+    def segment(self, paths: list[str]) -> list[np.ndarray] | None:
+        images = [self._load(path) for path in paths]
+        output = self.pipe(image=images, generator=torch.Generator().manual_seed(self.seed), **self.capture)
+        return None if output.masks is None else [np.asarray(mask, dtype=bool) for mask in output.masks]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cosegment import DEFAULT_MODEL_ID
+
+    parser = argparse.ArgumentParser(prog="cosegment-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=("spair", "cub"), help="which benchmark")
+    parser.add_argument("root", help="the dataset folder, in its published layout")
+    parser.add_argument("--split", default="test", choices=SPAIR_SPLITS, help="SPair-71k split (default test)")
+    parser.add_argument("--categories", nargs="+", default=None, help="only these categories")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many pairs per category")
+    parser.add_argument("--alpha", type=float, default=0.1, help="PCK threshold as a fraction of the bbox size")
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help=f"model id or folder (default {DEFAULT_MODEL_ID})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--timestep", type=int, default=261)
+    parser.add_argument("--no-segmentation", action="store_true", help="CUB: skip the co-segmentation Jaccard")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    return parser
+
+
+def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) -> dict:
+    """Runs an evaluation; `predictor` defaults to the pipeline named by `--model`."""
+    from tqdm.auto import tqdm
+
+    import cosegment
+
+    if predictor is None:
+        from cosegment import StableDiffusionCoSegmentationPipeline
+
+        pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model)
+        pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        pipe.set_progress_bar_config(disable=True)
+        capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
+        predictor = PipelinePredictor(pipe, seed=args.seed, **capture)
+    if args.dataset == "spair":
+        pairs = load_spair_pairs(args.root, args.split, args.categories, args.limit)
+        cub = None
+    else:
+        cub = load_cub(args.root, args.categories, args.limit)
+        pairs = cub_pairs(cub)
+    with tqdm(total=len(pairs), desc="pairs", file=sys.stderr) as bar:
+        records = evaluate_keypoints(pairs, predictor.transfer, alpha=args.alpha, progress=bar.update)
+    notes = []
+    if cub is not None and not args.no_segmentation:
+        if not any(image["mask"] is not None for image in cub["images"]):
+            notes.append("no segmentations/ folder: Jaccard not measured")
+        else:
+            segmented = evaluate_cosegmentation(cub, predictor.segment)
+            if not segmented:
+                notes.append("this cosegment version returns no masks: Jaccard not measured")
+            records += segmented
+    summary = summarize(records)
+    document = {
+        "format": EVAL_FORMAT,
+        "dataset": args.dataset,
+        "split": args.split if args.dataset == "spair" else None,
+        "categories": args.categories,
+        "limit": args.limit,
+        "alpha": args.alpha,
+        "model": args.model,
+        "seed": args.seed,
+        "cosegment_version": cosegment.__version__,
+        "summary": summary,
+        "notes": notes,
+        "records": records,
+    }
+    print(format_table(summary, args.alpha))
+    for note in notes:
+        print(f"note: {note}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=1)
+            handle.write("\n")
+    return document
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

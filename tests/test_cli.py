@@ -1,0 +1,261 @@
+"""The `cosegment` command: work split, per-pair analysis, files, pictures, and 2 processes == 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import NO_FILTER
+from safetensors.torch import load_file
+
+import cosegment
+from cosegment import analyze_features
+from cosegment.cli import all_pairs, analyze_pair, capture_shares, combine_pairs, main, pair_shares
+
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cosegment.__file__)))
+NO_FILTER_FLAGS = [
+    "--max-entropy",
+    "inf",
+    "--max-spread",
+    "inf",
+    "--max-collapse",
+    "inf",
+    "--max-inverse-error",
+    "inf",
+]
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.mark.parametrize(
+    "num_images, batch_size, processes, expected",
+    [
+        (4, 2, 2, [[0, 1], [2, 3]]),
+        (5, 2, 2, [[0, 1, 2, 3, 4], []]),  # the last batch alone would be a 1-image share
+        (7, 2, 2, [[0, 1, 2, 3], [4, 5, 6]]),
+        (3, 1, 2, [[0, 1, 2], []]),
+        (2, 8, 3, [[0, 1], [], []]),
+        (9, 3, 1, [list(range(9))]),
+    ],
+)
+def test_capture_shares_examples(num_images, batch_size, processes, expected):
+    assert capture_shares(num_images, batch_size, processes) == expected
+
+
+@pytest.mark.parametrize("num_images", [2, 3, 5, 8, 13])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+def test_capture_shares_cover_whole_batches(num_images, batch_size, processes):
+    shares = capture_shares(num_images, batch_size, processes)
+    assert len(shares) == processes
+    assert sorted(i for share in shares for i in share) == list(range(num_images))
+    for share in shares:
+        assert len(share) != 1
+        assert share == sorted(share)
+        if share:  # starts at a batch boundary and is made of whole batches (or ends the collection)
+            assert share[0] % batch_size == 0
+            assert (share[-1] + 1) % batch_size == 0 or share[-1] == num_images - 1
+            assert share == list(range(share[0], share[-1] + 1))
+
+
+def test_capture_shares_errors():
+    with pytest.raises(ValueError, match="num_images"):
+        capture_shares(1, 2, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        capture_shares(4, 0, 2)
+
+
+def test_pair_shares_partition_pairs():
+    shares = pair_shares(5, 3)
+    assert sorted(p for share in shares for p in share) == all_pairs(5)
+    assert [len(s) for s in shares] == [4, 3, 3]
+
+
+@pytest.fixture(scope="module")
+def small_features(tiny_pipe, photos):
+    return tiny_pipe.capture_features(
+        photos, height=64, width=128, batch_size=2, generator=torch.Generator().manual_seed(5)
+    )
+
+
+def test_capture_features_image_indices_match_full_run(tiny_pipe, photos, small_features):
+    share = tiny_pipe.capture_features(
+        photos, height=64, width=128, batch_size=2, generator=torch.Generator().manual_seed(5), image_indices=[2, 3]
+    )
+    assert share.num_images == 2
+    assert share.image_sizes == [small_features.image_sizes[2], small_features.image_sizes[3]]
+    for full, part in zip(small_features.queries + small_features.keys, share.queries + share.keys):
+        assert torch.equal(full[2:4], part)
+    for bad in ([3], [2, 1], [0, 9], [0, 0]):
+        with pytest.raises(ValueError, match="image_indices"):
+            tiny_pipe.capture_features(photos, height=64, width=64, image_indices=bad)
+
+
+def test_prepare_noise_slice_is_the_full_draw(tiny_pipe):
+    full = tiny_pipe.prepare_noise(4, 2, (4, 8, 8), torch.Generator().manual_seed(1), "cpu", torch.float32)
+    part = tiny_pipe.prepare_noise(4, 2, (4, 8, 8), torch.Generator().manual_seed(1), "cpu", torch.float32, [1, 3])
+    assert part.shape == (4, 4, 8, 8)
+    assert torch.equal(part[:2], full[2:4]) and torch.equal(part[2:], full[6:8])
+
+
+def test_pairs_analysed_alone_combine_to_the_full_analysis(small_features):
+    full = analyze_features(small_features, **NO_FILTER)
+    results = [analyze_pair(small_features, s, t, **NO_FILTER) for s, t in reversed(all_pairs(4))]
+    correspondences, density, entropy, error, thresholds = combine_pairs(results, 4, small_features.grid_size)
+    assert np.array_equal(density, full.density_maps) and density.sum() > 0
+    assert np.array_equal(entropy, full.entropy_maps)
+    assert np.array_equal(error, full.inverse_error_maps)
+    assert thresholds == full.thresholds
+    for mine, theirs in zip(correspondences, full.correspondences):
+        assert (mine.source_index, mine.target_index) == (theirs.source_index, theirs.target_index)
+        for name in ("source_points", "target_points", "scores", "mutual", "source_tokens", "target_tokens"):
+            assert np.array_equal(getattr(mine, name), getattr(theirs, name)), name
+    with pytest.raises(ValueError, match="pair_results"):
+        combine_pairs(results[:-1], 4, small_features.grid_size)
+
+
+@pytest.fixture(scope="module")
+def image_files(photos, tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, photo in enumerate(photos):
+        path = str(folder / f"photo_{i}.png")
+        PIL.Image.fromarray(photo).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cli_run(image_files, tiny_sd_path, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli-out"))
+    args = image_files[:3] + [
+        "--model",
+        tiny_sd_path,
+        "--out",
+        out,
+        "--seed",
+        "7",
+        "--height",
+        "128",
+        "--width",
+        "128",
+    ]
+    assert main(args + NO_FILTER_FLAGS + ["--top-k", "5"]) == 0
+    return out, args
+
+
+def test_cli_results_match_the_pipeline(cli_run, tiny_pipe, photos):
+    out, _ = cli_run
+    with open(os.path.join(out, "results.json")) as handle:
+        document = json.load(handle)
+    expected = tiny_pipe(
+        image=photos[:3], height=128, width=128, generator=torch.Generator().manual_seed(7), **NO_FILTER
+    )
+    assert document["format"] == "cosegment.results/1"
+    assert document["versions"]["cosegment"] == cosegment.__version__
+    assert document["settings"]["seed"] == 7 and document["settings"]["height"] == 128
+    assert document["grid_size"] == [8, 8]
+    assert [(im["height"], im["width"]) for im in document["images"]] == [p.shape[:2] for p in photos[:3]]
+    assert len(document["correspondences"]) == 3
+    for pair, theirs in zip(document["correspondences"], expected.correspondences):
+        assert (pair["source_index"], pair["target_index"]) == (theirs.source_index, theirs.target_index)
+        assert pair["num_matches"] == len(theirs) > 0
+        assert np.array_equal(np.array(pair["source_points"], np.float32), theirs.source_points)
+        assert np.array_equal(np.array(pair["target_points"], np.float32), theirs.target_points)
+        assert np.array_equal(np.array(pair["scores"], np.float32), theirs.scores)
+        assert pair["mutual"] == theirs.mutual.tolist()
+    arrays = load_file(os.path.join(out, "results.safetensors"))
+    assert np.array_equal(arrays["density_maps"].numpy(), expected.density_maps)
+    assert np.array_equal(arrays["entropy_maps"].numpy(), expected.entropy_maps)
+    assert np.array_equal(arrays["pairs.0.2.target_tokens"].numpy(), expected.correspondences[1].target_tokens)
+    # masks / parts are written when this version of analyze_features makes them
+    if expected.part_masks is None:
+        assert document["parts"] is None and not any(k.startswith("part_masks.") for k in arrays)
+    else:
+        assert len(document["parts"]) == 3 and "part_masks.0" in arrays
+
+
+def test_cli_pictures(cli_run, photos):
+    out, _ = cli_run
+    with open(os.path.join(out, "results.json")) as handle:
+        figures = json.load(handle)["figures"]
+    assert figures[:3] == ["pairs/pair_000_001.png", "pairs/pair_000_002.png", "pairs/pair_001_002.png"]
+    assert figures[3:6] == ["images/image_000.png", "images/image_001.png", "images/image_002.png"]
+    pair = np.asarray(PIL.Image.open(os.path.join(out, figures[0])))
+    scale = [min(1.0, 384 / max(p.shape[:2])) for p in photos[:2]]
+    widths = [round(p.shape[1] * s) for p, s in zip(photos[:2], scale)]
+    heights = [round(p.shape[0] * s) for p, s in zip(photos[:2], scale)]
+    assert pair.shape == (max(heights) + 18, widths[0] + 8 + widths[1], 3)
+    panel = np.asarray(PIL.Image.open(os.path.join(out, figures[3])))
+    assert panel.shape[0] == heights[0] + 18 and panel.shape[1] >= 3 * widths[0]
+
+
+def test_cli_is_deterministic(cli_run, tmp_path):
+    out, args = cli_run
+    again = str(tmp_path / "again")
+    args = [again if a == out else a for a in args]
+    assert main(args + NO_FILTER_FLAGS + ["--top-k", "5", "--no-figures"]) == 0
+    with open(os.path.join(out, "results.json")) as a, open(os.path.join(again, "results.json")) as b:
+        first, second = json.load(a), json.load(b)
+    first.pop("figures")
+    assert first == second
+    with (
+        open(os.path.join(out, "results.safetensors"), "rb") as a,
+        open(os.path.join(again, "results.safetensors"), "rb") as b,
+    ):
+        assert a.read() == b.read()
+
+
+def test_cli_errors(image_files, tiny_sd_path, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        main([image_files[0], "--model", tiny_sd_path, "--out", str(tmp_path)])
+    assert error.value.code == 2 and "2 or more" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    with pytest.raises(SystemExit):
+        main([image_files[0], str(broken), "--model", tiny_sd_path, "--out", str(tmp_path)])
+    assert "broken.png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(image_files[:2] + ["--out", str(tmp_path), "--max-entropy", "-1"])
+
+
+def _run_cli(command: list[str], out: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command + ["--out", out], env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo) against a plain one-process run.
+
+    Both use one torch thread per process: PyTorch's CPU UNet forward changes in the last bits with the intra-op
+    thread count (not with the process count), so the comparison fixes it.
+    """
+    cli = ["-m", "cosegment"] + image_files + ["--model", tiny_sd_path, "--batch-size", "2", "--seed", "3"]
+    cli += ["--height", "128", "--width", "128", "--top-k", "10"] + NO_FILTER_FLAGS
+    one = str(tmp_path / "one")
+    _run_cli([sys.executable] + cli, one)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--num_cpu_threads_per_process", "1"]
+    two = str(tmp_path / "two")
+    result = _run_cli(launch + cli, two)
+    assert "[rank 0/2] capturing images [0, 1]" in result.stderr
+    assert "[rank 1/2] capturing images [2, 3]" in result.stderr
+    assert "[rank 1/2] analysed 3 pairs" in result.stderr
+    files = sorted(os.path.relpath(os.path.join(r, f), one) for r, _, fs in os.walk(one) for f in fs)
+    assert "results.json" in files and "pairs/pair_002_003.png" in files and len(files) == 2 + 6 + 4
+    assert files == sorted(os.path.relpath(os.path.join(r, f), two) for r, _, fs in os.walk(two) for f in fs)
+    for name in files:
+        with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
+            assert a.read() == b.read(), name
