@@ -38,12 +38,29 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--top-k", type=int, default=60, help="matches drawn (highest scores)")
+    parser.add_argument(
+        "--selection", default=None, help="threshold preset, 'paper' or 'auto' (default: the pipeline's)"
+    )
+    parser.add_argument(
+        "--no-filter", action="store_true", help="disable every threshold (keeps every forward match; for plumbing)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
     pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model).to(args.device)
     images = [np.asarray(load_image(path)) for path in (args.image_a, args.image_b)]
-    out = pipe(image=images, height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed))
+    options = {} if args.selection is None else {"selection": args.selection}
+    if args.no_filter:
+        options.update(
+            {name: float("inf") for name in ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")}
+        )
+    out = pipe(
+        image=images,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator().manual_seed(args.seed),
+        **options,
+    )
     os.makedirs(args.out, exist_ok=True)
 
     pair = out.correspondences[0]
