@@ -670,7 +670,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             )
         if generator is not None:
             gens = generator if isinstance(generator, list) else [generator]
-            if not gens or not all(isinstance(g, torch.Generator) for g in gens):
+            if not all(isinstance(g, torch.Generator) for g in gens):
                 raise TypeError(
                     f"`generator` must be a torch.Generator or a list of them (one per image), got "
                     f"{_describe(generator)}."
