@@ -378,6 +378,11 @@ def analyze_features(
 
     Returns:
         [`CoSegmentationPipelineOutput`]
+
+    Raises:
+        `TypeError`/`ValueError` for bad arguments, before any pair is analysed. An error while analysing a pair is
+        re-raised with "pair (s, t)" in its message, as the same type where that type takes a message (else a
+        `RuntimeError`), chained to the original.
     """
     if not isinstance(features, CoSegmentationFeatures):
         raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
@@ -973,9 +978,11 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
         Args:
             image (`list[PIL.Image.Image | np.ndarray | torch.Tensor]` or a 4-D batch):
-                the collection, 2 or more images (PIL; numpy HWC uint8, uint16 or float in [0, 1]; torch CHW in
-                [0, 1]; or one BCHW tensor / BHWC array with B >= 2). Grayscale and RGBA become RGB. Each is resized
-                to `height` x `width` for the UNet; all points and masks come back in its own pixels.
+                the collection, 2 or more images (PIL, including 16-bit and float modes; numpy HW/HWC uint8, uint16,
+                bool or float in [0, 1]; torch HW/CHW float in [0, 1] or uint8; or one BCHW tensor / BHWC array with
+                B >= 2). Grayscale and RGBA become RGB. Each is resized to `height` x `width` for the UNet; all points
+                and masks come back in its own pixels. Float pixels outside [-0.05, 1.05] (0-255 or [-1, 1] data) and
+                NaN or inf are refused.
             prompt (`str`, *optional*, defaults to `""`): text conditioning of the UNet.
             height (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
                 processing height in pixels, a positive multiple of `pipe.size_multiple` (64 for SD).
