@@ -9,6 +9,7 @@ custom-pipeline loader copies only those files).
 
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -150,8 +151,18 @@ class CoSegmentationFeatures:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.grid_size = tuple(int(v) for v in self.grid_size)
-        self.image_sizes = [tuple(int(v) for v in size) for size in self.image_sizes]
+        try:
+            self.grid_size = tuple(_exact_int(v) for v in self.grid_size)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`grid_size` must be two positive ints (h, w), got {_describe(self.grid_size)}."
+            ) from error
+        try:
+            self.image_sizes = [tuple(_exact_int(v) for v in size) for size in self.image_sizes]
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`image_sizes` must be a list of (height, width) int pairs, got {_describe(self.image_sizes)}."
+            ) from error
         if not self.layer_names:
             self.layer_names = [f"layer_{i}" for i in range(len(self.queries))]
         self.validate()
@@ -169,23 +180,44 @@ class CoSegmentationFeatures:
                 f"`queries` and `keys` must be non-empty lists of equal length, got {len(self.queries)} and "
                 f"{len(self.keys)}."
             )
+        if not isinstance(self.layer_names, list) or not all(isinstance(n, str) for n in self.layer_names):
+            raise ValueError(f"`layer_names` must be a list of str, got {_describe(self.layer_names)}.")
         if len(self.layer_names) != len(self.queries):
             raise ValueError(f"`layer_names` has {len(self.layer_names)} names for {len(self.queries)} tensors.")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"`metadata` must be a dict, got {_describe(self.metadata)}.")
         n = self.grid_size[0] * self.grid_size[1]
         first = self.queries[0]
+        if not isinstance(first, torch.Tensor) or first.ndim != 4:
+            raise ValueError(f"`queries[0]` must be a (M, H, N, d) tensor, got {_describe(first)}.")
         for name, tensors in (("queries", self.queries), ("keys", self.keys)):
             for i, t in enumerate(tensors):
                 if not isinstance(t, torch.Tensor) or t.ndim != 4:
-                    raise ValueError(f"`{name}[{i}]` must be a (M, H, N, d) tensor, got {getattr(t, 'shape', t)}.")
+                    raise ValueError(f"`{name}[{i}]` must be a (M, H, N, d) tensor, got {_describe(t)}.")
                 if t.shape[0] != first.shape[0] or t.shape[2] != n:
                     raise ValueError(
                         f"`{name}[{i}]` has shape {tuple(t.shape)}; expected M={first.shape[0]} images and "
                         f"N={n} tokens for grid {self.grid_size}."
                     )
+                if t.shape[1] < 1 or t.shape[3] < 1:
+                    raise ValueError(f"`{name}[{i}]` has shape {tuple(t.shape)}: no heads or an empty head size.")
+                if not t.dtype.is_floating_point:
+                    raise ValueError(f"`{name}[{i}]` must be a float tensor, got dtype {t.dtype}.")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"`{name}[{i}]` ({self.layer_names[i]}) contains NaN or inf; in float16 the UNet can "
+                        f"overflow: run it in float32 or bfloat16."
+                    )
+        for i, (q, k) in enumerate(zip(self.queries, self.keys)):
+            if q.shape != k.shape:
+                raise ValueError(f"`queries[{i}]` {tuple(q.shape)} and `keys[{i}]` {tuple(k.shape)} differ in shape.")
         if first.shape[0] < 2:
             raise ValueError(f"Features must hold at least 2 images, got {first.shape[0]}.")
         if len(self.image_sizes) != first.shape[0]:
             raise ValueError(f"`image_sizes` has {len(self.image_sizes)} sizes for {first.shape[0]} images.")
+        for i, size in enumerate(self.image_sizes):
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"`image_sizes[{i}]` must be a positive (height, width), got {size}.")
 
     def image(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Queries and keys of one image: two lists of `(H, N, d)` tensors."""
@@ -220,31 +252,49 @@ class CoSegmentationFeatures:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":
-        """Loads a file written by :meth:`save`; refuses files that are not cosegment features."""
-        from safetensors import safe_open
+        """Loads a file written by :meth:`save` (safetensors and JSON only, never pickle).
+
+        Raises:
+            `FileNotFoundError` when there is no such file; `ValueError` when the file is not a cosegment features
+            file (not safetensors, another safetensors file, a truncated or inconsistent one).
+        """
+        from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"`path` {path!r} is not a file.")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
         try:
             with safe_open(path, framework="pt") as handle:
                 header = handle.metadata() or {}
-        except Exception as error:  # safetensors raises its own error types for non-safetensors files
+                names = set(handle.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"`{path}` is not a safetensors file: {error}") from error
         if header.get("format") != FEATURES_FORMAT:
             raise ValueError(f"`{path}` is not a cosegment features file (format {header.get('format')!r}).")
-        tensors = load_file(path, device=str(device))
-        count = len([k for k in tensors if k.startswith("queries.")])
+        count = len([name for name in names if name.startswith("queries.")])
+        expected = {f"{kind}.{i}" for kind in ("queries", "keys") for i in range(count)}
+        if names != expected:
+            raise ValueError(
+                f"`{path}` is a damaged cosegment features file: tensors {sorted(names)}, expected {sorted(expected)}."
+            )
         try:
-            queries = [tensors[f"queries.{i}"] for i in range(count)]
-            keys = [tensors[f"keys.{i}"] for i in range(count)]
+            tensors = load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
+        try:
             return cls(
-                queries,
-                keys,
-                tuple(json.loads(header["grid_size"])),
-                [tuple(s) for s in json.loads(header["image_sizes"])],
+                [tensors[f"queries.{i}"] for i in range(count)],
+                [tensors[f"keys.{i}"] for i in range(count)],
+                json.loads(header["grid_size"]),
+                json.loads(header["image_sizes"]),
                 json.loads(header["layer_names"]),
                 json.loads(header.get("metadata", "{}")),
             )
-        except (KeyError, json.JSONDecodeError) as error:
+        except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
 
 
@@ -260,6 +310,36 @@ def pipeline_code_files(pipeline_file: str | os.PathLike) -> list[str]:
         if relative not in files:
             files.append(relative)
     return files
+
+
+# Float pixels must lie in [0, 1]. Values further outside than this are another convention ([0, 255], [-1, 1]) and
+# are refused rather than clipped into a near-constant image; smaller overshoots (resampling ringing) are clipped.
+_FLOAT_IMAGE_TOLERANCE = 0.05
+
+
+class _CheckedImages(list):
+    """Images already validated and converted by `check_inputs`: `(3, H_i, W_i)` float32 tensors in [0, 1]."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _exact_int(value: Any) -> int:
+    """`int(value)` for whole numbers only (no silent truncation of 2.5 or "3")."""
+    if _is_int(value) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    raise TypeError(f"expected an int, got {value!r}")
+
+
+def _describe(value: Any, limit: int = 80) -> str:
+    """A short description of an argument for error messages (arrays by type, shape and dtype, not by value)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return f"{type(value).__module__.split('.')[0]}.{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, PIL.Image.Image):
+        return f"PIL image (mode {value.mode}, size {value.size})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({type(value).__name__})"
 
 
 def _resolve_thresholds(
@@ -313,6 +393,11 @@ def analyze_features(
 
     Returns:
         [`CoSegmentationPipelineOutput`]
+
+    Raises:
+        `TypeError`/`ValueError` for bad arguments, before any pair is analysed. An error while analysing a pair is
+        re-raised with "pair (s, t)" in its message, as the same type where that type takes a message (else a
+        `RuntimeError`), chained to the original.
     """
     if not isinstance(features, CoSegmentationFeatures):
         raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
@@ -324,10 +409,19 @@ def analyze_features(
     }
     _check_analysis_arguments(selection, output_type, overrides)
     features.validate()
-    device = torch.device(device) if device is not None else features.queries[0].device
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {_describe(chunk_size)}.")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be callable or None, got {_describe(progress)}.")
+    try:
+        device = torch.device(device) if device is not None else features.queries[0].device
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
     num_images = features.num_images
     grid = features.grid_size
     num_tokens = grid[0] * grid[1]
+    if selection == "paper" and num_tokens < 2:
+        raise ValueError(f"`selection`='paper' needs a token grid of 2+ tokens, got `grid_size` {grid}.")
 
     density = torch.zeros(num_images, num_tokens, device=device)
     entropy_sum = torch.zeros(num_images, num_tokens, device=device)
@@ -341,40 +435,46 @@ def analyze_features(
     for s in range(num_images):
         queries_s, keys_s = image_features(s)
         for t in range(s + 1, num_images):
-            queries_t, keys_t = image_features(t)
-            # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
-            rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
-            rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
-            # 5-8. Maps, neighbourhood check, selection, both passes
-            keeps, scores, passes = [], [], []
-            for forward_rows, backward_rows, source, target in ((rows_st, rows_ts, s, t), (rows_ts, rows_st, t, s)):
-                stats = pass_statistics(forward_rows, backward_rows, grid)
-                limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
-                keep = select_matches(stats, limits)
-                keeps.append(keep)
-                scores.append(stats.score)
-                passes.append(stats)
-                thresholds_used.append({"source": source, "target": target, **limits.__dict__})
-                entropy_sum[target] += backward_rows.entropy
-                error_sum[source] += stats.inverse_error
-            source_tokens, target_tokens, pair_scores, mutual = merge_passes(
-                passes[0].forward, keeps[0], scores[0], passes[1].forward, keeps[1], scores[1]
-            )
-            # 9. Hit counts
-            density[s] += torch.bincount(source_tokens, minlength=num_tokens).float()
-            density[t] += torch.bincount(target_tokens, minlength=num_tokens).float()
-            correspondences.append(
-                PairCorrespondence(
-                    source_index=s,
-                    target_index=t,
-                    source_points=token_centres_in_pixels(source_tokens, grid, features.image_sizes[s]),
-                    target_points=token_centres_in_pixels(target_tokens, grid, features.image_sizes[t]),
-                    scores=pair_scores,
-                    mutual=mutual,
-                    source_tokens=source_tokens,
-                    target_tokens=target_tokens,
+            try:
+                queries_t, keys_t = image_features(t)
+                # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
+                rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
+                rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
+                # 5-8. Maps, neighbourhood check, selection, both passes
+                keeps, scores, passes = [], [], []
+                for forward_rows, backward_rows, source, target in (
+                    (rows_st, rows_ts, s, t),
+                    (rows_ts, rows_st, t, s),
+                ):
+                    stats = pass_statistics(forward_rows, backward_rows, grid)
+                    limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
+                    keep = select_matches(stats, limits)
+                    keeps.append(keep)
+                    scores.append(stats.score)
+                    passes.append(stats)
+                    thresholds_used.append({"source": source, "target": target, **limits.__dict__})
+                    entropy_sum[target] += backward_rows.entropy
+                    error_sum[source] += stats.inverse_error
+                source_tokens, target_tokens, pair_scores, mutual = merge_passes(
+                    passes[0].forward, keeps[0], scores[0], passes[1].forward, keeps[1], scores[1]
                 )
-            )
+                # 9. Hit counts
+                density[s] += torch.bincount(source_tokens, minlength=num_tokens).float()
+                density[t] += torch.bincount(target_tokens, minlength=num_tokens).float()
+                correspondences.append(
+                    PairCorrespondence(
+                        source_index=s,
+                        target_index=t,
+                        source_points=token_centres_in_pixels(source_tokens, grid, features.image_sizes[s]),
+                        target_points=token_centres_in_pixels(target_tokens, grid, features.image_sizes[t]),
+                        scores=pair_scores,
+                        mutual=mutual,
+                        source_tokens=source_tokens,
+                        target_tokens=target_tokens,
+                    )
+                )
+            except Exception as error:  # name the pair; keep the type where it can take a message
+                raise _in_pair(error, s, t) from error
             if progress is not None:
                 progress(1)
 
@@ -387,6 +487,17 @@ def analyze_features(
         thresholds=thresholds_used,
     )
     return _convert_output(output, output_type)
+
+
+def _in_pair(error: Exception, source: int, target: int) -> Exception:
+    """`error` re-made with "pair (s, t)" in front of its message: the same type when it takes a message, else a
+    `RuntimeError` (raise it `from error`)."""
+    message = f"pair ({source}, {target}): {type(error).__name__}: {error}"
+    try:
+        wrapped = type(error)(message)
+    except Exception:
+        return RuntimeError(message)
+    return wrapped if str(wrapped) == message else RuntimeError(message)
 
 
 def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> CoSegmentationPipelineOutput:
@@ -569,80 +680,187 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             raise ValueError(f"`attention_layers` must share one token grid, got {described}.")
         return names
 
+    def _grid_size(self, layer_names: list[str], height: int, width: int) -> tuple[int, int]:
+        """The `(h, w)` token grid of the chosen layers at a processing size of `height` x `width` pixels."""
+        level = self_attention_layer_levels(self.unet)[layer_names[0]]
+        return height // self.vae_scale_factor // 2**level, width // self.vae_scale_factor // 2**level
+
     def check_inputs(
         self,
         image,
-        prompt: str,
-        height: int,
-        width: int,
-        timestep: int,
-        ensemble_size: int,
-        batch_size: int,
-        generator,
-        output_type: str,
-        selection: str,
-        overrides: dict[str, float | None],
-    ) -> None:
-        """Validates every argument up front; errors name the argument and the value."""
-        if image is None or (isinstance(image, (list, tuple)) and len(image) == 0):
-            raise ValueError(f"`image` must be a list of at least 2 images, got {image!r}.")
+        prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        timestep: int = 261,
+        ensemble_size: int = 1,
+        attention_layers: str | Sequence[str] | int | None = None,
+        batch_size: int = 8,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        selection: str = "auto",
+        output_type: str = "np",
+        overrides: dict[str, float | None] | None = None,
+        num_parts: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Validates every argument before any model runs; errors name the argument and the value.
+
+        Returns:
+            The images, converted once: a list of `(3, H_i, W_i)` float32 tensors in [0, 1] that
+            :meth:`prepare_images` and :meth:`capture_features` accept without converting or checking them again.
+        """
         if not isinstance(prompt, str):
-            raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}: {prompt!r}.")
+            raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}: {_describe(prompt)}.")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         multiple = self.size_multiple
         for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {value!r}.")
+            if not _is_int(value) or value <= 0 or value % multiple:
+                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {_describe(value)}.")
         num_train = int(self.scheduler.config.num_train_timesteps)
-        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < num_train:
-            raise ValueError(f"`timestep` must be an int in [0, {num_train}), got {timestep!r}.")
-        for name, value in (("ensemble_size", ensemble_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-        _check_analysis_arguments(selection, output_type, overrides)
+        if not _is_int(timestep) or not 0 <= timestep < num_train:
+            raise ValueError(f"`timestep` must be an int in [0, {num_train}), got {_describe(timestep)}.")
+        for name, value in (("ensemble_size", ensemble_size), ("batch_size", batch_size), ("num_parts", num_parts)):
+            # `num_parts` (segmentation, DESIGN step 10-11) is checked here once the caller passes it.
+            if name == "num_parts" and value is None:
+                continue
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1, got {_describe(value)}.")
+        layer_names = self.resolve_attention_layers(attention_layers)
+        _check_analysis_arguments(selection, output_type, overrides or {})
+        grid = self._grid_size(layer_names, int(height), int(width))
+        if selection == "paper" and grid[0] * grid[1] < 2:
+            raise ValueError(
+                f"`selection`='paper' needs a token grid of 2+ tokens; `attention_layers`={attention_layers!r} at "
+                f"{height}x{width} px gives {grid}."
+            )
         if generator is not None:
             gens = generator if isinstance(generator, list) else [generator]
             if not all(isinstance(g, torch.Generator) for g in gens):
-                raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {generator!r}.")
+                raise TypeError(
+                    f"`generator` must be a torch.Generator or a list of them (one per image), got "
+                    f"{_describe(generator)}."
+                )
+        images = self._collect_images(image)
+        if isinstance(generator, list) and len(generator) != len(images):
+            raise ValueError(
+                f"`generator` list must hold one generator per image ({len(images)} images), got {len(generator)}."
+            )
+        return images
+
+    @classmethod
+    def _collect_images(cls, image) -> list[torch.Tensor]:
+        """The collection -> a list of `(3, H_i, W_i)` float32 tensors in [0, 1], each validated.
+
+        A list (or tuple) is the collection; a 4-D torch (BCHW) or numpy (BHWC) batch is a collection of B images.
+        A list returned by this function (or by :meth:`check_inputs`) is returned as is.
+        """
+        if isinstance(image, _CheckedImages):
+            return image
+        if image is None:
+            raise ValueError("`image` must be a list of at least 2 images, got None.")
+        if isinstance(image, (torch.Tensor, np.ndarray)):
+            if image.ndim != 4:
+                layout = "BCHW tensor" if isinstance(image, torch.Tensor) else "BHWC array"
+                raise ValueError(
+                    f"`image` must be a list of 2+ images or a 4-D {layout} with B >= 2, got one "
+                    f"{_describe(image)}; a single image is not a collection."
+                )
+            items = list(image)
+        elif isinstance(image, (list, tuple)):
+            items = list(image)
+        elif isinstance(image, PIL.Image.Image):
+            raise ValueError(f"`image` must be a list of 2+ images, got a single image {_describe(image)}.")
+        else:
+            raise TypeError(
+                f"`image` must be a list of 2+ images (PIL, numpy HWC or torch CHW) or a 4-D batch, got "
+                f"{_describe(image)}."
+            )
+        if len(items) < 2:
+            raise ValueError(f"`image` must hold at least 2 images (a collection), got {len(items)}.")
+        return _CheckedImages(cls._image_to_tensor(item, index) for index, item in enumerate(items))
 
     @staticmethod
     def _image_to_tensor(image, index: int) -> torch.Tensor:
-        """One image (PIL, numpy HW/HWC, torch HW/CHW) -> `(3, H, W)` float32 in [0, 1]."""
+        """One image (PIL, numpy HW/HWC, torch HW/CHW) -> `(3, H, W)` float32 in [0, 1].
+
+        Accepts uint8 (0-255), 16-bit (0-65535), bool and float (in [0, 1]) pixels; 1 channel (grayscale) and 4
+        (RGBA, alpha dropped) become RGB. Anything else is a `ValueError` or `TypeError` naming `image[index]`.
+        """
         name = f"image[{index}]"
         if isinstance(image, PIL.Image.Image):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"`{name}` is an empty image of size {image.size}.")
-            array = np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
-            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
-        elif isinstance(image, np.ndarray):
+            try:
+                if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+                    # 16/32-bit grayscale and float: PIL's convert("RGB") would clip them at 255
+                    array = np.asarray(image)
+                    if image.mode == "I":  # how PIL opens 16-bit PNGs
+                        if array.size and (array.min() < 0 or array.max() > 65535):
+                            raise ValueError(
+                                f"`{name}` is a 32-bit integer image with values in [{array.min()}, {array.max()}]; "
+                                f"expected 16-bit values in [0, 65535]."
+                            )
+                        array = array.astype(np.uint16)
+                else:
+                    array = np.asarray(image.convert("RGB"))
+            except OSError as error:  # truncated or unreadable file behind the PIL image
+                raise ValueError(f"`{name}` could not be read ({image.mode} {image.size}): {error}") from error
+            image = array
+        if isinstance(image, np.ndarray):
             if image.ndim not in (2, 3):
                 raise ValueError(f"`{name}` must be a HW or HWC array, got shape {image.shape}.")
-            array = image[..., None] if image.ndim == 2 else image
-            if array.dtype == np.bool_:
-                tensor = torch.from_numpy(array.astype(np.float32))
-            elif array.dtype == np.uint8:
-                tensor = torch.from_numpy(array.astype(np.float32) / 255.0)
-            elif array.dtype == np.uint16:
-                tensor = torch.from_numpy(array.astype(np.float32) / 65535.0)
-            elif np.issubdtype(array.dtype, np.floating):
-                tensor = torch.from_numpy(array.astype(np.float32))
+            kind, itemsize = image.dtype.kind, image.dtype.itemsize
+            if kind == "b":
+                tensor = torch.from_numpy(image.astype(np.float32))
+            elif kind == "u" and itemsize == 1:
+                tensor = torch.from_numpy(image.astype(np.float32) / 255.0)
+            elif kind == "u" and itemsize == 2:
+                tensor = torch.from_numpy(image.astype(np.float32) / 65535.0)
+            elif kind == "f":
+                tensor = torch.from_numpy(image.astype(np.float32))
             else:
-                raise TypeError(f"`{name}` has unsupported dtype {array.dtype}; use uint8, uint16 or float.")
-            tensor = tensor.permute(2, 0, 1)
+                raise TypeError(
+                    f"`{name}` has unsupported dtype {image.dtype}; use uint8 (0-255), uint16 (0-65535), bool or "
+                    f"float (0-1)."
+                )
+            tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+            is_float, layout = kind == "f", "numpy arrays are HWC"
         elif isinstance(image, torch.Tensor):
             if image.ndim not in (2, 3):
                 raise ValueError(f"`{name}` must be a HW or CHW tensor, got shape {tuple(image.shape)}.")
-            tensor = (image[None] if image.ndim == 2 else image).detach().float().cpu()
+            image = image.detach().cpu()
+            if image.dtype.is_floating_point:
+                tensor = image.float()
+            elif image.dtype == torch.uint8:
+                tensor = image.float() / 255.0
+            elif image.dtype == torch.bool:
+                tensor = image.float()
+            else:
+                raise TypeError(
+                    f"`{name}` has unsupported dtype {image.dtype}; use a float tensor in [0, 1] (or uint8, bool)."
+                )
+            tensor = tensor[None] if tensor.ndim == 2 else tensor
+            is_float, layout = image.dtype.is_floating_point, "torch tensors are CHW"
         else:
-            raise TypeError(
-                f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}."
-            )
+            raise TypeError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {_describe(image)}.")
         channels, height, width = tensor.shape
-        if height == 0 or width == 0:
-            raise ValueError(f"`{name}` has zero size {height}x{width}.")
+        if tensor.numel() == 0:
+            raise ValueError(f"`{name}` has zero size: {channels} channels of {height}x{width} pixels.")
         if channels not in (1, 3, 4):
-            raise ValueError(f"`{name}` must have 1, 3 or 4 channels, got {channels}.")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"`{name}` contains non-finite values (NaN or inf).")
+            raise ValueError(
+                f"`{name}` must have 1, 3 or 4 channels, got {channels} (shape {tuple(image.shape)}; {layout})."
+            )
+        if is_float:
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"`{name}` contains {int((~finite).sum())} non-finite values (NaN or inf) out of {tensor.numel()}."
+                )
+            low, high = (float(v) for v in tensor.aminmax())
+            if low < -_FLOAT_IMAGE_TOLERANCE or high > 1.0 + _FLOAT_IMAGE_TOLERANCE:
+                raise ValueError(
+                    f"`{name}` is a float image with values in [{low:.4g}, {high:.4g}]; float pixels must lie in "
+                    f"[0, 1] (pass 0-255 data as uint8, map [-1, 1] data with (x + 1) / 2)."
+                )
         if channels == 1:
             tensor = tensor.expand(3, height, width)
         elif channels == 4:
@@ -652,25 +870,11 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def prepare_images(self, image, height: int, width: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Images -> `(M, 3, height, width)` float32 in [-1, 1] and each image's original `(H, W)`.
 
-        A list is the collection; a 4-D torch (BCHW) or numpy (BHWC) batch is a collection of B images. Every image is
-        resized (bicubic, antialiased) to the processing size.
+        `image` is the collection as :meth:`__call__` takes it (validated here unless it comes from
+        :meth:`check_inputs`). Every image is resized (bicubic, antialiased) to the processing size.
         """
-        if isinstance(image, torch.Tensor) and image.ndim == 4:
-            items = list(image)
-        elif isinstance(image, np.ndarray) and image.ndim == 4:
-            items = list(image)
-        elif isinstance(image, (list, tuple)):
-            items = list(image)
-        else:
-            raise TypeError(
-                f"`image` must be a list of 2+ images or a 4-D batch with B >= 2, got {type(image).__name__}"
-                f"{' of shape ' + str(tuple(image.shape)) if hasattr(image, 'shape') else ''}."
-            )
-        if len(items) < 2:
-            raise ValueError(f"`image` must hold at least 2 images, got {len(items)}.")
         tensors, sizes = [], []
-        for index, item in enumerate(items):
-            tensor = self._image_to_tensor(item, index)
+        for tensor in self._collect_images(image):
             sizes.append((int(tensor.shape[1]), int(tensor.shape[2])))
             resized = F.interpolate(tensor[None], size=(height, width), mode="bicubic", antialias=True)
             tensors.append(resized.clamp(0.0, 1.0))
@@ -750,20 +954,27 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
         draw, in the UNet's dtype, on the execution device).
         """
-        height = height or self.default_size
-        width = width or self.default_size
+        # 0. Check everything before touching a model (images are converted once, here)
+        images = self.check_inputs(
+            image,
+            prompt=prompt,
+            height=height,
+            width=width,
+            timestep=timestep,
+            ensemble_size=ensemble_size,
+            attention_layers=attention_layers,
+            batch_size=batch_size,
+            generator=generator,
+        )
+        height = self.default_size if height is None else int(height)
+        width = self.default_size if width is None else int(width)
+        timestep, ensemble_size, batch_size = int(timestep), int(ensemble_size), int(batch_size)
         device = self._execution_device
         layer_names = self.resolve_attention_layers(attention_layers)
-        if isinstance(generator, list) and len(generator) != (len(image) if hasattr(image, "__len__") else -1):
-            raise ValueError(f"`generator` list must have one generator per image, got {len(generator)}.")
 
         # 1. Encode the images (VAE latent mode, scaled)
-        pixels, image_sizes = self.prepare_images(image, height, width)
+        pixels, image_sizes = self.prepare_images(images, height, width)
         num_images = pixels.shape[0]
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"`generator` list must have one generator per image ({num_images}), got {len(generator)}."
-            )
         collection_size = num_images
         if image_indices is not None:
             image_indices = self._check_image_indices(image_indices, collection_size)
@@ -794,8 +1005,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         for name in layer_names:
             processors[f"{name}.processor"] = CrossSelfAttentionCaptureProcessor(store, name)
         total = noisy.shape[0]
-        self.unet.set_attn_processor(dict(processors))
         try:
+            # inside the try: an interrupt while installing still restores every original processor
+            self.unet.set_attn_processor(dict(processors))
             with self.progress_bar(total=math.ceil(total / batch_size)) as bar:
                 for start in range(0, total, batch_size):
                     chunk = noisy[start : start + batch_size]
@@ -823,8 +1035,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 entries_q.append(q[:, draw])
                 entries_k.append(k[:, draw])
                 entry_names.append(name if ensemble_size == 1 else f"{name}#{draw}")
-        level = self_attention_layer_levels(self.unet)[layer_names[0]]
-        grid = (height // self.vae_scale_factor // 2**level, width // self.vae_scale_factor // 2**level)
+        grid = self._grid_size(layer_names, height, width)
         metadata = {
             "model": getattr(self.config, "_name_or_path", None),
             "height": height,
@@ -862,9 +1073,11 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
         Args:
             image (`list[PIL.Image.Image | np.ndarray | torch.Tensor]` or a 4-D batch):
-                the collection, 2 or more images (PIL; numpy HWC uint8, uint16 or float in [0, 1]; torch CHW in
-                [0, 1]; or one BCHW tensor / BHWC array with B >= 2). Grayscale and RGBA become RGB. Each is resized
-                to `height` x `width` for the UNet; all points and masks come back in its own pixels.
+                the collection, 2 or more images (PIL, including 16-bit and float modes; numpy HW/HWC uint8, uint16,
+                bool or float in [0, 1]; torch HW/CHW float in [0, 1] or uint8; or one BCHW tensor / BHWC array with
+                B >= 2). Grayscale and RGBA become RGB. Each is resized to `height` x `width` for the UNet; all points
+                and masks come back in its own pixels. Float pixels outside [-0.05, 1.05] (0-255 or [-1, 1] data) and
+                NaN or inf are refused.
             prompt (`str`, *optional*, defaults to `""`): text conditioning of the UNet.
             height (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
                 processing height in pixels, a positive multiple of `pipe.size_multiple` (64 for SD).
@@ -895,33 +1108,31 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             [`CoSegmentationPipelineOutput`] or `tuple`: the output, or `(correspondences, density_maps,
             entropy_maps, inverse_error_maps, masks, part_masks, keypoints)` when `return_dict` is `False`.
         """
-        height = height or self.default_size
-        width = width or self.default_size
         overrides = {
             "max_entropy": max_entropy,
             "max_spread": max_spread,
             "max_collapse": max_collapse,
             "max_inverse_error": max_inverse_error,
         }
-        # 0. Check everything before touching the UNet
-        self.check_inputs(
+        # 0. Check everything before touching the UNet (images are converted once, here)
+        images = self.check_inputs(
             image,
-            prompt,
-            height,
-            width,
-            timestep,
-            ensemble_size,
-            batch_size,
-            generator,
-            output_type,
-            selection,
-            overrides,
+            prompt=prompt,
+            height=height,
+            width=width,
+            timestep=timestep,
+            ensemble_size=ensemble_size,
+            attention_layers=attention_layers,
+            batch_size=batch_size,
+            generator=generator,
+            selection=selection,
+            output_type=output_type,
+            overrides=overrides,
         )
-        self.resolve_attention_layers(attention_layers)
 
         # 1-3. Encode, noise, capture
         features = self.capture_features(
-            image,
+            images,
             prompt=prompt,
             height=height,
             width=width,

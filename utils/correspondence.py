@@ -46,6 +46,36 @@ def _check_pairs(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> None:
             )
         if q.shape[1] != queries[0].shape[1] or k.shape[1] != keys[0].shape[1]:
             raise ValueError("All `queries` (and all `keys`) must have the same number of tokens.")
+        if q.shape[0] < 1 or q.shape[-1] < 1 or k.shape[1] < 1:
+            raise ValueError(
+                f"`queries[{i}]` {tuple(q.shape)} / `keys[{i}]` {tuple(k.shape)} need 1+ heads, a head size of 1+ and "
+                f"1+ target tokens."
+            )
+        for name, x in ((f"queries[{i}]", q), (f"keys[{i}]", k)):
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"`{name}` must be a float tensor, got dtype {x.dtype}.")
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"`{name}` contains NaN or inf.")
+
+
+def _check_logit_range(queries: list[torch.Tensor], keys: list[torch.Tensor], scale: float | None) -> None:
+    """Refuses inputs whose logits could overflow float32 (they would give NaN probabilities), by Cauchy-Schwarz."""
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"`scale` must be a finite number or None, got {scale!r}.")
+    limit = torch.finfo(torch.float32).max / 4
+    for i, (q, k) in enumerate(zip(queries, keys)):
+        if q.numel() == 0:
+            continue
+        s = q.shape[-1] ** -0.5 if scale is None else abs(scale)
+        q_norm = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float64).max())
+        k_norm = float(torch.linalg.vector_norm(k, dim=-1, dtype=torch.float64).max())
+        if q_norm * k_norm * s > limit:
+            raise ValueError(
+                f"`queries[{i}]` and `keys[{i}]` are too large: logits up to {q_norm * k_norm * s:.3g} overflow float32 "
+                f"(row norms {q_norm:.3g} and {k_norm:.3g}); rescale them."
+            )
 
 
 def default_chunk_size(num_heads: int, num_targets: int) -> int:
@@ -90,6 +120,7 @@ def cross_attention_probs(
     """
     qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
     _check_pairs(qs, ks)
+    _check_logit_range(qs, ks, scale)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
     num_rows = qs[0].shape[1]
@@ -136,6 +167,9 @@ def attention_row_statistics(
     """
     qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
     _check_pairs(qs, ks)
+    _check_logit_range(qs, ks, scale)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
     num_rows, num_targets = qs[0].shape[1], ks[0].shape[1]
     step = chunk_size or default_chunk_size(max(q.shape[0] for q in qs), num_targets)
     keys_t = [k.float().transpose(-1, -2) for k in ks]
@@ -242,6 +276,8 @@ def inverse_mapping_entropy(attn: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(attn, torch.Tensor) or attn.ndim != 2:
         raise ValueError(f"`attn` must be a 2-D tensor (N_t, N_s), got {getattr(attn, 'shape', type(attn))}.")
+    if attn.numel() and not bool(torch.isfinite(attn).all()):
+        raise ValueError("`attn` contains NaN or inf.")
     if attn.numel() and bool((attn < 0).any()):
         raise ValueError("`attn` must be non-negative.")
     return _row_entropy(attn.float())
