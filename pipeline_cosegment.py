@@ -37,11 +37,23 @@ from .utils.correspondence import (
     SelectionThresholds,
     attention_row_statistics,
     auto_thresholds,
+    grow_matches,
     merge_passes,
     paper_thresholds,
     pass_statistics,
     select_matches,
     token_centres_in_pixels,
+)
+from .utils.segmentation import (
+    assign_parts,
+    attention_rows,
+    background_threshold_from_kl,
+    estimate_num_clusters,
+    kl_to_parts,
+    kmeans,
+    part_distributions,
+    remove_isolated,
+    upsample_labels,
 )
 
 logger = logging.get_logger(__name__)
@@ -268,6 +280,25 @@ def _check_analysis_arguments(selection: str, output_type: str, overrides: dict[
             raise ValueError(f"`{name}` must be a non-negative number (inf disables it) or None, got {value!r}.")
 
 
+def _check_segmentation_arguments(num_parts: int | None, background_threshold: float | None) -> None:
+    if num_parts is not None and (isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1):
+        raise ValueError(f"`num_parts` must be a positive int or None, got {num_parts!r}.")
+    if background_threshold is not None and (
+        isinstance(background_threshold, bool)
+        or not isinstance(background_threshold, (int, float))
+        or math.isnan(background_threshold)
+        or background_threshold < 0
+    ):
+        raise ValueError(
+            f"`background_threshold` must be a non-negative number (nats; inf keeps every token) or None, got "
+            f"{background_threshold!r}."
+        )
+
+
+# Hit regions smaller than this many tokens are isolated hits (noise) and dropped before clustering (step 10).
+MIN_REGION_TOKENS = 3
+
+
 def analyze_features(
     features: CoSegmentationFeatures,
     selection: str = "auto",
@@ -275,22 +306,33 @@ def analyze_features(
     max_spread: float | None = None,
     max_collapse: float | None = None,
     max_inverse_error: float | None = None,
+    num_parts: int | None = None,
+    background_threshold: float | None = None,
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     output_type: str = "np",
     progress: Callable[[int], Any] | None = None,
 ) -> CoSegmentationPipelineOutput:
-    r"""Correspondences and maps from captured features alone (DESIGN steps 4-11); no UNet needed.
+    r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
+    4-11); no UNet needed, so a caller can re-run it with other thresholds.
 
     Args:
         features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
-        selection (`str`, *optional*, defaults to `"auto"`): threshold preset, `"paper"` (the note's numbers) or
-            `"auto"` (from each pass's own statistics).
+        selection (`str`, *optional*, defaults to `"auto"`): threshold preset. `"auto"`: per pass, Otsu cuts of
+            the pass's own target-IME and log-spread values, a cycle that returns to p's 3x3 neighbourhood and no
+            complete collapse, then matches vouched for by at least two kept neighbours are added (see
+            `grow_matches`). `"paper"`: the note's fixed numbers (IME < 2 nats at N = 1024 scaled by
+            log N / log 1024, spread <= 20 cells^2, collapse <= 0.5, IMS <= 1 cell), nothing added.
         max_entropy (`float`, *optional*): IME limit of a match's target, nats (overrides the preset).
         max_spread (`float`, *optional*): neighbourhood spread limit, target cells squared.
         max_collapse (`float`, *optional*): collapse share limit in [0, 1].
         max_inverse_error (`float`, *optional*): inverse mapping error limit, source cells.
             Each threshold accepts `float("inf")` to disable its check.
+        num_parts (`int`, *optional*): number of parts; `None` estimates it (largest eigengap of the reference
+            image's self-attention affinity between its hit tokens).
+        background_threshold (`float`, *optional*): KL limit (nats) above which a token is background; `None`
+            takes the minimum-error (Kittler-Illingworth) cut of the logarithm of every token's smallest KL to a
+            part, pooled over the collection (Otsu's cut lands inside the far larger background class).
         chunk_size (`int`, *optional*): attention rows computed at once (bounds memory); automatic by default.
         device (`torch.device`, *optional*): where to compute, defaults to the features' device.
         output_type (`str`, *optional*, defaults to `"np"`): `"np"` for numpy arrays, `"pt"` for torch tensors.
@@ -308,6 +350,7 @@ def analyze_features(
         "max_inverse_error": max_inverse_error,
     }
     _check_analysis_arguments(selection, output_type, overrides)
+    _check_segmentation_arguments(num_parts, background_threshold)
     features.validate()
     device = torch.device(device) if device is not None else features.queries[0].device
     num_images = features.num_images
@@ -336,6 +379,8 @@ def analyze_features(
                 stats = pass_statistics(forward_rows, backward_rows, grid)
                 limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
                 keep = select_matches(stats, limits)
+                if selection == "auto":
+                    keep = grow_matches(stats, keep, limits, grid)
                 keeps.append(keep)
                 scores.append(stats.score)
                 passes.append(stats)
@@ -363,15 +408,127 @@ def analyze_features(
             if progress is not None:
                 progress(1)
 
+    # 10. Clustering: hit regions per image, linked across images into shared parts
+    labels, num_found = _cluster_hits(features, density, correspondences, num_parts, chunk_size, device)
+    keypoints, keypoint_parts = [], []
+    for i in range(num_images):
+        ids = torch.unique(labels[i][labels[i] > 0])
+        centres = [
+            token_centres_in_pixels(torch.nonzero(labels[i] == k).flatten(), grid, features.image_sizes[i])
+            for k in ids.tolist()
+        ]
+        keypoints.append(torch.stack([c.mean(0) for c in centres]) if centres else torch.zeros(0, 2, device=device))
+        keypoint_parts.append(ids.long())
+
+    # 11. Co-segmentation: every token to the part of nearest self-attention distribution (KL), or background
+    part_labels = _segment(features, labels, num_found, background_threshold, chunk_size, device)
+    part_masks = [
+        torch.from_numpy(upsample_labels(part_labels[i].view(*grid).cpu().numpy(), features.image_sizes[i]))
+        for i in range(num_images)
+    ]
+
     partners = max(num_images - 1, 1)
     output = CoSegmentationPipelineOutput(
         correspondences=correspondences,
         density_maps=density.view(num_images, *grid),
         entropy_maps=(entropy_sum / partners).view(num_images, *grid),
         inverse_error_maps=(error_sum / partners).view(num_images, *grid),
+        masks=[m > 0 for m in part_masks],
+        part_masks=part_masks,
+        keypoints=keypoints,
+        keypoint_parts=keypoint_parts,
         thresholds=thresholds_used,
     )
     return _convert_output(output, output_type)
+
+
+def _cluster_hits(
+    features: CoSegmentationFeatures,
+    density: torch.Tensor,
+    correspondences: list[PairCorrespondence],
+    num_parts: int | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], int]:
+    """Step 10. Per image, its hit tokens minus isolated ones (regions under `MIN_REGION_TOKENS`). The reference
+    image (most hits) clusters its points into K regions by their self-attention among themselves (k-means on
+    Hellinger embeddings), numbered 1..K. Every other image, the most linked first, gives each of its points the
+    part its kept correspondences into already-numbered images vote for (points without a vote stay unlabelled).
+
+    Returns one `(N,)` long label tensor per image (0 = not a clustered point) and the number of parts K.
+    """
+    num_images, grid = features.num_images, features.grid_size
+    num_tokens = grid[0] * grid[1]
+    hits = (density > 0).view(num_images, *grid).cpu().numpy()
+    points = [
+        torch.from_numpy(np.flatnonzero(remove_isolated(hits[i], MIN_REGION_TOKENS))).to(device)
+        for i in range(num_images)
+    ]
+    labels = [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(num_images)]
+    if max(p.numel() for p in points) < 2:
+        return labels, 0
+    reference = int(np.argmax([p.numel() for p in points]))
+    queries, keys = features.image(reference)
+    own = points[reference]
+    rows = attention_rows([q.to(device) for q in queries], [k.to(device) for k in keys], own, own, chunk_size)
+    rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    embedding = rows.sqrt().cpu().numpy()  # Hellinger embedding: dot products are Bhattacharyya coefficients
+    if num_parts is None:
+        num_parts = estimate_num_clusters(embedding @ embedding.T, max(1, int(math.sqrt(own.numel() / 2))))
+    first = int(torch.argmax(density[reference][own]))
+    regions = torch.from_numpy(kmeans(embedding, min(num_parts, own.numel()), first))
+    labels[reference][points[reference]] = regions.to(device) + 1
+
+    # carry the parts to the other images through the kept correspondences, strongest-linked image first
+    links: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for pair in correspondences:
+        links.setdefault((pair.source_index, pair.target_index), []).append((pair.source_tokens, pair.target_tokens))
+        links.setdefault((pair.target_index, pair.source_index), []).append((pair.target_tokens, pair.source_tokens))
+    done = {reference}
+    while len(done) < num_images:
+        best, best_votes = None, None
+        for i in sorted(set(range(num_images)) - done):
+            votes = torch.zeros(num_tokens, num_parts + 1, device=device)
+            for j in sorted(done):
+                for mine, theirs in links.get((i, j), []):
+                    votes.index_put_((mine, labels[j][theirs]), torch.ones_like(mine, dtype=torch.float32), True)
+            votes[:, 0] = 0.0
+            if best_votes is None or votes.sum() > best_votes.sum():
+                best, best_votes = i, votes
+        clustered = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        clustered[points[best]] = True
+        winner = best_votes.argmax(dim=1)
+        labels[best] = torch.where(clustered & (best_votes.max(dim=1).values > 0), winner, 0)
+        done.add(best)
+    return labels, num_parts
+
+
+def _segment(
+    features: CoSegmentationFeatures,
+    labels: list[torch.Tensor],
+    num_parts: int,
+    background_threshold: float | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Step 11. Per image, each part's distribution is the mean of its points' self-attention rows; every token
+    goes to the part of smallest KL(token row || part), or to background (0) above the threshold (the
+    minimum-error cut of the log smallest KLs of the whole collection unless given). Returns one `(N,)` long label tensor per image."""
+    num_images, grid = features.num_images, features.grid_size
+    num_tokens = grid[0] * grid[1]
+    if num_parts == 0:
+        return [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(num_images)]
+    divergences = []
+    for i in range(num_images):
+        queries, keys = features.image(i)
+        queries, keys = [q.to(device) for q in queries], [k.to(device) for k in keys]
+        dist = part_distributions(queries, keys, labels[i], num_parts, chunk_size)
+        kl = kl_to_parts(queries, keys, dist, chunk_size)
+        present = torch.bincount(labels[i], minlength=num_parts + 1)[1:] > 0
+        divergences.append(kl.masked_fill(~present[None, :], math.inf))
+    if background_threshold is None:
+        background_threshold = background_threshold_from_kl(torch.cat([kl.min(dim=1).values for kl in divergences]))
+    return [assign_parts(kl, background_threshold)[0] for kl in divergences]
 
 
 def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> CoSegmentationPipelineOutput:

@@ -21,11 +21,9 @@ Run `python benchmarks/planted.py` for the markdown table of the README.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import cv2

@@ -416,23 +416,105 @@ def pass_statistics(
 
 
 def auto_thresholds(stats: PassStatistics) -> SelectionThresholds:
-    """Thresholds from one pass's own statistics, no fixed numbers.
+    """Thresholds from one pass's own statistics (the `"auto"` preset of DESIGN step 7).
 
-    Entropy and spread limits are Otsu cuts of the pass's target-entropy and (log) spread distributions, measured
-    on the cycle-consistent tokens (IMS = 0) where there are any; the inverse error must be zero (the match comes
-    back to its own cell); the collapse limit is the Otsu cut of the collapse shares.
+    - `max_entropy`: Otsu's cut of the pass's target IME values (nats): the pass's peaked targets against its
+      diffuse ones.
+    - `max_spread`: Otsu's cut of `log(1 + spread)` (cells^2): locally coherent mappings against scattered ones.
+    - `max_inverse_error`: `sqrt(2)` cells: the cycle `g(f(p))` must come back to p or one of the 3x3 neighbours of
+      Eq. 2.11 (a geometric definition, not a tuned number: one grid step of tolerance whatever the scales).
+    - `max_collapse`: `1 - 1/8`: only a complete collapse (every neighbour on `f(p)`) is rejected; a partial one is
+      what a correct match into a smaller copy of the object looks like.
+
+    A sample that Otsu cannot split (empty or constant) disables that check (`inf`).
     """
-    consistent = stats.inverse_error == 0
-    pool = consistent if bool(consistent.any()) else torch.ones_like(consistent)
-    max_entropy = otsu_threshold(stats.target_entropy[pool])
-    max_spread = math.expm1(otsu_threshold(torch.log1p(stats.spread[pool])))
-    max_collapse = otsu_threshold(stats.collapse[pool])
+    max_entropy = otsu_threshold(stats.target_entropy)
+    max_spread = math.expm1(otsu_threshold(torch.log1p(stats.spread)))
     return SelectionThresholds(
         max_entropy=max_entropy,
         max_spread=max_spread if math.isfinite(max_spread) else math.inf,
-        max_collapse=max_collapse,
-        max_inverse_error=0.0,
+        max_collapse=1.0 - 1.0 / len(_NEIGHBOUR_OFFSETS),
+        max_inverse_error=math.sqrt(2.0),
     )
+
+
+def supported_spread(
+    forward: torch.Tensor,
+    keep: torch.Tensor,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spread of Eq. 2.11-2.13 measured over kept neighbours only.
+
+    Args:
+        forward: `(N_s,)` long, `f`.
+        keep: `(N_s,)` bool, the matches kept so far.
+        grid_size, target_grid_size: `(h, w)` of the source and target grids.
+
+    Returns:
+        `(spread, support)`, each `(N_s,)` float32: `mean ||f(n) - f(p)||^2` over the kept 3x3 neighbours n of p
+        (0 where there are none) and their number.
+    """
+    h, w = _check_grid(grid_size)
+    ht, wt = _check_grid(target_grid_size if target_grid_size is not None else grid_size, "target_grid_size")
+    forward = _check_indices(forward, ht * wt, "forward")
+    if forward.shape[0] != h * w or keep.shape != forward.shape:
+        raise ValueError(
+            f"`forward` {tuple(forward.shape)} and `keep` {tuple(keep.shape)} must both have {h * w} entries."
+        )
+    target = token_coordinates((ht, wt), device=forward.device)[forward].view(h, w, 2)
+    kept = keep.view(h, w).float()
+    total = torch.zeros(h, w, device=forward.device)
+    count = torch.zeros(h, w, device=forward.device)
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        weight = kept[r0 + di : r1 + di, c0 + dj : c1 + dj]
+        step = ((target[r0 + di : r1 + di, c0 + dj : c1 + dj] - target[r0:r1, c0:c1]) ** 2).sum(dim=-1)
+        total[r0:r1, c0:c1] += weight * step
+        count[r0:r1, c0:c1] += weight
+    return (total / count.clamp_min(1)).flatten(), count.flatten()
+
+
+def grow_matches(
+    stats: PassStatistics,
+    keep: torch.Tensor,
+    thresholds: SelectionThresholds,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+    min_support: int = 2,
+) -> torch.Tensor:
+    """Adds matches that the kept ones vouch for (the `"auto"` preset's neighbourhood check, DESIGN step 6).
+
+    The spread of Eq. 2.11-2.13 averages over all eight neighbours, so a correct match on an object's outline,
+    whose outer neighbours fall on the background and map anywhere, fails it. Here a match `p -> f(p)` that passes
+    the cycle check (`max_inverse_error`) and the collapse check is added when at least `min_support` neighbours
+    are kept and its spread over those kept neighbours is within `max_spread`; repeated until nothing changes. Only
+    the entropy check is waived: a grown match is one the geometry of its kept neighbours confirms.
+
+    Args:
+        stats: the pass's statistics.
+        keep: `(N_s,)` bool, matches kept by :func:`select_matches`.
+        thresholds: the pass's limits.
+        grid_size, target_grid_size: `(h, w)` of the source and target grids.
+        min_support: kept neighbours needed (2: a match is never vouched for by a single chain).
+
+    Returns:
+        `(N_s,)` bool, a superset of `keep`.
+    """
+    if isinstance(min_support, bool) or not isinstance(min_support, int) or min_support < 1:
+        raise ValueError(f"`min_support` must be a positive int, got {min_support!r}.")
+    eligible = (stats.inverse_error <= thresholds.max_inverse_error) & (stats.collapse <= thresholds.max_collapse)
+    keep = keep.clone()
+    for _ in range(keep.shape[0]):
+        spread, support = supported_spread(stats.forward, keep, grid_size, target_grid_size)
+        grown = keep | (eligible & (support >= min_support) & (spread <= thresholds.max_spread))
+        if bool((grown == keep).all()):
+            break
+        keep = grown
+    return keep
 
 
 def select_matches(stats: PassStatistics, thresholds: SelectionThresholds) -> torch.Tensor:
