@@ -38,6 +38,7 @@ from .utils.correspondence import (
     attention_row_statistics,
     auto_thresholds,
     grow_matches,
+    match_scores,
     merge_passes,
     paper_thresholds,
     pass_statistics,
@@ -48,12 +49,11 @@ from .utils.segmentation import (
     assign_parts,
     attention_rows,
     background_threshold_from_kl,
-    estimate_num_clusters,
     kl_to_parts,
-    kmeans,
     part_distributions,
     remove_isolated,
-    upsample_labels,
+    spectral_clusters,
+    upsample_assignment,
 )
 
 logger = logging.get_logger(__name__)
@@ -88,7 +88,9 @@ class PairCorrespondence:
         source_index (`int`), target_index (`int`): positions of the two images in the collection.
         source_points (`(K, 2)` float): x, y of the matched token centres in image `source_index`'s own pixels.
         target_points (`(K, 2)` float): x, y of their matches in image `target_index`'s own pixels.
-        scores (`(K,)` float): confidence in [0, 1] (peakedness of both attention rows, damped by the cycle error).
+        scores (`(K,)` float): confidence in [0, 1]: `A_st[p, f(p)]` times the share of p's 3x3 neighbours whose
+            matches are kept (the larger of the two passes for a mutual match); sorting by it puts the most reliable
+            matches first.
         mutual (`(K,)` bool): found by both passes (s -> t and t -> s).
         source_tokens (`(K,)` int), target_tokens (`(K,)` int): the matched token indices on the `(h, w)` grid.
     """
@@ -297,6 +299,8 @@ def _check_segmentation_arguments(num_parts: int | None, background_threshold: f
 
 # Hit regions smaller than this many tokens are isolated hits (noise) and dropped before clustering (step 10).
 MIN_REGION_TOKENS = 3
+# Step 11 re-estimates the part distributions from the assigned tokens this many times.
+SEGMENTATION_REFINEMENTS = 1
 
 
 def analyze_features(
@@ -382,7 +386,7 @@ def analyze_features(
                 if selection == "auto":
                     keep = grow_matches(stats, keep, limits, grid)
                 keeps.append(keep)
-                scores.append(stats.score)
+                scores.append(match_scores(forward_rows.max_prob, keep, grid))
                 passes.append(stats)
                 thresholds_used.append({"source": source, "target": target, **limits.__dict__})
                 entropy_sum[target] += backward_rows.entropy
@@ -421,10 +425,10 @@ def analyze_features(
         keypoint_parts.append(ids.long())
 
     # 11. Co-segmentation: every token to the part of nearest self-attention distribution (KL), or background
-    part_labels = _segment(features, labels, num_found, background_threshold, chunk_size, device)
+    divergences, background_threshold = _segment(features, labels, num_found, background_threshold, chunk_size, device)
     part_masks = [
-        torch.from_numpy(upsample_labels(part_labels[i].view(*grid).cpu().numpy(), features.image_sizes[i]))
-        for i in range(num_images)
+        torch.from_numpy(upsample_assignment(kl, grid, background_threshold, size))
+        for kl, size in zip(divergences, features.image_sizes)
     ]
 
     partners = max(num_images - 1, 1)
@@ -469,15 +473,20 @@ def _cluster_hits(
         return labels, 0
     reference = int(np.argmax([p.numel() for p in points]))
     queries, keys = features.image(reference)
+    queries, keys = [q.to(device) for q in queries], [k.to(device) for k in keys]
     own = points[reference]
-    rows = attention_rows([q.to(device) for q in queries], [k.to(device) for k in keys], own, own, chunk_size)
-    rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    embedding = rows.sqrt().cpu().numpy()  # Hellinger embedding: dot products are Bhattacharyya coefficients
-    if num_parts is None:
-        num_parts = estimate_num_clusters(embedding @ embedding.T, max(1, int(math.sqrt(own.numel() / 2))))
-    first = int(torch.argmax(density[reference][own]))
-    regions = torch.from_numpy(kmeans(embedding, min(num_parts, own.numel()), first))
-    labels[reference][points[reference]] = regions.to(device) + 1
+    while True:  # a part of fewer than MIN_REGION_TOKENS points is noise: drop its points and cluster again
+        rows = attention_rows(queries, keys, own, own, chunk_size)
+        rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        embedding = rows.sqrt().cpu().numpy()  # Hellinger embedding: dot products are Bhattacharyya coefficients
+        regions = spectral_clusters(embedding @ embedding.T, num_parts, max(1, int(math.sqrt(own.numel() / 2))))
+        small = np.bincount(regions)[regions] < MIN_REGION_TOKENS
+        if not small.any() or small.all():
+            break
+        own = own[torch.from_numpy(~small).to(device)]
+    regions = torch.from_numpy(np.unique(regions, return_inverse=True)[1].reshape(-1))
+    num_parts = int(regions.max()) + 1
+    labels[reference][own] = regions.to(device) + 1
 
     # carry the parts to the other images through the kept correspondences, strongest-linked image first
     links: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -510,25 +519,35 @@ def _segment(
     background_threshold: float | None,
     chunk_size: int | None,
     device: torch.device,
-) -> list[torch.Tensor]:
-    """Step 11. Per image, each part's distribution is the mean of its points' self-attention rows; every token
-    goes to the part of smallest KL(token row || part), or to background (0) above the threshold (the
-    minimum-error cut of the log smallest KLs of the whole collection unless given). Returns one `(N,)` long label tensor per image."""
+) -> tuple[list[torch.Tensor], float]:
+    """Step 11. Per image, each part's distribution is the mean of its points' self-attention rows, and every token
+    gets its KL(token row || part) to each part (`inf` for a part without points in that image). The background
+    threshold is `background_threshold`, or the minimum-error cut of log(1 + smallest KL) over the collection.
+
+    Returns one `(N, K)` KL tensor per image and the threshold (nats).
+    """
     num_images, grid = features.num_images, features.grid_size
     num_tokens = grid[0] * grid[1]
     if num_parts == 0:
-        return [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(num_images)]
-    divergences = []
-    for i in range(num_images):
-        queries, keys = features.image(i)
-        queries, keys = [q.to(device) for q in queries], [k.to(device) for k in keys]
-        dist = part_distributions(queries, keys, labels[i], num_parts, chunk_size)
-        kl = kl_to_parts(queries, keys, dist, chunk_size)
-        present = torch.bincount(labels[i], minlength=num_parts + 1)[1:] > 0
-        divergences.append(kl.masked_fill(~present[None, :], math.inf))
-    if background_threshold is None:
-        background_threshold = background_threshold_from_kl(torch.cat([kl.min(dim=1).values for kl in divergences]))
-    return [assign_parts(kl, background_threshold)[0] for kl in divergences]
+        return [torch.zeros(num_tokens, 0, device=device) for _ in range(num_images)], math.inf
+    given = background_threshold
+    for _ in range(1 + SEGMENTATION_REFINEMENTS):
+        divergences = []
+        for i in range(num_images):
+            queries, keys = features.image(i)
+            queries, keys = [q.to(device) for q in queries], [k.to(device) for k in keys]
+            dist = part_distributions(queries, keys, labels[i], num_parts, chunk_size)
+            kl = kl_to_parts(queries, keys, dist, chunk_size)
+            present = torch.bincount(labels[i], minlength=num_parts + 1)[1:] > 0
+            divergences.append(kl.masked_fill(~present[None, :], math.inf))
+        background_threshold = given
+        if background_threshold is None:
+            min_kl = torch.cat([kl.min(dim=1).values for kl in divergences])
+            background_threshold = background_threshold_from_kl(min_kl)
+        # refine: each part's distribution from every token assigned to it (the clustered points are mostly inner
+        # tokens, so the first distributions under-weight the object's outline)
+        labels = [assign_parts(kl, background_threshold)[0] for kl in divergences]
+    return divergences, background_threshold
 
 
 def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> CoSegmentationPipelineOutput:
@@ -915,6 +934,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         max_spread: float | None = None,
         max_collapse: float | None = None,
         max_inverse_error: float | None = None,
+        num_parts: int | None = None,
+        background_threshold: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_features: bool = False,
@@ -943,6 +964,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             max_spread (`float`, *optional*): neighbourhood spread limit (cells^2) overriding the preset.
             max_collapse (`float`, *optional*): collapse share limit overriding the preset.
             max_inverse_error (`float`, *optional*): inverse mapping error limit (cells) overriding the preset.
+            num_parts (`int`, *optional*): number of common parts; `None` estimates it from the data.
+            background_threshold (`float`, *optional*): KL limit (nats) above which a token is background in the
+                co-segmentation; `None` finds it from the data (minimum-error cut of the tokens' smallest KLs).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the only source of randomness
                 (the noise); a list gives one generator per image.
             output_type (`str`, *optional*, defaults to `"np"`): `"np"` (numpy) or `"pt"` (torch, on the CPU).
@@ -980,6 +1004,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             overrides,
         )
         self.resolve_attention_layers(attention_layers)
+        _check_segmentation_arguments(num_parts, background_threshold)
 
         # 1-3. Encode, noise, capture
         features = self.capture_features(
@@ -998,7 +1023,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         num_pairs = features.num_images * (features.num_images - 1) // 2
         with self.progress_bar(total=num_pairs) as bar:
             output = analyze_features(
-                features, selection=selection, output_type=output_type, progress=bar.update, **overrides
+                features,
+                selection=selection,
+                num_parts=num_parts,
+                background_threshold=background_threshold,
+                output_type=output_type,
+                progress=bar.update,
+                **overrides,
             )
         if return_features:
             output.features = features

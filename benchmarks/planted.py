@@ -21,9 +21,11 @@ Run `python benchmarks/planted.py` for the markdown table of the README.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import cv2
@@ -36,7 +38,6 @@ if __package__ in (None, ""):  # run as a script from a checkout named `cosegmen
         sys.path.insert(0, os.path.dirname(_ROOT))
 
 from cosegment import CoSegmentationFeatures, analyze_features  # noqa: E402
-from cosegment.utils.correspondence import paper_thresholds  # noqa: E402
 
 NOISE_LEVELS = {"low": 0.15, "moderate": 0.3, "high": 0.5}
 
@@ -350,12 +351,15 @@ class NaiveOutput:
     part_masks: list
 
 
-def naive_baseline(features: CoSegmentationFeatures, num_parts: int, seed: int = 0) -> NaiveOutput:
+def naive_baseline(features: CoSegmentationFeatures, num_parts: int, seed: int = 0, paper_output=None) -> NaiveOutput:
     """The paper's thresholds pair by pair; mask = tokens with any hit, closed by a 3x3 kernel; parts = k-means
-    (`num_parts` clusters, the true count) of the hit tokens' keys (mean over layers, heads concatenated)."""
-    out = analyze_features(
-        features, selection="paper", **paper_thresholds(features.grid_size[0] * features.grid_size[1]).__dict__
-    )
+    (`num_parts` clusters, the true count, k-means++ seeded with `seed`) of the hit tokens' keys (mean over layers,
+    heads concatenated), every mask token taking its nearest centre; masks resized to each image (nearest).
+
+    `paper_output`: an `analyze_features(features, selection="paper")` output to reuse (its correspondences and
+    hit counts are the baseline's).
+    """
+    out = paper_output if paper_output is not None else analyze_features(features, selection="paper")
     h, w = features.grid_size
     num_images = features.num_images
     keys = torch.stack([k.float() for k in features.keys]).mean(0)  # (M, H, N, d)
@@ -379,3 +383,69 @@ def naive_baseline(features: CoSegmentationFeatures, num_parts: int, seed: int =
         masks.append(cv2.resize(tm.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool))
         part_masks.append(cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
     return NaiveOutput(out.correspondences, masks, part_masks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Script
+# ---------------------------------------------------------------------------------------------------------------
+
+METHODS = ("auto", "paper", "naive")
+METRICS = ("precision", "coverage", "jaccard", "nmi")
+
+
+def run_benchmark(
+    sizes: tuple[int, ...] = (2, 4, 8), seeds: int = 3, noise_levels: dict[str, float] | None = None
+) -> list[dict]:
+    """Scores every method on `seeds` planted collections per (M, noise level); one row per cell and method, the
+    metrics averaged over the seeds."""
+    noise_levels = NOISE_LEVELS if noise_levels is None else noise_levels
+    rows = []
+    for num_images in sizes:
+        for level, noise in noise_levels.items():
+            scores = {method: [] for method in METHODS}
+            for seed in range(seeds):
+                case = make_planted_features(num_images, noise=noise, seed=1000 * num_images + seed)
+                outputs = {method: analyze_features(case.features, selection=method) for method in ("auto", "paper")}
+                outputs["naive"] = naive_baseline(case.features, case.num_parts, paper_output=outputs["paper"])
+                for method in METHODS:
+                    scores[method].append(score_output(case, outputs[method]))
+            for method in METHODS:
+                row = {"M": num_images, "noise": level, "method": method}
+                for metric in METRICS + ("matches",):
+                    row[metric] = float(np.nanmean([s[metric] for s in scores[method]]))
+                rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| M | noise | method | precision | coverage | Jaccard | NMI | matches / pair |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        pairs = row["M"] * (row["M"] - 1) // 2
+        lines.append(
+            f"| {row['M']} | {row['noise']} | {row['method']} | {row['precision']:.3f} | {row['coverage']:.3f} | "
+            f"{row['jaccard']:.3f} | {row['nmi']:.3f} | {row['matches'] / pairs:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], help="collection sizes M")
+    parser.add_argument("--seeds", type=int, default=3, help="planted collections per cell")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.perf_counter()
+    rows = run_benchmark(tuple(args.sizes), args.seeds)
+    print(markdown_table(rows))
+    noise = ", ".join(f"{k} = {v}" for k, v in NOISE_LEVELS.items())
+    print(
+        f"\n{args.seeds} planted collections per row (32 x 32 tokens, 4 heads, d = 32, 4 parts; noise {noise}); "
+        f"{time.perf_counter() - start:.0f} s."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -492,7 +492,9 @@ def grow_matches(
     whose outer neighbours fall on the background and map anywhere, fails it. Here a match `p -> f(p)` that passes
     the cycle check (`max_inverse_error`) and the collapse check is added when at least `min_support` neighbours
     are kept and its spread over those kept neighbours is within `max_spread`; repeated until nothing changes. Only
-    the entropy check is waived: a grown match is one the geometry of its kept neighbours confirms.
+    the entropy check is waived: a grown match is one the geometry of its kept neighbours confirms. Finally a kept
+    match with fewer than `min_support` kept neighbours is dropped: on planted data such lone matches are mostly
+    wrong (a chance cycle in the background).
 
     Args:
         stats: the pass's statistics.
@@ -502,7 +504,7 @@ def grow_matches(
         min_support: kept neighbours needed (2: a match is never vouched for by a single chain).
 
     Returns:
-        `(N_s,)` bool, a superset of `keep`.
+        `(N_s,)` bool.
     """
     if isinstance(min_support, bool) or not isinstance(min_support, int) or min_support < 1:
         raise ValueError(f"`min_support` must be a positive int, got {min_support!r}.")
@@ -514,7 +516,44 @@ def grow_matches(
         if bool((grown == keep).all()):
             break
         keep = grown
-    return keep
+    # a kept match that no `min_support` kept neighbours accompany stands alone: drop it (one pass, no cascade)
+    _, support = supported_spread(stats.forward, keep, grid_size, target_grid_size)
+    return keep & (support >= min_support)
+
+
+def match_scores(max_prob: torch.Tensor, keep: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """Confidence of each match after selection, in [0, 1]: `A_st[p, f(p)]` (the share of p's attention on its
+    match, Eq. 2.12) times the share of p's 3x3 neighbours (inside the grid, Eq. 2.11) whose matches are kept.
+
+    A match that takes most of its row's attention and sits among kept neighbours scores near 1; a lone match or a
+    diffuse row scores near 0. On the planted benchmark the top-scored half of the kept matches is more precise
+    than the rest (see `tests/test_method.py`).
+
+    Args:
+        max_prob: `(N_s,)` float, `A_st[p, f(p)]`.
+        keep: `(N_s,)` bool, the kept matches.
+        grid_size: `(h, w)` of the source grid.
+
+    Returns:
+        `(N_s,)` float32 (defined for every token; only kept ones are reported).
+    """
+    h, w = _check_grid(grid_size)
+    if max_prob.shape != (h * w,) or keep.shape != (h * w,):
+        raise ValueError(
+            f"`max_prob` {tuple(max_prob.shape)} and `keep` {tuple(keep.shape)} must both have {h * w} entries."
+        )
+    kept = torch.zeros(h, w, device=keep.device)
+    inside = torch.zeros(h, w, device=keep.device)
+    grid_keep = keep.view(h, w).float()
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        kept[r0:r1, c0:c1] += grid_keep[r0 + di : r1 + di, c0 + dj : c1 + dj]
+        inside[r0:r1, c0:c1] += 1
+    share = (kept / inside.clamp_min(1)).flatten()
+    return (max_prob.float().clamp(0, 1) * share).clamp(0, 1)
 
 
 def select_matches(stats: PassStatistics, thresholds: SelectionThresholds) -> torch.Tensor:

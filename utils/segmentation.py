@@ -245,9 +245,11 @@ def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
     return lo + (k + 1) * (hi - lo) / bins
 
 
-def background_threshold_from_kl(min_kl: torch.Tensor, floor: float = PROBABILITY_FLOOR) -> float:
-    """The KL above which a token is background, found from the data (DESIGN step 11): the minimum-error cut of the
-    logarithm of every token's smallest KL to a part (object tokens near their part, background far from all).
+def background_threshold_from_kl(min_kl: torch.Tensor) -> float:
+    """The KL above which a token is background, found from the data (DESIGN step 11): the minimum-error cut of
+    `log(1 + KL)` over every token's smallest KL to a part (object tokens near their part, background far from all;
+    the log evens the two classes' spreads, the `1 +` keeps a token equal to its part's distribution from becoming
+    an outlier).
 
     Args:
         min_kl: `(N,)` smallest KL of each token (nats); non-finite values (images without parts) are ignored.
@@ -257,8 +259,8 @@ def background_threshold_from_kl(min_kl: torch.Tensor, floor: float = PROBABILIT
     """
     min_kl = torch.as_tensor(min_kl).detach().float().flatten()
     min_kl = min_kl[torch.isfinite(min_kl)]
-    cut = minimum_error_threshold(min_kl.clamp_min(floor).log())
-    return math.exp(cut) if math.isfinite(cut) else math.inf
+    cut = minimum_error_threshold(torch.log1p(min_kl.clamp_min(0.0)))
+    return math.expm1(cut) if math.isfinite(cut) else math.inf
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,62 +329,87 @@ def kmeans(points: np.ndarray, num_clusters: int, first: int = 0, iterations: in
     return labels.ravel().astype(np.int64)
 
 
-def estimate_num_clusters(affinity: np.ndarray, max_clusters: int) -> int:
-    """Number of clusters from the largest eigengap of the normalised affinity (spectral clustering's rule).
+def spectral_clusters(affinity: np.ndarray, num_clusters: int | None, max_clusters: int) -> np.ndarray:
+    """Spectral clustering (Ng, Jordan and Weiss) of points given their affinities, with OpenCV k-means.
+
+    The normalised affinity `D^-1/2 A D^-1/2` is diagonalised; the points' rows of its top-k eigenvectors,
+    scaled to unit length, are clustered by :func:`kmeans` (seeded at the point of largest degree). With
+    `num_clusters=None`, k is the largest eigengap among `2..max_clusters`.
 
     Args:
         affinity: `(R, R)` symmetric non-negative.
-        max_clusters: largest count considered.
+        num_clusters: `k`, or None to estimate it.
+        max_clusters: largest k considered when estimating.
 
     Returns:
-        `k` in `[1, min(max_clusters, R)]`; 1 when no gap stands out (fewer than 3 points).
+        `(R,)` int64 labels in `0..k-1` (k is `labels.max() + 1`; at most R).
     """
     a = np.asarray(affinity, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"`affinity` must be square (R, R), got shape {a.shape}.")
+    if num_clusters is not None and (
+        isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
+    ):
+        raise ValueError(f"`num_clusters` must be a positive int or None, got {num_clusters!r}.")
     r = a.shape[0]
-    top = min(int(max_clusters), r - 1)
-    if top < 2:
-        return 1
+    if r == 0:
+        return np.zeros(0, dtype=np.int64)
     a = 0.5 * (a + a.T)
-    deg = a.sum(1)
-    inv = 1.0 / np.sqrt(np.maximum(deg, 1e-12))
-    eig = np.linalg.eigvalsh(inv[:, None] * a * inv[None, :])[::-1]  # descending, eig[0] = 1
-    gaps = eig[:top] - eig[1 : top + 1]  # gaps[k-1] = lambda_k - lambda_{k+1}
-    return int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
+    degree = a.sum(1)
+    inv = 1.0 / np.sqrt(np.maximum(degree, 1e-12))
+    values, vectors = np.linalg.eigh(inv[:, None] * a * inv[None, :])
+    values, vectors = values[::-1], vectors[:, ::-1]  # descending
+    if num_clusters is None:
+        top = min(int(max_clusters), r - 1)
+        gaps = values[:top] - values[1 : top + 1]  # gaps[k - 1] = lambda_k - lambda_k+1
+        num_clusters = int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
+    k = min(num_clusters, r)
+    embedding = vectors[:, :k]
+    embedding = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+    return kmeans(embedding, k, first=int(np.argmax(degree)))
 
 
-def upsample_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """A token-grid label map to an image size, boundaries following the grid smoothly.
+def upsample_assignment(
+    kl: torch.Tensor, grid_size: Sequence[int], threshold: float, size: Sequence[int]
+) -> np.ndarray:
+    """Part labels at an image's own size (DESIGN step 11, the image's own pixels).
 
-    The foreground indicator (`labels > 0`) is resized bilinearly (pixel-centre aligned) and cut at 1/2; each
-    foreground pixel then takes the part whose resized indicator is largest there.
+    The foreground indicator of the tokens (smallest KL within `threshold`) is resized bilinearly (pixel-centre
+    aligned) and cut at 1/2, so the outline runs midway between foreground and background token centres. Each
+    foreground pixel takes the part of smallest bilinearly resized KL map, so part boundaries fall where the
+    divergences cross instead of on the token grid.
 
     Args:
-        labels: `(h, w)` int, 0 = background.
+        kl: `(N, K)` KL of each token to each part (see :func:`kl_to_parts`); `inf` marks an absent part.
+        grid_size: `(h, w)`, `h * w == N`.
+        threshold: background KL limit in nats (`inf` keeps every pixel of an image with a part).
         size: `(H, W)` pixels.
 
     Returns:
-        `(H, W)` int64, 0 = background.
+        `(H, W)` int64: 0 = background, `k + 1` = part k.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"`labels` must be 2-D (h, w), got shape {labels.shape}.")
+    if not isinstance(kl, torch.Tensor) or kl.ndim != 2:
+        raise ValueError(f"`kl` must be a (N, K) tensor, got {getattr(kl, 'shape', type(kl))}.")
+    h, w = int(grid_size[0]), int(grid_size[1])
+    if h * w != kl.shape[0]:
+        raise ValueError(f"`grid_size` {(h, w)} does not hold the {kl.shape[0]} tokens of `kl`.")
     if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
         raise ValueError(f"`size` must be two positive ints (H, W), got {tuple(size)!r}.")
     height, width = int(size[0]), int(size[1])
 
-    def resize(indicator: np.ndarray) -> np.ndarray:
-        return cv2.resize(indicator.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    def resize(grid_map: np.ndarray) -> np.ndarray:
+        return cv2.resize(grid_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
     out = np.zeros((height, width), dtype=np.int64)
-    foreground = resize(labels > 0) >= 0.5
-    if not foreground.any():
+    maps = kl.detach().float().cpu().numpy().reshape(h, w, -1)
+    present = [k for k in range(maps.shape[-1]) if np.isfinite(maps[..., k]).all()]
+    if not present:
         return out
-    best = np.full((height, width), -1.0, dtype=np.float32)
-    for value in np.unique(labels[labels > 0]):
-        score = resize(labels == value)
-        better = foreground & (score > best)
-        out[better] = value
-        best[better] = score[better]
+    foreground = resize(maps[..., present].min(axis=-1) <= threshold) >= 0.5
+    best = np.full((height, width), np.inf, dtype=np.float32)
+    for k in present:
+        value = resize(maps[..., k])
+        better = foreground & (value < best)
+        out[better] = k + 1
+        best[better] = value[better]
     return out
