@@ -37,7 +37,9 @@ from .utils.correspondence import (
     SelectionThresholds,
     attention_row_statistics,
     auto_thresholds,
+    confirm_matches,
     grow_matches,
+    kept_map,
     match_scores,
     merge_passes,
     paper_thresholds,
@@ -370,47 +372,72 @@ def analyze_features(
         queries, keys = features.image(index)
         return [q.to(device) for q in queries], [k.to(device) for k in keys]
 
-    for s in range(num_images):
+    pairs = [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+    found = {}  # (s, t) -> [pass s -> t, pass t -> s], each [stats, keep, max_prob, limits]
+    for s, t in pairs:
         queries_s, keys_s = image_features(s)
-        for t in range(s + 1, num_images):
-            queries_t, keys_t = image_features(t)
-            # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
-            rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
-            rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
-            # 5-8. Maps, neighbourhood check, selection, both passes
-            keeps, scores, passes = [], [], []
-            for forward_rows, backward_rows, source, target in ((rows_st, rows_ts, s, t), (rows_ts, rows_st, t, s)):
-                stats = pass_statistics(forward_rows, backward_rows, grid)
-                limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
-                keep = select_matches(stats, limits)
-                if selection == "auto":
-                    keep = grow_matches(stats, keep, limits, grid)
-                keeps.append(keep)
-                scores.append(match_scores(forward_rows.max_prob, keep, grid))
-                passes.append(stats)
-                thresholds_used.append({"source": source, "target": target, **limits.__dict__})
-                entropy_sum[target] += backward_rows.entropy
-                error_sum[source] += stats.inverse_error
-            source_tokens, target_tokens, pair_scores, mutual = merge_passes(
-                passes[0].forward, keeps[0], scores[0], passes[1].forward, keeps[1], scores[1]
-            )
-            # 9. Hit counts
-            density[s] += torch.bincount(source_tokens, minlength=num_tokens).float()
-            density[t] += torch.bincount(target_tokens, minlength=num_tokens).float()
-            correspondences.append(
-                PairCorrespondence(
-                    source_index=s,
-                    target_index=t,
-                    source_points=token_centres_in_pixels(source_tokens, grid, features.image_sizes[s]),
-                    target_points=token_centres_in_pixels(target_tokens, grid, features.image_sizes[t]),
-                    scores=pair_scores,
-                    mutual=mutual,
-                    source_tokens=source_tokens,
-                    target_tokens=target_tokens,
+        queries_t, keys_t = image_features(t)
+        # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
+        rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
+        rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
+        # 5-8. Maps, neighbourhood check, selection, both passes
+        found[(s, t)] = []
+        for forward_rows, backward_rows, source, target in ((rows_st, rows_ts, s, t), (rows_ts, rows_st, t, s)):
+            stats = pass_statistics(forward_rows, backward_rows, grid)
+            limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
+            keep = select_matches(stats, limits)
+            if selection == "auto":
+                keep = grow_matches(stats, keep, limits, grid)
+            found[(s, t)].append([stats, keep, forward_rows.max_prob, limits])
+            thresholds_used.append({"source": source, "target": target, **limits.__dict__})
+            entropy_sum[target] += backward_rows.entropy
+            error_sum[source] += stats.inverse_error
+        if progress is not None:
+            progress(1)
+
+    # 8b. With three or more images ("auto"): matches that a third image confirms
+    if selection == "auto" and num_images > 2:
+        maps = {}
+        for (s, t), ((stats_st, keep_st, *_), (stats_ts, keep_ts, *_)) in found.items():
+            maps[(s, t)] = kept_map(stats_st.forward, keep_st, stats_ts.forward, keep_ts)
+            maps[(t, s)] = kept_map(stats_ts.forward, keep_ts, stats_st.forward, keep_st)
+        confirmed = {}
+        for s, t in pairs:
+            for index, (source, target) in enumerate(((s, t), (t, s))):
+                stats, keep, _, limits = found[(s, t)][index]
+                via = [u for u in range(num_images) if u not in (source, target)]
+                predictions = torch.stack([_compose(maps[(source, u)], maps[(u, target)]) for u in via])
+                confirmed[(s, t, index)] = confirm_matches(
+                    stats.forward, keep, predictions, grid, limits.max_inverse_error
                 )
+        for (s, t, index), keep in confirmed.items():
+            found[(s, t)][index][1] = keep
+
+    for s, t in pairs:
+        (stats_st, keep_st, prob_st, _), (stats_ts, keep_ts, prob_ts, _) = found[(s, t)]
+        source_tokens, target_tokens, pair_scores, mutual = merge_passes(
+            stats_st.forward,
+            keep_st,
+            match_scores(prob_st, keep_st, grid),
+            stats_ts.forward,
+            keep_ts,
+            match_scores(prob_ts, keep_ts, grid),
+        )
+        # 9. Hit counts
+        density[s] += torch.bincount(source_tokens, minlength=num_tokens).float()
+        density[t] += torch.bincount(target_tokens, minlength=num_tokens).float()
+        correspondences.append(
+            PairCorrespondence(
+                source_index=s,
+                target_index=t,
+                source_points=token_centres_in_pixels(source_tokens, grid, features.image_sizes[s]),
+                target_points=token_centres_in_pixels(target_tokens, grid, features.image_sizes[t]),
+                scores=pair_scores,
+                mutual=mutual,
+                source_tokens=source_tokens,
+                target_tokens=target_tokens,
             )
-            if progress is not None:
-                progress(1)
+        )
 
     # 10. Clustering: hit regions per image, linked across images into shared parts
     labels, num_found = _cluster_hits(features, density, correspondences, num_parts, chunk_size, device)
@@ -444,6 +471,11 @@ def analyze_features(
         thresholds=thresholds_used,
     )
     return _convert_output(output, output_type)
+
+
+def _compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Kept maps s -> u and u -> t (-1 = none) -> s -> t."""
+    return torch.where(first >= 0, second[first.clamp_min(0)], first)
 
 
 def _cluster_hits(

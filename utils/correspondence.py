@@ -556,6 +556,66 @@ def match_scores(max_prob: torch.Tensor, keep: torch.Tensor, grid_size: Sequence
     return (max_prob.float().clamp(0, 1) * share).clamp(0, 1)
 
 
+def kept_map(
+    forward: torch.Tensor, keep_forward: torch.Tensor, backward: torch.Tensor, keep_backward: torch.Tensor
+) -> torch.Tensor:
+    """The kept matches of both passes of a pair as one map from source tokens to target tokens.
+
+    Args:
+        forward, keep_forward: `(N_s,)` pass s -> t: `f` and its kept mask.
+        backward, keep_backward: `(N_t,)` pass t -> s: `g` and its kept mask.
+
+    Returns:
+        `(N_s,)` long: `f(p)` where p -> f(p) is kept; else the largest y with a kept `g(y) = p`; else -1.
+    """
+    num_source, num_target = forward.shape[0], backward.shape[0]
+    targets = torch.nonzero(keep_backward).flatten()
+    out = torch.full((num_source,), -1, dtype=torch.long, device=forward.device)
+    out = out.scatter_reduce(0, backward[targets], targets, reduce="amax")
+    if num_target == 0:
+        return out
+    return torch.where(keep_forward, forward, out)
+
+
+def confirm_matches(
+    forward: torch.Tensor,
+    keep: torch.Tensor,
+    predictions: torch.Tensor,
+    target_grid_size: Sequence[int],
+    tolerance: float,
+    min_votes: int = 2,
+) -> torch.Tensor:
+    """Adds matches that other images confirm (the `"auto"` preset with three or more images).
+
+    For a third image u, `predictions[u, p] = m_ut(m_su(p))` composes the kept maps s -> u and u -> t (see
+    :func:`kept_map`). A match `p -> f(p)` that was not kept is added when at least `min_votes` predictions land
+    within `tolerance` target cells of `f(p)`: paths through other images agree with the argmax of `A_st` (two
+    votes by default: one path alone is about as often wrong as the matches it composes).
+
+    Args:
+        forward: `(N_s,)` long, `f`.
+        keep: `(N_s,)` bool.
+        predictions: `(U, N_s)` long target tokens, -1 where a path is missing.
+        target_grid_size: `(h_t, w_t)`.
+        tolerance: cells.
+        min_votes: third images that must agree.
+
+    Returns:
+        `(N_s,)` bool, a superset of `keep`.
+    """
+    if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
+        raise ValueError(f"`min_votes` must be a positive int, got {min_votes!r}.")
+    ht, wt = _check_grid(target_grid_size, "target_grid_size")
+    if predictions.ndim != 2 or predictions.shape[1] != forward.shape[0]:
+        raise ValueError(f"`predictions` must be (U, {forward.shape[0]}), got {tuple(predictions.shape)}.")
+    if predictions.shape[0] == 0:
+        return keep.clone()
+    coords = token_coordinates((ht, wt), device=forward.device)
+    valid = predictions >= 0
+    distance = torch.linalg.vector_norm(coords[predictions.clamp_min(0)] - coords[forward][None], dim=-1)
+    return keep | ((valid & (distance <= tolerance)).sum(dim=0) >= min_votes)
+
+
 def select_matches(stats: PassStatistics, thresholds: SelectionThresholds) -> torch.Tensor:
     """`(N_s,)` bool: which `p -> f(p)` pass every check (DESIGN step 7)."""
     return (
