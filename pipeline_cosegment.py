@@ -326,14 +326,19 @@ def analyze_features(
         features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
         selection (`str`, *optional*, defaults to `"auto"`): threshold preset. `"auto"`: per pass, Otsu cuts of
             the pass's own target-IME and log-spread values, a cycle that returns to p's 3x3 neighbourhood and no
-            complete collapse, then matches vouched for by at least two kept neighbours are added (see
-            `grow_matches`). `"paper"`: the note's fixed numbers (IME < 2 nats at N = 1024 scaled by
-            log N / log 1024, spread <= 20 cells^2, collapse <= 0.5, IMS <= 1 cell), nothing added.
+            complete collapse; then matches vouched for by at least two kept neighbours are added and lone ones
+            dropped (`grow_matches`), and with four or more images a match that two third images confirm is added
+            (`confirm_matches`). `"paper"`: the note's fixed numbers (IME < 2 nats at N = 1024 scaled by
+            log N / log 1024, spread <= 20 cells^2, collapse <= 0.5, IMS <= 1 cell), nothing added. `"auto"` is
+            the default: on the planted benchmark it keeps about 1.7x the correct matches at nearly the same
+            precision, which also gives better masks and parts.
         max_entropy (`float`, *optional*): IME limit of a match's target, nats (overrides the preset).
         max_spread (`float`, *optional*): neighbourhood spread limit, target cells squared.
         max_collapse (`float`, *optional*): collapse share limit in [0, 1].
-        max_inverse_error (`float`, *optional*): inverse mapping error limit, source cells.
-            Each threshold accepts `float("inf")` to disable its check.
+        max_inverse_error (`float`, *optional*): inverse mapping error limit, source cells (under `"auto"` also
+            the tolerance, in target cells, of the confirmation by third images).
+            Each threshold accepts `float("inf")` to disable its check. Under `"auto"` a grown or confirmed match
+            is exempt from `max_entropy` and from the all-neighbour spread (see `grow_matches`).
         num_parts (`int`, *optional*): number of parts; `None` estimates it (largest eigengap of the reference
             image's self-attention affinity between its hit tokens).
         background_threshold (`float`, *optional*): KL limit (nats) above which a token is background; `None`

@@ -394,7 +394,7 @@ METRICS = ("precision", "coverage", "jaccard", "nmi")
 
 
 def run_benchmark(
-    sizes: tuple[int, ...] = (2, 4, 8), seeds: int = 3, noise_levels: dict[str, float] | None = None
+    sizes: tuple[int, ...] = (2, 4, 8), seeds: int = 5, noise_levels: dict[str, float] | None = None
 ) -> list[dict]:
     """Scores every method on `seeds` planted collections per (M, noise level); one row per cell and method, the
     metrics averaged over the seeds."""
@@ -434,7 +434,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], help="collection sizes M")
-    parser.add_argument("--seeds", type=int, default=3, help="planted collections per cell")
+    parser.add_argument("--seeds", type=int, default=5, help="planted collections per cell")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()

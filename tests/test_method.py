@@ -13,12 +13,15 @@ from cosegment.utils.correspondence import (
     PassStatistics,
     SelectionThresholds,
     auto_thresholds,
+    confirm_matches,
     grow_matches,
+    kept_map,
     match_scores,
     supported_spread,
 )
 
 INF = float("inf")
+NO_FILTER = {"max_entropy": INF, "max_spread": INF, "max_collapse": INF, "max_inverse_error": INF}
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +290,59 @@ class TestSelectionFunctions:
         assert limits.max_inverse_error == pytest.approx(math.sqrt(2)) and limits.max_collapse == pytest.approx(7 / 8)
         constant = auto_thresholds(_stats(torch.zeros(4, dtype=torch.long)))
         assert constant.max_entropy == INF and constant.max_spread == INF
+
+    def test_kept_map_hand_case(self):
+        forward = torch.tensor([2, 0, 1])
+        keep_forward = torch.tensor([True, False, False])
+        backward = torch.tensor([1, 1, 0, 2])  # target y -> source g(y)
+        keep_backward = torch.tensor([True, True, False, False])
+        out = kept_map(forward, keep_forward, backward, keep_backward)
+        assert out.tolist() == [2, 1, -1]  # forward wins for 0; source 1 gets the largest y (1); source 2: none
+        assert kept_map(
+            forward, torch.zeros(3, dtype=torch.bool), backward, torch.zeros(4, dtype=torch.bool)
+        ).tolist() == [
+            -1,
+            -1,
+            -1,
+        ]
+
+    def test_confirm_matches_needs_votes_within_tolerance(self):
+        forward = torch.tensor([0, 4, 8, 2])  # 1 x 4 source onto a 3 x 3 target
+        keep = torch.tensor([True, False, False, False])
+        predictions = torch.tensor([[0, 4, 6, -1], [0, 5, 8, -1], [-1, 4, -1, 2]])
+        out = confirm_matches(forward, keep, predictions, (3, 3), tolerance=1.0, min_votes=2)
+        # token 1: predictions 4, 5, 4 all within 1 cell of 4 -> added; token 2: only one of 6, 8 within 1 cell of 8;
+        # token 3: a single vote
+        assert out.tolist() == [True, True, False, False]
+        assert confirm_matches(forward, keep, predictions, (3, 3), 1.0, min_votes=1).tolist() == [True] * 4
+        assert confirm_matches(forward, keep, predictions[:0], (3, 3), 1.0).tolist() == keep.tolist()
+        with pytest.raises(ValueError, match="min_votes"):
+            confirm_matches(forward, keep, predictions, (3, 3), 1.0, min_votes=0)
+
+
+class TestPipelinePassThrough:
+    def test_call_passes_num_parts_and_background_threshold(self, tiny_pipe, photos):
+        out = tiny_pipe(
+            image=photos[:2],
+            generator=torch.Generator().manual_seed(0),
+            num_parts=2,
+            background_threshold=INF,
+            **NO_FILTER,
+        )
+        assert all(set(parts.tolist()) <= {1, 2} for parts in out.keypoint_parts)
+        for mask, photo in zip(out.masks, photos[:2]):
+            assert mask.shape == photo.shape[:2] and mask.all()  # every token kept at an infinite threshold
+
+    def test_call_rejects_bad_segmentation_arguments_before_the_unet(self, tiny_pipe, photos):
+        def fail(*args, **kwargs):
+            raise AssertionError("the UNet ran")
+
+        original = tiny_pipe.capture_features
+        tiny_pipe.capture_features = fail
+        try:
+            with pytest.raises(ValueError, match="num_parts"):
+                tiny_pipe(image=photos[:2], num_parts=-1)
+            with pytest.raises(ValueError, match="background_threshold"):
+                tiny_pipe(image=photos[:2], background_threshold=float("nan"))
+        finally:
+            tiny_pipe.capture_features = original
