@@ -124,10 +124,12 @@ class CoSegmentationPipelineOutput(BaseOutput):
             as a target, over all partners.
         inverse_error_maps (`(M, h, w)` float): per token, the mean inverse mapping error (grid cells, Eq. 2.8) of
             the token as a source, over all partners.
-        masks (`list[(H_i, W_i)]` bool or `None`): common foreground at each image's own size.
-        part_masks (`list[(H_i, W_i)]` int or `None`): part ids, 0 = background, same id = same part in every image.
-        keypoints (`list[(K_i, 2)]` float or `None`): part centres, x, y in each image's own pixels.
-        keypoint_parts (`list[(K_i,)]` int or `None`): the part id of each keypoint.
+        masks (`list[(H_i, W_i)]` bool): common foreground at each image's own size (`part_masks > 0`).
+        part_masks (`list[(H_i, W_i)]` int64): part ids `1..K`, 0 = background; the same id is the same part in
+            every image (step 11: nearest part in KL of self-attention rows, outline midway between tokens).
+        keypoints (`list[(K_i, 2)]` float32): part centres, x, y in each image's own pixels: the mean of the part's
+            clustered hit tokens in that image (step 10); `(0, 2)` when nothing survives.
+        keypoint_parts (`list[(K_i,)]` int64): the part id of each keypoint, ascending.
         features (`CoSegmentationFeatures` or `None`): the captured queries and keys, when requested.
         thresholds (`list[dict]`): per pair and pass, the thresholds applied.
     """
