@@ -458,23 +458,204 @@ def pass_statistics(
 
 
 def auto_thresholds(stats: PassStatistics) -> SelectionThresholds:
-    """Thresholds from one pass's own statistics, no fixed numbers.
+    """Thresholds from one pass's own statistics (the `"auto"` preset of DESIGN step 7).
 
-    Entropy and spread limits are Otsu cuts of the pass's target-entropy and (log) spread distributions, measured
-    on the cycle-consistent tokens (IMS = 0) where there are any; the inverse error must be zero (the match comes
-    back to its own cell); the collapse limit is the Otsu cut of the collapse shares.
+    - `max_entropy`: Otsu's cut of the pass's target IME values (nats): the pass's peaked targets against its
+      diffuse ones.
+    - `max_spread`: Otsu's cut of `log(1 + spread)` (cells^2): locally coherent mappings against scattered ones.
+    - `max_inverse_error`: `sqrt(2)` cells: the cycle `g(f(p))` must come back to p or one of the 3x3 neighbours of
+      Eq. 2.11 (a geometric definition, not a tuned number: one grid step of tolerance whatever the scales).
+    - `max_collapse`: `1 - 1/8`: only a complete collapse (every neighbour on `f(p)`) is rejected; a partial one is
+      what a correct match into a smaller copy of the object looks like.
+
+    A sample that Otsu cannot split (empty or constant) disables that check (`inf`).
     """
-    consistent = stats.inverse_error == 0
-    pool = consistent if bool(consistent.any()) else torch.ones_like(consistent)
-    max_entropy = otsu_threshold(stats.target_entropy[pool])
-    max_spread = math.expm1(otsu_threshold(torch.log1p(stats.spread[pool])))
-    max_collapse = otsu_threshold(stats.collapse[pool])
+    max_entropy = otsu_threshold(stats.target_entropy)
+    max_spread = math.expm1(otsu_threshold(torch.log1p(stats.spread)))
     return SelectionThresholds(
         max_entropy=max_entropy,
         max_spread=max_spread if math.isfinite(max_spread) else math.inf,
-        max_collapse=max_collapse,
-        max_inverse_error=0.0,
+        max_collapse=1.0 - 1.0 / len(_NEIGHBOUR_OFFSETS),
+        max_inverse_error=math.sqrt(2.0),
     )
+
+
+def supported_spread(
+    forward: torch.Tensor,
+    keep: torch.Tensor,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spread of Eq. 2.11-2.13 measured over kept neighbours only.
+
+    Args:
+        forward: `(N_s,)` long, `f`.
+        keep: `(N_s,)` bool, the matches kept so far.
+        grid_size, target_grid_size: `(h, w)` of the source and target grids.
+
+    Returns:
+        `(spread, support)`, each `(N_s,)` float32: `mean ||f(n) - f(p)||^2` over the kept 3x3 neighbours n of p
+        (0 where there are none) and their number.
+    """
+    h, w = _check_grid(grid_size)
+    ht, wt = _check_grid(target_grid_size if target_grid_size is not None else grid_size, "target_grid_size")
+    forward = _check_indices(forward, ht * wt, "forward")
+    if forward.shape[0] != h * w or keep.shape != forward.shape:
+        raise ValueError(
+            f"`forward` {tuple(forward.shape)} and `keep` {tuple(keep.shape)} must both have {h * w} entries."
+        )
+    target = token_coordinates((ht, wt), device=forward.device)[forward].view(h, w, 2)
+    kept = keep.view(h, w).float()
+    total = torch.zeros(h, w, device=forward.device)
+    count = torch.zeros(h, w, device=forward.device)
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        weight = kept[r0 + di : r1 + di, c0 + dj : c1 + dj]
+        step = ((target[r0 + di : r1 + di, c0 + dj : c1 + dj] - target[r0:r1, c0:c1]) ** 2).sum(dim=-1)
+        total[r0:r1, c0:c1] += weight * step
+        count[r0:r1, c0:c1] += weight
+    return (total / count.clamp_min(1)).flatten(), count.flatten()
+
+
+def grow_matches(
+    stats: PassStatistics,
+    keep: torch.Tensor,
+    thresholds: SelectionThresholds,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+    min_support: int = 2,
+) -> torch.Tensor:
+    """Adds matches that the kept ones vouch for (the `"auto"` preset's neighbourhood check, DESIGN step 6).
+
+    The spread of Eq. 2.11-2.13 averages over all eight neighbours, so a correct match on an object's outline,
+    whose outer neighbours fall on the background and map anywhere, fails it. Here a match `p -> f(p)` that passes
+    the cycle check (`max_inverse_error`) and the collapse check is added when at least `min_support` neighbours
+    are kept and its spread over those kept neighbours is within `max_spread`; repeated until nothing changes. Only
+    the entropy check is waived: a grown match is one the geometry of its kept neighbours confirms. Finally a kept
+    match with fewer than `min_support` kept neighbours is dropped: on planted data such lone matches are mostly
+    wrong (a chance cycle in the background).
+
+    Args:
+        stats: the pass's statistics.
+        keep: `(N_s,)` bool, matches kept by :func:`select_matches`.
+        thresholds: the pass's limits.
+        grid_size, target_grid_size: `(h, w)` of the source and target grids.
+        min_support: kept neighbours needed (2: a match is never vouched for by a single chain).
+
+    Returns:
+        `(N_s,)` bool.
+    """
+    if isinstance(min_support, bool) or not isinstance(min_support, int) or min_support < 1:
+        raise ValueError(f"`min_support` must be a positive int, got {min_support!r}.")
+    eligible = (stats.inverse_error <= thresholds.max_inverse_error) & (stats.collapse <= thresholds.max_collapse)
+    keep = keep.clone()
+    for _ in range(keep.shape[0]):
+        spread, support = supported_spread(stats.forward, keep, grid_size, target_grid_size)
+        grown = keep | (eligible & (support >= min_support) & (spread <= thresholds.max_spread))
+        if bool((grown == keep).all()):
+            break
+        keep = grown
+    # a kept match that no `min_support` kept neighbours accompany stands alone: drop it (one pass, no cascade)
+    _, support = supported_spread(stats.forward, keep, grid_size, target_grid_size)
+    return keep & (support >= min_support)
+
+
+def match_scores(max_prob: torch.Tensor, keep: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """Confidence of each match after selection, in [0, 1]: `A_st[p, f(p)]` (the share of p's attention on its
+    match, Eq. 2.12) times the share of p's 3x3 neighbours (inside the grid, Eq. 2.11) whose matches are kept.
+
+    A match that takes most of its row's attention and sits among kept neighbours scores near 1; a lone match or a
+    diffuse row scores near 0. On the planted benchmark the top-scored half of the kept matches is more precise
+    than the rest (see `tests/test_method.py`).
+
+    Args:
+        max_prob: `(N_s,)` float, `A_st[p, f(p)]`.
+        keep: `(N_s,)` bool, the kept matches.
+        grid_size: `(h, w)` of the source grid.
+
+    Returns:
+        `(N_s,)` float32 (defined for every token; only kept ones are reported).
+    """
+    h, w = _check_grid(grid_size)
+    if max_prob.shape != (h * w,) or keep.shape != (h * w,):
+        raise ValueError(
+            f"`max_prob` {tuple(max_prob.shape)} and `keep` {tuple(keep.shape)} must both have {h * w} entries."
+        )
+    kept = torch.zeros(h, w, device=keep.device)
+    inside = torch.zeros(h, w, device=keep.device)
+    grid_keep = keep.view(h, w).float()
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        kept[r0:r1, c0:c1] += grid_keep[r0 + di : r1 + di, c0 + dj : c1 + dj]
+        inside[r0:r1, c0:c1] += 1
+    share = (kept / inside.clamp_min(1)).flatten()
+    return (max_prob.float().clamp(0, 1) * share).clamp(0, 1)
+
+
+def kept_map(
+    forward: torch.Tensor, keep_forward: torch.Tensor, backward: torch.Tensor, keep_backward: torch.Tensor
+) -> torch.Tensor:
+    """The kept matches of both passes of a pair as one map from source tokens to target tokens.
+
+    Args:
+        forward, keep_forward: `(N_s,)` pass s -> t: `f` and its kept mask.
+        backward, keep_backward: `(N_t,)` pass t -> s: `g` and its kept mask.
+
+    Returns:
+        `(N_s,)` long: `f(p)` where p -> f(p) is kept; else the largest y with a kept `g(y) = p`; else -1.
+    """
+    num_source, num_target = forward.shape[0], backward.shape[0]
+    targets = torch.nonzero(keep_backward).flatten()
+    out = torch.full((num_source,), -1, dtype=torch.long, device=forward.device)
+    out = out.scatter_reduce(0, backward[targets], targets, reduce="amax")
+    if num_target == 0:
+        return out
+    return torch.where(keep_forward, forward, out)
+
+
+def confirm_matches(
+    forward: torch.Tensor,
+    keep: torch.Tensor,
+    predictions: torch.Tensor,
+    target_grid_size: Sequence[int],
+    tolerance: float,
+    min_votes: int = 2,
+) -> torch.Tensor:
+    """Adds matches that other images confirm (the `"auto"` preset with three or more images).
+
+    For a third image u, `predictions[u, p] = m_ut(m_su(p))` composes the kept maps s -> u and u -> t (see
+    :func:`kept_map`). A match `p -> f(p)` that was not kept is added when at least `min_votes` predictions land
+    within `tolerance` target cells of `f(p)`: paths through other images agree with the argmax of `A_st` (two
+    votes by default: one path alone is about as often wrong as the matches it composes).
+
+    Args:
+        forward: `(N_s,)` long, `f`.
+        keep: `(N_s,)` bool.
+        predictions: `(U, N_s)` long target tokens, -1 where a path is missing.
+        target_grid_size: `(h_t, w_t)`.
+        tolerance: cells.
+        min_votes: third images that must agree.
+
+    Returns:
+        `(N_s,)` bool, a superset of `keep`.
+    """
+    if isinstance(min_votes, bool) or not isinstance(min_votes, int) or min_votes < 1:
+        raise ValueError(f"`min_votes` must be a positive int, got {min_votes!r}.")
+    ht, wt = _check_grid(target_grid_size, "target_grid_size")
+    if predictions.ndim != 2 or predictions.shape[1] != forward.shape[0]:
+        raise ValueError(f"`predictions` must be (U, {forward.shape[0]}), got {tuple(predictions.shape)}.")
+    if predictions.shape[0] == 0:
+        return keep.clone()
+    coords = token_coordinates((ht, wt), device=forward.device)
+    valid = predictions >= 0
+    distance = torch.linalg.vector_norm(coords[predictions.clamp_min(0)] - coords[forward][None], dim=-1)
+    return keep | ((valid & (distance <= tolerance)).sum(dim=0) >= min_votes)
 
 
 def select_matches(stats: PassStatistics, thresholds: SelectionThresholds) -> torch.Tensor:

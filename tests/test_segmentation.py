@@ -1,0 +1,185 @@
+"""Pure functions of `utils/segmentation.py` (DESIGN steps 10-11): shape, hand-computed case and edge case each."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cosegment.utils.segmentation import (
+    assign_parts,
+    attention_rows,
+    background_threshold_from_kl,
+    kl_to_parts,
+    kmeans,
+    minimum_error_threshold,
+    part_distributions,
+    remove_isolated,
+    spectral_clusters,
+    upsample_assignment,
+)
+
+
+def _qk(num_tokens: int = 12, heads: int = 2, dim: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(heads, num_tokens, dim, generator=g), torch.randn(heads, num_tokens, dim, generator=g)
+
+
+def _full_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(0)
+
+
+class TestAttentionRows:
+    def test_shape_and_equals_full_matrix_in_any_chunking(self):
+        q, k = _qk()
+        full = _full_attention(q, k)
+        rows, cols = torch.tensor([5, 0, 7]), torch.tensor([1, 2])
+        for chunk in (None, 1, 2):
+            out = attention_rows(q, k, rows, cols, chunk_size=chunk)
+            assert out.shape == (3, 2)
+            torch.testing.assert_close(out, full[rows][:, cols])
+        torch.testing.assert_close(attention_rows(q, k).sum(1), torch.ones(12))
+
+    def test_hand_computed_two_tokens(self):
+        # one head, d = 1: logits [[1*1, 1*0], [0, 0]] -> row 0 = softmax([1, 0]), row 1 uniform
+        q = torch.tensor([[[1.0], [0.0]]])
+        k = torch.tensor([[[1.0], [0.0]]])
+        e = math.e
+        expected = torch.tensor([[e / (e + 1), 1 / (e + 1)], [0.5, 0.5]])
+        torch.testing.assert_close(attention_rows(q, k), expected)
+
+    def test_layers_averaged_and_empty_rows(self):
+        q1, k1 = _qk(seed=1)
+        q2, k2 = _qk(seed=2)
+        both = attention_rows([q1, q2], [k1, k2])
+        torch.testing.assert_close(both, 0.5 * (_full_attention(q1, k1) + _full_attention(q2, k2)))
+        assert attention_rows(q1, k1, rows=torch.zeros(0, dtype=torch.long)).shape == (0, 12)
+        with pytest.raises(ValueError, match="chunk_size"):
+            attention_rows(q1, k1, chunk_size=0)
+
+
+class TestPartDistributionsAndKL:
+    def test_part_distribution_is_mean_of_its_rows(self):
+        q, k = _qk()
+        labels = torch.tensor([1, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0])
+        dist = part_distributions(q, k, labels, num_parts=3, chunk_size=1)
+        full = _full_attention(q, k)
+        assert dist.shape == (3, 12)
+        torch.testing.assert_close(dist[0], full[[0, 1]].mean(0))
+        torch.testing.assert_close(dist[1], full[3])
+        torch.testing.assert_close(dist[2], torch.full((12,), 1 / 12))  # no points: uniform
+        with pytest.raises(ValueError, match="labels"):
+            part_distributions(q, k, labels, num_parts=1)
+
+    def test_kl_matches_hand_formula_and_is_zero_for_own_row(self):
+        q, k = _qk()
+        full = _full_attention(q, k)
+        parts = torch.stack([full[4], torch.full((12,), 1 / 12)])
+        kl = kl_to_parts(q, k, parts, chunk_size=5)
+        assert kl.shape == (12, 2)
+        expected = (full * (full.log() - parts[1].log())).sum(1)
+        torch.testing.assert_close(kl[:, 1], expected, atol=1e-5, rtol=1e-5)
+        assert float(kl[4, 0]) < 1e-5
+
+    def test_kl_finite_with_zero_probabilities(self):
+        q, k = _qk()
+        parts = torch.zeros(1, 12)
+        parts[0, 0] = 1.0  # zeros everywhere else: the floor keeps the log finite
+        kl = kl_to_parts(q, k, parts)
+        assert torch.isfinite(kl).all() and (kl >= 0).all()
+        assert float(kl.min()) > 1.0  # far from a one-hot part
+
+    def test_assign_parts_hand_case_and_no_part(self):
+        kl = torch.tensor([[0.1, 2.0], [3.0, 0.5], [4.0, 5.0], [math.inf, math.inf]])
+        labels, min_kl = assign_parts(kl, threshold=1.0)
+        assert labels.tolist() == [1, 2, 0, 0]
+        torch.testing.assert_close(min_kl[:3], torch.tensor([0.1, 0.5, 4.0]))
+        assert assign_parts(kl, math.inf)[0].tolist() == [1, 2, 1, 0]  # inf never assigned
+        empty, _ = assign_parts(torch.zeros(3, 0), 1.0)
+        assert empty.tolist() == [0, 0, 0]
+        with pytest.raises(ValueError, match="threshold"):
+            assign_parts(kl, float("nan"))
+
+
+class TestThresholds:
+    def test_minimum_error_splits_unbalanced_classes_between_them(self):
+        g = torch.Generator().manual_seed(0)
+        small = 1.0 + 0.1 * torch.randn(50, generator=g)
+        large = 4.0 + 0.8 * torch.randn(2000, generator=g)
+        cut = minimum_error_threshold(torch.cat([small, large]))
+        # the Bayes boundary of these two classes lies near 1.2 (the small class is rare and narrow)
+        assert 1.1 < cut < 1.6
+        assert float((small > cut).float().mean()) < 0.1 and float((large <= cut).float().mean()) < 0.01
+
+    def test_minimum_error_edge_cases(self):
+        assert minimum_error_threshold(torch.zeros(0)) == math.inf
+        assert minimum_error_threshold(torch.full((5,), 2.0)) == math.inf
+        assert minimum_error_threshold(torch.tensor([1.0, math.nan, math.inf, 3.0])) <= 3.0
+
+    def test_background_threshold_in_nats_ignores_inf(self):
+        g = torch.Generator().manual_seed(1)
+        near = (0.5 + 0.1 * torch.randn(40, generator=g)).clamp_min(0)
+        far = 10.0 + 1.0 * torch.randn(400, generator=g)
+        cut = background_threshold_from_kl(torch.cat([near, far, torch.full((5,), math.inf)]))
+        assert float(near.max()) < cut < float(far.min())
+        assert background_threshold_from_kl(torch.full((4,), math.inf)) == math.inf
+
+
+class TestClustering:
+    def test_remove_isolated_hand_case(self):
+        mask = np.zeros((6, 6), bool)
+        mask[0, 0] = True  # isolated
+        mask[2:4, 2:4] = True  # 4 tokens
+        mask[5, 5] = mask[4, 4] = True  # 2 tokens joined diagonally (8-connectivity) ... and to the block
+        out = remove_isolated(mask, min_size=3)
+        assert out.shape == (6, 6) and not out[0, 0]
+        assert out[2:4, 2:4].all() and out[4, 4] and out[5, 5]
+        assert remove_isolated(mask, 1).sum() == mask.sum()
+        assert not remove_isolated(np.zeros((3, 3), bool), 2).any()
+        with pytest.raises(ValueError, match="min_size"):
+            remove_isolated(mask, 0)
+
+    def test_kmeans_deterministic_two_blobs(self):
+        rng = np.random.default_rng(0)
+        pts = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(5, 0.1, (30, 2))])
+        labels = kmeans(pts, 2)
+        assert labels.shape == (50,)
+        assert len(set(labels[:20])) == 1 and len(set(labels[20:])) == 1 and labels[0] != labels[20]
+        np.testing.assert_array_equal(labels, kmeans(pts, 2))
+        assert (kmeans(pts, 1) == 0).all()
+        with pytest.raises(ValueError, match="num_clusters"):
+            kmeans(pts, 51)
+
+    def test_spectral_clusters_finds_block_count(self):
+        blocks = [5, 7, 6]
+        a = np.full((18, 18), 0.01)
+        start = 0
+        for size in blocks:
+            a[start : start + size, start : start + size] = 1.0
+            start += size
+        labels = spectral_clusters(a, None, max_clusters=6)
+        assert labels.shape == (18,) and labels.max() + 1 == 3
+        assert [len(set(labels[s : s + n])) for s, n in ((0, 5), (5, 7), (12, 6))] == [1, 1, 1]
+        assert spectral_clusters(a, 2, max_clusters=6).max() + 1 == 2
+        assert spectral_clusters(np.zeros((0, 0)), None, 3).shape == (0,)
+
+
+class TestUpsampleAssignment:
+    def test_same_size_equals_token_assignment(self):
+        kl = torch.tensor([[0.1, 3.0], [3.0, 0.2], [5.0, 6.0], [0.3, 0.1]])
+        out = upsample_assignment(kl, (2, 2), threshold=1.0, size=(2, 2))
+        assert out.tolist() == [[1, 2], [0, 2]]
+
+    def test_larger_size_shape_and_outline_midway(self):
+        # left column foreground (part 1), right column background
+        kl = torch.tensor([[0.1], [9.0], [0.1], [9.0]])
+        out = upsample_assignment(kl, (2, 2), threshold=1.0, size=(20, 40))
+        assert out.shape == (20, 40) and out.dtype == np.int64
+        assert (out[:, :20] == 1).all() and (out[:, 20:] == 0).all()
+
+    def test_absent_parts_and_no_part(self):
+        kl = torch.tensor([[math.inf, 0.1], [math.inf, 0.2]])
+        assert set(np.unique(upsample_assignment(kl, (1, 2), 1.0, (3, 3)))) == {2}
+        assert not upsample_assignment(torch.zeros(4, 0), (2, 2), 1.0, (5, 5)).any()
+        with pytest.raises(ValueError, match="grid_size"):
+            upsample_assignment(kl, (2, 2), 1.0, (3, 3))

@@ -1,0 +1,415 @@
+"""Clustering of hits and co-segmentation by KL divergence of self-attention rows (DESIGN steps 10-11).
+
+Pure functions: tensors or arrays in, tensors or arrays out; torch, numpy and OpenCV only (this module may not import
+the other helper modules: diffusers copies each helper alone). Shapes: `H` heads, `N` tokens of an `(h, w)` grid
+flattened row-major, `d` head size, `K` parts. Probabilities, logs and KL are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+# Row chunks are sized so one float32 `(H, rows, N)` logit block holds about this many elements (64 MiB).
+_CHUNK_ELEMENTS = 2**24
+# Probabilities are floored at this value before a log, so KL stays finite.
+PROBABILITY_FLOOR = 1e-12
+
+
+def _head_list(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """`(N, d)`, `(H, N, d)` or a sequence of them -> list of `(H, N, d)`."""
+    items = [x] if isinstance(x, torch.Tensor) else list(x)
+    if not items:
+        raise ValueError(f"`{name}` must hold at least one tensor, got an empty sequence.")
+    out = []
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}[{i}]` must be a torch.Tensor, got {type(t).__name__}.")
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        if t.ndim != 3:
+            raise ValueError(f"`{name}[{i}]` must have shape (N, d) or (H, N, d), got {tuple(t.shape)}.")
+        out.append(t)
+    return out
+
+
+def _check_qk(queries, keys) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    qs, ks = _head_list(queries, "queries"), _head_list(keys, "keys")
+    if len(qs) != len(ks):
+        raise ValueError(f"`queries` and `keys` must have the same length, got {len(qs)} and {len(ks)}.")
+    for i, (q, k) in enumerate(zip(qs, ks)):
+        if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] != qs[0].shape[1]:
+            raise ValueError(f"`queries[{i}]` {tuple(q.shape)} and `keys[{i}]` {tuple(k.shape)} do not match.")
+    return qs, ks
+
+
+def _chunk(qs: list[torch.Tensor], ks: list[torch.Tensor], chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+        return chunk_size
+    return max(1, _CHUNK_ELEMENTS // max(1, max(q.shape[0] for q in qs) * ks[0].shape[1]))
+
+
+def _rows(qs: list[torch.Tensor], ks: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and heads of `softmax(Q[index] K^T / sqrt(d))`: `(len(index), N_k)` float32."""
+    total = None
+    for q, k in zip(qs, ks):
+        logits = torch.matmul(q[:, index].float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        probs = torch.softmax(logits, dim=-1).mean(dim=0)
+        total = probs if total is None else total.add_(probs)
+    return total / len(qs)
+
+
+def attention_rows(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    rows: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Chosen rows and columns of the head- and layer-averaged attention `A = mean softmax(Q K^T / sqrt(d))`
+    (Eq. 2.1-2.2), computed in row chunks (never a whole `(H, N, N)` block).
+
+    Args:
+        queries: `(H, N_q, d)` or `(N_q, d)`, or a sequence of them (layers / noise draws, averaged after softmax).
+        keys: same layout with `N_k` tokens.
+        rows: `(R,)` long query tokens, all by default.
+        columns: `(C,)` long key tokens kept after the softmax over all `N_k` keys (not renormalised), all by default.
+        chunk_size: rows computed at once; about 64 MiB of logits by default.
+
+    Returns:
+        `(R, C)` float32.
+    """
+    qs, ks = _check_qk(queries, keys)
+    num_q = qs[0].shape[1]
+    device = qs[0].device
+    rows = torch.arange(num_q, device=device) if rows is None else torch.as_tensor(rows, device=device).long()
+    step = _chunk(qs, ks, chunk_size)
+    parts = []
+    for start in range(0, rows.shape[0], step):
+        block = _rows(qs, ks, rows[start : start + step])
+        parts.append(block if columns is None else block[:, torch.as_tensor(columns, device=device).long()])
+    if not parts:
+        width = ks[0].shape[1] if columns is None else len(columns)
+        return torch.zeros(0, width, device=device)
+    return torch.cat(parts)
+
+
+def part_distributions(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    num_parts: int,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Each part's distribution: the mean of the attention rows of its points (DESIGN step 11).
+
+    Args:
+        queries, keys: of one image, as in :func:`attention_rows` (`N` tokens each).
+        labels: `(N,)` int, part `1..num_parts` of each clustered point, 0 for tokens that are no part's point.
+        num_parts: `K`.
+
+    Returns:
+        `(K, N)` float32, rows sum to 1; a part without points gets a uniform row.
+    """
+    qs, ks = _check_qk(queries, keys)
+    labels = torch.as_tensor(labels, device=qs[0].device).long().flatten()
+    if labels.shape[0] != qs[0].shape[1]:
+        raise ValueError(f"`labels` has {labels.shape[0]} entries for {qs[0].shape[1]} tokens.")
+    if num_parts < 0 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > num_parts)):
+        raise ValueError(f"`labels` must lie in [0, num_parts={num_parts}].")
+    num_keys = ks[0].shape[1]
+    sums = torch.zeros(num_parts + 1, num_keys, device=qs[0].device)
+    points = torch.nonzero(labels > 0).flatten()
+    step = _chunk(qs, ks, chunk_size)
+    for start in range(0, points.shape[0], step):
+        index = points[start : start + step]
+        sums.index_add_(0, labels[index], _rows(qs, ks, index))
+    counts = torch.bincount(labels[points], minlength=num_parts + 1).float()[1:]
+    dist = sums[1:] / counts.clamp_min(1)[:, None]
+    empty = counts == 0
+    dist[empty] = 1.0 / max(num_keys, 1)
+    return dist
+
+
+def kl_to_parts(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    parts: torch.Tensor,
+    chunk_size: int | None = None,
+    floor: float = PROBABILITY_FLOOR,
+) -> torch.Tensor:
+    """`KL(A[p] || parts[k])` in nats for every token p and part k, in row chunks.
+
+    Args:
+        queries, keys: of one image (`N` tokens each), as in :func:`attention_rows`.
+        parts: `(K, N)` part distributions (see :func:`part_distributions`).
+        floor: probabilities are clamped to at least this before the log (never inf or NaN).
+
+    Returns:
+        `(N, K)` float32, non-negative.
+    """
+    qs, ks = _check_qk(queries, keys)
+    parts = torch.as_tensor(parts, device=qs[0].device).float()
+    if parts.ndim != 2 or parts.shape[1] != ks[0].shape[1]:
+        raise ValueError(f"`parts` must have shape (K, {ks[0].shape[1]}), got {tuple(parts.shape)}.")
+    if not floor > 0:
+        raise ValueError(f"`floor` must be positive, got {floor!r}.")
+    log_parts = parts.clamp_min(floor).log()  # (K, N)
+    num_q = qs[0].shape[1]
+    step = _chunk(qs, ks, chunk_size)
+    out = []
+    for start in range(0, num_q, step):
+        rows = _rows(qs, ks, torch.arange(start, min(start + step, num_q), device=qs[0].device))
+        rows = rows.clamp_min(floor)
+        rows = rows / rows.sum(dim=-1, keepdim=True)
+        self_term = (rows * rows.log()).sum(dim=-1, keepdim=True)  # (R, 1)
+        out.append((self_term - rows @ log_parts.T).clamp_min(0.0))
+    if not out:
+        return torch.zeros(0, parts.shape[0], device=qs[0].device)
+    return torch.cat(out)
+
+
+def assign_parts(kl: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token to its nearest part, or to background when even the nearest is too far (DESIGN step 11).
+
+    Args:
+        kl: `(N, K)` KL divergences (see :func:`kl_to_parts`); `inf` marks a part absent from the image.
+        threshold: a token whose smallest KL exceeds this is background; `inf` keeps every token.
+
+    Returns:
+        `(labels, min_kl)`: `(N,)` long in `0..K` (0 = background) and `(N,)` float32 smallest KL.
+    """
+    if not isinstance(kl, torch.Tensor) or kl.ndim != 2:
+        raise ValueError(f"`kl` must be a (N, K) tensor, got {getattr(kl, 'shape', type(kl))}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ValueError(f"`threshold` must be a number, got {threshold!r}.")
+    if kl.shape[1] == 0:
+        return torch.zeros(kl.shape[0], dtype=torch.long, device=kl.device), torch.full(
+            (kl.shape[0],), math.inf, device=kl.device
+        )
+    min_kl, nearest = kl.min(dim=1)
+    near = (min_kl <= threshold) & torch.isfinite(min_kl)
+    labels = torch.where(near, nearest + 1, torch.zeros_like(nearest))
+    return labels, min_kl
+
+
+def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Kittler and Illingworth's minimum-error threshold of a 1-D sample: the cut that best explains the sample as
+    two Gaussian classes (unlike Otsu's cut it is not dragged into the larger class when the classes differ much in
+    size or spread).
+
+    Args:
+        values: `(K,)` values; non-finite ones are ignored.
+        bins: histogram bins.
+
+    Returns:
+        The threshold, between the sample's min and max; `inf` when the sample is empty, constant or cannot be split
+        into two classes that both have spread.
+    """
+    values = torch.as_tensor(values).detach().float().flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return math.inf
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return math.inf
+    hist = torch.histc(values, bins=bins, min=lo, max=hi).double()
+    hist = hist / hist.sum()
+    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    p1 = hist.cumsum(0)[:-1]
+    p2 = 1.0 - p1
+    m1 = (hist * centres).cumsum(0)[:-1]
+    s1 = (hist * centres**2).cumsum(0)[:-1]
+    total_m, total_s = float((hist * centres).sum()), float((hist * centres**2).sum())
+    mean1 = m1 / p1.clamp_min(1e-300)
+    mean2 = (total_m - m1) / p2.clamp_min(1e-300)
+    var1 = s1 / p1.clamp_min(1e-300) - mean1**2
+    var2 = (total_s - s1) / p2.clamp_min(1e-300) - mean2**2
+    floor = ((hi - lo) / bins) ** 2 / 12.0  # a class inside one bin has at least the bin's own spread
+    valid = (p1 > 0) & (p2 > 0)
+    if not bool(valid.any()):
+        return math.inf
+    cost = (
+        p1 * var1.clamp_min(floor).log()
+        + p2 * var2.clamp_min(floor).log()
+        - 2.0 * (p1.clamp_min(1e-300).log() * p1 + p2.clamp_min(1e-300).log() * p2)
+    )
+    cost = torch.where(valid, cost, torch.full_like(cost, math.inf))
+    k = int(cost.argmin())
+    return lo + (k + 1) * (hi - lo) / bins
+
+
+def background_threshold_from_kl(min_kl: torch.Tensor) -> float:
+    """The KL above which a token is background, found from the data (DESIGN step 11): the minimum-error cut of
+    `log(1 + KL)` over every token's smallest KL to a part (object tokens near their part, background far from all;
+    the log evens the two classes' spreads, the `1 +` keeps a token equal to its part's distribution from becoming
+    an outlier).
+
+    Args:
+        min_kl: `(N,)` smallest KL of each token (nats); non-finite values (images without parts) are ignored.
+
+    Returns:
+        The threshold in nats; `inf` when the sample cannot be split.
+    """
+    min_kl = torch.as_tensor(min_kl).detach().float().flatten()
+    min_kl = min_kl[torch.isfinite(min_kl)]
+    cut = minimum_error_threshold(torch.log1p(min_kl.clamp_min(0.0)))
+    return math.expm1(cut) if math.isfinite(cut) else math.inf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clustering (DESIGN step 10)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def remove_isolated(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Drops the 8-connected regions of a boolean grid mask smaller than `min_size` tokens.
+
+    Args:
+        mask: `(h, w)` bool.
+        min_size: smallest region kept, tokens (1 keeps everything).
+
+    Returns:
+        `(h, w)` bool.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"`mask` must be 2-D (h, w), got shape {mask.shape}.")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 1:
+        raise ValueError(f"`min_size` must be a positive int, got {min_size!r}.")
+    if not mask.any():
+        return mask.copy()
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+    keep[0] = False
+    return keep[labels]
+
+
+def _maximin_init(x: np.ndarray, k: int, first: int) -> np.ndarray:
+    """Deterministic k-means seeding: start at `first`, then repeatedly the point farthest from every seed."""
+    seeds = [first]
+    dist = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        nxt = int(dist.argmax())
+        seeds.append(nxt)
+        dist = np.minimum(dist, ((x - x[nxt]) ** 2).sum(1))
+    return ((x[:, None, :] - x[seeds][None]) ** 2).sum(-1).argmin(1)
+
+
+def kmeans(points: np.ndarray, num_clusters: int, first: int = 0, iterations: int = 50) -> np.ndarray:
+    """OpenCV k-means with a deterministic farthest-point start (no random state).
+
+    Args:
+        points: `(R, D)` float.
+        num_clusters: `k`, at most `R`.
+        first: index of the first seed.
+
+    Returns:
+        `(R,)` int64 labels in `0..k-1`.
+    """
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    if points.ndim != 2:
+        raise ValueError(f"`points` must be (R, D), got shape {points.shape}.")
+    r = points.shape[0]
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)) or not 1 <= num_clusters:
+        raise ValueError(f"`num_clusters` must be a positive int, got {num_clusters!r}.")
+    if num_clusters > r:
+        raise ValueError(f"`num_clusters`={num_clusters} exceeds the {r} points.")
+    if num_clusters == 1:
+        return np.zeros(r, dtype=np.int64)
+    labels = _maximin_init(points, num_clusters, first).astype(np.int32).reshape(-1, 1)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, iterations, 1e-5)
+    _, labels, _ = cv2.kmeans(points, num_clusters, labels, criteria, 1, cv2.KMEANS_USE_INITIAL_LABELS)
+    return labels.ravel().astype(np.int64)
+
+
+def spectral_clusters(affinity: np.ndarray, num_clusters: int | None, max_clusters: int) -> np.ndarray:
+    """Spectral clustering (Ng, Jordan and Weiss) of points given their affinities, with OpenCV k-means.
+
+    The normalised affinity `D^-1/2 A D^-1/2` is diagonalised; the points' rows of its top-k eigenvectors,
+    scaled to unit length, are clustered by :func:`kmeans` (seeded at the point of largest degree). With
+    `num_clusters=None`, k is the largest eigengap among `2..max_clusters`.
+
+    Args:
+        affinity: `(R, R)` symmetric non-negative.
+        num_clusters: `k`, or None to estimate it.
+        max_clusters: largest k considered when estimating.
+
+    Returns:
+        `(R,)` int64 labels in `0..k-1` (k is `labels.max() + 1`; at most R).
+    """
+    a = np.asarray(affinity, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"`affinity` must be square (R, R), got shape {a.shape}.")
+    if num_clusters is not None and (
+        isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1
+    ):
+        raise ValueError(f"`num_clusters` must be a positive int or None, got {num_clusters!r}.")
+    r = a.shape[0]
+    if r == 0:
+        return np.zeros(0, dtype=np.int64)
+    a = 0.5 * (a + a.T)
+    degree = a.sum(1)
+    inv = 1.0 / np.sqrt(np.maximum(degree, 1e-12))
+    values, vectors = np.linalg.eigh(inv[:, None] * a * inv[None, :])
+    values, vectors = values[::-1], vectors[:, ::-1]  # descending
+    if num_clusters is None:
+        top = min(int(max_clusters), r - 1)
+        gaps = values[:top] - values[1 : top + 1]  # gaps[k - 1] = lambda_k - lambda_k+1
+        num_clusters = int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
+    k = min(num_clusters, r)
+    embedding = vectors[:, :k]
+    embedding = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+    return kmeans(embedding, k, first=int(np.argmax(degree)))
+
+
+def upsample_assignment(
+    kl: torch.Tensor, grid_size: Sequence[int], threshold: float, size: Sequence[int]
+) -> np.ndarray:
+    """Part labels at an image's own size (DESIGN step 11, the image's own pixels).
+
+    The foreground indicator of the tokens (smallest KL within `threshold`) is resized bilinearly (pixel-centre
+    aligned) and cut at 1/2, so the outline runs midway between foreground and background token centres. Each
+    foreground pixel takes the part of smallest bilinearly resized KL map, so part boundaries fall where the
+    divergences cross instead of on the token grid.
+
+    Args:
+        kl: `(N, K)` KL of each token to each part (see :func:`kl_to_parts`); `inf` marks an absent part.
+        grid_size: `(h, w)`, `h * w == N`.
+        threshold: background KL limit in nats (`inf` keeps every pixel of an image with a part).
+        size: `(H, W)` pixels.
+
+    Returns:
+        `(H, W)` int64: 0 = background, `k + 1` = part k.
+    """
+    if not isinstance(kl, torch.Tensor) or kl.ndim != 2:
+        raise ValueError(f"`kl` must be a (N, K) tensor, got {getattr(kl, 'shape', type(kl))}.")
+    h, w = int(grid_size[0]), int(grid_size[1])
+    if h * w != kl.shape[0]:
+        raise ValueError(f"`grid_size` {(h, w)} does not hold the {kl.shape[0]} tokens of `kl`.")
+    if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+        raise ValueError(f"`size` must be two positive ints (H, W), got {tuple(size)!r}.")
+    height, width = int(size[0]), int(size[1])
+
+    def resize(grid_map: np.ndarray) -> np.ndarray:
+        return cv2.resize(grid_map.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+    out = np.zeros((height, width), dtype=np.int64)
+    maps = kl.detach().float().cpu().numpy().reshape(h, w, -1)
+    present = [k for k in range(maps.shape[-1]) if np.isfinite(maps[..., k]).all()]
+    if not present:
+        return out
+    foreground = resize(maps[..., present].min(axis=-1) <= threshold) >= 0.5
+    best = np.full((height, width), np.inf, dtype=np.float32)
+    for k in present:
+        value = resize(maps[..., k])
+        better = foreground & (value < best)
+        out[better] = k + 1
+        best[better] = value[better]
+    return out
