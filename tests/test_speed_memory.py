@@ -87,3 +87,30 @@ def test_half_precision_pipelines_run_with_float32_maths(tiny_sd_path, photos, d
     # the maths is float32 whatever the capture dtype: analysing the upcast features gives the same maps
     upcast = analyze_features(out.features.to(dtype=torch.float32), output_type="pt")
     torch.testing.assert_close(upcast.entropy_maps, out.entropy_maps)
+
+
+@pytest.mark.parametrize(("num_images", "seed"), [(2, 2001), (4, 5)])
+def test_bfloat16_capture_agrees_with_float32_on_planted_features(num_images, seed):
+    """Stated tolerance: with Q/K stored in bfloat16 (what a bfloat16 pipeline captures), the kept match sets
+    overlap by >= 97% (intersection over union), precision and coverage move by <= 0.01, mask Jaccard by <= 0.05
+    and part NMI by <= 0.02."""
+    from cosegment.benchmarks.planted import make_planted_features, score_output
+
+    case = make_planted_features(num_images, noise=0.3, seed=seed)
+    full = analyze_features(case.features)
+    half = analyze_features(case.features.to(dtype=torch.bfloat16))
+
+    def matches(out):
+        return {
+            (p.source_index, p.target_index, s, t)
+            for p in out.correspondences
+            for s, t in zip(p.source_tokens.tolist(), p.target_tokens.tolist())
+        }
+
+    a, b = matches(full), matches(half)
+    assert len(a & b) / len(a | b) >= 0.97
+    score_full, score_half = score_output(case, full), score_output(case, half)
+    assert abs(score_full["precision"] - score_half["precision"]) <= 0.01
+    assert abs(score_full["coverage"] - score_half["coverage"]) <= 0.01
+    assert abs(score_full["jaccard"] - score_half["jaccard"]) <= 0.05
+    assert abs(score_full["nmi"] - score_half["nmi"]) <= 0.02
