@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -49,6 +48,8 @@ from .utils.correspondence import (
     select_matches,
     token_centres_in_pixels,
 )
+from .utils.images import collect_images
+from .utils.images import describe as _describe
 from .utils.segmentation import (
     assign_parts,
     attention_rows,
@@ -330,15 +331,6 @@ def pipeline_code_files(pipeline_file: str | os.PathLike) -> list[str]:
     return files
 
 
-# Float pixels must lie in [0, 1]. Values further outside than this are another convention ([0, 255], [-1, 1]) and
-# are refused rather than clipped into a near-constant image; smaller overshoots (resampling ringing) are clipped.
-_FLOAT_IMAGE_TOLERANCE = 0.05
-
-
-class _CheckedImages(list):
-    """Images already validated and converted by `check_inputs`: `(3, H_i, W_i)` float32 tensors in [0, 1]."""
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
@@ -348,16 +340,6 @@ def _exact_int(value: Any) -> int:
     if _is_int(value) or (isinstance(value, float) and value.is_integer()):
         return int(value)
     raise TypeError(f"expected an int, got {value!r}")
-
-
-def _describe(value: Any, limit: int = 80) -> str:
-    """A short description of an argument for error messages (arrays by type, shape and dtype, not by value)."""
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return f"{type(value).__module__.split('.')[0]}.{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, PIL.Image.Image):
-        return f"PIL image (mode {value.mode}, size {value.size})"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}... ({type(value).__name__})"
 
 
 def _resolve_thresholds(
@@ -952,133 +934,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                     f"`generator` must be a torch.Generator or a list of them (one per image), got "
                     f"{_describe(generator)}."
                 )
-        images = self._collect_images(image)
+        images = collect_images(image)
         if isinstance(generator, list) and len(generator) != len(images):
             raise ValueError(
                 f"`generator` list must hold one generator per image ({len(images)} images), got {len(generator)}."
             )
         return images
-
-    @classmethod
-    def _collect_images(cls, image) -> list[torch.Tensor]:
-        """The collection -> a list of `(3, H_i, W_i)` float32 tensors in [0, 1], each validated.
-
-        A list (or tuple) is the collection; a 4-D torch (BCHW) or numpy (BHWC) batch is a collection of B images.
-        A list returned by this function (or by :meth:`check_inputs`) is returned as is.
-        """
-        if isinstance(image, _CheckedImages):
-            return image
-        if image is None:
-            raise ValueError("`image` must be a list of at least 2 images, got None.")
-        if isinstance(image, (torch.Tensor, np.ndarray)):
-            if image.ndim != 4:
-                layout = "BCHW tensor" if isinstance(image, torch.Tensor) else "BHWC array"
-                raise ValueError(
-                    f"`image` must be a list of 2+ images or a 4-D {layout} with B >= 2, got one "
-                    f"{_describe(image)}; a single image is not a collection."
-                )
-            items = list(image)
-        elif isinstance(image, (list, tuple)):
-            items = list(image)
-        elif isinstance(image, PIL.Image.Image):
-            raise ValueError(f"`image` must be a list of 2+ images, got a single image {_describe(image)}.")
-        else:
-            raise TypeError(
-                f"`image` must be a list of 2+ images (PIL, numpy HWC or torch CHW) or a 4-D batch, got "
-                f"{_describe(image)}."
-            )
-        if len(items) < 2:
-            raise ValueError(f"`image` must hold at least 2 images (a collection), got {len(items)}.")
-        return _CheckedImages(cls._image_to_tensor(item, index) for index, item in enumerate(items))
-
-    @staticmethod
-    def _image_to_tensor(image, index: int) -> torch.Tensor:
-        """One image (PIL, numpy HW/HWC, torch HW/CHW) -> `(3, H, W)` float32 in [0, 1].
-
-        Accepts uint8 (0-255), 16-bit (0-65535), bool and float (in [0, 1]) pixels; 1 channel (grayscale) and 4
-        (RGBA, alpha dropped) become RGB. Anything else is a `ValueError` or `TypeError` naming `image[index]`.
-        """
-        name = f"image[{index}]"
-        if isinstance(image, PIL.Image.Image):
-            if image.width == 0 or image.height == 0:
-                raise ValueError(f"`{name}` is an empty image of size {image.size}.")
-            try:
-                if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-                    # 16/32-bit grayscale and float: PIL's convert("RGB") would clip them at 255
-                    array = np.asarray(image)
-                    if image.mode == "I":  # how PIL opens 16-bit PNGs
-                        if array.size and (array.min() < 0 or array.max() > 65535):
-                            raise ValueError(
-                                f"`{name}` is a 32-bit integer image with values in [{array.min()}, {array.max()}]; "
-                                f"expected 16-bit values in [0, 65535]."
-                            )
-                        array = array.astype(np.uint16)
-                else:
-                    array = np.asarray(image.convert("RGB"))
-            except OSError as error:  # truncated or unreadable file behind the PIL image
-                raise ValueError(f"`{name}` could not be read ({image.mode} {image.size}): {error}") from error
-            image = array
-        if isinstance(image, np.ndarray):
-            if image.ndim not in (2, 3):
-                raise ValueError(f"`{name}` must be a HW or HWC array, got shape {image.shape}.")
-            kind, itemsize = image.dtype.kind, image.dtype.itemsize
-            if kind == "b":
-                tensor = torch.from_numpy(image.astype(np.float32))
-            elif kind == "u" and itemsize == 1:
-                tensor = torch.from_numpy(image.astype(np.float32) / 255.0)
-            elif kind == "u" and itemsize == 2:
-                tensor = torch.from_numpy(image.astype(np.float32) / 65535.0)
-            elif kind == "f":
-                tensor = torch.from_numpy(image.astype(np.float32))
-            else:
-                raise TypeError(
-                    f"`{name}` has unsupported dtype {image.dtype}; use uint8 (0-255), uint16 (0-65535), bool or "
-                    f"float (0-1)."
-                )
-            tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-            is_float, layout = kind == "f", "numpy arrays are HWC"
-        elif isinstance(image, torch.Tensor):
-            if image.ndim not in (2, 3):
-                raise ValueError(f"`{name}` must be a HW or CHW tensor, got shape {tuple(image.shape)}.")
-            image = image.detach().cpu()
-            if image.dtype.is_floating_point:
-                tensor = image.float()
-            elif image.dtype == torch.uint8:
-                tensor = image.float() / 255.0
-            elif image.dtype == torch.bool:
-                tensor = image.float()
-            else:
-                raise TypeError(
-                    f"`{name}` has unsupported dtype {image.dtype}; use a float tensor in [0, 1] (or uint8, bool)."
-                )
-            tensor = tensor[None] if tensor.ndim == 2 else tensor
-            is_float, layout = image.dtype.is_floating_point, "torch tensors are CHW"
-        else:
-            raise TypeError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {_describe(image)}.")
-        channels, height, width = tensor.shape
-        if tensor.numel() == 0:
-            raise ValueError(f"`{name}` has zero size: {channels} channels of {height}x{width} pixels.")
-        if channels not in (1, 3, 4):
-            raise ValueError(
-                f"`{name}` must have 1, 3 or 4 channels, got {channels} (shape {tuple(image.shape)}; {layout})."
-            )
-        if is_float:
-            finite = torch.isfinite(tensor)
-            if not bool(finite.all()):
-                raise ValueError(
-                    f"`{name}` contains {int((~finite).sum())} non-finite values (NaN or inf) out of {tensor.numel()}."
-                )
-            low, high = (float(v) for v in tensor.aminmax())
-            if low < -_FLOAT_IMAGE_TOLERANCE or high > 1.0 + _FLOAT_IMAGE_TOLERANCE:
-                raise ValueError(
-                    f"`{name}` is a float image with values in [{low:.4g}, {high:.4g}]; float pixels must lie in "
-                    f"[0, 1] (pass 0-255 data as uint8, map [-1, 1] data with (x + 1) / 2)."
-                )
-        if channels == 1:
-            tensor = tensor.expand(3, height, width)
-        elif channels == 4:
-            tensor = tensor[:3]
-        return tensor.clamp(0.0, 1.0)
 
     def prepare_images(self, image, height: int, width: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Images -> `(M, 3, height, width)` float32 in [-1, 1] and each image's original `(H, W)`.
@@ -1087,7 +948,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         :meth:`check_inputs`). Every image is resized (bicubic, antialiased) to the processing size.
         """
         tensors, sizes = [], []
-        for tensor in self._collect_images(image):
+        for tensor in collect_images(image):
             sizes.append((int(tensor.shape[1]), int(tensor.shape[2])))
             resized = F.interpolate(tensor[None], size=(height, width), mode="bicubic", antialias=True)
             tensors.append(resized.clamp(0.0, 1.0))
