@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--collections", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "b", "c", "d"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -233,6 +233,40 @@ def main() -> None:
                     med["call"] / med["no_exit"],
                 ]
             ],
+        )
+
+    if "u" not in args.skip:
+        # (a2) the UNet alone, inputs prepared once: what the early exit saves, without VAE and noise in the timing
+        latents = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
+        t = torch.full((2,), 261, device=device)
+        text = pipe.encode_prompt("", device).expand(2, -1, -1)
+        names = pipe.resolve_attention_layers()
+        from cosegment.processors.cross_self_attention import AttentionStore, CrossSelfAttentionCaptureProcessor
+
+        def unet(stop: bool) -> None:
+            store = AttentionStore(names, stop_after_last=stop)
+            originals = dict(pipe.unet.attn_processors)
+            procs = dict(originals)
+            procs.update({f"{n}.processor": CrossSelfAttentionCaptureProcessor(store, n) for n in names})
+            pipe.unet.set_attn_processor(procs)
+            try:
+                with torch.no_grad():
+                    pipe.unet(latents, t, encoder_hidden_states=text)
+            except StopForward:
+                pass
+            finally:
+                pipe.unet.set_attn_processor(originals)
+
+        unet(True), unet(False)
+        early, full_ = [], []
+        for _ in range(max(args.repeats, 5)):
+            early.append(timed(lambda: unet(True), device))
+            full_.append(timed(lambda: unet(False), device))
+        e, f = statistics.median(early), statistics.median(full_)
+        table(
+            "(a2) UNet forward alone, one pair at 512 px: capture with early exit vs the whole forward",
+            ["early exit s", "whole UNet s", "early / whole"],
+            [[e, f, e / f]],
         )
 
     if "b" not in args.skip:
