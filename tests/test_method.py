@@ -12,11 +12,14 @@ from cosegment.benchmarks.planted import make_planted_features, match_correct, s
 from cosegment.utils.correspondence import (
     PassStatistics,
     SelectionThresholds,
+    affine_residual,
     auto_thresholds,
     confirm_matches,
+    field_consistent,
     grow_matches,
     kept_map,
     match_scores,
+    reverse_consistent,
     supported_spread,
 )
 
@@ -346,3 +349,48 @@ class TestPipelinePassThrough:
                 tiny_pipe(image=photos[:2], background_threshold=float("nan"))
         finally:
             tiny_pipe.capture_features = original
+
+
+class TestConsistencyFunctions:
+    def test_reverse_consistent_hand_case(self):
+        # 1 x 3 grid, identity forward map, all kept; the reverse pass keeps target 1 but sends it to source 2
+        forward, keep = torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool)
+        backward, keep_backward = torch.tensor([0, 2, 2]), torch.tensor([True, True, False])
+        out = reverse_consistent(forward, keep, backward, keep_backward, (1, 3), 0.5)
+        assert out.tolist() == [True, False, True]  # token 2: its target is not kept backwards, no evidence
+        assert reverse_consistent(forward, keep, backward, keep_backward, (1, 3), 1.0).all()
+
+    def test_reverse_consistent_edge_nothing_kept(self):
+        forward = torch.tensor([0, 1, 2])
+        none = torch.zeros(3, dtype=torch.bool)
+        assert not reverse_consistent(forward, none, forward, torch.ones(3, dtype=torch.bool), (1, 3), 1.0).any()
+
+    def test_affine_residual_hand_case(self):
+        # 3 x 3 source onto a 3 x 5 target, (r, c) -> (r, c); then the centre's match moved 2 cells right
+        forward = torch.tensor([r * 5 + c for r in range(3) for c in range(3)])
+        keep = torch.ones(9, dtype=torch.bool)
+        residual, defined = affine_residual(forward, keep, (3, 3), (3, 5))
+        assert defined.all() and torch.allclose(residual, torch.zeros(9), atol=1e-5)
+        moved = forward.clone()
+        moved[4] = 1 * 5 + 3
+        residual, defined = affine_residual(moved, keep, (3, 3), (3, 5))
+        assert residual[4].item() == pytest.approx(2.0, abs=1e-5)  # the neighbours still predict (1, 1)
+
+    def test_affine_residual_edge_collinear_neighbours(self):
+        # 1 x 3 grid: every token's neighbours lie on one line, so no affine fit is determined
+        residual, defined = affine_residual(torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool), (1, 3))
+        assert not defined.any() and residual.tolist() == [0.0, 0.0, 0.0]
+        with pytest.raises(ValueError, match="keep"):
+            affine_residual(torch.tensor([0, 1, 2]), torch.ones(2, dtype=torch.bool), (1, 3))
+
+    def test_field_consistent_checks_only_loose_cycles(self):
+        forward = torch.tensor([r * 5 + c for r in range(3) for c in range(3)])
+        forward[4] = 1 * 5 + 3  # 2 cells off its neighbours' field
+        keep = torch.ones(9, dtype=torch.bool)
+        limits = SelectionThresholds(max_entropy=1.0, max_spread=2.0, max_collapse=0.5, max_inverse_error=2**0.5)
+        tight = _stats(forward, inverse_error=torch.ones(9))
+        assert field_consistent(tight, keep, limits, (3, 3), (3, 5)).all()  # IMS <= 1: never checked
+        # only the centre has a diagonal cycle (the corners, whose 3-point fits pass through it, stay: IMS 1)
+        loose = _stats(forward, inverse_error=torch.ones(9).index_fill(0, torch.tensor([4]), 2**0.5))
+        out = field_consistent(loose, keep, limits, (3, 3), (3, 5))
+        assert not out[4] and out.sum() == 8

@@ -658,6 +658,116 @@ def confirm_matches(
     return keep | ((valid & (distance <= tolerance)).sum(dim=0) >= min_votes)
 
 
+def reverse_consistent(
+    forward: torch.Tensor,
+    keep: torch.Tensor,
+    backward: torch.Tensor,
+    keep_backward: torch.Tensor,
+    grid_size: Sequence[int],
+    tolerance: float,
+) -> torch.Tensor:
+    """Drops kept matches that a kept match of the reverse pass contradicts (the `"auto"` preset, after confirmation).
+
+    A kept `p -> f(p)` whose target is itself kept in the pass t -> s must come back: `||p - g(f(p))|| <= tolerance`
+    source cells. A match checked by Eq. 2.8 already does; a match added by :func:`confirm_matches` was not checked,
+    and when the reverse pass keeps `f(p)` for another source token the two cannot both be right (the object is
+    matched one to one). Targets the reverse pass does not keep give no evidence and leave the match alone.
+
+    Args:
+        forward, keep: `(N_s,)` pass s -> t: `f` (long) and its kept mask (bool).
+        backward, keep_backward: `(N_t,)` pass t -> s: `g` (long) and its kept mask (bool).
+        grid_size: `(h, w)` of the source grid, `h * w == N_s`.
+        tolerance: source cells (the pass's `max_inverse_error`).
+
+    Returns:
+        `(N_s,)` bool, a subset of `keep`.
+    """
+    error = inverse_mapping_error(forward, backward, grid_size)
+    return keep & (~keep_backward[forward] | (error <= tolerance))
+
+
+def affine_residual(
+    forward: torch.Tensor,
+    keep: torch.Tensor,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far `f(p)` lies from where its kept 3x3 neighbours (Eq. 2.11) put it.
+
+    For each source token p, the least-squares affine map `f(n) - f(p) ~ c + A (n - p)` is fitted over the kept
+    neighbours n of p (the 3x3 offsets are the design points, so no iteration is needed); `c` is then the
+    displacement between where the neighbours predict p's match and `f(p)`, and the residual is `||c||` in target
+    cells. A locally smooth map (a warp of the object: scale, shift, mirror) gives about 0; a match one or two cells
+    off the neighbours' field gives that many cells.
+
+    Args:
+        forward: `(N_s,)` long, `f`.
+        keep: `(N_s,)` bool, the kept matches (only these neighbours are fitted).
+        grid_size, target_grid_size: `(h, w)` of the source and target grids.
+
+    Returns:
+        `(residual, defined)`, each `(N_s,)`: float32 cells, and bool where the kept neighbours determine an
+        affine fit (three or more, not all on one line); the residual is 0 elsewhere.
+    """
+    h, w = _check_grid(grid_size)
+    ht, wt = _check_grid(target_grid_size if target_grid_size is not None else grid_size, "target_grid_size")
+    forward = _check_indices(forward, ht * wt, "forward")
+    if forward.shape[0] != h * w or keep.shape != forward.shape:
+        raise ValueError(
+            f"`forward` {tuple(forward.shape)} and `keep` {tuple(keep.shape)} must both have {h * w} entries."
+        )
+    device = forward.device
+    target = token_coordinates((ht, wt), device=device)[forward].view(h, w, 2)
+    kept = keep.view(h, w).float()
+    gram = torch.zeros(h, w, 3, 3, device=device)
+    moment = torch.zeros(h, w, 3, 2, device=device)
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        x = torch.tensor([1.0, float(di), float(dj)], device=device)
+        weight = kept[r0 + di : r1 + di, c0 + dj : c1 + dj, None, None]
+        step = target[r0 + di : r1 + di, c0 + dj : c1 + dj] - target[r0:r1, c0:c1]
+        gram[r0:r1, c0:c1] += weight * torch.outer(x, x)
+        moment[r0:r1, c0:c1] += weight * x[:, None] * step[..., None, :]
+    # integer design points: a determined fit has |det| >= 1, a degenerate one exactly 0
+    defined = torch.linalg.det(gram).abs() > 0.5
+    eye = torch.eye(3, device=device).expand_as(gram)
+    beta = torch.linalg.solve(torch.where(defined[..., None, None], gram, eye), moment)
+    residual = torch.linalg.vector_norm(beta[..., 0, :], dim=-1) * defined
+    return residual.flatten(), defined.flatten()
+
+
+def field_consistent(
+    stats: PassStatistics,
+    keep: torch.Tensor,
+    thresholds: SelectionThresholds,
+    grid_size: Sequence[int],
+    target_grid_size: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Final neighbourhood agreement of the `"auto"` preset: drops a kept match that only the loose part of the
+    cycle tolerance let in and that its kept neighbours' field does not predict.
+
+    A match whose cycle returns exactly to p or to a 4-neighbour (`IMS <= 1` cell, the note's own limit) stays. A
+    match with a diagonal cycle (`1 < IMS <= sqrt(2)`) or none checked (a confirmed match) stays only if the affine
+    fit of its kept neighbours (:func:`affine_residual`) predicts `f(p)` within `max_inverse_error` target cells,
+    the same one-step tolerance as its cycle; undetermined fits leave it alone. One pass, no cascade.
+
+    Args:
+        stats: the pass's statistics.
+        keep: `(N_s,)` bool, the kept matches.
+        thresholds: the pass's limits (`max_inverse_error`, cells).
+        grid_size, target_grid_size: `(h, w)` of the source and target grids.
+
+    Returns:
+        `(N_s,)` bool, a subset of `keep`.
+    """
+    residual, defined = affine_residual(stats.forward, keep, grid_size, target_grid_size)
+    loose = stats.inverse_error > 1.0
+    return keep & ~(loose & defined & (residual > thresholds.max_inverse_error))
+
+
 def select_matches(stats: PassStatistics, thresholds: SelectionThresholds) -> torch.Tensor:
     """`(N_s,)` bool: which `p -> f(p)` pass every check (DESIGN step 7)."""
     return (
