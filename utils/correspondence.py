@@ -287,6 +287,17 @@ def inverse_mapping_entropy(attn: torch.Tensor) -> torch.Tensor:
 _NEIGHBOUR_OFFSETS = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if (di, dj) != (0, 0)]
 
 
+def _neighbour_slices(h: int, w: int):
+    """For each 3x3 offset `(di, dj)` of an `(h, w)` grid: `(di, dj, centre, neighbour)`, where `grid[centre]` are
+    the tokens whose neighbour at that offset is inside the grid and `grid[neighbour]` those neighbours (both 2-D
+    slice pairs of the same shape). Offsets with no such token (a 1-row or 1-column grid) are skipped."""
+    for di, dj in _NEIGHBOUR_OFFSETS:
+        r0, r1 = max(0, -di), min(h, h - di)
+        c0, c1 = max(0, -dj), min(w, w - dj)
+        if r0 < r1 and c0 < c1:
+            yield di, dj, (slice(r0, r1), slice(c0, c1)), (slice(r0 + di, r1 + di), slice(c0 + dj, c1 + dj))
+
+
 def neighbourhood_spread(
     forward: torch.Tensor, grid_size: Sequence[int], target_grid_size: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,17 +325,10 @@ def neighbourhood_spread(
     spread = torch.zeros(h, w, device=forward.device)
     same = torch.zeros(h, w, device=forward.device)
     count = torch.zeros(h, w, device=forward.device)
-    for di, dj in _NEIGHBOUR_OFFSETS:
-        # centre region [r0, r1) x [c0, c1) whose neighbour (r + di, c + dj) is inside the grid
-        r0, r1 = max(0, -di), min(h, h - di)
-        c0, c1 = max(0, -dj), min(w, w - dj)
-        if r0 >= r1 or c0 >= c1:
-            continue
-        centre = target[r0:r1, c0:c1]
-        neighbour = target[r0 + di : r1 + di, c0 + dj : c1 + dj]
-        spread[r0:r1, c0:c1] += ((neighbour - centre) ** 2).sum(dim=-1)
-        same[r0:r1, c0:c1] += (index[r0 + di : r1 + di, c0 + dj : c1 + dj] == index[r0:r1, c0:c1]).float()
-        count[r0:r1, c0:c1] += 1
+    for _, _, centre, neighbour in _neighbour_slices(h, w):
+        spread[centre] += ((target[neighbour] - target[centre]) ** 2).sum(dim=-1)
+        same[centre] += (index[neighbour] == index[centre]).float()
+        count[centre] += 1
     count = count.clamp_min(1)
     return (spread / count).flatten(), (same / count).flatten()
 
@@ -508,15 +512,11 @@ def supported_spread(
     kept = keep.view(h, w).float()
     total = torch.zeros(h, w, device=forward.device)
     count = torch.zeros(h, w, device=forward.device)
-    for di, dj in _NEIGHBOUR_OFFSETS:
-        r0, r1 = max(0, -di), min(h, h - di)
-        c0, c1 = max(0, -dj), min(w, w - dj)
-        if r0 >= r1 or c0 >= c1:
-            continue
-        weight = kept[r0 + di : r1 + di, c0 + dj : c1 + dj]
-        step = ((target[r0 + di : r1 + di, c0 + dj : c1 + dj] - target[r0:r1, c0:c1]) ** 2).sum(dim=-1)
-        total[r0:r1, c0:c1] += weight * step
-        count[r0:r1, c0:c1] += weight
+    for _, _, centre, neighbour in _neighbour_slices(h, w):
+        weight = kept[neighbour]
+        step = ((target[neighbour] - target[centre]) ** 2).sum(dim=-1)
+        total[centre] += weight * step
+        count[centre] += weight
     return (total / count.clamp_min(1)).flatten(), count.flatten()
 
 
@@ -587,13 +587,9 @@ def match_scores(max_prob: torch.Tensor, keep: torch.Tensor, grid_size: Sequence
     kept = torch.zeros(h, w, device=keep.device)
     inside = torch.zeros(h, w, device=keep.device)
     grid_keep = keep.view(h, w).float()
-    for di, dj in _NEIGHBOUR_OFFSETS:
-        r0, r1 = max(0, -di), min(h, h - di)
-        c0, c1 = max(0, -dj), min(w, w - dj)
-        if r0 >= r1 or c0 >= c1:
-            continue
-        kept[r0:r1, c0:c1] += grid_keep[r0 + di : r1 + di, c0 + dj : c1 + dj]
-        inside[r0:r1, c0:c1] += 1
+    for _, _, centre, neighbour in _neighbour_slices(h, w):
+        kept[centre] += grid_keep[neighbour]
+        inside[centre] += 1
     share = (kept / inside.clamp_min(1)).flatten()
     return (max_prob.float().clamp(0, 1) * share).clamp(0, 1)
 
@@ -721,16 +717,12 @@ def affine_residual(
     kept = keep.view(h, w).float()
     gram = torch.zeros(h, w, 3, 3, device=device)
     moment = torch.zeros(h, w, 3, 2, device=device)
-    for di, dj in _NEIGHBOUR_OFFSETS:
-        r0, r1 = max(0, -di), min(h, h - di)
-        c0, c1 = max(0, -dj), min(w, w - dj)
-        if r0 >= r1 or c0 >= c1:
-            continue
+    for di, dj, centre, neighbour in _neighbour_slices(h, w):
         x = torch.tensor([1.0, float(di), float(dj)], device=device)
-        weight = kept[r0 + di : r1 + di, c0 + dj : c1 + dj, None, None]
-        step = target[r0 + di : r1 + di, c0 + dj : c1 + dj] - target[r0:r1, c0:c1]
-        gram[r0:r1, c0:c1] += weight * torch.outer(x, x)
-        moment[r0:r1, c0:c1] += weight * x[:, None] * step[..., None, :]
+        weight = kept[neighbour][..., None, None]
+        step = target[neighbour] - target[centre]
+        gram[centre] += weight * torch.outer(x, x)
+        moment[centre] += weight * x[:, None] * step[..., None, :]
     # integer design points: a determined fit has |det| >= 1, a degenerate one exactly 0
     defined = torch.linalg.det(gram).abs() > 0.5
     eye = torch.eye(3, device=device).expand_as(gram)
