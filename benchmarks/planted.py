@@ -394,17 +394,20 @@ METRICS = ("precision", "coverage", "jaccard", "nmi")
 
 
 def run_benchmark(
-    sizes: tuple[int, ...] = (2, 4, 8), seeds: int = 5, noise_levels: dict[str, float] | None = None
+    sizes: tuple[int, ...] = (2, 4, 8),
+    seeds: int = 5,
+    noise_levels: dict[str, float] | None = None,
+    seed_offset: int = 0,
 ) -> list[dict]:
-    """Scores every method on `seeds` planted collections per (M, noise level); one row per cell and method, the
-    metrics averaged over the seeds."""
+    """Scores every method on `seeds` planted collections per (M, noise level), seeds
+    `1000 * M + seed_offset + i`; one row per cell and method, the metrics averaged over the seeds."""
     noise_levels = NOISE_LEVELS if noise_levels is None else noise_levels
     rows = []
     for num_images in sizes:
         for level, noise in noise_levels.items():
             scores = {method: [] for method in METHODS}
             for seed in range(seeds):
-                case = make_planted_features(num_images, noise=noise, seed=1000 * num_images + seed)
+                case = make_planted_features(num_images, noise=noise, seed=1000 * num_images + seed_offset + seed)
                 outputs = {method: analyze_features(case.features, selection=method) for method in ("auto", "paper")}
                 outputs["naive"] = naive_baseline(case.features, case.num_parts, paper_output=outputs["paper"])
                 for method in METHODS:
@@ -435,10 +438,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], help="collection sizes M")
     parser.add_argument("--seeds", type=int, default=5, help="planted collections per cell")
+    parser.add_argument(
+        "--seed-offset", type=int, default=0, help="collections 1000 * M + offset + i (100: the validation seeds)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
-    rows = run_benchmark(tuple(args.sizes), args.seeds)
+    rows = run_benchmark(tuple(args.sizes), args.seeds, seed_offset=args.seed_offset)
     print(markdown_table(rows))
     noise = ", ".join(f"{k} = {v}" for k, v in NOISE_LEVELS.items())
     print(
