@@ -10,6 +10,22 @@ INF = float("inf")
 # Every threshold disabled: on a random UNet nothing is semantic, so plumbing tests keep every match.
 NO_FILTER = {"max_entropy": INF, "max_spread": INF, "max_collapse": INF, "max_inverse_error": INF}
 
+# Prepended to a child process's script: `import cosegment` fails there, as for a Hub user without the package.
+BLOCK_COSEGMENT = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cosegment" or name.startswith("cosegment."):
+            raise ImportError("cosegment is blocked in this test")
+        return None
+sys.meta_path.insert(0, _Block())
+try:
+    import cosegment  # noqa: F401
+    raise SystemExit("cosegment is importable: the test would prove nothing")
+except ImportError:
+    pass
+"""
+
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> str:

@@ -9,28 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import BLOCK_COSEGMENT
 from diffusers import StableDiffusionPipeline
 
 import cosegment
 from cosegment import StableDiffusionCoSegmentationPipeline
 
 PIPELINE_FILE = Path(cosegment.__file__).parent / "pipeline_cosegment.py"
-
-# A child process in which `import cosegment` fails, the way a Hub user without the package sees it.
-BLOCK_COSEGMENT = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "cosegment" or name.startswith("cosegment."):
-            raise ImportError("cosegment is blocked in this test")
-        return None
-sys.meta_path.insert(0, _Block())
-try:
-    import cosegment  # noqa: F401
-    raise SystemExit("cosegment should not be importable here")
-except ImportError:
-    pass
-"""
 
 
 def run_child(code: str, tmp_path: Path) -> dict:

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import NO_FILTER
+from conftest import BLOCK_COSEGMENT, NO_FILTER
 
 import cosegment
 from cosegment.pipeline_cosegment import pipeline_code_files
@@ -90,22 +90,9 @@ def test_push_to_hub_uploads_after_code_is_written(tiny_pipe, tmp_path, monkeypa
     assert calls[2] == ("class_name", ["pipeline_cosegment", "StableDiffusionCoSegmentationPipeline"])
 
 
-CHILD = textwrap.dedent(
+CHILD = BLOCK_COSEGMENT + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "cosegment" or name.startswith("cosegment."):
-                raise ImportError(f"blocked: {name}")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    try:
-        import cosegment  # noqa: F401
-        raise SystemExit("cosegment is importable: the test would prove nothing")
-    except ImportError:
-        pass
+    import json, sys
 
     import numpy as np
     import torch
