@@ -3,8 +3,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from cosegment.testing import make_tiny_stable_diffusion
+
+# Property tests: "ci" (the default) draws the same 30 examples every run, so a CI result depends on the code only;
+# `HYPOTHESIS_PROFILE=explore` draws 1000 fresh random examples per test, to hunt for new edge cases locally.
+settings.register_profile("ci", max_examples=30, derandomize=True, database=None)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 INF = float("inf")
 # Every threshold disabled: on a random UNet nothing is semantic, so plumbing tests keep every match.

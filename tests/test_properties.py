@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -19,7 +19,8 @@ from cosegment import (
 )
 from cosegment.utils.correspondence import merge_passes, pass_statistics
 
-SETTINGS = settings(max_examples=30, deadline=None)
+# Example counts and derandomisation come from the profile tests/conftest.py loads (`HYPOTHESIS_PROFILE`).
+SETTINGS = settings(deadline=None)
 INF = float("inf")
 # bounded, finite values; zeros and repeated values (ties) included, as hypothesis likes to draw them
 VALUES = st.floats(-50, 50, width=32, allow_subnormal=False)
@@ -51,6 +52,9 @@ def test_row_entropy_is_between_0_and_log_n(pair):
 
 @SETTINGS
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 10), st.integers(1, 10)), elements=st.floats(0, 1e6, width=32)))
+# found by hypothesis in CI: a subnormal row was not renormalised and gave 0.158 nats for a single column
+@example(np.array([[6.35998e-40]], dtype=np.float32))
+@example(np.full((2, 3), 1e-41, dtype=np.float32))
 def test_inverse_mapping_entropy_is_between_0_and_log_n(attn):
     entropy = inverse_mapping_entropy(torch.from_numpy(attn))
     assert torch.isfinite(entropy).all()

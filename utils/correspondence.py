@@ -134,9 +134,13 @@ def cross_attention_probs(
 
 def _row_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of each row of `(R, N)` non-negative float32 probabilities, rows renormalised."""
-    probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    # Divide by the row maximum first: a row of subnormal values (below float32's `tiny`) would otherwise not be
+    # renormalised to sum 1, and its "entropy" could exceed log N. All-zero rows stay zero (entropy 0).
+    peak = probs.amax(dim=-1, keepdim=True)
+    probs = probs / peak.masked_fill(peak == 0, 1.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1.0)
     entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
-    return entropy.clamp_min(0.0)
+    return entropy.clamp(0.0, math.log(probs.shape[-1]) if probs.shape[-1] else 0.0)
 
 
 @dataclass
