@@ -1205,7 +1205,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
         Returns:
             [`CoSegmentationPipelineOutput`] or `tuple`: the output, or `(correspondences, density_maps,
-            entropy_maps, inverse_error_maps, masks, part_masks, keypoints)` when `return_dict` is `False`.
+            entropy_maps, inverse_error_maps, masks, part_masks, keypoints, keypoint_parts, thresholds)` (the
+            output's fields in order, `features` appended when `return_features=True`) when `return_dict` is
+            `False`.
         """
         overrides = {
             "max_entropy": max_entropy,
@@ -1269,5 +1271,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 output.masks,
                 output.part_masks,
                 output.keypoints,
-            )
+                output.keypoint_parts,
+                output.thresholds,
+            ) + ((features,) if return_features else ())
         return output

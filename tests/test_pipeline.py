@@ -106,8 +106,21 @@ def test_output_type_pt_and_tuple(tiny_pipe, photos):
         out.correspondences[0].source_points, torch.Tensor
     )
     as_tuple = tiny_pipe(generator=torch.Generator().manual_seed(1), return_dict=False, **kwargs)
-    assert isinstance(as_tuple, tuple)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 9
     np.testing.assert_array_equal(as_tuple[1], out.density_maps.numpy())
+    np.testing.assert_array_equal(as_tuple[2], out.entropy_maps.numpy())
+    np.testing.assert_array_equal(as_tuple[3], out.inverse_error_maps.numpy())
+    for got, want in zip(as_tuple[4], out.masks):
+        np.testing.assert_array_equal(got, want.numpy())
+    for got, want in zip(as_tuple[7], out.keypoint_parts):
+        np.testing.assert_array_equal(got, want.numpy())
+    assert as_tuple[8] == out.thresholds
+    with_features = tiny_pipe(
+        generator=torch.Generator().manual_seed(1), return_dict=False, return_features=True, **kwargs
+    )
+    assert len(with_features) == 10 and isinstance(with_features[9], CoSegmentationFeatures)
+    np.testing.assert_array_equal(analyze_features(with_features[9], **NO_FILTER).density_maps, as_tuple[1])
+    assert sum(len(parts) for parts in as_tuple[7]) > 0
 
 
 def test_timestep_and_prompt_change_the_features(tiny_pipe, photos):
