@@ -11,15 +11,14 @@ settings and `--seed`: not on the number of processes.
 Several processes (`accelerate launch`): images are split for the capture in whole batches (a share of the
 collection per process; each image's noise is the noise it gets in a one-process run, see
 `capture_features(image_indices=...)`), the features are gathered to every process, the pairs are split for the
-analysis (each pair analysed alone with :func:`cosegment.analyze_features`), and the main process sums the pairs'
-contributions to the maps in the one-process order and writes the files. Steps that need the whole collection at once
-(masks and parts) run on the main process.
+per-pair analysis (:func:`cosegment.analyze_pairs`, steps 4-8a: where the time goes), and the main process joins every
+pair's analysis in :func:`cosegment.analyze_features` (`pair_analyses=`), which runs the collection-level steps (8b-11:
+confirmation through third images, hit counts, parts, masks) exactly as a one-process run does, and writes the files.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -87,108 +86,6 @@ def pair_shares(num_images: int, num_processes: int) -> list[list[tuple[int, int
     """Pairs each process analyses: every `num_processes`-th pair (balanced, since pairs cost the same)."""
     pairs = all_pairs(num_images)
     return [pairs[process::num_processes] for process in range(num_processes)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Analysis split by pairs
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def pair_features(features, source: int, target: int):
-    """The features of images `source` and `target` alone (a 2-image `CoSegmentationFeatures`)."""
-    from cosegment import CoSegmentationFeatures
-
-    index = [source, target]
-    return CoSegmentationFeatures(
-        [q[index] for q in features.queries],
-        [k[index] for k in features.keys],
-        features.grid_size,
-        [features.image_sizes[source], features.image_sizes[target]],
-        list(features.layer_names),
-        dict(features.metadata),
-    )
-
-
-def analyze_pair(features, source: int, target: int, **analysis) -> dict:
-    """Runs :func:`cosegment.analyze_features` on one pair; returns its correspondence and map contributions.
-
-    The contributions are what the full analysis adds for this pair: hit counts (`density`, `(2, h, w)`), inverse
-    mapping entropy of each image's tokens as targets (`entropy`) and inverse mapping error as sources (`error`),
-    row 0 for `source` and row 1 for `target`. Numpy arrays only, so the result can travel between processes.
-    """
-    from cosegment import analyze_features
-
-    output = analyze_features(pair_features(features, source, target), output_type="np", **analysis)
-    pair = output.correspondences[0]
-    names = {0: source, 1: target}
-    thresholds = [{**t, "source": names[t["source"]], "target": names[t["target"]]} for t in output.thresholds or []]
-    return {
-        "pair": (source, target),
-        "source_points": pair.source_points,
-        "target_points": pair.target_points,
-        "scores": pair.scores,
-        "mutual": pair.mutual,
-        "source_tokens": pair.source_tokens,
-        "target_tokens": pair.target_tokens,
-        "density": output.density_maps,
-        "entropy": output.entropy_maps,
-        "error": output.inverse_error_maps,
-        "thresholds": thresholds,
-    }
-
-
-def combine_pairs(pair_results: Sequence[dict], num_images: int, grid_size: Sequence[int]):
-    """Joins per-pair results into the full analysis' correspondences and maps.
-
-    Contributions are summed in the order :func:`cosegment.analyze_features` sums them (pairs in order; within a
-    pair, the image as target, then as source), in float32, then the entropy and error sums are divided by the number
-    of partners: the same arithmetic as one full analysis.
-
-    Returns:
-        `(correspondences, density_maps, entropy_maps, inverse_error_maps, thresholds)` with
-        `PairCorrespondence` objects in pair order and `(M, h, w)` float32 numpy maps.
-    """
-    from cosegment import PairCorrespondence
-
-    by_pair = {tuple(result["pair"]): result for result in pair_results}
-    expected = all_pairs(num_images)
-    if sorted(by_pair) != expected:
-        missing = sorted(set(expected) - set(by_pair))
-        raise ValueError(f"`pair_results` must hold every pair once; missing {missing[:5]}, got {len(by_pair)} pairs.")
-    h, w = grid_size
-    density = torch.zeros(num_images, h, w)
-    entropy = torch.zeros(num_images, h, w)
-    error = torch.zeros(num_images, h, w)
-    correspondences, thresholds = [], []
-    for s, t in expected:
-        result = by_pair[(s, t)]
-        contribution = {name: torch.from_numpy(np.asarray(result[name])) for name in ("density", "entropy", "error")}
-        entropy[t] += contribution["entropy"][1]
-        error[s] += contribution["error"][0]
-        entropy[s] += contribution["entropy"][0]
-        error[t] += contribution["error"][1]
-        density[s] += contribution["density"][0]
-        density[t] += contribution["density"][1]
-        thresholds.extend(result["thresholds"])
-        correspondences.append(
-            PairCorrespondence(
-                source_index=s,
-                target_index=t,
-                **{
-                    name: result[name]
-                    for name in (
-                        "source_points",
-                        "target_points",
-                        "scores",
-                        "mutual",
-                        "source_tokens",
-                        "target_tokens",
-                    )
-                },
-            )
-        )
-    partners = max(num_images - 1, 1)
-    return correspondences, density.numpy(), (entropy / partners).numpy(), (error / partners).numpy(), thresholds
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -439,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + name.replace("_", "-"), type=_non_negative_float, default=None, help="override (inf disables)"
         )
     parser.add_argument("--num-parts", type=_positive_int, default=None, help="number of parts (if supported)")
-    parser.add_argument("--no-segment", action="store_true", help="skip masks and parts")
+    parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet forward")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     parser.add_argument("--top-k", type=int, default=50, help="matches drawn per pair picture")
@@ -457,13 +354,6 @@ def _dtype_argument(dtype: torch.dtype) -> dict:
         return {}
     name = "dtype" if Version(diffusers.__version__).release >= (0, 36) else "torch_dtype"
     return {name: dtype}
-
-
-def _accepted(function, names: dict) -> tuple[dict, list[str]]:
-    """The entries of `names` that `function` accepts as keyword arguments (and the ones it does not)."""
-    parameters = inspect.signature(function).parameters
-    accepted = {key: value for key, value in names.items() if key in parameters}
-    return accepted, [key for key in names if key not in parameters]
 
 
 def load_image(path: str) -> np.ndarray:
@@ -493,7 +383,12 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline, analyze_features
+    from cosegment import (
+        CoSegmentationFeatures,
+        StableDiffusionCoSegmentationPipeline,
+        analyze_features,
+        analyze_pairs,
+    )
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -511,16 +406,12 @@ def run(args: argparse.Namespace) -> dict:
     images = [load_image(path) for path in args.images]
     logger.info("device %s, %d images, %d process(es)", state.device, len(images), world)
 
-    # Settings of the analysis: pass only what this version of the package accepts.
+    # Settings of the analysis (thresholds left out take the preset's values)
     analysis = {name: getattr(args, name) for name in THRESHOLD_ARGS if getattr(args, name) is not None}
     if args.selection is not None:
         analysis["selection"] = args.selection
-    analysis, unsupported = _accepted(analyze_features, analysis)
     collection_only = {"num_parts": args.num_parts} if args.num_parts is not None else {}
-    collection_only, unsupported_too = _accepted(analyze_features, collection_only)
-    for name in unsupported + unsupported_too:
-        logger.warning("this cosegment version's analyze_features does not accept `%s`: ignored", name)
-    segment = not args.no_segment and "num_parts" in inspect.signature(analyze_features).parameters
+    segment = not args.no_segment
 
     # 1-3. Capture: each process its share of whole batches, with the noise of a one-process run.
     pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model, **_dtype_argument(DTYPES[args.dtype]))
@@ -568,27 +459,27 @@ def run(args: argparse.Namespace) -> dict:
     )
     logger.info("features of %d images gathered", features.num_images)
 
-    # 4-9. Analysis: each process its pairs, each pair alone; the main process joins them.
+    # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
     my_pairs = pair_shares(features.num_images, world)[rank]
-    results = []
-    for s, t in tqdm(my_pairs, desc="pairs", disable=not main):
-        results.append(analyze_pair(features, s, t, device=state.device, **analysis))
+    with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
+        my_analyses = analyze_pairs(features, my_pairs, device=state.device, progress=bar.update, **analysis)
     logger.info("analysed %d pairs", len(my_pairs))
-    results = gather_object(results)
+    pair_analyses = gather_object([pair.to("cpu") for pair in my_analyses])
 
     document = None
     if main:
-        from cosegment import CoSegmentationPipelineOutput
-
-        correspondences, density, entropy, error, thresholds = combine_pairs(
-            results, features.num_images, features.grid_size
+        # 8b-11. The collection-level steps on the main process, from every pair's analysis: the same output as a
+        # one-process `analyze_features(features)`.
+        output = analyze_features(
+            features,
+            output_type="np",
+            device=state.device,
+            pair_analyses=pair_analyses,
+            **analysis,
+            **collection_only,
         )
-        output = CoSegmentationPipelineOutput(correspondences, density, entropy, error, thresholds=thresholds)
-        # 10-11. Masks and parts need the whole collection at once.
-        if segment:
-            full = analyze_features(features, output_type="np", device=state.device, **analysis, **collection_only)
-            for name in ("masks", "part_masks", "keypoints", "keypoint_parts"):
-                setattr(output, name, getattr(full, name))
+        if not segment:
+            output.masks = output.part_masks = output.keypoints = output.keypoint_parts = None
         settings = {
             "height": features.metadata.get("height"),
             "width": features.metadata.get("width"),

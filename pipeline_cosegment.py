@@ -35,6 +35,7 @@ from .processors.cross_self_attention import (
     self_attention_layer_levels,
 )
 from .utils.correspondence import (
+    PassStatistics,
     SelectionThresholds,
     attention_row_statistics,
     auto_thresholds,
@@ -386,6 +387,219 @@ MIN_REGION_TOKENS = 3
 SEGMENTATION_REFINEMENTS = 1
 
 
+@dataclass
+class PassResult:
+    """One pass `source -> target` of a pair after DESIGN steps 4-8a (selection, and growth under `"auto"`).
+
+    Attributes:
+        source_index (`int`), target_index (`int`): the images, by position in the collection.
+        statistics ([`PassStatistics`]): per source token `f(p)`, target IME, IMS, spread, collapse, score.
+        keep (`torch.Tensor`): `(N,)` bool, the matches kept so far (steps 8b-8c may still change them).
+        max_prob (`torch.Tensor`): `(N,)` float32, `A_st[p, f(p)]`.
+        inverse_entropy (`torch.Tensor`): `(N,)` float32, IME of every target token (Eq. 2.10, nats): this pass'
+            contribution to the target's `entropy_maps`.
+        thresholds ([`SelectionThresholds`]): the limits applied.
+    """
+
+    source_index: int
+    target_index: int
+    statistics: PassStatistics
+    keep: torch.Tensor
+    max_prob: torch.Tensor
+    inverse_entropy: torch.Tensor
+    thresholds: SelectionThresholds
+
+
+@dataclass
+class PairAnalysis:
+    """The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a) for images `s < t`: both passes.
+
+    Made by :func:`analyze_pairs`; :func:`analyze_features` joins a collection's pair analyses (`pair_analyses=`)
+    and runs the collection-level steps (8b-11). This is how several processes share one analysis: each analyses its
+    share of the pairs, the main process joins them, and the result equals a one-process analysis.
+
+    Attributes:
+        source_index (`int`), target_index (`int`): `s < t`.
+        passes (`tuple[PassResult, PassResult]`): `s -> t`, then `t -> s`.
+        grid_size (`tuple[int, int]`): the token grid `(h, w)`.
+        settings (`dict`): `selection` and the threshold overrides the passes were made with.
+    """
+
+    source_index: int
+    target_index: int
+    passes: tuple
+    grid_size: tuple
+    settings: dict
+
+    def to(self, device: torch.device | str) -> "PairAnalysis":
+        """A copy with every tensor on `device` (e.g. `"cpu"` before sending it to another process)."""
+
+        def move(result: PassResult) -> PassResult:
+            stats = result.statistics
+            return PassResult(
+                result.source_index,
+                result.target_index,
+                PassStatistics(**{name: value.to(device) for name, value in stats.__dict__.items()}),
+                result.keep.to(device),
+                result.max_prob.to(device),
+                result.inverse_entropy.to(device),
+                result.thresholds,
+            )
+
+        return PairAnalysis(
+            self.source_index,
+            self.target_index,
+            tuple(move(result) for result in self.passes),
+            tuple(self.grid_size),
+            dict(self.settings),
+        )
+
+
+def _analysis_device(features: "CoSegmentationFeatures", chunk_size, device, progress) -> torch.device:
+    """Checks the arguments shared by :func:`analyze_pairs` and :func:`analyze_features`; returns the device."""
+    if not isinstance(features, CoSegmentationFeatures):
+        raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
+    features.validate()
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {_describe(chunk_size)}.")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be callable or None, got {_describe(progress)}.")
+    try:
+        return torch.device(device) if device is not None else features.queries[0].device
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
+
+
+def _check_pairs(pairs, num_images: int) -> list[tuple[int, int]]:
+    every = [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+    if pairs is None:
+        return every
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"`pairs` must be a list of (s, t) image index pairs or None, got {_describe(pairs)}.")
+    checked = []
+    for pair in pairs:
+        if (
+            not isinstance(pair, Sequence)
+            or len(pair) != 2
+            or not all(_is_int(i) for i in pair)
+            or not 0 <= pair[0] < pair[1] < num_images
+        ):
+            raise ValueError(
+                f"`pairs` must hold (s, t) with 0 <= s < t < {num_images} (the number of images), got {pair!r}."
+            )
+        checked.append((int(pair[0]), int(pair[1])))
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"`pairs` must not repeat a pair, got {checked}.")
+    return checked
+
+
+def analyze_pairs(
+    features: "CoSegmentationFeatures",
+    pairs: Sequence[tuple[int, int]] | None = None,
+    selection: str = "auto",
+    max_entropy: float | None = None,
+    max_spread: float | None = None,
+    max_collapse: float | None = None,
+    max_inverse_error: float | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> list[PairAnalysis]:
+    r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
+    both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
+
+    This is where the time goes (two `(N, N)` attention matrices per pair, in row chunks), so it is the part to
+    split between processes: give each process its share of `pairs`, gather the results (`.to("cpu")` first) and
+    pass them all to `analyze_features(features, pair_analyses=...)` with the same `selection` and thresholds.
+
+    Args:
+        features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
+        pairs (`list[tuple[int, int]]`, *optional*): the pairs `(s, t)`, `0 <= s < t < M`, to analyse; every pair
+            by default.
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress: as in
+            :func:`analyze_features`.
+
+    Returns:
+        `list[PairAnalysis]`, one per pair, in the order of `pairs`.
+    """
+    overrides = {
+        "max_entropy": max_entropy,
+        "max_spread": max_spread,
+        "max_collapse": max_collapse,
+        "max_inverse_error": max_inverse_error,
+    }
+    _check_analysis_arguments(selection, "np", overrides)
+    device = _analysis_device(features, chunk_size, device, progress)
+    pairs = _check_pairs(pairs, features.num_images)
+    grid = tuple(features.grid_size)
+    num_tokens = grid[0] * grid[1]
+    if selection == "paper" and num_tokens < 2:
+        raise ValueError(f"`selection`='paper' needs a token grid of 2+ tokens, got `grid_size` {grid}.")
+    settings = {"selection": selection, **overrides}
+
+    def image_features(index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        queries, keys = features.image(index)
+        return [q.to(device) for q in queries], [k.to(device) for k in keys]
+
+    analyses = []
+    for s, t in pairs:
+        try:
+            queries_s, keys_s = image_features(s)
+            queries_t, keys_t = image_features(t)
+            # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
+            rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
+            rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
+            # 5-8. Maps, neighbourhood check, selection, both passes
+            passes = []
+            for forward_rows, backward_rows, source, target in ((rows_st, rows_ts, s, t), (rows_ts, rows_st, t, s)):
+                stats = pass_statistics(forward_rows, backward_rows, grid)
+                limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
+                keep = select_matches(stats, limits)
+                if selection == "auto":
+                    keep = grow_matches(stats, keep, limits, grid)
+                passes.append(
+                    PassResult(source, target, stats, keep, forward_rows.max_prob, backward_rows.entropy, limits)
+                )
+        except Exception as error:  # name the pair; keep the type where it can take a message
+            raise _in_pair(error, s, t) from error
+        analyses.append(PairAnalysis(s, t, tuple(passes), grid, dict(settings)))
+        if progress is not None:
+            progress(1)
+    return analyses
+
+
+def _join_pair_analyses(
+    pair_analyses, features: "CoSegmentationFeatures", settings: dict, device: torch.device
+) -> dict[tuple[int, int], PairAnalysis]:
+    """Checks that `pair_analyses` cover every pair of `features` once, made with `settings`; by pair, on `device`."""
+    if isinstance(pair_analyses, (str, bytes)) or not isinstance(pair_analyses, Sequence):
+        raise TypeError(f"`pair_analyses` must be a list of PairAnalysis or None, got {_describe(pair_analyses)}.")
+    num_images, grid = features.num_images, tuple(features.grid_size)
+    joined = {}
+    for analysis in pair_analyses:
+        if not isinstance(analysis, PairAnalysis):
+            raise TypeError(f"`pair_analyses` must hold PairAnalysis objects, got {type(analysis).__name__}.")
+        pair = (analysis.source_index, analysis.target_index)
+        if pair in joined:
+            raise ValueError(f"`pair_analyses` holds pair {pair} twice.")
+        if tuple(analysis.grid_size) != grid:
+            raise ValueError(f"`pair_analyses` pair {pair} has grid {analysis.grid_size}, the features {grid}.")
+        if analysis.settings != settings:
+            raise ValueError(
+                f"`pair_analyses` pair {pair} was made with {analysis.settings}, this call asks for {settings}: "
+                "pass the same `selection` and thresholds to analyze_pairs and analyze_features."
+            )
+        joined[pair] = analysis.to(device)
+    expected = {(s, t) for s in range(num_images) for t in range(s + 1, num_images)}
+    if set(joined) != expected:
+        missing, extra = sorted(expected - set(joined)), sorted(set(joined) - expected)
+        raise ValueError(
+            f"`pair_analyses` must hold every pair of the {num_images} images once: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, not in the collection {extra[:5]}."
+        )
+    return joined
+
+
 def analyze_features(
     features: CoSegmentationFeatures,
     selection: str = "auto",
@@ -399,6 +613,7 @@ def analyze_features(
     device: torch.device | str | None = None,
     output_type: str = "np",
     progress: Callable[[int], Any] | None = None,
+    pair_analyses: Sequence[PairAnalysis] | None = None,
 ) -> CoSegmentationPipelineOutput:
     r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
     4-11); no UNet needed, so a caller can re-run it with other thresholds.
@@ -431,6 +646,10 @@ def analyze_features(
         device (`torch.device`, *optional*): where to compute, defaults to the features' device.
         output_type (`str`, *optional*, defaults to `"np"`): `"np"` for numpy arrays, `"pt"` for torch tensors.
         progress (`Callable`, *optional*): called with 1 after each pair (e.g. a tqdm bar's `update`).
+        pair_analyses (`list[PairAnalysis]`, *optional*): the per-pair steps 4-8a already done by
+            :func:`analyze_pairs` (every pair once, any order, e.g. gathered from several processes, made with the
+            same `selection` and thresholds as this call); only steps 8b-11 then run here. The output is the same
+            as without them.
 
     Returns:
         [`CoSegmentationPipelineOutput`]
@@ -440,8 +659,6 @@ def analyze_features(
         re-raised with "pair (s, t)" in its message, as the same type where that type takes a message (else a
         `RuntimeError`), chained to the original.
     """
-    if not isinstance(features, CoSegmentationFeatures):
-        raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
     overrides = {
         "max_entropy": max_entropy,
         "max_spread": max_spread,
@@ -451,55 +668,33 @@ def analyze_features(
     _check_analysis_arguments(selection, output_type, overrides)
     _check_segmentation_arguments(num_parts, background_threshold)
     num_parts = None if num_parts is None else int(num_parts)
-    features.validate()
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive int or None, got {_describe(chunk_size)}.")
-    if progress is not None and not callable(progress):
-        raise TypeError(f"`progress` must be callable or None, got {_describe(progress)}.")
-    try:
-        device = torch.device(device) if device is not None else features.queries[0].device
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
+    device = _analysis_device(features, chunk_size, device, progress)
     num_images = features.num_images
     grid = features.grid_size
     num_tokens = grid[0] * grid[1]
-    if selection == "paper" and num_tokens < 2:
-        raise ValueError(f"`selection`='paper' needs a token grid of 2+ tokens, got `grid_size` {grid}.")
+    pairs = [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+
+    # 4-8a. Per pair (the expensive part), unless done already (e.g. split between processes)
+    if pair_analyses is None:
+        pair_analyses = analyze_pairs(
+            features, selection=selection, chunk_size=chunk_size, device=device, progress=progress, **overrides
+        )
+    by_pair = _join_pair_analyses(pair_analyses, features, {"selection": selection, **overrides}, device)
 
     density = torch.zeros(num_images, num_tokens, device=device)
     entropy_sum = torch.zeros(num_images, num_tokens, device=device)
     error_sum = torch.zeros(num_images, num_tokens, device=device)
     correspondences, thresholds_used = [], []
-
-    def image_features(index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        queries, keys = features.image(index)
-        return [q.to(device) for q in queries], [k.to(device) for k in keys]
-
-    pairs = [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
     found = {}  # (s, t) -> [pass s -> t, pass t -> s], each [stats, keep, max_prob, limits]
     for s, t in pairs:
-        queries_s, keys_s = image_features(s)
-        try:
-            queries_t, keys_t = image_features(t)
-            # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
-            rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=chunk_size)
-            rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=chunk_size)
-            # 5-8. Maps, neighbourhood check, selection, both passes
-            found[(s, t)] = []
-            for forward_rows, backward_rows, source, target in ((rows_st, rows_ts, s, t), (rows_ts, rows_st, t, s)):
-                stats = pass_statistics(forward_rows, backward_rows, grid)
-                limits = _resolve_thresholds(selection, stats, num_tokens, overrides)
-                keep = select_matches(stats, limits)
-                if selection == "auto":
-                    keep = grow_matches(stats, keep, limits, grid)
-                found[(s, t)].append([stats, keep, forward_rows.max_prob, limits])
-                thresholds_used.append({"source": source, "target": target, **limits.__dict__})
-                entropy_sum[target] += backward_rows.entropy
-                error_sum[source] += stats.inverse_error
-        except Exception as error:  # name the pair; keep the type where it can take a message
-            raise _in_pair(error, s, t) from error
-        if progress is not None:
-            progress(1)
+        found[(s, t)] = []
+        for result in by_pair[(s, t)].passes:
+            found[(s, t)].append([result.statistics, result.keep, result.max_prob, result.thresholds])
+            thresholds_used.append(
+                {"source": result.source_index, "target": result.target_index, **result.thresholds.__dict__}
+            )
+            entropy_sum[result.target_index] += result.inverse_entropy
+            error_sum[result.source_index] += result.statistics.inverse_error
 
     # 8b. With three or more images ("auto"): matches that a third image confirms
     if selection == "auto" and num_images > 2:

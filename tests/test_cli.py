@@ -13,8 +13,7 @@ from conftest import NO_FILTER
 from safetensors.torch import load_file
 
 import cosegment
-from cosegment import analyze_features
-from cosegment.cli import all_pairs, analyze_pair, capture_shares, combine_pairs, main, pair_shares
+from cosegment.cli import all_pairs, capture_shares, main, pair_shares
 
 IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cosegment.__file__)))
 NO_FILTER_FLAGS = [
@@ -106,22 +105,6 @@ def test_prepare_noise_slice_is_the_full_draw(tiny_pipe):
     assert torch.equal(part[:2], full[2:4]) and torch.equal(part[2:], full[6:8])
 
 
-def test_pairs_analysed_alone_combine_to_the_full_analysis(small_features):
-    full = analyze_features(small_features, **NO_FILTER)
-    results = [analyze_pair(small_features, s, t, **NO_FILTER) for s, t in reversed(all_pairs(4))]
-    correspondences, density, entropy, error, thresholds = combine_pairs(results, 4, small_features.grid_size)
-    assert np.array_equal(density, full.density_maps) and density.sum() > 0
-    assert np.array_equal(entropy, full.entropy_maps)
-    assert np.array_equal(error, full.inverse_error_maps)
-    assert thresholds == full.thresholds
-    for mine, theirs in zip(correspondences, full.correspondences):
-        assert (mine.source_index, mine.target_index) == (theirs.source_index, theirs.target_index)
-        for name in ("source_points", "target_points", "scores", "mutual", "source_tokens", "target_tokens"):
-            assert np.array_equal(getattr(mine, name), getattr(theirs, name)), name
-    with pytest.raises(ValueError, match="pair_results"):
-        combine_pairs(results[:-1], 4, small_features.grid_size)
-
-
 @pytest.fixture(scope="module")
 def image_files(photos, tmp_path_factory) -> list[str]:
     folder = tmp_path_factory.mktemp("images")
@@ -176,11 +159,9 @@ def test_cli_results_match_the_pipeline(cli_run, tiny_pipe, photos):
     assert np.array_equal(arrays["density_maps"].numpy(), expected.density_maps)
     assert np.array_equal(arrays["entropy_maps"].numpy(), expected.entropy_maps)
     assert np.array_equal(arrays["pairs.0.2.target_tokens"].numpy(), expected.correspondences[1].target_tokens)
-    # masks / parts are written when this version of analyze_features makes them
-    if expected.part_masks is None:
-        assert document["parts"] is None and not any(k.startswith("part_masks.") for k in arrays)
-    else:
-        assert len(document["parts"]) == 3 and "part_masks.0" in arrays
+    assert len(document["parts"]) == 3
+    for i in range(3):
+        assert np.array_equal(arrays[f"part_masks.{i}"].numpy(), expected.part_masks[i])
 
 
 def test_cli_pictures(cli_run, photos):

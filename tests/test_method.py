@@ -394,3 +394,91 @@ class TestConsistencyFunctions:
         loose = _stats(forward, inverse_error=torch.ones(9).index_fill(0, torch.tensor([4]), 2**0.5))
         out = field_consistent(loose, keep, limits, (3, 3), (3, 5))
         assert not out[4] and out.sum() == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-pair analysis joined later (`analyze_pairs` + `analyze_features(pair_analyses=...)`): how several processes
+# share one analysis
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_output(mine, theirs):
+    for name in ("density_maps", "entropy_maps", "inverse_error_maps"):
+        assert np.array_equal(getattr(mine, name), getattr(theirs, name)), name
+    assert mine.thresholds == theirs.thresholds
+    for a, b in zip(mine.correspondences, theirs.correspondences, strict=True):
+        assert (a.source_index, a.target_index) == (b.source_index, b.target_index)
+        for name in ("source_tokens", "target_tokens", "scores", "mutual", "source_points", "target_points"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    for name in ("masks", "part_masks", "keypoints", "keypoint_parts"):
+        for a, b in zip(getattr(mine, name), getattr(theirs, name), strict=True):
+            assert np.array_equal(a, b), name
+
+
+class TestPairAnalysesJoined:
+    @pytest.fixture(scope="class")
+    def planted4(self):
+        return make_planted_features(4, noise=0.3, seed=4001)
+
+    @pytest.fixture(scope="class")
+    def full4(self, planted4):
+        return analyze_features(planted4.features)
+
+    def test_split_shares_joined_equal_one_analysis(self, planted4, full4):
+        """Pairs analysed in two shares (as two processes would), moved to the CPU, joined in another order."""
+        from cosegment import analyze_pairs
+
+        features = planted4.features
+        pairs = [(s, t) for s in range(4) for t in range(s + 1, 4)]
+        shares = [analyze_pairs(features, pairs[0::2]), analyze_pairs(features, pairs[1::2])]
+        joined = [analysis.to("cpu") for share in reversed(shares) for analysis in share]
+        _assert_same_output(analyze_features(features, pair_analyses=joined), full4)
+
+    def test_pairs_analysed_alone_would_miss_the_third_image_confirmation(self, planted4, full4):
+        """Why the join exists: analysing each pair as a 2-image collection skips step 8b, and changes the matches."""
+        features = planted4.features
+        alone = analyze_features(
+            CoSegmentationFeatures(
+                [q[[0, 1]] for q in features.queries],
+                [k[[0, 1]] for k in features.keys],
+                features.grid_size,
+                features.image_sizes[:2],
+            )
+        )
+        assert len(alone.correspondences[0]) != len(full4.correspondences[0])
+
+    def test_other_settings_and_partial_sets_are_refused(self, planted4):
+        from cosegment import analyze_pairs
+
+        features = planted4.features
+        every = analyze_pairs(features, selection="paper")
+        with pytest.raises(ValueError, match="pair_analyses.*made with"):
+            analyze_features(features, pair_analyses=every)  # "auto" asked
+        with pytest.raises(ValueError, match="pair_analyses.*made with"):
+            analyze_features(features, selection="paper", max_spread=5.0, pair_analyses=every)
+        with pytest.raises(ValueError, match=r"missing \[\(2, 3\)\]"):
+            analyze_features(features, selection="paper", pair_analyses=every[:-1])
+        with pytest.raises(ValueError, match=r"pair \(0, 1\) twice"):
+            analyze_features(features, selection="paper", pair_analyses=every + every[:1])
+        with pytest.raises(TypeError, match="PairAnalysis"):
+            analyze_features(features, selection="paper", pair_analyses=[{"pair": (0, 1)}])
+        with pytest.raises(TypeError, match="pair_analyses"):
+            analyze_features(features, selection="paper", pair_analyses="all")
+        three = CoSegmentationFeatures(
+            [q[:3] for q in features.queries],
+            [k[:3] for k in features.keys],
+            features.grid_size,
+            features.image_sizes[:3],
+        )
+        with pytest.raises(ValueError, match=r"not in the collection \[\(0, 3\), \(1, 3\), \(2, 3\)\]"):
+            analyze_features(three, selection="paper", pair_analyses=every)
+        assert (
+            len(analyze_features(three, selection="paper", pair_analyses=every[:2] + every[3:4]).correspondences) == 3
+        )
+
+    @pytest.mark.parametrize("pairs", [[(1, 0)], [(0, 4)], [(0, 1), (0, 1)], [(0,)], "01", [(0.0, 1)]])
+    def test_bad_pairs_are_refused(self, planted4, pairs):
+        from cosegment import analyze_pairs
+
+        with pytest.raises((ValueError, TypeError), match="pairs"):
+            analyze_pairs(planted4.features, pairs)

@@ -46,3 +46,19 @@ def test_custom_pipeline_snippet_runs(tiny_sd_path):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     assert type(namespace["pipe"]).__name__ == "StableDiffusionCoSegmentationPipeline"
+
+
+def test_split_analysis_snippet_runs_in_one_process():
+    """The multi-process snippet, as written, in a one-process accelerate state: it joins every pair itself."""
+    from cosegment import analyze_features
+    from cosegment.benchmarks.planted import make_planted_features
+
+    block = next(b for b in python_blocks() if "analyze_pairs(" in b)
+    features = make_planted_features(3, noise=0.3, seed=3001).features
+    namespace: dict = {"features": features}
+    exec(compile(block, "README.md", "exec"), namespace)
+    expected = analyze_features(features)
+    assert np.array_equal(namespace["output"].density_maps, expected.density_maps)
+    assert expected.density_maps.sum() > 0
+    for mine, theirs in zip(namespace["output"].part_masks, expected.part_masks, strict=True):
+        assert np.array_equal(mine, theirs)
