@@ -42,16 +42,23 @@ def _write_tokenizer_files(folder: str) -> tuple[str, str]:
     return vocab_file, merges_file
 
 
-def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32, seed: int = 0):
-    """Builds (and saves to `folder` when given) a tiny random `StableDiffusionPipeline` shaped like SD 2.x.
+def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32, seed: int = 0, version: str = "2"):
+    """Builds (and saves to `folder` when given) a tiny random `StableDiffusionPipeline` shaped like SD 2.x (or 1.x).
 
-    Four UNet levels like SD (so sizes are multiples of 64 and `up_blocks.2` reads 1/2 of the latent grid), linear
-    projections, a VAE with scale factor 8, a 2-layer CLIP text encoder and a byte-level tokenizer with
-    `model_max_length=77`. At `sample_size=32` the processing size is 256 px and `up_blocks.2` has 16 x 16 tokens.
+    Four UNet levels like SD (so sizes are multiples of 64 and `up_blocks.2` reads 1/2 of the latent grid), a VAE
+    with scale factor 8, a 2-layer CLIP text encoder and a byte-level tokenizer with `model_max_length=77`. At
+    `sample_size=32` the processing size is 256 px and `up_blocks.2` has 16 x 16 tokens.
+
+    `version="2"` (SD 2.x): linear attention projections, per-level head dimensions (`attention_head_dim` a tuple),
+    no safety checker. `version="1"` (SD 1.x): convolutional projections, `attention_head_dim` an int (which diffusers
+    reads as the number of heads, as SD 1.x's configs do), and a tiny safety checker with its feature extractor and
+    `requires_safety_checker=True`, as in SD 1.x repositories.
 
     Returns:
         the `StableDiffusionPipeline` (float32, CPU).
     """
+    if version not in ("1", "2"):
+        raise ValueError(f"`version` must be '1' or '2', got {version!r}.")
     import tempfile
 
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -67,8 +74,8 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=(2, 4, 4, 4),
-        use_linear_projection=True,
+        attention_head_dim=(2, 4, 4, 4) if version == "2" else 2,
+        use_linear_projection=version == "2",
         norm_num_groups=16,
     )
     vae = AutoencoderKL(
@@ -110,15 +117,27 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    safety_checker = feature_extractor = None
+    if version == "1":
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPConfig, CLIPImageProcessor
+
+        vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+        vision.update({"image_size": 32, "patch_size": 8})
+        text = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+        safety_checker = StableDiffusionSafetyChecker(
+            CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+        )
+        feature_extractor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=version == "1",
     )
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:

@@ -43,6 +43,15 @@ def tiny_sd_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd1_path(tmp_path_factory) -> str:
+    """A tiny random SD1-shaped `StableDiffusionPipeline` (int `attention_head_dim`, conv projections, a safety
+    checker and feature extractor, `requires_safety_checker=True`), saved once per test session."""
+    folder = str(tmp_path_factory.mktemp("tiny-sd1"))
+    make_tiny_stable_diffusion(folder, version="1")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_sd_path):
     from cosegment import StableDiffusionCoSegmentationPipeline
 

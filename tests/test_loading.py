@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import BLOCK_COSEGMENT
 from diffusers import StableDiffusionPipeline
@@ -39,7 +40,48 @@ def test_from_pretrained_registers_sd_components(tiny_pipe):
     assert tiny_pipe.default_size == 256 and tiny_pipe.size_multiple == 64
 
 
-def test_custom_pipeline_file_loads_without_the_package(tiny_sd_path, tmp_path):
+def test_sd1_shaped_folder_loads_and_runs(tiny_sd1_path, photos):
+    """SD 1.x: `attention_head_dim` is an int that diffusers reads as the head count, projections are convolutions,
+    and the repository carries a safety checker, which loads (so the folder does) but never runs."""
+    from conftest import NO_FILTER
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd1_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.feature_extractor is not None
+    assert pipe.config.requires_safety_checker is True
+    assert not pipe.unet.config.use_linear_projection and isinstance(pipe.unet.config.attention_head_dim, int)
+    assert pipe.resolve_attention_layers() == [
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn1",
+    ]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the safety checker ran")
+
+    hook = pipe.safety_checker.register_forward_pre_hook(refuse)
+    try:
+        out = pipe(
+            image=photos[:2],
+            height=128,
+            width=128,
+            generator=torch.Generator().manual_seed(0),
+            return_features=True,
+            **NO_FILTER,
+        )
+    finally:
+        hook.remove()
+    heads = pipe.unet.config.attention_head_dim  # SD 1.x: the number of heads
+    channels = pipe.unet.config.block_out_channels[::-1][2]
+    assert out.features.queries[0].shape == (2, heads, 64, channels // heads)
+    assert out.features.grid_size == (8, 8) and out.density_maps.shape == (2, 8, 8)
+    assert len(out.correspondences[0]) >= 64 and np.isfinite(out.entropy_maps).all()
+    assert [m.shape for m in out.masks] == [p.shape[:2] for p in photos[:2]]
+
+
+@pytest.mark.parametrize("folder", ["tiny_sd_path", "tiny_sd1_path"])
+def test_custom_pipeline_file_loads_without_the_package(folder, request, tmp_path):
+    tiny_sd_path = request.getfixturevalue(folder)
     code = f"""
     import json, torch, numpy as np
     from diffusers import DiffusionPipeline
@@ -76,8 +118,9 @@ def _txt2img(pipe: StableDiffusionPipeline) -> np.ndarray:
     ).images
 
 
-def test_from_pipe_both_ways_and_sibling_unchanged(tiny_sd_path, photos):
-    sd = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+@pytest.mark.parametrize("folder", ["tiny_sd_path", "tiny_sd1_path"])
+def test_from_pipe_both_ways_and_sibling_unchanged(folder, request, photos):
+    sd = StableDiffusionPipeline.from_pretrained(request.getfixturevalue(folder))
     sd.set_progress_bar_config(disable=True)
     before = _txt2img(sd)
     coseg = StableDiffusionCoSegmentationPipeline.from_pipe(sd)
@@ -91,5 +134,5 @@ def test_from_pipe_both_ways_and_sibling_unchanged(tiny_sd_path, photos):
     np.testing.assert_array_equal(before, after)
     back = StableDiffusionPipeline.from_pipe(coseg)
     back.set_progress_bar_config(disable=True)
-    assert back.unet is sd.unet
+    assert back.unet is sd.unet and back.safety_checker is sd.safety_checker
     np.testing.assert_array_equal(_txt2img(back), before)
