@@ -216,6 +216,15 @@ def _run_cli(command: list[str], out: str) -> subprocess.CompletedProcess:
     return result
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (accelerate's default, 29500, may be taken by another job on the machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo) against a plain one-process run.
 
@@ -228,7 +237,7 @@ def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, 
     _run_cli([sys.executable] + cli, one)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--num_cpu_threads_per_process", "1"]
+    launch += ["--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port())]
     two = str(tmp_path / "two")
     result = _run_cli(launch + cli, two)
     assert "[rank 0/2] capturing images [0, 1]" in result.stderr
