@@ -415,15 +415,17 @@ def _assert_same_output(mine, theirs):
             assert np.array_equal(a, b), name
 
 
+@pytest.fixture(scope="module")
+def planted4():
+    return make_planted_features(4, noise=0.3, seed=4001)
+
+
+@pytest.fixture(scope="module")
+def full4(planted4):
+    return analyze_features(planted4.features)
+
+
 class TestPairAnalysesJoined:
-    @pytest.fixture(scope="class")
-    def planted4(self):
-        return make_planted_features(4, noise=0.3, seed=4001)
-
-    @pytest.fixture(scope="class")
-    def full4(self, planted4):
-        return analyze_features(planted4.features)
-
     def test_split_shares_joined_equal_one_analysis(self, planted4, full4):
         """Pairs analysed in two shares (as two processes would), moved to the CPU, joined in another order."""
         from cosegment import analyze_pairs
