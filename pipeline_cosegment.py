@@ -345,6 +345,16 @@ def _exact_int(value: Any) -> int:
     raise TypeError(f"expected an int, got {value!r}")
 
 
+def _threshold_overrides(max_entropy, max_spread, max_collapse, max_inverse_error) -> dict[str, float | None]:
+    """The threshold arguments by name (`None`: the preset's value)."""
+    return {
+        "max_entropy": max_entropy,
+        "max_spread": max_spread,
+        "max_collapse": max_collapse,
+        "max_inverse_error": max_inverse_error,
+    }
+
+
 def _resolve_thresholds(
     selection: str, stats, num_tokens: int, overrides: dict[str, float | None]
 ) -> SelectionThresholds:
@@ -522,12 +532,7 @@ def analyze_pairs(
     Returns:
         `list[PairAnalysis]`, one per pair, in the order of `pairs`.
     """
-    overrides = {
-        "max_entropy": max_entropy,
-        "max_spread": max_spread,
-        "max_collapse": max_collapse,
-        "max_inverse_error": max_inverse_error,
-    }
+    overrides = _threshold_overrides(max_entropy, max_spread, max_collapse, max_inverse_error)
     _check_analysis_arguments(selection, "np", overrides)
     device = _analysis_device(features, chunk_size, device, progress)
     pairs = _check_pairs(pairs, features.num_images)
@@ -659,12 +664,7 @@ def analyze_features(
         re-raised with "pair (s, t)" in its message, as the same type where that type takes a message (else a
         `RuntimeError`), chained to the original.
     """
-    overrides = {
-        "max_entropy": max_entropy,
-        "max_spread": max_spread,
-        "max_collapse": max_collapse,
-        "max_inverse_error": max_inverse_error,
-    }
+    overrides = _threshold_overrides(max_entropy, max_spread, max_collapse, max_inverse_error)
     _check_analysis_arguments(selection, output_type, overrides)
     _check_segmentation_arguments(num_parts, background_threshold)
     num_parts = None if num_parts is None else int(num_parts)
@@ -1404,12 +1404,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             output's fields in order, `features` appended when `return_features=True`) when `return_dict` is
             `False`.
         """
-        overrides = {
-            "max_entropy": max_entropy,
-            "max_spread": max_spread,
-            "max_collapse": max_collapse,
-            "max_inverse_error": max_inverse_error,
-        }
+        overrides = _threshold_overrides(max_entropy, max_spread, max_collapse, max_inverse_error)
         # 0. Check everything before touching the UNet (images are converted once, here)
         images = self.check_inputs(
             image,
