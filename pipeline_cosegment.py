@@ -1255,6 +1255,37 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             batch_size=batch_size,
             generator=generator,
         )
+        return self._capture(
+            images,
+            prompt,
+            height,
+            width,
+            timestep,
+            ensemble_size,
+            attention_layers,
+            batch_size,
+            generator,
+            stop_early,
+            image_indices,
+        )
+
+    @torch.no_grad()
+    def _capture(
+        self,
+        images: list[torch.Tensor],
+        prompt: str,
+        height: int | None,
+        width: int | None,
+        timestep: int,
+        ensemble_size: int,
+        attention_layers: str | Sequence[str] | int | None,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        stop_early: bool = True,
+        image_indices: Sequence[int] | None = None,
+    ) -> CoSegmentationFeatures:
+        """:meth:`capture_features` for arguments that :meth:`check_inputs` has already checked (`images` are the
+        converted images it returned): `__call__` validates once, then captures through here."""
         height = self.default_size if height is None else int(height)
         width = self.default_size if width is None else int(width)
         timestep, ensemble_size, batch_size = int(timestep), int(ensemble_size), int(batch_size)
@@ -1423,17 +1454,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         )
         _check_segmentation_arguments(num_parts, background_threshold)
 
-        # 1-3. Encode, noise, capture
-        features = self.capture_features(
-            images,
-            prompt=prompt,
-            height=height,
-            width=width,
-            timestep=timestep,
-            ensemble_size=ensemble_size,
-            attention_layers=attention_layers,
-            batch_size=batch_size,
-            generator=generator,
+        # 1-3. Encode, noise, capture (the arguments were checked above: no second validation)
+        features = self._capture(
+            images, prompt, height, width, timestep, ensemble_size, attention_layers, batch_size, generator
         )
 
         # 4-11. Analyse the captured features
