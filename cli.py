@@ -27,6 +27,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 THRESHOLD_ARGS = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
 
 logger = logging.getLogger("cosegment.cli")
+
+if TYPE_CHECKING:
+    from cosegment import CoSegmentationFeatures
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,8 +214,12 @@ def _fit(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 def _write_png(path: str, rgb: np.ndarray) -> None:
     import cv2
 
-    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    from cosegment.utils.files import write_bytes
+
+    encoded, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not encoded:
+        raise OSError(f"could not encode {path}")
+    write_bytes(path, data.tobytes())  # atomic: a complete file or none
 
 
 def write_figures(
@@ -342,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=50, help="matches drawn per pair picture")
     parser.add_argument("--figure-size", type=_positive_int, default=384, help="longer side of pictured images")
     parser.add_argument("--no-figures", action="store_true", help="write no PNG pictures")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="reuse",
+        choices=("reuse", "overwrite"),
+        default=None,
+        help="reuse the features and pair analyses an earlier run with the same settings kept in --out/resume "
+        "(refused, naming them, when settings differ); --resume=overwrite recomputes what changed settings make "
+        "stale and reuses the rest. Put it after the images.",
+    )
     return parser
 
 
@@ -383,12 +401,8 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from cosegment import (
-        CoSegmentationFeatures,
-        StableDiffusionCoSegmentationPipeline,
-        analyze_features,
-        analyze_pairs,
-    )
+    from cosegment import analyze_features, analyze_pairs
+    from cosegment.runstate import RunState, record_settings
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -413,10 +427,90 @@ def run(args: argparse.Namespace) -> dict:
     collection_only = {"num_parts": args.num_parts} if args.num_parts is not None else {}
     segment = not args.no_segment
 
-    # 1-3. Capture: each process its share of whole batches, with the noise of a one-process run.
+    # What an earlier run kept in --out/resume that this one may reuse (see runstate.py)
+    kept = RunState(args.out, record_settings(vars(args)), resume=args.resume)
+    kept.check()  # every process: the one-line refusal when settings differ
+    if main:
+        kept.start()
+        for change in kept.changes:
+            logger.info("resume: %s", change)
+    state.wait_for_everyone()
+
+    features = kept.load_features()
+    if features is not None:
+        logger.info("resume: reused the features of %d images from %s", features.num_images, kept.features_path)
+    else:
+        features = _capture(args, images, state)
+        if main:
+            kept.save_features(features)
+
+    # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs, each kept as it finishes.
+    my_pairs = pair_shares(features.num_images, world)[rank]
+    with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
+        my_analyses, reused = kept.pair_analyses(
+            features, my_pairs, analyze_pairs, progress=bar.update, device=state.device, **analysis
+        )
+    if reused:
+        logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), reused)
+    logger.info("analysed %d pairs", len(my_pairs) - len(reused))
+    pair_analyses = gather_object(my_analyses)
+
+    document = None
+    if main:
+        # 8b-11. The collection-level steps on the main process, from every pair's analysis: the same output as a
+        # one-process `analyze_features(features)`.
+        output = analyze_features(
+            features,
+            output_type="np",
+            device=state.device,
+            pair_analyses=pair_analyses,
+            **analysis,
+            **collection_only,
+        )
+        if not segment:
+            output.masks = output.part_masks = output.keypoints = output.keypoint_parts = None
+        settings = {
+            "height": features.metadata.get("height"),
+            "width": features.metadata.get("width"),
+            "seed": args.seed,
+            "timestep": args.timestep,
+            "ensemble_size": args.ensemble_size,
+            "attention_layers": features.metadata.get("layers"),
+            "prompt": args.prompt,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "analysis": {**analysis, **collection_only},
+            "segment": segment,
+        }
+        document = results_document(
+            output, args.images, features.image_sizes, features.grid_size, settings, args.model
+        )
+        os.makedirs(args.out, exist_ok=True)
+        from cosegment.utils.files import save_safetensors, write_text
+
+        # Atomic writes (a complete file or none); results.json, which names the others, last.
+        save_safetensors(
+            results_arrays(output), os.path.join(args.out, "results.safetensors"), metadata={"format": RESULTS_FORMAT}
+        )
+        if not args.no_figures:
+            document["figures"] = write_figures(output, images, args.out, top_k=args.top_k, max_side=args.figure_size)
+        write_text(os.path.join(args.out, "results.json"), dumps_results(document))
+        logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
+    state.wait_for_everyone()
+    return document
+
+
+def _capture(args: argparse.Namespace, images: list[np.ndarray], state) -> "CoSegmentationFeatures":
+    """1-3. Capture: each process its share of whole batches, with the noise of a one-process run; the features of
+    every image, gathered to every process."""
+    from accelerate.utils import gather_object
+
+    from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline
+
+    rank, world = state.process_index, state.num_processes
     pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model, **_dtype_argument(DTYPES[args.dtype]))
     pipe = pipe.to(state.device)
-    pipe.set_progress_bar_config(disable=not main, desc="capture")
+    pipe.set_progress_bar_config(disable=not state.is_main_process, desc="capture")
     shares = capture_shares(len(images), args.batch_size, world)
     mine = shares[rank]
     payload = []
@@ -458,57 +552,7 @@ def run(args: argparse.Namespace) -> dict:
         first["metadata"],
     )
     logger.info("features of %d images gathered", features.num_images)
-
-    # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
-    my_pairs = pair_shares(features.num_images, world)[rank]
-    with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
-        my_analyses = analyze_pairs(features, my_pairs, device=state.device, progress=bar.update, **analysis)
-    logger.info("analysed %d pairs", len(my_pairs))
-    pair_analyses = gather_object([pair.to("cpu") for pair in my_analyses])
-
-    document = None
-    if main:
-        # 8b-11. The collection-level steps on the main process, from every pair's analysis: the same output as a
-        # one-process `analyze_features(features)`.
-        output = analyze_features(
-            features,
-            output_type="np",
-            device=state.device,
-            pair_analyses=pair_analyses,
-            **analysis,
-            **collection_only,
-        )
-        if not segment:
-            output.masks = output.part_masks = output.keypoints = output.keypoint_parts = None
-        settings = {
-            "height": features.metadata.get("height"),
-            "width": features.metadata.get("width"),
-            "seed": args.seed,
-            "timestep": args.timestep,
-            "ensemble_size": args.ensemble_size,
-            "attention_layers": features.metadata.get("layers"),
-            "prompt": args.prompt,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
-            "analysis": {**analysis, **collection_only},
-            "segment": segment,
-        }
-        document = results_document(
-            output, args.images, features.image_sizes, features.grid_size, settings, args.model
-        )
-        os.makedirs(args.out, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file(
-            results_arrays(output), os.path.join(args.out, "results.safetensors"), metadata={"format": RESULTS_FORMAT}
-        )
-        if not args.no_figures:
-            document["figures"] = write_figures(output, images, args.out, top_k=args.top_k, max_side=args.figure_size)
-        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-            handle.write(dumps_results(document))
-        logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
-    state.wait_for_everyone()
-    return document
+    return features
 
 
 def dumps_results(document: dict) -> str:
@@ -545,13 +589,31 @@ def _json_safe(value):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cosegment.runstate import RunInterrupted, describe_kept, stop_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(args)
-    except ValueError as error:
-        parser.error(str(error))
+        with stop_on_signals():  # SIGINT, SIGTERM -> RunInterrupted: writers clean up, no partial file
+            run(args)
+    except RunInterrupted as stop:
+        _say(f"{stop}: kept {describe_kept(args.out)}; run the same command with --resume to continue")
+        return stop.exit_code
+    except Exception as error:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: name the failing process
+            _say(f"failed: {type(error).__name__}: {error}")
+        if isinstance(error, ValueError):
+            parser.error(str(error))
+        raise
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr, through the run's logger (time and process) once `run` has set it up."""
+    if logger.handlers:
+        logger.error("%s", line)
+    else:
+        print(f"cosegment: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import math
 import numbers
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .processors.cross_self_attention import (
@@ -51,6 +50,7 @@ from .utils.correspondence import (
     select_matches,
     token_centres_in_pixels,
 )
+from .utils.files import copy_file, save_safetensors, write_text
 from .utils.images import collect_images
 from .utils.images import describe as _describe
 from .utils.segmentation import (
@@ -258,7 +258,8 @@ class CoSegmentationFeatures:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header)."""
+        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header), atomically: an
+        interruption leaves the previous file, or none, never a partial one."""
         tensors = {}
         for i, (q, k) in enumerate(zip(self.queries, self.keys)):
             tensors[f"queries.{i}"] = q.detach().contiguous().cpu()
@@ -270,7 +271,7 @@ class CoSegmentationFeatures:
             "layer_names": json.dumps(list(self.layer_names)),
             "metadata": json.dumps(self.metadata),
         }
-        save_file(tensors, os.fspath(path), metadata=header)
+        save_safetensors(tensors, path, metadata=header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":
@@ -999,14 +1000,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         for relative in pipeline_code_files(__file__):
             destination = os.path.join(save_directory, relative)
             os.makedirs(os.path.dirname(destination), exist_ok=True)
-            shutil.copyfile(os.path.join(source_dir, relative), destination)
+            copy_file(os.path.join(source_dir, relative), destination)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as handle:
             model_index = json.load(handle)
         module_name = os.path.splitext(os.path.basename(__file__))[0]
         model_index["_class_name"] = [module_name, type(self).__name__]
-        with open(index_path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+        write_text(index_path, json.dumps(model_index, indent=2, sort_keys=True) + "\n")
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 

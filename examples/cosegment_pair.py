@@ -13,11 +13,11 @@ import argparse
 import os
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers.utils import load_image
 
 from cosegment import DEFAULT_MODEL_ID, StableDiffusionCoSegmentationPipeline
+from cosegment.utils.files import save_png
 from cosegment.utils.visualization import (
     add_title,
     draw_correspondences,
@@ -89,7 +89,7 @@ def main() -> None:
         written["segmentation.png"] = _stack(rows)
 
     for name, picture in written.items():
-        PIL.Image.fromarray(picture).save(os.path.join(args.out, name))
+        save_png(os.path.join(args.out, name), picture)  # atomic: a complete file or none
         print(f"wrote {os.path.join(args.out, name)} {picture.shape[1]}x{picture.shape[0]}")
 
 
