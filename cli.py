@@ -488,7 +488,10 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(args.out, exist_ok=True)
         from cosegment.utils.files import save_safetensors, write_text
 
-        # Atomic writes (a complete file or none); results.json, which names the others, last.
+        # Atomic writes (a complete file or none). results.json, which names the others, goes first and comes back
+        # last: whenever it exists, the files it names are from the same run.
+        if os.path.exists(os.path.join(args.out, "results.json")):
+            os.remove(os.path.join(args.out, "results.json"))
         save_safetensors(
             results_arrays(output), os.path.join(args.out, "results.safetensors"), metadata={"format": RESULTS_FORMAT}
         )

@@ -7,6 +7,7 @@ sleeps that race), then check the folder and resume in this process.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,8 +314,6 @@ def _inode(path) -> int:
 
 
 def test_resume_after_a_complete_run_reuses_everything(clean_run, image_files, tiny_sd_path, tmp_path, capsys):
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(clean_run, out)
     features = _inode(out / "resume" / "features.safetensors")
@@ -332,8 +331,6 @@ def test_resume_after_a_complete_run_reuses_everything(clean_run, image_files, t
 def test_resume_refuses_other_settings_and_overwrite_recomputes(
     clean_run, image_files, tiny_sd_path, tmp_path, capsys
 ):
-    import shutil
-
     out = tmp_path / "out"
     shutil.copytree(clean_run, out)
     features = _inode(out / "resume" / "features.safetensors")
@@ -465,6 +462,10 @@ def test_interrupted_run_keeps_complete_files_and_resumes(
     point, signum, kept_pairs, clean_run, image_files, tiny_sd_path, tmp_path, capsys
 ):
     out = tmp_path / "out"
+    if point.startswith("write:"):  # over an earlier run's results
+        out.mkdir()
+        for name in ("results.json", "results.safetensors"):
+            shutil.copy(clean_run / name, out / name)
     arguments = _arguments(image_files, tiny_sd_path, out)
     stopped = _interrupt(arguments, point, signum, tmp_path)
     name = signal.Signals(signum).name
@@ -474,7 +475,12 @@ def test_interrupted_run_keeps_complete_files_and_resumes(
     assert lines[0].endswith("run the same command with --resume to continue")
     assert "Traceback" not in stopped.stderr
     _assert_every_file_complete(out)
-    assert not (out / "results.json").exists() and not (out / "results.safetensors").exists()
+    # results.json goes before the arrays are written: it never names files of another run
+    assert not (out / "results.json").exists()
+    if point.startswith("write:"):  # the earlier arrays, whole
+        assert_same_contents(str(clean_run / "results.safetensors"), str(out / "results.safetensors"))
+    else:
+        assert not (out / "results.safetensors").exists()
     kept_features = (out / "resume" / "features.safetensors").exists()
     assert kept_features == (point != "capture")
     assert len(os.listdir(out / "resume" / "pairs")) == kept_pairs
