@@ -521,18 +521,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_failing_rank_stops_two_processes_with_its_error(image_files, tiny_sd_path, tmp_path):
-    from test_cli import _free_port
-
     script = tmp_path / "failing_cli.py"
     script.write_text(FAILING_RANK_CLI)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port())]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, env.get("PYTHONPATH")) if p)
     out = tmp_path / "out"
     result = subprocess.run(
-        launch + [str(script)] + _arguments(image_files, tiny_sd_path, out),
+        _launch_two() + [str(script)] + _arguments(image_files, tiny_sd_path, out),
         env=env,
         capture_output=True,
         text=True,
@@ -542,3 +537,29 @@ def test_a_failing_rank_stops_two_processes_with_its_error(image_files, tiny_sd_
     assert "[rank 1/2] failed: ValueError: planted failure" in result.stderr, result.stderr[-4000:]
     assert not (out / "results.json").exists()
     _assert_every_file_complete(out)
+
+
+def _launch_two() -> list[str]:
+    from test_cli import _free_port
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return launch + ["--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port())]
+
+
+def test_one_process_run_resumes_with_two(clean_run, image_files, tiny_sd_path, tmp_path):
+    """Kept pairs are found whichever process gets them: 1 process stopped after 2 pairs, 2 processes finish."""
+    out = tmp_path / "out"
+    arguments = _arguments(image_files, tiny_sd_path, out)
+    assert _interrupt(arguments, "pair:2", signal.SIGTERM, tmp_path).returncode == 143
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, env.get("PYTHONPATH")) if p)
+    command = _launch_two() + ["-m", "cosegment"] + arguments + ["--resume"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):  # kept: (0, 1) and (0, 2); rank 0 analyses (0, 1), (0, 3), (1, 3), rank 1 the others
+        assert f"[rank {rank}/2] resume: reused the features of 4 images" in result.stderr
+        assert f"[rank {rank}/2] resume: reused 1 of 3 pair analyses" in result.stderr
+        assert f"[rank {rank}/2] analysed 2 pairs" in result.stderr
+    assert "capturing" not in result.stderr
+    _assert_same_as(clean_run, out)
