@@ -332,8 +332,9 @@ def describe_kept(out_dir: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class RunInterrupted(Exception):
-    """Raised in the main thread by SIGINT or SIGTERM within :func:`stop_on_signals`.
+class RunInterrupted(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM within :func:`stop_on_signals`. Like `KeyboardInterrupt` it is
+    not an `Exception`, so that no `except Exception` (e.g. the one naming the pair of an analysis error) takes it.
 
     Attributes:
         signum (`int`): the signal; `exit_code` is `128 + signum` (130 for SIGINT, 143 for SIGTERM), as a shell

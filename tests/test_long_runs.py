@@ -361,7 +361,8 @@ def test_resume_refuses_other_settings_and_overwrite_recomputes(
 # ---------------------------------------------------------------------------------------------------------------------
 
 # Runs `cosegment` with one function patched to write the marker file $PAUSE_MARK and wait for a signal at a point:
-# "capture" (at the second UNet forward, attention processors installed), "pair:N" (N pair analyses finished and kept),
+# "capture" (at the second UNet forward, attention processors installed), "pair:N" (inside the analysis of the pair
+# after N finished and kept ones),
 # "write:NAME" (NAME written completely under its temporary name, not yet renamed).
 PAUSING_CLI = r"""
 import os, sys, time
@@ -383,14 +384,15 @@ if point == "capture":
             pause()
         return forward(self, *args, **kwargs)
     diffusers.UNet2DConditionModel.forward = paused_forward
-elif point.startswith("pair:"):
-    analyze, done = cosegment.analyze_pairs, []
-    def paused_analyze(*args, **kwargs):
-        if len(done) == int(point[5:]):
+elif point.startswith("pair:"):  # inside the next pair's analysis (pass_statistics runs twice per pair)
+    module = sys.modules[cosegment.analyze_pairs.__module__]
+    statistics, calls = module.pass_statistics, []
+    def paused_statistics(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * int(point[5:]) + 1:
             pause()
-        done.append(1)
-        return analyze(*args, **kwargs)
-    cosegment.analyze_pairs = paused_analyze
+        return statistics(*args, **kwargs)
+    module.pass_statistics = paused_statistics
 elif point.startswith("write:"):
     import safetensors.torch
     save = safetensors.torch.save_file
