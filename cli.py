@@ -451,7 +451,8 @@ def run(args: argparse.Namespace) -> dict:
             features, my_pairs, analyze_pairs, progress=bar.update, device=state.device, **analysis
         )
     if reused:
-        logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), reused)
+        shown = ", ".join(map(str, reused[:8])) + (" ..." if len(reused) > 8 else "")
+        logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), shown)
     logger.info("analysed %d pairs", len(my_pairs) - len(reused))
     pair_analyses = gather_object(my_analyses)
 
