@@ -135,10 +135,10 @@ class Layout:
         return np.where(rel.min(-1) < 1.0, rel.argmin(-1) + 1, 0)
 
     def area(self) -> float:
-        """The object's area in canonical cells squared (sampled at 0.1 cell)."""
-        g = np.arange(-4.0 * self.radius, 4.0 * self.radius, 0.1)
+        """The object's area in canonical cells squared (sampled every 0.15 cell)."""
+        g = np.arange(-4.0 * self.radius, 4.0 * self.radius, 0.15)
         rr, cc = np.meshgrid(g, g, indexing="ij")
-        return float((self.parts_at(rr, cc) > 0).sum() * 0.01)
+        return float((self.parts_at(rr, cc) > 0).sum() * 0.15**2)
 
     def extent(self) -> float:
         """Largest distance from the canonical origin of a point of the object."""

@@ -29,7 +29,7 @@ def content(case, features=None) -> np.ndarray:
     a = model.amp * w_q.reshape(-1, w_q.shape[-1])  # (H d, C), full column rank
     q = features.queries[0].double().numpy()  # (M, H, N, d)
     q = np.transpose(q, (0, 2, 1, 3)).reshape(q.shape[0], q.shape[2], -1)  # (M, N, H d)
-    return np.linalg.lstsq(a, q.reshape(-1, q.shape[-1]).T, rcond=None)[0].T.reshape(q.shape[0], q.shape[1], -1)
+    return q @ np.linalg.pinv(a).T
 
 
 def cosine(a, b) -> np.ndarray:
