@@ -263,3 +263,16 @@ class TestMetrics:
         two = joint_kmeans_parts(case.features, oracle, num_parts=2)
         assert set(np.unique(np.concatenate([p.ravel() for p in two.part_masks]))) == {0, 1, 2}
         assert score_case(case, parts)["nmi"] > score_case(case, two)["nmi"]
+
+
+def test_readme_snippet_runs_as_written():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "make_family_case" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    case, score = namespace["case"], namespace["score"]
+    assert namespace["reference"].num_images == 16 and case.outliers.sum() == 1
+    assert 0.0 <= score["outlier_share"] <= 1.0 and 0.0 <= score["precision"] <= 1.0
