@@ -2,6 +2,8 @@
 at the requested strength, content-free reference captures, the metrics and the joint k-means baseline."""
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,9 +268,6 @@ class TestMetrics:
 
 
 def test_readme_snippet_runs_as_written():
-    import re
-    from pathlib import Path
-
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "make_family_case" in b)
     namespace: dict = {}
