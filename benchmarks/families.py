@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # run as a script from a checkout named `cosegmen
         sys.path.insert(0, os.path.dirname(_ROOT))
 
 from cosegment import CoSegmentationFeatures, analyze_features  # noqa: E402
-from cosegment.benchmarks.planted import normalized_mutual_information  # noqa: E402
+from cosegment.benchmarks.planted import _to_numpy, _unit, normalized_mutual_information  # noqa: E402
 
 FAMILIES = ("sectors", "blobs", "bands", "chain")
 
@@ -76,10 +76,6 @@ SPLITS = {
     "design": Split(("sectors", "blobs"), range(0, 1000)),
     "heldout": Split(("bands", "chain", "sectors"), range(1000, 2000)),
 }
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def _smooth(rng: np.random.Generator, coords: np.ndarray, channels: int, length: float, waves: int = 48):
@@ -616,10 +612,6 @@ def make_reference(case: FamilyCase, num_images: int = 16, seed: int = 0) -> CoS
 # ---------------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _to_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def match_correct(case: FamilyCase, s: int, t: int, source_tokens, target_tokens, pck: float = 0.1) -> np.ndarray:
