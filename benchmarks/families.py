@@ -924,20 +924,24 @@ def run_table(
     quick: bool = False,
     seeds: int | None = None,
     tables=("parts", "outlier", "hidden", "sd"),
+    families: tuple[str, ...] | None = None,
 ) -> dict[str, list[dict]]:
     """The benchmark's tables for one split, `{name: rows}` for each name in `tables`.
 
-    `parts`: M = 2, 4, 8 (quick: 2, 4) for the split's first two families, part counts 3, 4, 5 in turn over the
-    seeds. `outlier`: one background-only image among 5. `hidden`: one image of 4 lacks one part. `sd`: clean,
+    `parts`: M = 2, 4, 8 (quick: 2, 4) for each of the split's families (or `families`, which must belong to the
+    split), part counts 3, 4, 5 in turn over the seeds. `outlier`: one background-only image among 5. `hidden`: one image of 4 lacks one part. `sd`: clean,
     positional 0.3 / 0.5 and all three components (positional 0.5, corners 0.9, 6 high-norm tokens at 3x) at M = 2
     and 4. `seeds` collections per cell (default 3, quick 1), taken in order from the split's seed range; the
     outlier, hidden and SD cells take the split's families in turn.
     """
     split = SPLITS[split_name]
+    families = split.families if families is None else tuple(families)
+    if not set(families) <= set(split.families):
+        raise ValueError(f"`families` must be families of the {split_name} split {split.families}, got {families}.")
     seeds = (1 if quick else 3) if seeds is None else seeds
     sizes = (2, 4) if quick else (2, 4, 8)
     makers = {
-        "parts": lambda: parts_rows(split, split.families[:2], sizes, seeds),
+        "parts": lambda: parts_rows(split, families, sizes, seeds),
         "outlier": lambda: outlier_rows(split, seeds),
         "hidden": lambda: hidden_rows(split, seeds),
         "sd": lambda: sd_rows(split, (2, 4), seeds),
@@ -959,6 +963,7 @@ def main(argv: list[str] | None = None) -> None:
         default=["parts", "outlier", "hidden", "sd"],
         choices=["parts", "outlier", "hidden", "sd"],
     )
+    parser.add_argument("--families", nargs="+", default=None, help="parts table: these families of the split only")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     split = SPLITS[args.split]
@@ -966,7 +971,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"split {args.split}: families {', '.join(split.families)}; seeds from {split.seeds.start}")
     for name in args.tables:
         print(f"\n{name}\n")
-        print(markdown(run_table(args.split, args.quick, seeds, (name,))[name]), flush=True)
+        print(markdown(run_table(args.split, args.quick, seeds, (name,), args.families)[name]), flush=True)
     print(
         f"\n{seeds} collection(s) per row, 32 x 32 tokens, 4 heads, d = 32, noise 0.3, analyze_features(selection="
         f"'auto'); {time.perf_counter() - start:.0f} s."
