@@ -275,3 +275,14 @@ def test_readme_snippet_runs_as_written():
     case, score = namespace["case"], namespace["score"]
     assert namespace["reference"].num_images == 16 and case.outliers.sum() == 1
     assert 0.0 <= score["outlier_share"] <= 1.0 and 0.0 <= score["precision"] <= 1.0
+
+
+def test_run_table_checks_its_arguments():
+    from cosegment.benchmarks.families import markdown, run_table
+
+    with pytest.raises(ValueError, match="families"):
+        run_table("design", tables=("parts",), families=("bands",))  # a held-out family in the design split
+    with pytest.raises(ValueError, match="tables"):
+        run_table("heldout", tables=("speed",))
+    table = markdown([{"cell": "a", "nmi": 0.5}, {"cell": "b", "nmi": float("nan")}])
+    assert table.splitlines() == ["| cell | nmi |", "|---|---|", "| a | 0.500 |", "| b | nan |"]
