@@ -293,8 +293,8 @@ class RunState:
         progress: Callable[[int], Any] | None = None,
         **analysis,
     ) -> tuple[list, list[tuple[int, int]]]:
-        """The analyses of `pairs`, in order: kept ones loaded, the others made by `analyze(features, [pair],
-        **analysis)` (:func:`cosegment.analyze_pairs`) and kept as each finishes.
+        """The analyses of `pairs`, in order: kept ones loaded, the others made by `analyze`
+        (:func:`cosegment.analyze_pairs`, called with `**analysis`) one pair at a time and kept as each finishes.
 
         Returns:
             the analyses (on the CPU) and the pairs reused.
@@ -303,7 +303,7 @@ class RunState:
         for source, target in pairs:
             kept = self.load_pair(source, target)
             if kept is None:
-                kept = analyze(features, [(source, target)], **analysis)[0].to("cpu")
+                kept = analyze_one_pair(features, source, target, analyze, **analysis).to("cpu")
                 save_pair_analysis(kept, self.pair_path(source, target))
             else:
                 reused.append((source, target))
@@ -311,6 +311,30 @@ class RunState:
             if progress is not None:
                 progress(1)
         return analyses, reused
+
+
+def analyze_one_pair(features, source: int, target: int, analyze: Callable[..., list], **analysis):
+    """`analyze(features, [(source, target)], **analysis)[0]`, computed on the two images' features alone: the same
+    values, without checking every image's features for each pair (`analyze_pairs` validates all of them, which at 40
+    images of SD 2.1's default layers takes as long as a pair's analysis)."""
+    from cosegment import CoSegmentationFeatures
+
+    chosen = [source, target]
+    two = CoSegmentationFeatures(
+        [q[chosen] for q in features.queries],
+        [k[chosen] for k in features.keys],
+        features.grid_size,
+        [features.image_sizes[source], features.image_sizes[target]],
+        list(features.layer_names),
+        dict(features.metadata),
+    )
+    result = analyze(two, [(0, 1)], **analysis)[0]
+    index = {0: source, 1: target}
+    passes = tuple(
+        dataclasses.replace(one, source_index=index[one.source_index], target_index=index[one.target_index])
+        for one in result.passes
+    )
+    return dataclasses.replace(result, source_index=source, target_index=target, passes=passes)
 
 
 def describe_kept(out_dir: str | os.PathLike) -> str:

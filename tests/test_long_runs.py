@@ -565,3 +565,18 @@ def test_one_process_run_resumes_with_two(clean_run, image_files, tiny_sd_path, 
         assert f"[rank {rank}/2] analysed 2 pairs" in result.stderr
     assert "capturing" not in result.stderr
     _assert_same_as(clean_run, out)
+
+
+def test_one_pair_on_two_images_equals_the_collection_call(features):
+    from cosegment.runstate import analyze_one_pair
+
+    expected = analyze_pairs(features, [(0, 2)], max_spread=50.0)[0]
+    mine = analyze_one_pair(features, 0, 2, analyze_pairs, max_spread=50.0)
+    assert (mine.source_index, mine.target_index, mine.settings) == (0, 2, expected.settings)
+    for a, b in zip(mine.passes, expected.passes):
+        assert (a.source_index, a.target_index, a.thresholds) == (b.source_index, b.target_index, b.thresholds)
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.max_prob, b.max_prob)
+        assert torch.equal(a.inverse_entropy, b.inverse_entropy)
+        for name, value in a.statistics.__dict__.items():
+            assert torch.equal(value, getattr(b.statistics, name))
+    assert [p.source_index for p in mine.passes] == [0, 2]
