@@ -56,10 +56,12 @@ SELECTION_PRESETS = ("paper", "auto")
 OUTPUT_TYPES = ("np", "pt")
 THRESHOLD_NAMES = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
 # Hit regions smaller than this many tokens are isolated hits (noise) and dropped before clustering (step 10); a
-# part of fewer points is dropped too. 3 is the smallest region that is more than a line of two neighbours.
+# part of fewer points is dropped too. 3: a lone hit or a touching pair is what a chance match leaves. Never varied:
+# every measurement in BENCHMARKS.md used this value.
 MIN_REGION_TOKENS = 3
-# Step 11 re-estimates the part distributions from the assigned tokens this many times: one round fixes the
-# under-weighted outline (the clustered points are mostly inner tokens); further rounds barely move the masks.
+# Step 11 re-estimates the part distributions from the tokens assigned to them this many times: the clustered points
+# are mostly inner tokens, so the first distributions under-weight the object's outline. Never varied: every
+# measurement in BENCHMARKS.md used one round.
 SEGMENTATION_REFINEMENTS = 1
 
 
