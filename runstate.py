@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .utils.files import remove_temporaries, save_safetensors, write_json
+from .utils.files import is_temporary, remove_temporaries, save_safetensors, write_json
 
 RUN_FORMAT = "cosegment.run/1"
 PAIR_FORMAT = "cosegment.pair/1"
@@ -341,7 +341,8 @@ def describe_kept(out_dir: str | os.PathLike) -> str:
     """What `out_dir/resume/` holds, in words: `"the features and 3 pair analyses in out/resume"`."""
     folder = os.path.join(os.fspath(out_dir), STATE_FOLDER)
     pairs_folder = os.path.join(folder, "pairs")
-    pairs = len(os.listdir(pairs_folder)) if os.path.isdir(pairs_folder) else 0
+    names = os.listdir(pairs_folder) if os.path.isdir(pairs_folder) else []
+    pairs = len([name for name in names if name.endswith(".safetensors") and not is_temporary(name)])
     features = os.path.isfile(os.path.join(folder, "features.safetensors"))
     if not features and not pairs:
         return "nothing kept yet"

@@ -367,7 +367,7 @@ def test_resume_refuses_other_settings_and_overwrite_recomputes(
 PAUSING_CLI = r"""
 import os, sys, time
 
-point, marker = os.environ["PAUSE_AT"], os.environ["PAUSE_MARK"]
+point, marker = os.environ["PAUSE_AT"], os.environ["PAUSE_MARK"] + os.environ.get("RANK", "")  # one per process
 
 def pause():
     open(marker, "w").close()
@@ -407,18 +407,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _interrupt(arguments: list[str], point: str, signum: int, folder) -> subprocess.CompletedProcess:
-    """Runs the command in a child process until it pauses at `point`, sends `signum`, waits for it to end."""
+def _interrupt(
+    arguments: list[str], point: str, signum: int, folder, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs the command in a child process (or `launcher` with 2 processes) until it pauses at `point` (every process),
+    sends `signum` to the child, waits for it to end."""
     script, marker = folder / "pausing_cli.py", folder / "paused"
     script.write_text(PAUSING_CLI)
+    markers = [marker] if launcher is None else [folder / "paused0", folder / "paused1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PAUSE_AT=point, PAUSE_MARK=str(marker))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (IMPORT_ROOT, env.get("PYTHONPATH")) if p)
     child = subprocess.Popen(
-        [sys.executable, str(script), *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        (launcher or [sys.executable]) + [str(script), *arguments],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 300
-        while not marker.exists():
+        while not all(path.exists() for path in markers):
             if child.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the child never paused at {point}: {child.communicate()[1][-3000:]}")
             time.sleep(0.05)
@@ -580,3 +588,21 @@ def test_one_pair_on_two_images_equals_the_collection_call(features):
         for name, value in a.statistics.__dict__.items():
             assert torch.equal(value, getattr(b.statistics, name))
     assert [p.source_index for p in mine.passes] == [0, 2]
+
+
+def test_sigterm_to_the_launcher_stops_every_process(clean_run, image_files, tiny_sd_path, tmp_path, capsys):
+    """`accelerate launch` passes SIGTERM on: each process stops cleanly and says so; the run resumes."""
+    out = tmp_path / "out"
+    arguments = _arguments(image_files, tiny_sd_path, out)
+    stopped = _interrupt(arguments, "pair:1", signal.SIGTERM, tmp_path, launcher=_launch_two())
+    assert stopped.returncode != 0
+    for rank in (0, 1):  # each stopped inside its second pair: (0, 1) and (0, 2) are kept
+        assert f"[rank {rank}/2] interrupted by SIGTERM: kept the features and " in stopped.stderr, stopped.stderr[
+            -3000:
+        ]
+    _assert_every_file_complete(out)
+    assert sorted(os.listdir(out / "resume" / "pairs")) == ["pair_000_001.safetensors", "pair_000_002.safetensors"]
+    capsys.readouterr()
+    assert main(arguments + ["--resume"]) == 0
+    assert "reused 2 of 6 pair analyses" in capsys.readouterr().err
+    _assert_same_as(clean_run, out)
