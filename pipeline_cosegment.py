@@ -33,6 +33,7 @@ from .processors.cross_self_attention import (
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
     StopForward,
+    finish_interrupted_forward,
     self_attention_layer_levels,
 )
 from .utils.correspondence import (
@@ -972,7 +973,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "vae->text_encoder->unet"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    _exclude_from_cpu_offload = ["safety_checker"]
+    # Not `["safety_checker"]` as in Stable Diffusion: it never runs here, so model CPU offload leaves it on the CPU
+    # (under an offload hook) instead of parking it on the accelerator.
+    _exclude_from_cpu_offload = []
 
     def __init__(
         self,
@@ -1399,10 +1402,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                             return_dict=False,
                         )
                     except StopForward:
-                        pass
+                        # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
+                        finish_interrupted_forward(self.unet, store.stopped_at)
                     bar.update()
         finally:
             self.unet.set_attn_processor(dict(originals))
+            # model CPU offload: every model leaves the accelerator before the analysis (or the caller) runs
+            self.maybe_free_model_hooks()
 
         queries, keys = store.take()
         # (M * E, H, N, d) per layer -> one (M, H, N, d) tensor per (layer, draw)
@@ -1547,8 +1553,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             )
         if return_features:
             output.features = features
-
-        self.maybe_free_model_hooks()
+        # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)
         if not return_dict:
             return (
                 output.correspondences,

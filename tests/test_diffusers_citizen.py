@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import NO_FILTER
 from diffusers import AutoencoderTiny
+from diffusers.hooks import HookRegistry
 
 from cosegment import StableDiffusionCoSegmentationPipeline
 
@@ -111,3 +112,171 @@ def test_prompt_embeds_on_call_condition_the_unet(tiny_pipe):
     other = tiny_pipe(images, prompt_embeds=torch.randn(1, 5, 32, dtype=torch.float64), **kwargs)
     assert other.features.keys[0].dtype == torch.float32
     assert not torch.allclose(other.features.keys[0], text.features.keys[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Early exit and offloading hooks (observed on the CPU: onload and offload device are both the CPU, and the state of
+# each group is recorded from its `onload_`/`offload_` calls)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def onloaded(monkeypatch):
+    """The set of `ModuleGroup`s onloaded now (by id), kept up to date from their `onload_`/`offload_` calls."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    state, calls = set(), {"onload": 0}
+    original_onload, original_offload = ModuleGroup.onload_, ModuleGroup.offload_
+
+    def onload(self):
+        state.add(id(self))
+        calls["onload"] += 1
+        return original_onload(self)
+
+    def offload(self):
+        state.discard(id(self))
+        return original_offload(self)
+
+    monkeypatch.setattr(ModuleGroup, "onload_", onload)
+    monkeypatch.setattr(ModuleGroup, "offload_", offload)
+    return state, calls
+
+
+def _group_names(unet) -> dict[int, str]:
+    """id(group) -> the name of its offload leader (the UNet's own group is "")."""
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+
+    names = {}
+    for name, module in unet.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            if isinstance(hook, GroupOffloadingHook) and hook.group.offload_leader is module:
+                names[id(hook.group)] = name
+    return names
+
+
+def _install_lazy_prefetch(unet) -> None:
+    """The hook structure `use_stream=True` gives (a lazy-prefetch hook after the UNet's own group hook, which
+    records the execution order in its first forward and then chains the groups for prefetching), without a CUDA
+    stream: diffusers refuses streams on the CPU. Block level only (the UNet has its own group there)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import LazyPrefetchGroupOffloadingHook
+
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(
+        LazyPrefetchGroupOffloadingHook(), "lazy_prefetch_group_offloading"
+    )
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["block_level", "block_level_2_per_group", "block_level_prefetch", "block_level_prefetch_chained", "leaf_level"],
+)
+def test_no_group_is_left_onloaded_after_a_call(fresh_pipe, onloaded, mode):
+    state, calls = onloaded
+    pipe = fresh_pipe()
+    reference = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+    offload_type = "leaf_level" if mode.startswith("leaf") else "block_level"
+    blocks = 2 if mode == "block_level_2_per_group" else None if offload_type == "leaf_level" else 1
+    pipe.unet.enable_group_offload(
+        onload_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+        offload_type=offload_type,
+        num_blocks_per_group=blocks,
+    )
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    if "prefetch" in mode:
+        _install_lazy_prefetch(pipe.unet)
+    if mode.endswith("chained"):
+        # a whole forward first (a sibling pipeline's): the prefetch chain runs on past the exit, up_blocks.2 -> .3
+        pipe.unet(latents, 10, encoder_hidden_states=pipe.encode_prompt(""), return_dict=False)
+    names = _group_names(pipe.unet)
+    for seed in range(3):
+        before = calls["onload"]
+        out = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+        assert calls["onload"] > before, "no group was onloaded: the test would prove nothing"
+        assert {names.get(i, "?") for i in state} == set(), f"left onloaded after call {seed}"
+        np.testing.assert_array_equal(out.density_maps, reference.density_maps)
+    features = pipe.capture_features(_images(), generator=torch.Generator().manual_seed(0), **CALL)
+    assert features.num_images == 2 and not state
+    if mode.endswith("prefetch"):
+        # the lazy-prefetch hook settled after the first call (removed, groups chained) instead of recording forever
+        registry = pipe.unet._diffusers_hook
+        assert registry.get_hook("lazy_prefetch_group_offloading") is None
+        tracked = [
+            name
+            for name, m in pipe.unet.named_modules()
+            if "layer_execution_tracker" in getattr(m, "_diffusers_hook", HookRegistry(m)).hooks
+        ]
+        # diffusers removes the trackers of the modules that ran; the one after the exit keeps its own
+        assert tracked == ["up_blocks.3"]
+        assert registry.get_hook("group_offloading").next_group is not None
+    # the shared UNet still runs whole forwards (e.g. a sibling pipeline made with from_pipe), offloading everything
+    pipe.unet(latents, 10, encoder_hidden_states=pipe.encode_prompt(""), return_dict=False)
+    assert not state
+
+
+@pytest.fixture
+def placements(monkeypatch):
+    """Every `.to(device)` of a UNet or a safety checker, as `(class name, torch.device)`, and "analysis" when the
+    analysis starts. The CPU stands in for the accelerator: the execution device is `cpu:0` (with an index), the
+    offload device `cpu` (without)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    import cosegment.pipeline_cosegment as module
+
+    events = []
+    for cls in (UNet2DConditionModel, StableDiffusionSafetyChecker):
+        original = cls.to
+
+        def to(self, *args, _original=original, **kwargs):
+            device = kwargs.get("device", args[0] if args else None)
+            if isinstance(device, (str, torch.device)):
+                events.append((type(self).__name__, torch.device(device)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "to", to)
+    analyze = module.analyze_features
+
+    def analyze_features(*args, **kwargs):
+        events.append("analysis")
+        return analyze(*args, **kwargs)
+
+    monkeypatch.setattr(module, "analyze_features", analyze_features)
+    return events
+
+
+EXECUTION = torch.device("cpu", 0)
+
+
+def test_model_cpu_offload_moves_the_unet_off_before_the_analysis(fresh_pipe, placements):
+    pipe = fresh_pipe()
+    reference = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert pipe._execution_device == EXECUTION
+    placements.clear()
+    out = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+    np.testing.assert_array_equal(out.density_maps, reference.density_maps)
+    unet_moves = [e for e in placements[: placements.index("analysis")] if e[0] == "UNet2DConditionModel"]
+    assert unet_moves[0][1] == EXECUTION, "the UNet never went to the execution device: the test proves nothing"
+    assert unet_moves[-1][1] == torch.device("cpu"), f"the UNet stayed on the execution device: {unet_moves}"
+    # capture_features releases the hooks the same way
+    placements.clear()
+    pipe.capture_features(_images(), generator=torch.Generator().manual_seed(0), **CALL)
+    unet_moves = [e for e in placements if e[0] == "UNet2DConditionModel"]
+    assert unet_moves[0][1] == EXECUTION and unet_moves[-1][1] == torch.device("cpu")
+
+
+def test_the_safety_checker_never_goes_to_the_execution_device(tiny_sd1_path, placements):
+    """(Sequential offload cannot be run on the CPU: accelerate's own `post_forward` fails there.)"""
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd1_path)
+    pipe.set_progress_bar_config(disable=True)
+    ran = []
+    pipe.safety_checker.register_forward_pre_hook(lambda *_: ran.append(True))
+    reference = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+    pipe.enable_model_cpu_offload(device="cpu")
+    out = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+    np.testing.assert_array_equal(out.density_maps, reference.density_maps)
+    assert ("UNet2DConditionModel", EXECUTION) in placements
+    assert ("StableDiffusionSafetyChecker", EXECUTION) not in placements, placements
+    assert not ran
