@@ -280,3 +280,37 @@ def test_the_safety_checker_never_goes_to_the_execution_device(tiny_sd1_path, pl
     assert ("UNet2DConditionModel", EXECUTION) in placements
     assert ("StableDiffusionSafetyChecker", EXECUTION) not in placements, placements
     assert not ran
+
+
+def test_every_hook_that_saw_a_forward_start_sees_it_end(fresh_pipe):
+    """Hooks (diffusers' and accelerate's) on the modules the early exit leaves in flight -- the UNet, up_blocks.2 and
+    the read layer -- get one `post_forward` per `pre_forward`, innermost first, as after a completed forward."""
+    from accelerate.hooks import ModelHook as AccelerateHook
+    from accelerate.hooks import add_hook_to_module
+    from diffusers.hooks import ModelHook
+
+    pipe = fresh_pipe()
+    log = []
+
+    def counting(base, name):
+        class Counting(base):
+            def pre_forward(self, module, *args, **kwargs):
+                log.append(("pre", name))
+                return args, kwargs
+
+            def post_forward(self, module, output):
+                log.append(("post", name))
+                return output
+
+        return Counting()
+
+    last = pipe.resolve_attention_layers()[-1]
+    watched = {"unet": "", "block": "up_blocks.2", "layer": last, "after": "up_blocks.3"}
+    for label, name in watched.items():
+        module = pipe.unet.get_submodule(name)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(counting(ModelHook, label), "counting")
+    add_hook_to_module(pipe.unet, counting(AccelerateHook, "unet-accelerate"), append=True)
+    pipe.capture_features(_images(3), batch_size=2, generator=torch.Generator().manual_seed(0), **CALL)
+    posts = [name for kind, name in log if kind == "post"]
+    assert [name for kind, name in log if kind == "pre"] == ["unet-accelerate", "unet", "block", "layer"] * 2
+    assert posts == ["layer", "block", "unet", "unet-accelerate"] * 2
