@@ -1296,8 +1296,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         Arguments are those of :meth:`__call__`, and `image_indices` (`list[int]`, *optional*): capture only these
         images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
         still drawn in collection order, so their features equal those of a full run (batches are formed within the
-        share). `prompt_embeds` as in :meth:`__call__`. Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
-        draw, in the UNet's dtype, on the execution device).
+        share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
+        draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
+        ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline call.
         """
         # 0. Check everything before touching a model (images are converted once, here)
         images = self.check_inputs(

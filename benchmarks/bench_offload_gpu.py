@@ -21,6 +21,7 @@ import torch
 
 from cosegment import analyze_features
 from cosegment.benchmarks.bench_pipeline import build_sd21_shaped, images
+from cosegment.processors.cross_self_attention import offloading_groups
 
 INF = float("inf")
 NO_FILTER = {"max_entropy": INF, "max_spread": INF, "max_collapse": INF, "max_inverse_error": INF}
@@ -48,16 +49,8 @@ def prepare(mode: str):
 
 
 def groups_on_gpu(unet) -> int:
-    from diffusers.hooks.group_offloading import GroupOffloadingHook
-
-    groups = {}
-    for module in unet.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        for hook in registry.hooks.values() if registry is not None else ():
-            if isinstance(hook, GroupOffloadingHook):
-                groups[id(hook.group)] = hook.group
     on_gpu = 0
-    for group in groups.values():
+    for group in offloading_groups(unet):
         tensors = [p for m in group.modules for p in m.parameters()] + list(group.parameters)
         on_gpu += any(t.device.type == "cuda" for t in tensors)
     return on_gpu

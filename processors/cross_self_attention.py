@@ -168,8 +168,6 @@ def finish_interrupted_forward(model: torch.nn.Module, stopped_at: str) -> None:
         model (`torch.nn.Module`): the model whose forward was interrupted (the UNet).
         stopped_at (`str`): the name in `model.named_modules()` of the module that raised.
     """
-    from diffusers.hooks.group_offloading import GroupOffloadingHook
-
     parts = stopped_at.split(".")
     in_flight = [".".join(parts[:i]) for i in range(len(parts), -1, -1)]  # innermost first, "" is `model`
     for name in in_flight:
@@ -183,14 +181,21 @@ def finish_interrupted_forward(model: torch.nn.Module, stopped_at: str) -> None:
         accelerate_hook = getattr(module, "_hf_hook", None)
         if accelerate_hook is not None:
             accelerate_hook.post_forward(module, None)
+    for group in offloading_groups(model):
+        group.offload_()
+
+
+def offloading_groups(model: torch.nn.Module) -> list:
+    """The distinct `ModuleGroup`s of diffusers' group offloading under `model`, in module order (empty without it)."""
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+
     groups = {}
     for module in model.modules():
         registry = getattr(module, "_diffusers_hook", None)
         for hook in registry.hooks.values() if registry is not None else ():
             if isinstance(hook, GroupOffloadingHook):
                 groups[id(hook.group)] = hook.group
-    for group in groups.values():
-        group.offload_()
+    return list(groups.values())
 
 
 def self_attention_layer_levels(unet: torch.nn.Module) -> dict[str, int]:
