@@ -345,3 +345,11 @@ def test_other_memory_saving_modes_keep_working(fresh_pipe, mode):
         )
     out = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
     assert np.isfinite(out.entropy_maps).all()
+
+
+def test_the_safety_checker_need_not_load(tiny_sd1_path):
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd1_path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None and "safety_checker" in pipe.components
+    out = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
+    assert out.density_maps.shape == (2, 4, 4)
