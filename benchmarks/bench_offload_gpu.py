@@ -2,6 +2,7 @@
 
     python benchmarks/bench_offload_gpu.py            # needs a CUDA GPU; prints a markdown table
     python benchmarks/bench_offload_gpu.py --images 4 --size 512
+    python benchmarks/bench_offload_gpu.py --device cpu --scale small --size 256   # smoke test of the script only
 
 For each mode -- plain `.to("cuda")`, `enable_model_cpu_offload()`, block-level group offloading (with and without
 CUDA streams) and leaf-level group offloading -- one warm-up call, then: peak GPU memory during the capture
@@ -28,13 +29,13 @@ NO_FILTER = {"max_entropy": INF, "max_spread": INF, "max_collapse": INF, "max_in
 MODES = ("plain", "model_cpu_offload", "group_block", "group_block_stream", "group_leaf")
 
 
-def prepare(mode: str):
-    pipe = build_sd21_shaped("full", dtype=torch.float16)
-    cuda = torch.device("cuda")
+def prepare(mode: str, device: torch.device, scale: str):
+    pipe = build_sd21_shaped(scale, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    cuda = device
     if mode == "plain":
         pipe.to(cuda)
     elif mode == "model_cpu_offload":
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.vae.to(cuda)
         pipe.text_encoder.to(cuda)
@@ -52,36 +53,58 @@ def groups_on_gpu(unet) -> int:
     on_gpu = 0
     for group in offloading_groups(unet):
         tensors = [p for m in group.modules for p in m.parameters()] + list(group.parameters)
-        on_gpu += any(t.device.type == "cuda" for t in tensors)
+        on_gpu += any(t.device != group.offload_device for t in tensors)
     return on_gpu
 
 
-def measure(mode: str, batch, size: int) -> dict:
-    pipe = prepare(mode)
+class _Memory:
+    """`torch.cuda` memory statistics, or zeros on another device (the smoke test)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int:
+        self.sync()
+        return torch.cuda.max_memory_allocated() if self.cuda else 0
+
+    def now(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else 0
+
+
+def measure(mode: str, batch, size: int, device: torch.device, scale: str) -> dict:
+    memory = _Memory(device)
+    pipe = prepare(mode, device, scale)
     call = dict(height=size, width=size, **NO_FILTER)
     pipe(batch, generator=torch.Generator().manual_seed(0), **call)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    memory.reset()
     features = pipe.capture_features(batch, height=size, width=size, generator=torch.Generator().manual_seed(0))
-    torch.cuda.synchronize()
-    capture_peak = torch.cuda.max_memory_allocated()
-    analysis_start = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    capture_peak = memory.peak()
+    analysis_start = memory.now()
+    memory.reset()
     analyze_features(features, **NO_FILTER)
-    torch.cuda.synchronize()
-    analysis_peak = torch.cuda.max_memory_allocated()
+    analysis_peak = memory.peak()
     del features
     times = []
     for _ in range(3):
-        torch.cuda.synchronize()
+        memory.sync()
         start = time.perf_counter()
         pipe(batch, generator=torch.Generator().manual_seed(0), **call)
-        torch.cuda.synchronize()
+        memory.sync()
         times.append(time.perf_counter() - start)
     left = groups_on_gpu(pipe.unet)
     unet_device = next(pipe.unet.parameters()).device
     del pipe
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {
         "capture_peak": capture_peak,
         "analysis_start": analysis_start,
@@ -97,15 +120,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu for a smoke test of the script")
+    parser.add_argument("--scale", default="full", choices=("full", "small"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("No CUDA GPU: nothing measured.")
         sys.exit(2)
+    modes = [m for m in args.modes if device.type == "cuda" or m != "group_block_stream"]  # streams need a GPU
     batch = images(args.images, args.size)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, M = {args.images}, {args.size} px, float16\n")
+    named = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test: no memory figures)"
+    print(f"{named}, torch {torch.__version__}, M = {args.images}, {args.size} px, {args.scale} size\n")
     results = {}
-    for mode in args.modes:
-        results[mode] = measure(mode, batch, args.size)
+    for mode in modes:
+        results[mode] = measure(mode, batch, args.size, device, args.scale)
         print(f"{mode}: {results[mode]}", flush=True)
     plain = results.get("plain")
     gib = 2**30
