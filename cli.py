@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> dict:
     segment = not args.no_segment
 
     # What an earlier run kept in --out/resume that this one may reuse (see runstate.py)
-    kept = RunState(args.out, record_settings(vars(args)), resume=args.resume)
+    kept = RunState(args.out, record_settings({**vars(args), **analysis}), resume=args.resume)
     kept.check()  # every process: the one-line refusal when settings differ
     if main:
         kept.start()

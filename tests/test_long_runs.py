@@ -606,3 +606,14 @@ def test_sigterm_to_the_launcher_stops_every_process(clean_run, image_files, tin
     assert main(arguments + ["--resume"]) == 0
     assert "reused 2 of 6 pair analyses" in capsys.readouterr().err
     _assert_same_as(clean_run, out)
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")  # safetensors itself writes 0600 files
+        write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(previous)
+    assert oct(os.stat(tmp_path / "a.safetensors").st_mode & 0o777) == oct(0o640)
+    assert oct(os.stat(tmp_path / "b.json").st_mode & 0o777) == oct(0o640)

@@ -37,6 +37,13 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and TEMPORARY_MARK in name
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_folder(folder: str) -> None:
     """Makes a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:
@@ -54,7 +61,8 @@ def _fsync_folder(folder: str) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yields a temporary path for a writer that takes a file name; when the block ends without an exception, the
-    file written there is flushed to disk and renamed to `path`. On any exception (`KeyboardInterrupt` included) the
+    file written there gets a new file's usual permissions (`0666 & ~umask`), is flushed to disk and renamed to
+    `path`. On any exception (`KeyboardInterrupt` included) the
     temporary file is removed and the exception re-raised: `path` keeps its previous content, or stays absent.
 
     Example:
@@ -66,6 +74,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         yield temporary
         if not os.path.isfile(temporary):
             raise FileNotFoundError(f"the writer of {path!r} wrote nothing at {temporary!r}")
+        # A new file's usual permissions (`0666 & ~umask`), also where the writer made a private file (safetensors
+        # writes `0600` files)
+        os.chmod(temporary, 0o666 & ~_umask())
         descriptor = os.open(temporary, os.O_RDWR)
         try:
             os.fsync(descriptor)
