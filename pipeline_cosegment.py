@@ -25,8 +25,16 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers.utils import is_torchvision_available
+
+try:  # without torchvision, transformers >= 5 resolves `CLIPImageProcessor` to this class, with a notice on import
+    if is_torchvision_available():
+        raise ImportError
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor
 
 from .processors.cross_self_attention import (
     AttentionStore,
@@ -51,6 +59,7 @@ from .utils.correspondence import (
     select_matches,
     token_centres_in_pixels,
 )
+from .utils.files import save_safetensors
 from .utils.images import collect_images
 from .utils.images import describe as _describe
 from .utils.segmentation import (
@@ -270,7 +279,7 @@ class CoSegmentationFeatures:
             "layer_names": json.dumps(list(self.layer_names)),
             "metadata": json.dumps(self.metadata),
         }
-        save_file(tensors, os.fspath(path), metadata=header)
+        save_safetensors(tensors, os.fspath(path), metadata=header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":
