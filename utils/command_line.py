@@ -434,6 +434,33 @@ def empty_results_warning(output, filtered: bool = True) -> str | None:
     return f"{found}: {causes}; {advice}."
 
 
+def launch_num_processes(command: Sequence[str]) -> int | None:
+    """`N` of `--num_processes N` (or `--num-processes=N`) in an `accelerate launch` command line, else `None`.
+
+    Accepts the forms `accelerate launch ...`, `python -m accelerate.commands.launch ...` and
+    `accelerate-launch ...`; a command line that is not `accelerate launch` gives `None`.
+    """
+    words = list(command)
+    start = next((i for i, word in enumerate(words[:4]) if "accelerate" in os.path.basename(word)), None)
+    if start is None:
+        return None
+    if os.path.basename(words[start]).endswith(("launch", "launch.py")):
+        words = words[start + 1 :]
+    elif words[start + 1 : start + 2] == ["launch"]:
+        words = words[start + 2 :]
+    else:
+        return None
+    for i, word in enumerate(words):
+        if not word.startswith("-"):
+            continue
+        flag, _, value = word.partition("=")
+        if flag.replace("-", "_") != "__num_processes":
+            continue
+        value = value or (words[i + 1] if i + 1 < len(words) else "")
+        return int(value) if value.isdigit() else None
+    return None
+
+
 def requested_processes() -> int | None:
     """The `--num_processes` of the `accelerate launch` that started this process, if its command line says so.
 
@@ -445,15 +472,7 @@ def requested_processes() -> int | None:
             words = [w.decode(errors="replace") for w in handle.read().split(b"\0") if w]
     except OSError:
         return None
-    if not any("accelerate" in word for word in words[:3]) or "launch" not in words:
-        return None
-    for i, word in enumerate(words):
-        for flag in ("--num_processes", "--num-processes"):
-            if word == flag and i + 1 < len(words) and words[i + 1].isdigit():
-                return int(words[i + 1])
-            if word.startswith(flag + "=") and word.split("=", 1)[1].isdigit():
-                return int(word.split("=", 1)[1])
-    return None
+    return launch_num_processes(words)
 
 
 def process_count_warning(started: int, requested: int | None = None) -> str | None:
