@@ -81,7 +81,9 @@ def run(args) -> None:
     device = resolve_device(args.device)
     check_output_folder(args.out)
     check_capture_arguments(args.model, args.height, args.width, timestep=261)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logger.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
 
     pipe = load_pipeline(args.model, device, quiet=args.quiet)
     pipe.set_progress_bar_config(disable=args.quiet, desc="capture (UNet batches)")
