@@ -532,8 +532,19 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
             notes.append("no segmentations/ folder: Jaccard not measured")
         else:
             categories = len({image["category"] for image in cub["images"] if image["mask"] is not None})
+            found = []  # per segmented image: whether its mask has any foreground
+
+            def segment(paths: list[str]) -> list[np.ndarray] | None:
+                masks = predictor.segment(paths)
+                found.extend(bool(np.asarray(mask).any()) for mask in masks or [])
+                return masks
+
             with tqdm(total=categories, desc="co-segmentation (categories)", file=sys.stderr, disable=quiet) as bar:
-                segmented = evaluate_cosegmentation(cub, predictor.segment, progress=bar.update)
+                segmented = evaluate_cosegmentation(cub, segment, progress=bar.update)
+            if found and not any(found):
+                note = "every predicted mask is empty (no common foreground found): Jaccard is 0 wherever the truth is not"
+                notes.append(note)
+                print(f"warning: {note}; check the model (`--model`) and the processing size", file=sys.stderr)
             if not segmented:
                 notes.append("this cosegment version returns no masks: Jaccard not measured")
             records += segmented

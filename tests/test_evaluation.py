@@ -400,3 +400,18 @@ def test_eval_every_option_has_help_and_device_dtype_reach_the_pipeline(
     assert captured.err == ""  # --quiet: no progress bars, no library notices
     assert json.loads(out.read_text())["summary"]["overall"]["keypoints"] == 3
     assert loaded == [("cpu", torch.bfloat16, True)]
+
+
+def test_cub_command_warns_when_every_mask_is_empty(cub_root, capsys):
+    args = argparse.Namespace(
+        dataset="cub", root=cub_root, split="test", categories=None, limit=None, alpha=0.1, model="fake", seed=0,
+        no_segmentation=False, out=None, quiet=True,
+    )  # fmt: skip
+    document = run(args, predictor=FakePredictor(masks=lambda path: np.zeros((40, 50), bool)))
+    assert document["summary"]["overall"]["jaccard"] == 0.0
+    assert document["notes"] == [
+        "every predicted mask is empty (no common foreground found): Jaccard is 0 wherever the truth is not"
+    ]
+    assert capsys.readouterr().err.count("warning: every predicted mask is empty") == 1
+    full = run(args, predictor=FakePredictor(masks=lambda path: np.ones((40, 50), bool)))
+    assert full["notes"] == [] and "warning" not in capsys.readouterr().err
