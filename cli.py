@@ -31,9 +31,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cosegment.utils.command_line import DTYPES, THRESHOLD_NAMES
+
 RESULTS_FORMAT = "cosegment.results/1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-THRESHOLD_ARGS = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
+THRESHOLD_ARGS = THRESHOLD_NAMES
 
 logger = logging.getLogger("cosegment.cli")
 

@@ -446,6 +446,7 @@ class PipelinePredictor:
 def build_parser() -> argparse.ArgumentParser:
     from cosegment import DEFAULT_MODEL_ID
     from cosegment.utils.command_line import (
+        DTYPES,
         TINY_PIPELINE_HINT,
         ArgumentParser,
         add_common_arguments,
@@ -475,9 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=positive_int, default=None, help="processing height (default: the model's)")
     parser.add_argument("--width", type=positive_int, default=None, help="processing width (default: the model's)")
     parser.add_argument("--timestep", type=int, default=261, help="diffusion timestep of the noise (default 261)")
-    parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model dtype (default float32)"
-    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--no-segmentation", action="store_true", help="CUB: skip the co-segmentation Jaccard")
     parser.add_argument("--out", default=None, help="write the results JSON to this file (default: print only)")
     add_common_arguments(parser)
@@ -515,12 +514,11 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         pairs = cub_pairs(cub)
     _check_image_files(pairs, cub)
     if predictor is None:
-        from cosegment.utils.command_line import load_pipeline
+        from cosegment.utils.command_line import DTYPES, load_pipeline
 
         device = resolve_device(getattr(args, "device", "auto"))
         check_capture_arguments(args.model, args.height, args.width, args.timestep)
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-        pipe = load_pipeline(args.model, device, dtype, quiet=quiet)
+        pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=quiet)
         pipe.set_progress_bar_config(disable=True)
         capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
         predictor = PipelinePredictor(pipe, seed=args.seed, **capture)

@@ -2,7 +2,9 @@
 loads, one-line errors, the device option, loading a model with a clear message when it cannot be found, and the
 warning for empty results.
 
-Nothing here runs at import time or changes the process (logging, warnings, threads) beyond the call that asks.
+Nothing here runs at import time. :func:`load_pipeline` is meant for commands: it resolves transformers' image
+processor names to their PIL classes when torchvision is missing (:func:`prefer_pil_image_processors`) and, with
+`quiet=True`, turns off diffusers' and transformers' progress bars for the process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ TINY_PIPELINE_HINT = (
 SD_SIZE_MULTIPLE = 64
 SD_NUM_TRAIN_TIMESTEPS = 1000
 THRESHOLD_NAMES = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(RuntimeError):
