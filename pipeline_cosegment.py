@@ -71,6 +71,11 @@ from .utils.segmentation import upsample_assignment  # noqa: F401
 logger = logging.get_logger(__name__)
 
 
+def _drop_empty_fp32_notice(record) -> bool:
+    """A `logging` filter: False (drop) for diffusers' float32-modules notice when its list is empty."""
+    return "should be kept in float32: []." not in record.getMessage()
+
+
 def _encoder_latents(encoder_output) -> torch.Tensor:
     """The latents a VAE encoder returned: the mode of `AutoencoderKL`'s latent distribution, or `AutoencoderTiny`'s
     deterministic `latents` (diffusers' `retrieve_latents(..., sample_mode="argmax")`, written here because importing
@@ -269,6 +274,22 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] in own_names:
             config["_class_name"] = cls.__name__
         return loaded
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "StableDiffusionCoSegmentationPipeline":
+        r"""[`DiffusionPipeline.from_pipe`], without diffusers' notice about float32 modules for models that have none.
+
+        diffusers 0.42's `ModelMixin.to(dtype=...)` warns "There are modules in UNet2DConditionModel that should be kept
+        in float32: []" whenever a dtype is passed, even for an empty list, and `from_pipe` always passes one: the
+        notice printed once per model (UNet, VAE) says nothing. Only those empty-list records are dropped, only on
+        diffusers' model logger and only while this call runs; a real list of float32 modules is still reported.
+        """
+        model_logger = logging.get_logger("diffusers.models.modeling_utils")
+        model_logger.addFilter(_drop_empty_fp32_notice)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            model_logger.removeFilter(_drop_empty_fp32_notice)
 
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
