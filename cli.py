@@ -5,8 +5,12 @@
 
 Writes into `--out`: `results.json` (correspondences, keypoints, parts, settings, model id, versions),
 `results.safetensors` (the arrays) and PNG pictures under `pairs/` (top matches of every pair) and `images/` (each
-image's density, entropy and inverse-error maps, masks and parts). The output depends only on the inputs, the
-settings and `--seed`: not on the number of processes.
+image's density, entropy and inverse-error maps, masks and parts), each atomically (complete or absent). The output
+depends only on the inputs, the settings and `--seed`: not on the number of processes.
+
+Long runs (see `runstate.py`): the captured features and each finished pair analysis are kept in `--out/resume/` as
+they are made; `--resume` reuses them (refusing, in one line, settings that differ; `--resume=overwrite` recomputes
+what those make stale). SIGINT or SIGTERM stops a run cleanly with one line saying what was kept.
 
 Several processes (`accelerate launch`): images are split for the capture in whole batches (a share of the
 collection per process; each image's noise is the noise it gets in a one-process run, see
