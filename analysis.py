@@ -236,7 +236,8 @@ class CoSegmentationFeatures:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header)."""
+        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header), atomically: an
+        interruption leaves the previous file, or none, never a partial one."""
         tensors = {}
         for i, (q, k) in enumerate(zip(self.queries, self.keys)):
             tensors[f"queries.{i}"] = q.detach().contiguous().cpu()
@@ -248,7 +249,7 @@ class CoSegmentationFeatures:
             "layer_names": json.dumps(list(self.layer_names)),
             "metadata": json.dumps(self.metadata),
         }
-        save_safetensors(tensors, os.fspath(path), metadata=header)
+        save_safetensors(tensors, path, metadata=header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":

@@ -5,8 +5,12 @@
 
 Writes into `--out`: `results.json` (correspondences, keypoints, parts, settings, model id, versions),
 `results.safetensors` (the arrays) and PNG pictures under `pairs/` (top matches of every pair) and `images/` (each
-image's density, entropy and inverse-error maps, masks and parts). The output depends only on the inputs, the
-settings and `--seed`: not on the number of processes.
+image's density, entropy and inverse-error maps, masks and parts), each atomically (complete or absent). The output
+depends only on the inputs, the settings and `--seed`: not on the number of processes.
+
+Long runs (see `runstate.py`): the captured features and each finished pair analysis are kept in `--out/resume/` as
+they are made; `--resume` reuses them (refusing, in one line, settings that differ; `--resume=overwrite` recomputes
+what those make stale). SIGINT or SIGTERM stops a run cleanly with one line saying what was kept.
 
 Several processes (`accelerate launch`): images are split for the capture in whole batches (a share of the
 collection per process; each image's noise is the noise it gets in a one-process run, see
@@ -27,6 +31,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +42,9 @@ RESULTS_FORMAT = "cosegment.results/1"
 THRESHOLD_ARGS = THRESHOLD_NAMES
 
 logger = logging.getLogger("cosegment.cli")
+
+if TYPE_CHECKING:
+    from cosegment import CoSegmentationFeatures
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,8 +219,12 @@ def _fit(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 def _write_png(path: str, rgb: np.ndarray) -> None:
     import cv2
 
-    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    from cosegment.utils.files import write_bytes
+
+    encoded, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not encoded:
+        raise OSError(f"could not encode {path}")
+    write_bytes(path, data.tobytes())  # atomic: a complete file or none
 
 
 # The three per-image maps: output field, panel title, what the colour bar measures (with its unit).
@@ -373,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=non_negative_int, default=50, help="matches drawn per pair picture")
     parser.add_argument("--figure-size", type=positive_int, default=384, help="longer side of pictured images")
     parser.add_argument("--no-figures", action="store_true", help="write no PNG pictures")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="reuse",
+        choices=("reuse", "overwrite"),
+        default=None,
+        help="reuse the features and pair analyses an earlier run with the same settings kept in --out/resume "
+        "(refused, naming them, when settings differ); --resume=overwrite recomputes what changed settings make "
+        "stale and reuses the rest. Put it after the images.",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -443,14 +465,10 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs
-    from cosegment.utils.command_line import (
-        empty_results_warning,
-        load_pipeline,
-        process_count_warning,
-        threshold_overrides,
-    )
-    from cosegment.utils.files import save_safetensors
+    from cosegment import analyze_features, analyze_pairs
+    from cosegment.runstate import RunState, record_settings
+    from cosegment.utils.command_line import empty_results_warning, process_count_warning, threshold_overrides
+    from cosegment.utils.files import save_safetensors, write_text
 
     images = check_arguments(args)
     state, device = _accelerate_state(args.device)
@@ -470,8 +488,95 @@ def run(args: argparse.Namespace) -> dict:
     segment = not args.no_segment
     bars = not (args.quiet or not main)
 
-    # 1-3. Capture: each process its share of whole batches, with the noise of a one-process run.
-    pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=args.quiet or not main)
+    # What an earlier run kept in --out/resume that this one may reuse (see runstate.py)
+    kept = RunState(args.out, record_settings({**vars(args), **analysis}), resume=args.resume)
+    kept.check()  # every process: the one-line refusal when settings differ
+    if main:
+        kept.start()
+        for change in kept.changes:
+            logger.info("resume: %s", change)
+    state.wait_for_everyone()
+
+    features = kept.load_features()
+    if features is not None:
+        logger.info("resume: reused the features of %d images from %s", features.num_images, kept.features_path)
+    else:
+        features = _capture(args, images, state, device, bars)
+        if main:
+            kept.save_features(features)
+
+    # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs, each kept as it finishes.
+    my_pairs = pair_shares(features.num_images, world)[rank]
+    with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
+        my_analyses, reused = kept.pair_analyses(
+            features, my_pairs, analyze_pairs, progress=bar.update, device=device, **analysis
+        )
+    if reused:
+        shown = ", ".join(map(str, reused[:8])) + (" ..." if len(reused) > 8 else "")
+        logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), shown)
+    logger.info("analysed %d pairs", len(my_pairs) - len(reused))
+    pair_analyses = gather_object(my_analyses)
+
+    document = None
+    if main:
+        # 8b-11. The collection-level steps on the main process, from every pair's analysis: the same output as a
+        # one-process `analyze_features(features)`.
+        output = analyze_features(
+            features,
+            output_type="np",
+            device=device,
+            pair_analyses=pair_analyses,
+            segment=segment,
+            **analysis,
+            **collection_only,
+        )
+        filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
+        if warning := empty_results_warning(output, filtered=filtered):
+            logger.warning("warning: %s", warning)
+        settings = {
+            "height": features.metadata.get("height"),
+            "width": features.metadata.get("width"),
+            "seed": args.seed,
+            "timestep": args.timestep,
+            "ensemble_size": args.ensemble_size,
+            "attention_layers": features.metadata.get("layers"),
+            "prompt": args.prompt,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "analysis": {**analysis, **collection_only},
+            "segment": segment,
+        }
+        document = results_document(
+            output, args.images, features.image_sizes, features.grid_size, settings, args.model
+        )
+        os.makedirs(args.out, exist_ok=True)
+        # Atomic writes (a complete file or none). results.json, which names the others, goes first and comes back
+        # last: whenever it exists, the files it names are from the same run.
+        if os.path.exists(os.path.join(args.out, "results.json")):
+            os.remove(os.path.join(args.out, "results.json"))
+        save_safetensors(
+            results_arrays(output), os.path.join(args.out, "results.safetensors"), metadata={"format": RESULTS_FORMAT}
+        )
+        if not args.no_figures:
+            document["figures"] = write_figures(output, images, args.out, top_k=args.top_k, max_side=args.figure_size)
+        write_text(os.path.join(args.out, "results.json"), dumps_results(document))
+        logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
+    state.wait_for_everyone()
+    return document
+
+
+def _capture(
+    args: argparse.Namespace, images: list[np.ndarray], state, device: torch.device, bars: bool
+) -> "CoSegmentationFeatures":
+    """1-3. Capture: each process its share of whole batches, with the noise of a one-process run; the features of
+    every image, gathered to every process."""
+    from accelerate.utils import gather_object
+
+    from cosegment import CoSegmentationFeatures
+    from cosegment.utils.command_line import load_pipeline
+
+    rank, world = state.process_index, state.num_processes
+    pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=args.quiet or not state.is_main_process)
     pipe.set_progress_bar_config(disable=not bars, desc="capture (UNet batches)")
     shares = capture_shares(len(images), args.batch_size, world)
     mine = shares[rank]
@@ -514,57 +619,7 @@ def run(args: argparse.Namespace) -> dict:
         first["metadata"],
     )
     logger.info("features of %d images gathered", features.num_images)
-
-    # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
-    my_pairs = pair_shares(features.num_images, world)[rank]
-    with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
-        my_analyses = analyze_pairs(features, my_pairs, device=device, progress=bar.update, **analysis)
-    logger.info("analysed %d pairs", len(my_pairs))
-    pair_analyses = gather_object([pair.to("cpu") for pair in my_analyses])
-
-    document = None
-    if main:
-        # 8b-11. The collection-level steps on the main process, from every pair's analysis: the same output as a
-        # one-process `analyze_features(features)`.
-        output = analyze_features(
-            features,
-            output_type="np",
-            device=device,
-            pair_analyses=pair_analyses,
-            segment=segment,
-            **analysis,
-            **collection_only,
-        )
-        filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
-        if warning := empty_results_warning(output, filtered=filtered):
-            logger.warning("warning: %s", warning)
-        settings = {
-            "height": features.metadata.get("height"),
-            "width": features.metadata.get("width"),
-            "seed": args.seed,
-            "timestep": args.timestep,
-            "ensemble_size": args.ensemble_size,
-            "attention_layers": features.metadata.get("layers"),
-            "prompt": args.prompt,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
-            "analysis": {**analysis, **collection_only},
-            "segment": segment,
-        }
-        document = results_document(
-            output, args.images, features.image_sizes, features.grid_size, settings, args.model
-        )
-        os.makedirs(args.out, exist_ok=True)
-        save_safetensors(
-            results_arrays(output), os.path.join(args.out, "results.safetensors"), metadata={"format": RESULTS_FORMAT}
-        )
-        if not args.no_figures:
-            document["figures"] = write_figures(output, images, args.out, top_k=args.top_k, max_side=args.figure_size)
-        with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-            handle.write(dumps_results(document))
-        logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
-    state.wait_for_everyone()
-    return document
+    return features
 
 
 def dumps_results(document: dict) -> str:
@@ -602,10 +657,36 @@ def _json_safe(value):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `cosegment` command. A bad option or image file, or a model that cannot be loaded, is one line on stderr
-    (exit status 2 or 1); `--debug` or `COSEGMENT_DEBUG=1` adds the traceback."""
+    (exit status 2 or 1); `--debug` or `COSEGMENT_DEBUG=1` adds the traceback. SIGINT or SIGTERM stops it cleanly:
+    one line saying what was kept for `--resume`, exit status 130 or 143."""
     from cosegment.utils.command_line import run_command
 
-    return run_command(build_parser(), run, argv)
+    return run_command(build_parser(), _run_until_stopped, argv)
+
+
+def _run_until_stopped(args: argparse.Namespace) -> dict | None:
+    """`run`, with SIGINT/SIGTERM turned into a clean stop (`SystemExit(128 + signal)` after one line), and under
+    `accelerate launch` a failing process named before its error."""
+    from cosegment.runstate import RunInterrupted, describe_kept, stop_on_signals
+
+    try:
+        with stop_on_signals():  # SIGINT, SIGTERM -> RunInterrupted: writers clean up, no partial file
+            return run(args)
+    except RunInterrupted as stop:
+        _say(f"{stop}: kept {describe_kept(args.out)}; run the same command with --resume to continue")
+        raise SystemExit(stop.exit_code) from None
+    except Exception as error:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: name the failing process
+            _say(f"failed: {type(error).__name__}: {error}")
+        raise
+
+
+def _say(line: str) -> None:
+    """One line on stderr, through the run's logger (time and process) once `run` has set it up."""
+    if logger.handlers:
+        logger.error("%s", line)
+    else:
+        print(f"cosegment: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

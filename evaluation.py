@@ -566,9 +566,9 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         print(f"note: {note}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1)
-            handle.write("\n")
+        from cosegment.utils.files import write_json
+
+        write_json(args.out, document, indent=1)
     return document
 
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,7 +62,7 @@ from .processors.cross_self_attention import (
 # Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
 # cache only when this file imports it (DESIGN section 3).
 from .utils.correspondence import SelectionThresholds  # noqa: F401
-from .utils.files import save_safetensors  # noqa: F401
+from .utils.files import copy_file, write_text
 from .utils.images import collect_images
 from .utils.images import describe as _describe
 from .utils.segmentation import upsample_assignment  # noqa: F401
@@ -235,14 +234,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         for relative in pipeline_code_files(__file__):
             destination = os.path.join(save_directory, relative)
             os.makedirs(os.path.dirname(destination), exist_ok=True)
-            shutil.copyfile(os.path.join(source_dir, relative), destination)
+            copy_file(os.path.join(source_dir, relative), destination)
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as handle:
             model_index = json.load(handle)
         module_name = os.path.splitext(os.path.basename(__file__))[0]
         model_index["_class_name"] = [module_name, type(self).__name__]
-        with open(index_path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+        write_text(index_path, json.dumps(model_index, indent=2, sort_keys=True) + "\n")
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .utils.files import write_text
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (CLIP's tokenizer uses the same)."""
@@ -35,10 +37,8 @@ def _write_tokenizer_files(folder: str) -> tuple[str, str]:
     vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
     os.makedirs(folder, exist_ok=True)
     vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    with open(vocab_file, "w", encoding="utf-8") as handle:
-        json.dump(vocab, handle)
-    with open(merges_file, "w", encoding="utf-8") as handle:
-        handle.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_text(vocab_file, json.dumps(vocab))
+    write_text(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_file, merges_file
 
 

@@ -20,7 +20,6 @@ import os
 import sys
 
 import numpy as np
-import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
@@ -42,6 +41,7 @@ from cosegment.utils.command_line import (
     run_command,
     threshold_overrides,
 )
+from cosegment.utils.files import save_png
 from cosegment.utils.visualization import add_title, draw_correspondences, side_by_side
 
 logger = logging.getLogger("cosegment_pair")
@@ -111,7 +111,7 @@ def run(args) -> None:
         written["segmentation.png"] = _stack([side_by_side(row[maps:])[0] for row in panels])
 
     for name, picture in written.items():
-        PIL.Image.fromarray(picture).save(os.path.join(args.out, name))
+        save_png(os.path.join(args.out, name), picture)  # atomic: a complete file or none
         print(f"wrote {os.path.join(args.out, name)} {picture.shape[1]}x{picture.shape[0]}")
 
 

@@ -82,3 +82,23 @@ def pytest_configure(config):
     # Set OMP_NUM_THREADS to choose another count.
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+
+
+def assert_same_contents(path_a: str, path_b: str) -> None:
+    """Two files hold the same data: equal bytes, or for `.safetensors` equal tensors and header metadata (the
+    safetensors writer orders metadata keys differently from one process to the next)."""
+    if path_a.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        opened = []
+        for path in (path_a, path_b):
+            with safe_open(path, framework="pt") as handle:
+                opened.append((handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}))
+        (meta_a, tensors_a), (meta_b, tensors_b) = opened
+        assert meta_a == meta_b, path_b
+        assert sorted(tensors_a) == sorted(tensors_b), path_b
+        for name, tensor in tensors_a.items():
+            assert tensor.dtype == tensors_b[name].dtype and torch.equal(tensor, tensors_b[name]), (path_b, name)
+        return
+    with open(path_a, "rb") as a, open(path_b, "rb") as b:
+        assert a.read() == b.read(), path_b

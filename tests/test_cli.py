@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import NO_FILTER
+from conftest import NO_FILTER, assert_same_contents
 from safetensors.torch import load_file
 
 import cosegment
@@ -249,11 +249,12 @@ def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, 
     assert "[rank 1/2] capturing images [2, 3]" in result.stderr
     assert "[rank 1/2] analysed 3 pairs" in result.stderr
     files = sorted(os.path.relpath(os.path.join(r, f), one) for r, _, fs in os.walk(one) for f in fs)
-    assert "results.json" in files and "pairs/pair_002_003.png" in files and len(files) == 2 + 6 + 4
+    assert "results.json" in files and "pairs/pair_002_003.png" in files
+    # results, pictures of 6 pairs and 4 images, and what a resumed run reuses: settings, features, 6 pair analyses
+    assert len(files) == 2 + 6 + 4 + 2 + 6 and "resume/pairs/pair_002_003.safetensors" in files
     assert files == sorted(os.path.relpath(os.path.join(r, f), two) for r, _, fs in os.walk(two) for f in fs)
     for name in files:
-        with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
-            assert a.read() == b.read(), name
+        assert_same_contents(os.path.join(one, name), os.path.join(two, name))
 
 
 def test_cli_no_segment_skips_the_segmentation(cli_run, tmp_path, monkeypatch):

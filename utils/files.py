@@ -1,10 +1,40 @@
-"""Writing files the way the rest of the process does (no pickle: safetensors and JSON only)."""
+"""Atomic file writing: a file appears under its final name complete, or not at all.
+
+Every writer here writes to a temporary file in the destination's folder (a hidden name holding
+:data:`TEMPORARY_MARK`, ending with the destination's extension), flushes it to disk (`fsync`), then renames it over
+the destination (`os.replace`, atomic on POSIX and Windows within one file system). An exception or a signal while
+writing (a full disk, Ctrl-C) removes the temporary file and leaves the previous file, or none, under the final name.
+Only a process killed outright (SIGKILL, power loss) can leave a temporary file behind: :func:`remove_temporaries`
+clears them.
+
+This module imports nothing from its `utils/` siblings (diffusers' loader rule, DESIGN section 3).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import secrets
+from collections.abc import Iterator
 
-import torch
+# In the name of every temporary file, and nowhere else: `.results.json.partial-1234-9f3a.json`.
+TEMPORARY_MARK = ".partial-"
+
+
+def temporary_path(path: str | os.PathLike) -> str:
+    """A fresh temporary name beside `path`: hidden, holding :data:`TEMPORARY_MARK`, same extension (writers such as
+    OpenCV choose the format from it)."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    extension = os.path.splitext(name)[1]
+    return os.path.join(folder, f".{name}{TEMPORARY_MARK}{os.getpid()}-{secrets.token_hex(4)}{extension}")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one :func:`temporary_path` makes."""
+    name = os.path.basename(name)
+    return name.startswith(".") and TEMPORARY_MARK in name
 
 
 def _umask() -> int:
@@ -14,13 +44,123 @@ def _umask() -> int:
     return mask
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`, with the file's permissions taken from the umask like any other file.
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
-    safetensors writes through a private temporary file and renames it, so its files come out `0600` (readable by
-    the owner only) while the JSON and PNG files written beside them are `0666 & ~umask` (usually `0644`).
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yields a temporary path for a writer that takes a file name; when the block ends without an exception, the
+    file written there gets a new file's usual permissions (`0666 & ~umask`), is flushed to disk and renamed to
+    `path`. On any exception (`KeyboardInterrupt` included) the
+    temporary file is removed and the exception re-raised: `path` keeps its previous content, or stays absent.
+
+    Example:
+        `with atomic_path("out.safetensors") as temporary: save_file(tensors, temporary)`
     """
+    path = os.fspath(path)
+    temporary = temporary_path(path)
+    try:
+        yield temporary
+        if not os.path.isfile(temporary):
+            raise FileNotFoundError(f"the writer of {path!r} wrote nothing at {temporary!r}")
+        # A new file's usual permissions (`0666 & ~umask`), also where the writer made a private file (safetensors
+        # writes `0600` files)
+        os.chmod(temporary, 0o666 & ~_umask())
+        descriptor = os.open(temporary, os.O_RDWR)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    _fsync_folder(os.path.dirname(path))
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = None) -> Iterator:
+    """`open(path, mode)` made atomic (see :func:`atomic_path`): `mode` is `"w"` (text, `encoding` defaults to
+    UTF-8) or `"wb"`."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"`mode` must be 'w' or 'wb', got {mode!r}.")
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    with atomic_path(path) as temporary:
+        with open(temporary, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` atomically, in UTF-8."""
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def write_json(path: str | os.PathLike, document, **dumps_arguments) -> None:
+    """Writes `json.dumps(document, **dumps_arguments)` and a newline to `path` atomically."""
+    write_text(path, json.dumps(document, **dumps_arguments) + "\n")
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file(tensors, path, metadata)`, atomically."""
     from safetensors.torch import save_file
 
-    save_file(tensors, os.fspath(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
+
+
+def save_png(path: str | os.PathLike, picture) -> None:
+    """Saves an `(H, W, 3)` or `(H, W)` uint8 array (or a PIL image) as a PNG file, atomically (PIL's encoder)."""
+    import numpy as np
+    import PIL.Image
+
+    image = picture if isinstance(picture, PIL.Image.Image) else PIL.Image.fromarray(np.asarray(picture))
+    with atomic_open(path, "wb") as handle:
+        image.save(handle, format="PNG")
+
+
+def copy_file(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """`shutil.copyfile(source, destination)`, atomically."""
+    import shutil
+
+    with atomic_path(destination) as temporary:
+        shutil.copyfile(source, temporary)
+
+
+def find_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Paths of the temporary files (see :func:`is_temporary`) under `folder`, recursively, sorted."""
+    found = []
+    for root, _, names in os.walk(os.fspath(folder)):
+        found.extend(os.path.join(root, name) for name in names if is_temporary(name))
+    return sorted(found)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Removes the temporary files a killed writer left under `folder` (recursively); returns their paths. Call it
+    only when no other process writes there."""
+    removed = []
+    for path in find_temporaries(folder):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed.append(path)
+    return removed

@@ -1,0 +1,397 @@
+"""What a `cosegment` run keeps in its output folder as it goes, so that an interrupted run can resume (`--resume`).
+
+    DIR/resume/settings.json          the settings the kept files were made with (:data:`RECORDED_SETTINGS`)
+    DIR/resume/features.safetensors   the captured features (:meth:`CoSegmentationFeatures.save`)
+    DIR/resume/pairs/pair_S_T.safetensors   each finished per-pair analysis (:func:`save_pair_analysis`)
+
+Every file is written atomically (`cosegment.utils.files`), so a kept file is complete or absent. The files in the
+folder always belong to the settings in `settings.json`: a run removes the kept files that its settings make stale
+before it records them. The collection-level steps (confirmation by third images, hit counts, parts, masks) and the
+result files are always computed again: they are quick, and they need every pair.
+
+Also here: :func:`stop_on_signals`, which turns SIGINT and SIGTERM into a :class:`RunInterrupted` exception so that a
+run stops through its `finally` blocks and atomic writers, leaving no partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .utils.files import is_temporary, remove_temporaries, save_safetensors, write_json
+
+RUN_FORMAT = "cosegment.run/1"
+PAIR_FORMAT = "cosegment.pair/1"
+STATE_FOLDER = "resume"
+RESUME_MODES = ("reuse", "overwrite")
+
+# Every setting a run records, by its `cosegment` argument name, and what a different value makes stale:
+# "features": the captured features and every pair analysis; "pairs": the per-pair analyses; "results": nothing kept
+# (the collection-level steps always run again; a change is only logged). Adding a setting is one line here.
+RECORDED_SETTINGS = {
+    "model": "features",
+    "images": "features",  # recorded as the SHA-256 of each file's bytes, in order
+    "height": "features",
+    "width": "features",
+    "seed": "features",
+    "timestep": "features",
+    "ensemble_size": "features",
+    "attention_layers": "features",
+    "prompt": "features",
+    "dtype": "features",
+    "batch_size": "features",
+    "selection": "pairs",
+    "max_entropy": "pairs",
+    "max_spread": "pairs",
+    "max_collapse": "pairs",
+    "max_inverse_error": "pairs",
+    "num_parts": "results",
+    "no_segment": "results",
+}
+_STALE = {"features": ("features", "pairs"), "pairs": ("pairs",), "results": ()}
+
+logger = logging.getLogger("cosegment.cli")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hexadecimal."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The settings record of a run from its arguments (`vars(args)`): every name of :data:`RECORDED_SETTINGS`
+    (missing ones as `None`), the images as content digests, in the form JSON reads back (lists, `inf`)."""
+    record = {}
+    for name in RECORDED_SETTINGS:
+        value = arguments.get(name)
+        record[name] = [file_digest(path) for path in value] if name == "images" and value is not None else value
+    return json.loads(json.dumps(record))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def setting_differences(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, list[str]]:
+    """The settings that differ between two records, by what they make stale (`"features"`, `"pairs"`,
+    `"results"`), each as `"name was X, now Y"`; a name missing from `recorded` (an older record) counts as
+    different."""
+    found = {group: [] for group in _STALE}
+    for name, group in RECORDED_SETTINGS.items():
+        if name not in recorded or recorded[name] != current.get(name):
+            was = _short(recorded[name]) if name in recorded else "not recorded"
+            if name == "images" and name in recorded:
+                was = f"{len(recorded[name] or [])} files"
+                now = f"{len(current.get(name) or [])} files of other content or order"
+            else:
+                now = _short(current.get(name))
+            found[group].append(f"{name} was {was}, now {now}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-pair analyses as files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_pair_analysis(analysis, path: str | os.PathLike) -> None:
+    """Saves a :class:`PairAnalysis` to one `.safetensors` file, atomically: the tensors of both passes, and the
+    indices, grid, settings and thresholds as JSON in its header (never pickle)."""
+    tensors, passes = {}, []
+    for index, result in enumerate(analysis.passes):
+        prefix = f"passes.{index}"
+        for name, value in result.statistics.__dict__.items():
+            tensors[f"{prefix}.statistics.{name}"] = value.detach().contiguous().cpu()
+        for name in ("keep", "max_prob", "inverse_entropy"):
+            tensors[f"{prefix}.{name}"] = getattr(result, name).detach().contiguous().cpu()
+        passes.append(
+            {
+                "source_index": int(result.source_index),
+                "target_index": int(result.target_index),
+                "thresholds": dict(result.thresholds.__dict__),
+            }
+        )
+    header = {
+        "format": PAIR_FORMAT,
+        "source_index": str(int(analysis.source_index)),
+        "target_index": str(int(analysis.target_index)),
+        "grid_size": json.dumps([int(v) for v in analysis.grid_size]),
+        "settings": json.dumps(analysis.settings),
+        "passes": json.dumps(passes),
+    }
+    save_safetensors(tensors, path, metadata=header)
+
+
+def load_pair_analysis(path: str | os.PathLike):
+    """Loads a file written by :func:`save_pair_analysis` onto the CPU.
+
+    Raises:
+        `ValueError` when the file is not a complete cosegment pair file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from cosegment import PairAnalysis, PassResult, SelectionThresholds
+    from cosegment.utils.correspondence import PassStatistics
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        if header.get("format") != PAIR_FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, expected {PAIR_FORMAT!r}")
+        statistics = [field.name for field in dataclasses.fields(PassStatistics)]
+        passes = []
+        for index, description in enumerate(json.loads(header["passes"])):
+            prefix = f"passes.{index}"
+            passes.append(
+                PassResult(
+                    description["source_index"],
+                    description["target_index"],
+                    PassStatistics(**{name: tensors[f"{prefix}.statistics.{name}"] for name in statistics}),
+                    tensors[f"{prefix}.keep"],
+                    tensors[f"{prefix}.max_prob"],
+                    tensors[f"{prefix}.inverse_entropy"],
+                    SelectionThresholds(**description["thresholds"]),
+                )
+            )
+        return PairAnalysis(
+            int(header["source_index"]),
+            int(header["target_index"]),
+            tuple(passes),
+            tuple(json.loads(header["grid_size"])),
+            json.loads(header["settings"]),
+        )
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"`{path}` is not a complete cosegment pair analysis file: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The kept state of a run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RunState:
+    """The files a run keeps in `out_dir/resume/`, and what a run may reuse of them.
+
+    Args:
+        out_dir (`str`): the run's output folder (`--out`).
+        settings (`dict`): this run's settings record (:func:`record_settings`).
+        resume (`str`, *optional*): `None` for a fresh run (kept files of an earlier run are removed), `"reuse"` to
+            reuse the kept files (refused when a setting they depend on differs), `"overwrite"` to reuse what still
+            matches and recompute the rest.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, settings: dict[str, Any], resume: str | None = None) -> None:
+        if resume is not None and resume not in RESUME_MODES:
+            raise ValueError(f"`resume` must be one of {RESUME_MODES} or None, got {resume!r}.")
+        self.out_dir = os.fspath(out_dir)
+        self.folder = os.path.join(self.out_dir, STATE_FOLDER)
+        self.settings = settings
+        self.resume = resume
+        self.stale: tuple[str, ...] = ("features", "pairs")
+        self.changes: list[str] = []
+
+    @property
+    def settings_path(self) -> str:
+        return os.path.join(self.folder, "settings.json")
+
+    @property
+    def features_path(self) -> str:
+        return os.path.join(self.folder, "features.safetensors")
+
+    def pair_path(self, source: int, target: int) -> str:
+        return os.path.join(self.folder, "pairs", f"pair_{source:03d}_{target:03d}.safetensors")
+
+    def check(self) -> None:
+        """Decides what is stale (read only; run it on every process). With `resume="reuse"`, raises a one-line
+        `ValueError` naming each setting that differs from the record and that kept files depend on."""
+        if self.resume is None:
+            return
+        try:
+            with open(self.settings_path, encoding="utf-8") as handle:
+                document = json.load(handle)
+            recorded = document["settings"] if document.get("format") == RUN_FORMAT else None
+        except FileNotFoundError:
+            recorded = None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            recorded = None
+            self.changes = [f"{self.settings_path} is unreadable"]
+        if not isinstance(recorded, dict):
+            self.changes = self.changes or [f"nothing kept in {self.folder}"]
+            return
+        differences = setting_differences(recorded, self.settings)
+        refused = differences["features"] + differences["pairs"]
+        if refused and self.resume == "reuse":
+            raise ValueError(
+                f"`--resume`: {self.folder} was made with other settings: {'; '.join(refused)}. Run with the same "
+                "settings, or with --resume=overwrite to recompute what they change, or choose another --out."
+            )
+        group = "features" if differences["features"] else "pairs" if differences["pairs"] else "results"
+        self.stale = _STALE[group]
+        self.changes = [*refused, *differences["results"]]
+
+    def start(self) -> None:
+        """Removes what a killed writer left and the stale kept files, then records this run's settings (main
+        process only, after :meth:`check` and before any process reads or writes kept files)."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        for path in remove_temporaries(self.out_dir):
+            logger.info("removed %s, left by an interrupted writer", path)
+        if "features" in self.stale and os.path.exists(self.features_path):
+            os.remove(self.features_path)
+        if "pairs" in self.stale:
+            shutil.rmtree(os.path.join(self.folder, "pairs"), ignore_errors=True)
+        os.makedirs(os.path.join(self.folder, "pairs"), exist_ok=True)
+        write_json(self.settings_path, {"format": RUN_FORMAT, "settings": self.settings}, indent=1)
+
+    def load_features(self, device: torch.device | str = "cpu"):
+        """The kept features, or `None` when there are none to reuse."""
+        from cosegment import CoSegmentationFeatures
+
+        if "features" in self.stale or not os.path.isfile(self.features_path):
+            return None
+        try:
+            return CoSegmentationFeatures.load(self.features_path, device=device)
+        except ValueError as error:
+            logger.warning("cannot reuse %s (%s): capturing again", self.features_path, error)
+            return None
+
+    def save_features(self, features) -> None:
+        features.save(self.features_path)
+
+    def load_pair(self, source: int, target: int):
+        """The kept analysis of pair `(source, target)`, or `None` when there is none to reuse."""
+        path = self.pair_path(source, target)
+        if "pairs" in self.stale or not os.path.isfile(path):
+            return None
+        try:
+            return load_pair_analysis(path)
+        except ValueError as error:
+            logger.warning("cannot reuse %s (%s): analysing the pair again", path, error)
+            return None
+
+    def pair_analyses(
+        self,
+        features,
+        pairs: Sequence[tuple[int, int]],
+        analyze: Callable[..., list],
+        progress: Callable[[int], Any] | None = None,
+        **analysis,
+    ) -> tuple[list, list[tuple[int, int]]]:
+        """The analyses of `pairs`, in order: kept ones loaded, the others made by `analyze`
+        (:func:`cosegment.analyze_pairs`, called with `**analysis`) one pair at a time and kept as each finishes.
+
+        Returns:
+            the analyses (on the CPU) and the pairs reused.
+        """
+        analyses, reused = [], []
+        for source, target in pairs:
+            kept = self.load_pair(source, target)
+            if kept is None:
+                kept = analyze_one_pair(features, source, target, analyze, **analysis).to("cpu")
+                save_pair_analysis(kept, self.pair_path(source, target))
+            else:
+                reused.append((source, target))
+            analyses.append(kept)
+            if progress is not None:
+                progress(1)
+        return analyses, reused
+
+
+def analyze_one_pair(features, source: int, target: int, analyze: Callable[..., list], **analysis):
+    """`analyze(features, [(source, target)], **analysis)[0]`, computed on the two images' features alone: the same
+    values, without checking every image's features for each pair (`analyze_pairs` validates all of them, which at 40
+    images of SD 2.1's default layers takes as long as a pair's analysis)."""
+    from cosegment import CoSegmentationFeatures
+
+    chosen = [source, target]
+    two = CoSegmentationFeatures(
+        [q[chosen] for q in features.queries],
+        [k[chosen] for k in features.keys],
+        features.grid_size,
+        [features.image_sizes[source], features.image_sizes[target]],
+        list(features.layer_names),
+        dict(features.metadata),
+    )
+    result = analyze(two, [(0, 1)], **analysis)[0]
+    index = {0: source, 1: target}
+    passes = tuple(
+        dataclasses.replace(one, source_index=index[one.source_index], target_index=index[one.target_index])
+        for one in result.passes
+    )
+    return dataclasses.replace(result, source_index=source, target_index=target, passes=passes)
+
+
+def describe_kept(out_dir: str | os.PathLike) -> str:
+    """What `out_dir/resume/` holds, in words: `"the features and 3 pair analyses in out/resume"`."""
+    folder = os.path.join(os.fspath(out_dir), STATE_FOLDER)
+    pairs_folder = os.path.join(folder, "pairs")
+    names = os.listdir(pairs_folder) if os.path.isdir(pairs_folder) else []
+    pairs = len([name for name in names if name.endswith(".safetensors") and not is_temporary(name)])
+    features = os.path.isfile(os.path.join(folder, "features.safetensors"))
+    if not features and not pairs:
+        return "nothing kept yet"
+    kept = ["the features"] if features else []
+    if pairs:
+        kept.append(f"{pairs} pair analys{'is' if pairs == 1 else 'es'}")
+    return f"{' and '.join(kept)} in {folder}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RunInterrupted(BaseException):
+    """Raised in the main thread by SIGINT or SIGTERM within :func:`stop_on_signals`. Like `KeyboardInterrupt` it is
+    not an `Exception`, so that no `except Exception` (e.g. the one naming the pair of an analysis error) takes it.
+
+    Attributes:
+        signum (`int`): the signal; `exit_code` is `128 + signum` (130 for SIGINT, 143 for SIGTERM), as a shell
+            reports a process the signal ended.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Within the block, the first of `signals` raises :class:`RunInterrupted` where the main thread is (so `finally`
+    blocks and atomic writers clean up); later ones are ignored, so that the clean-up is not cut short. The previous
+    handlers come back at the end. Outside the main thread, does nothing."""
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise RunInterrupted(signum)
+
+    previous = {}
+    try:
+        for number in signals:
+            previous[number] = signal.signal(number, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
