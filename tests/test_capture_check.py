@@ -268,20 +268,25 @@ def test_layer_output_recomputed_from_captured_qk_and_own_v(pipe_name, stop_earl
 # be the stock processor's, and the captured Q/K the module's own projections, so that a UNet built with these
 # options (or a redesigned processor) is checked too.
 ATTENTION_OPTIONS = {
-    "spatial-group-norm-residual-4d": dict(
-        query_dim=32,  # SpatialNorm's GroupNorm has 32 groups
-        heads=2,
-        dim_head=4,
-        norm_num_groups=4,
-        spatial_norm_dim=3,
-        residual_connection=True,
-        rescale_output_factor=2.0,
-        qk_norm="layer_norm",
-        bias=True,
-    ),
-    "cross-norm-mask": dict(
-        query_dim=8, heads=2, dim_head=3, cross_attention_dim=6, cross_attention_norm="layer_norm", bias=True
-    ),
+    "spatial-group-norm-residual-4d": {
+        "query_dim": 32,  # SpatialNorm's GroupNorm has 32 groups
+        "heads": 2,
+        "dim_head": 4,
+        "norm_num_groups": 4,
+        "spatial_norm_dim": 3,
+        "residual_connection": True,
+        "rescale_output_factor": 2.0,
+        "qk_norm": "layer_norm",
+        "bias": True,
+    },
+    "cross-norm-mask": {
+        "query_dim": 8,
+        "heads": 2,
+        "dim_head": 3,
+        "cross_attention_dim": 6,
+        "cross_attention_norm": "layer_norm",
+        "bias": True,
+    },
 }
 
 
@@ -289,12 +294,12 @@ def attention_call(attn: Attention, option: str, gen: torch.Generator) -> dict:
     if option == "cross-norm-mask":
         mask = torch.zeros(2, 1, 5)
         mask[0, 0, 3:] = -1e4  # image 0 must not look at its last two context tokens
-        return dict(
-            hidden_states=torch.randn(2, 7, 8, generator=gen),
-            encoder_hidden_states=torch.randn(2, 5, 6, generator=gen),
-            attention_mask=mask,
-        )
-    return dict(hidden_states=torch.randn(2, 32, 3, 4, generator=gen), temb=torch.randn(2, 3, 2, 2, generator=gen))
+        return {
+            "hidden_states": torch.randn(2, 7, 8, generator=gen),
+            "encoder_hidden_states": torch.randn(2, 5, 6, generator=gen),
+            "attention_mask": mask,
+        }
+    return {"hidden_states": torch.randn(2, 32, 3, 4, generator=gen), "temb": torch.randn(2, 3, 2, 2, generator=gen)}
 
 
 @pytest.mark.parametrize("option", list(ATTENTION_OPTIONS))
