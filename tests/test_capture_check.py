@@ -279,6 +279,7 @@ ATTENTION_OPTIONS = {
         "qk_norm": "layer_norm",
         "bias": True,
     },
+    "query-mask": {"query_dim": 8, "heads": 2, "dim_head": 3, "bias": True},
     "cross-norm-mask": {
         "query_dim": 8,
         "heads": 2,
@@ -291,6 +292,10 @@ ATTENTION_OPTIONS = {
 
 
 def attention_call(attn: Attention, option: str, gen: torch.Generator) -> dict:
+    if option == "query-mask":  # one mask row per query token: (B, N_q, N_k)
+        mask = torch.zeros(2, 7, 7)
+        mask[1, :4, 5:] = -1e4
+        return {"hidden_states": torch.randn(2, 7, 8, generator=gen), "attention_mask": mask}
     if option == "cross-norm-mask":
         mask = torch.zeros(2, 1, 5)
         mask[0, 0, 3:] = -1e4  # image 0 must not look at its last two context tokens
