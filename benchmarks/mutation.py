@@ -11,8 +11,11 @@ runs, per mutant, only those tests.
     python benchmarks/mutation.py processors          # one group
     python benchmarks/mutation.py --report-only       # score the last run again, list the survivors
 
-Score = killed / (all mutants - skipped); a timeout counts as killed, "no tests" as survived (mutmut's convention).
-The survivors are printed with their diffs (`mutmut show`) and written to `<workdir>/<group>/survivors.txt`.
+    python benchmarks/mutation.py correspondence --sample 0.15      # all selection-function mutants, 15% of the rest
+    python benchmarks/mutation.py processors --workdir /tmp/rerun --mutants NAME...   # rerun chosen mutants
+
+Score = killed / run, over the mutants that were run; a timeout counts as killed, "no tests" as survived (mutmut's
+convention). The survivors are listed, and their diffs (`mutmut show`) written to `<workdir>/<group>/survivors.txt`.
 """
 
 from __future__ import annotations
@@ -136,33 +139,40 @@ def mutmut_env() -> dict[str, str]:
     return env
 
 
-def run_group(group: str, workdir: Path, timeout: float, fraction: float) -> None:
+def run_group(group: str, workdir: Path, timeout: float, fraction: float, mutants: list[str]) -> None:
     scratch = prepare(group, workdir)
     start = time.time()
-    names = sample_mutants(scratch, fraction) if fraction < 1 else []
+    names = list(mutants) or (sample_mutants(scratch, fraction) if fraction < 1 else [])
     result = subprocess.run(
         [MUTMUT, "run", "--max-children", "1", *names], cwd=scratch, env=mutmut_env(), timeout=timeout, text=True
     )
     print(f"[{group}] mutmut run: exit {result.returncode} in {time.time() - start:.0f} s", flush=True)
 
 
+# mutmut's exit codes (mutmut/stats.py): a timeout or an internal pytest error counts as killed, "no tests" as survived.
+KILLED = {1, 3, 24, -24, 36, 152, 255}
+SURVIVED = {0, 5, 33}
+
+
 def report(group: str, workdir: Path) -> dict:
+    """Scores the mutants that were run (`exit code` not None) from mutmut's `.meta` files, and writes each
+    survivor's diff (`mutmut show`) to `<workdir>/<group>/survivors.txt`."""
     scratch = workdir / group
-    env = mutmut_env()
-    subprocess.run([MUTMUT, "export-cicd-stats"], cwd=scratch, env=env, capture_output=True, check=True)
-    stats = json.loads((scratch / "mutants" / "mutmut-cicd-stats.json").read_text())
-    tested = stats["total"] - stats.get("skipped", 0)
-    killed = stats.get("killed", 0) + stats.get("timeout", 0)
-    stats["score"] = killed / tested if tested else 0.0
-    listing = subprocess.run([MUTMUT, "results"], cwd=scratch, env=env, capture_output=True, text=True).stdout
-    survivors = [line.split(":")[0].strip() for line in listing.splitlines() if ": " in line]
+    codes = {}
+    for meta in sorted((scratch / "mutants").rglob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    run = {name: code for name, code in codes.items() if code is not None}
+    killed = sorted(name for name, code in run.items() if code in KILLED)
+    survivors = sorted(name for name, code in run.items() if code in SURVIVED)
+    other = sorted(name for name, code in run.items() if code not in KILLED | SURVIVED)
     diffs = []
     for name in survivors:
-        shown = subprocess.run([MUTMUT, "show", name], cwd=scratch, env=env, capture_output=True, text=True).stdout
+        shown = subprocess.run(
+            [MUTMUT, "show", name], cwd=scratch, env=mutmut_env(), capture_output=True, text=True
+        ).stdout
         diffs.append(f"## {name}\n{shown}")
     (scratch / "survivors.txt").write_text("\n".join(diffs))
-    stats["survivors"] = survivors
-    return stats
+    return {"generated": len(codes), "run": len(run), "killed": killed, "survivors": survivors, "other": other}
 
 
 def main() -> None:
@@ -173,31 +183,29 @@ def main() -> None:
     parser.add_argument(
         "--sample", type=float, default=1.0, help="share of the mutants outside the always-run functions (default 1)"
     )
+    parser.add_argument("--mutants", nargs="+", default=[], help="run only these mutants (fnmatch patterns)")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
     args = parser.parse_args()
     groups = args.groups or list(GROUPS)
     unknown = [group for group in groups if group not in GROUPS]
     if unknown:
         parser.error(f"unknown groups {unknown}; choose from {list(GROUPS)}")
-    total = {"killed": 0, "tested": 0}
+    total_killed = total_run = 0
     for group in groups:
         if not args.report_only:
-            run_group(group, args.workdir, args.timeout, args.sample)
-        stats = report(group, args.workdir)
-        killed = stats.get("killed", 0) + stats.get("timeout", 0)
-        tested = stats["total"] - stats.get("skipped", 0)
-        total["killed"] += killed
-        total["tested"] += tested
+            run_group(group, args.workdir, args.timeout, args.sample, args.mutants)
+        result = report(group, args.workdir)
+        killed, scored = len(result["killed"]), len(result["killed"]) + len(result["survivors"])
+        total_killed, total_run = total_killed + killed, total_run + scored
         print(
-            f"[{group}] {killed}/{tested} killed = {100 * stats['score']:.1f}% "
-            f"(survived {stats.get('survived', 0)}, no tests {stats.get('no_tests', 0)}, "
-            f"timeout {stats.get('timeout', 0)}, suspicious {stats.get('suspicious', 0)}); "
-            f"survivors in {args.workdir / group / 'survivors.txt'}"
+            f"[{group}] {killed}/{scored} killed = {100 * killed / max(scored, 1):.1f}% "
+            f"({result['run']} of {result['generated']} mutants run; {len(result['other'])} suspicious or "
+            f"segfaults, not scored: {result['other']}); diffs in {args.workdir / group / 'survivors.txt'}"
         )
-        for name in stats["survivors"]:
+        for name in result["survivors"]:
             print(f"    survived: {name}")
-    if total["tested"]:
-        print(f"[all] {total['killed']}/{total['tested']} killed = {100 * total['killed'] / total['tested']:.1f}%")
+    if total_run:
+        print(f"[all] {total_killed}/{total_run} killed = {100 * total_killed / total_run:.1f}%")
 
 
 if __name__ == "__main__":
