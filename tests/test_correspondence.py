@@ -200,3 +200,30 @@ def test_token_coordinates_and_pixels():
     # token 5 = (row 1, col 2) of a 2 x 3 grid in a 100 (H) x 300 (W) image: centre x = 250, y = 75
     points = token_centres_in_pixels(torch.tensor([0, 5]), (2, 3), (100, 300))
     assert points.tolist() == [[50.0, 25.0], [250.0, 75.0]]
+
+
+class TestEdgesAndMessages:
+    """Edge cases and error messages found by the mutation run (benchmarks/mutation.py, TESTING.md)."""
+
+    def test_no_source_rows_gives_an_empty_matrix(self):
+        attn = cross_attention_probs(torch.randn(2, 0, 4), torch.randn(2, 5, 4), chunk_size=4)
+        assert attn.shape == (0, 5) and attn.dtype == torch.float32
+
+    def test_errors_name_the_argument_and_the_value(self):
+        with pytest.raises(TypeError, match=r"`queries\[0\]` must be a torch.Tensor, got list"):
+            cross_attention_probs([[1.0]], torch.randn(3, 4))
+        with pytest.raises(
+            ValueError, match=r"`attn` must be a 2-D tensor \(N_s, N_t\), got torch.Size\(\[2, 2, 2\]\)"
+        ):
+            argmax_matches(torch.zeros(2, 2, 2))
+        with pytest.raises(
+            ValueError, match=r"`attn` must be a 2-D tensor \(N_t, N_s\), got torch.Size\(\[2, 2, 2\]\)"
+        ):
+            inverse_mapping_entropy(torch.zeros(2, 2, 2))
+        with pytest.raises(ValueError, match="`attn` contains NaN or inf"):
+            inverse_mapping_entropy(torch.tensor([[math.nan, 1.0]]))
+        with pytest.raises(ValueError, match="`num_tokens` must be at least 2, got 1"):
+            paper_thresholds(1)
+
+    def test_paper_thresholds_accept_the_smallest_grid(self):
+        assert paper_thresholds(2).max_entropy == pytest.approx(2.0 * math.log(2) / math.log(1024))

@@ -148,7 +148,7 @@ def test_match_scores_weight_the_attention_by_the_kept_neighbour_share():
     scores = match_scores(torch.tensor([0.5, 0.8, 1.2]), torch.tensor([True, True, False]), (1, 3))
     # token 0: its one neighbour kept -> 0.5; token 1: 1 of 2 -> 0.4; token 2: 1 of 1, attention clamped to 1 -> 1
     torch.testing.assert_close(scores, torch.tensor([0.5, 0.4, 1.0]))
-    with pytest.raises(ValueError, match="max_prob"):
+    with pytest.raises(ValueError, match=r"`max_prob` \(2,\) and `keep` \(3,\) must both have 3 entries"):
         match_scores(torch.ones(2), torch.ones(3, dtype=torch.bool), (1, 3))
 
 
@@ -158,6 +158,9 @@ def test_kept_map_prefers_the_forward_pass_then_the_largest_backward_target():
     # source 0: kept forward -> 2; source 1: kept targets 0 and 1 point back to it -> the larger, 1; source 2:
     # target 3 -> 3; source 3: nothing -> -1 (target 2 points to 0 but is not kept)
     assert kept_map(forward, keep_forward, backward, keep_backward).tolist() == [2, 1, 3, -1]
+    # a single target: the forward pass still decides where it keeps a match
+    one = torch.zeros(2, dtype=torch.long)
+    assert kept_map(one, torch.tensor([True, False]), one[:1], torch.tensor([False])).tolist() == [0, -1]
 
 
 def test_confirm_matches_counts_valid_votes_within_tolerance():
