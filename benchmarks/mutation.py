@@ -42,11 +42,16 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "correspondence": (
         ["utils/correspondence.py"],
-        ["tests/test_correspondence.py", "tests/test_selection.py", "tests/test_properties.py"],
+        [
+            "tests/test_correspondence.py",
+            "tests/test_selection.py",
+            "tests/test_device_follows_inputs.py",
+            "tests/test_properties.py",
+        ],
     ),
     "segmentation": (
         ["utils/segmentation.py"],
-        ["tests/test_segmentation.py", "tests/test_properties.py"],
+        ["tests/test_segmentation.py", "tests/test_device_follows_inputs.py", "tests/test_properties.py"],
     ),
 }
 
