@@ -81,7 +81,15 @@ CASES = [
     ("item-float-0-255", {"image": [IMG, np.full((8, 8, 3), 200.0)]}, ValueError, ["`image[1]`", "200", "[0, 1]"]),
     ("item-float-minus1-1", {"image": [torch.linspace(-1, 1, 192).view(3, 8, 8), IMG]}, ValueError, ["`image[0]`"]),
     # --- scalars
-    ("prompt-none", {"prompt": None}, TypeError, ["`prompt`", "None"]),
+    ("prompt-bytes", {"prompt": b"a cat"}, TypeError, ["`prompt`", "b'a cat'"]),
+    ("prompt-and-embeds", {"prompt": "", "prompt_embeds": torch.zeros(1, 77, 32)}, ValueError, ["`prompt`", "''"]),
+    ("embeds-array", {"prompt_embeds": np.zeros((1, 77, 32))}, TypeError, ["`prompt_embeds`", "numpy"]),
+    ("embeds-2d", {"prompt_embeds": torch.zeros(77, 32)}, ValueError, ["`prompt_embeds`", "(77, 32)"]),
+    ("embeds-batch-2", {"prompt_embeds": torch.zeros(2, 77, 32)}, ValueError, ["`prompt_embeds`", "(2, 77, 32)"]),
+    ("embeds-wrong-dim", {"prompt_embeds": torch.zeros(1, 77, 16)}, ValueError, ["`prompt_embeds`", "(1, L, 32)"]),
+    ("embeds-no-tokens", {"prompt_embeds": torch.zeros(1, 0, 32)}, ValueError, ["`prompt_embeds`", "(1, 0, 32)"]),
+    ("embeds-int", {"prompt_embeds": torch.zeros(1, 77, 32, dtype=torch.long)}, ValueError, ["`prompt_embeds`"]),
+    ("embeds-nan", {"prompt_embeds": torch.full((1, 77, 32), NAN)}, ValueError, ["`prompt_embeds`", "finite"]),
     ("prompt-list", {"prompt": ["a cat"]}, TypeError, ["`prompt`", "['a cat']"]),
     ("prompt-int", {"prompt": 3}, TypeError, ["`prompt`", "3"]),
     ("height-zero", {"height": 0}, ValueError, ["`height`", "64", "got 0"]),
@@ -245,3 +253,31 @@ def test_huge_finite_features_are_refused_not_nan():
     with pytest.raises(ValueError, match=r"pair \(0, 1\).*too large"):
         analyze_features(features, **NO_FILTER)
     assert math.isfinite(float(analyze_features(_features(), **NO_FILTER).entropy_maps.sum()))
+
+
+def test_call_resolves_and_validates_once(tiny_pipe, monkeypatch):
+    """`check_inputs` returns what it resolved (layers, grid, images, settings): `__call__` resolves the layers
+    once, converts the images once and validates the captured features once."""
+    from cosegment.analysis import CoSegmentationFeatures
+    from cosegment.pipeline_cosegment import CheckedInputs
+
+    counts = {"layers": 0, "validate": 0}
+    resolve, validate = type(tiny_pipe).resolve_attention_layers, CoSegmentationFeatures.validate
+
+    def counting_resolve(self, *args, **kwargs):
+        counts["layers"] += 1
+        return resolve(self, *args, **kwargs)
+
+    def counting_validate(self):
+        counts["validate"] += 1
+        return validate(self)
+
+    monkeypatch.setattr(type(tiny_pipe), "resolve_attention_layers", counting_resolve)
+    monkeypatch.setattr(CoSegmentationFeatures, "validate", counting_validate)
+    out = tiny_pipe(**_valid_kwargs())
+    assert counts == {"layers": 1, "validate": 1}
+    assert out.density_maps.shape == (2, 4, 4)
+    checked = tiny_pipe.check_inputs([IMG, IMG], height=64, width=64, max_spread=2.0, num_parts=3)
+    assert isinstance(checked, CheckedInputs) and checked.grid_size == (4, 4) and len(checked.images) == 2
+    assert checked.layer_names == tiny_pipe.resolve_attention_layers()
+    assert checked.settings.thresholds["max_spread"] == 2.0 and checked.settings.num_parts == 3
