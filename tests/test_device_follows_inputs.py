@@ -17,7 +17,7 @@ KEEP = torch.tensor([True, True, True, True, True, True, True, False, True])
 G = torch.Generator().manual_seed(0)
 Q, K = torch.randn(2, 9, 4, generator=G), torch.randn(2, 9, 4, generator=G)
 RAND9 = torch.rand(9, generator=G)
-STATS = C.PassStatistics(FORWARD, RAND9, torch.tensor([0.0] * 4 + [1.2] + [0.0] * 4), RAND9 * 3, RAND9 / 2, RAND9)
+STATS = C.PassStatistics(FORWARD, RAND9, torch.tensor([0.0] * 4 + [1.2] + [0.0] * 4), RAND9 * 3, RAND9 / 2)
 THRESHOLDS = C.SelectionThresholds(1.0, 2.0, 0.5, 1.0)
 VALUES = torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0, 9.0])
 LABELS = torch.tensor([1, 1, 0, 2, 0, 0, 0, 0, 0])
@@ -38,8 +38,6 @@ CALLS = {
     "pass_statistics": lambda: C.pass_statistics(
         C.attention_row_statistics(Q, K), C.attention_row_statistics(K, Q), (3, 3)
     ),
-    "otsu_threshold": lambda: C.otsu_threshold(VALUES),
-    "auto_thresholds": lambda: C.auto_thresholds(STATS),
     "supported_spread": lambda: C.supported_spread(FORWARD, KEEP, (3, 3)),
     "grow_matches": lambda: C.grow_matches(STATS, KEEP, THRESHOLDS, (3, 3)),
     "match_scores": lambda: C.match_scores(RAND9, KEEP, (3, 3)),
@@ -58,8 +56,9 @@ CALLS = {
     "kl_to_parts": lambda: S.kl_to_parts(Q, K, UNIFORM, chunk_size=4),
     "assign_parts": lambda: S.assign_parts(KL, 0.5),
     "assign_parts_no_part": lambda: S.assign_parts(KL[:, :0], 0.5),
-    # not minimum_error_threshold / background_threshold_from_kl: their `torch.as_tensor(values)` moves the input to
-    # the default device (meta here), which no GPU run does
+    # not the histogram thresholds (otsu_threshold, auto_thresholds, minimum_error_threshold,
+    # background_threshold_from_kl): their `torch.as_tensor(values)` moves the input to the default device (meta
+    # here), which no GPU run does
 }
 
 

@@ -43,7 +43,6 @@ def stats_of(forward, inverse_error=None, collapse=None, spread=None, entropy=No
         inverse_error=zeros if inverse_error is None else torch.as_tensor(inverse_error, dtype=torch.float32),
         spread=zeros if spread is None else torch.as_tensor(spread, dtype=torch.float32),
         collapse=zeros if collapse is None else torch.as_tensor(collapse, dtype=torch.float32),
-        score=torch.ones(n),
     )
 
 
@@ -74,31 +73,6 @@ def test_pass_statistics_hand_computed_on_different_grids():
     torch.testing.assert_close(stats.target_entropy, torch.tensor([0.2, 0.5]))  # IME of f(p), from the backward rows
     # f(0) = (0, 2) and f(1) = (0, 0) on the target grid: 2 cells apart, squared 4; no collapse
     assert stats.spread.tolist() == [4.0, 4.0] and stats.collapse.tolist() == [0.0, 0.0]
-    sharp_forward = 1 - torch.tensor([0.1, 0.3]) / math.log(3)  # forward rows have N_t = 3 entries
-    sharp_backward = 1 - torch.tensor([0.2, 0.5]) / math.log(2)  # backward rows have N_s = 2 entries
-    expected = (sharp_forward * sharp_backward).sqrt() * torch.exp(-0.5 * torch.tensor([0.0, 1.0]) ** 2)
-    torch.testing.assert_close(stats.score, expected)
-
-
-def test_pass_statistics_score_clamps_each_sharpness_to_zero():
-    # an entropy above log N (impossible for a real row) on one side only: that side's sharpness is clamped to 0, so
-    # the score is 0, not the square root of a negative number
-    forward = AttentionRowStatistics(torch.tensor([0, 1]), torch.ones(2), torch.tensor([5.0, 0.0]))
-    backward = AttentionRowStatistics(torch.tensor([0, 1]), torch.ones(2), torch.tensor([0.0, 5.0]))
-    stats = pass_statistics(forward, backward, (1, 2))
-    assert stats.score.tolist() == [0.0, 0.0]
-
-
-def test_pass_statistics_score_on_two_targets_and_a_two_cell_cycle():
-    # source grid 1 x 3 into a 1 x 2 target grid: f = [0, 0, 1], g = [2, 1]; cycles 0 -> 2 (2 cells), 1 -> 2, 2 -> 1
-    forward = AttentionRowStatistics(torch.tensor([0, 0, 1]), torch.ones(3), torch.tensor([0.2, 0.2, 0.2]))
-    backward = AttentionRowStatistics(torch.tensor([2, 1]), torch.ones(2), torch.tensor([0.1, 0.3]))
-    stats = pass_statistics(forward, backward, (1, 3), (1, 2))
-    assert stats.inverse_error.tolist() == [2.0, 1.0, 1.0]
-    sharp_forward = 1 - 0.2 / math.log(2)  # forward rows have N_t = 2 entries
-    sharp_backward = 1 - torch.tensor([0.1, 0.1, 0.3]) / math.log(3)  # backward rows have N_s = 3 entries
-    expected = (sharp_forward * sharp_backward).sqrt() * torch.exp(-0.5 * torch.tensor([4.0, 1.0, 1.0]))
-    torch.testing.assert_close(stats.score, expected)
 
 
 def test_auto_thresholds_from_the_passes_own_statistics():
