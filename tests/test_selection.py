@@ -104,6 +104,9 @@ def test_otsu_threshold_hand_computed_with_an_empty_bin_plateau():
     # cuts 0 and 1 (the empty bin) give 2*2*1.25^2 = 6.25, cut 2 gives 3*1*1.1667^2 = 4.08: middle 0.5 -> -0.25
     assert otsu_threshold(torch.tensor([-1.0, -1.0, 0.0, 1.0]), bins=4) == pytest.approx(-0.25)
     assert otsu_threshold(torch.tensor([0.0, 1.0]), bins=1) == pytest.approx(1.0)  # one bin: the only cut, at hi
+    # the default 256 bins on [0, 7]: 3 falls in bin 109 and 7 in bin 255; every cut in the empty gap between them
+    # ties, and the middle of cuts 109..254 is 181.5 -> (181.5 + 1) * 7 / 256
+    assert otsu_threshold(torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0, 7.0])) == pytest.approx(182.5 * 7 / 256)
 
 
 def test_supported_spread_counts_only_kept_neighbours():
@@ -137,6 +140,11 @@ def test_grow_matches_grows_row_by_row_and_drops_lone_matches():
     # the target grid sets the geometry: the same map into a 3 x 4 target grid grows the same way
     wide = stats_of([0, 1, 2, 4, 5, 6, 8, 9, 10], inverse_error=[0.0] * 8 + [5.0])
     assert grow_matches(wide, top, loose, (3, 3), (3, 4)).tolist() == [True] * 8 + [False]
+    # exactly min_support kept neighbours and a spread exactly at the limit are enough: 1 x 3 grid, ends kept,
+    # the middle grows (2 neighbours, spread 1); then the ends, with one kept neighbour each, are dropped
+    ends = torch.tensor([True, False, True])
+    at_limit = SelectionThresholds(max_entropy=1.0, max_spread=1.0, max_collapse=0.5, max_inverse_error=1.0)
+    assert grow_matches(stats_of([0, 1, 2]), ends, at_limit, (1, 3)).tolist() == [False, True, False]
     # min_support=1 keeps the top row's ends; the input mask is not modified
     assert grow_matches(stats, top, tight, (3, 3), min_support=1).tolist() == [True] * 3 + [False] * 6
     assert top.tolist() == [True] * 3 + [False] * 6
@@ -223,8 +231,12 @@ def test_affine_residual_finds_the_off_field_match():
         torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10]), torch.ones(9, dtype=torch.bool), (3, 3), (3, 4)
     )
     assert torch.allclose(residual, torch.zeros(9), atol=1e-5)
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match=r"`forward` \(9,\) and `keep` \(8,\) must both have 9 entries"):
         affine_residual(torch.arange(9), torch.ones(8, dtype=torch.bool), (3, 3))
+    with pytest.raises(ValueError, match="`target_grid_size` must be two positive ints"):
+        affine_residual(torch.arange(9), torch.ones(9, dtype=torch.bool), (3, 3), (3, 0))
+    with pytest.raises(ValueError, match=r"`forward` holds indices outside \[0, 4\)"):
+        affine_residual(torch.arange(9), torch.ones(9, dtype=torch.bool), (3, 3), (2, 2))
 
 
 def test_field_consistent_drops_a_loose_cycle_the_field_does_not_predict():
@@ -238,6 +250,9 @@ def test_field_consistent_drops_a_loose_cycle_the_field_does_not_predict():
     # the target grid sets the geometry: the same maps into a 3 x 4 target grid
     wide = stats_of([0, 1, 2, 4, 6, 6, 8, 9, 10], inverse_error=[0.0] * 4 + [1.2] + [0.0] * 4)
     assert field_consistent(wide, keep, thresholds, (3, 3), (3, 4)).tolist() == [True] * 4 + [False] + [True] * 4
+    # the tolerance is inclusive: the centre's residual is exactly 1 cell
+    at_one = SelectionThresholds(max_entropy=1.0, max_spread=2.0, max_collapse=0.5, max_inverse_error=1.0)
+    assert field_consistent(loose_centre, keep, at_one, (3, 3)).all()
     # a field residual within the tolerance keeps it
     lenient = SelectionThresholds(max_entropy=1.0, max_spread=2.0, max_collapse=0.5, max_inverse_error=1.5)
     assert field_consistent(loose_centre, keep, lenient, (3, 3)).all()
