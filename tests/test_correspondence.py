@@ -233,7 +233,9 @@ class TestEdgesAndMessages:
             cross_attention_probs(torch.zeros(1, 2, 3, 4), torch.zeros(3, 4))
         with pytest.raises(ValueError, match="`queries` and `keys` must have the same length, got 2 and 1"):
             cross_attention_probs([torch.zeros(3, 4)] * 2, [torch.zeros(3, 4)])
-        with pytest.raises(ValueError, match=r"All `queries` \(and all `keys`\) must have the same number of tokens"):
+        with pytest.raises(
+            ValueError, match=r"^All `queries` \(and all `keys`\) must have the same number of tokens\.$"
+        ):
             cross_attention_probs([torch.zeros(3, 4), torch.zeros(2, 4)], [torch.zeros(3, 4)] * 2)
         with pytest.raises(ValueError, match="`grid_size` must be two positive ints"):
             token_coordinates((0, 2))

@@ -48,7 +48,7 @@ CALLS = {
     "field_consistent": lambda: C.field_consistent(STATS, KEEP, THRESHOLDS, (3, 3)),
     "select_matches": lambda: C.select_matches(STATS, THRESHOLDS),
     "merge_passes": lambda: C.merge_passes(FORWARD, KEEP, RAND9, torch.roll(FORWARD, 1), KEEP, RAND9),
-    "merge_passes_empty": lambda: C.merge_passes(FORWARD, ~KEEP | False, RAND9, FORWARD, KEEP & False, RAND9),
+    "merge_passes_empty": lambda: C.merge_passes(FORWARD, KEEP & False, RAND9, FORWARD, KEEP & False, RAND9),
     "token_centres_in_pixels": lambda: C.token_centres_in_pixels(FORWARD, (3, 3), (30, 60)),
     "attention_rows": lambda: S.attention_rows(Q, K, columns=COLUMNS, chunk_size=4),
     "attention_rows_empty": lambda: S.attention_rows(Q, K, rows=LABELS[:0]),

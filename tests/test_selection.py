@@ -26,6 +26,7 @@ from cosegment.utils.correspondence import (
     inverse_mapping_entropy,
     kept_map,
     match_scores,
+    merge_passes,
     otsu_threshold,
     pass_statistics,
     reverse_consistent,
@@ -117,6 +118,12 @@ def test_supported_spread_counts_only_kept_neighbours():
     assert spread.tolist() == [0.0, 1.5, 0.0] and support.tolist() == [0.0, 2.0, 0.0]
     spread, support = supported_spread(forward, torch.ones(3, dtype=torch.bool), (1, 3), (2, 2))
     assert spread.tolist() == [2.0, 1.5, 1.0] and support.tolist() == [1.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match=r"`forward` \(3,\) and `keep` \(2,\) must both have 3 entries"):
+        supported_spread(forward, torch.ones(2, dtype=torch.bool), (1, 3), (2, 2))
+    with pytest.raises(ValueError, match="`target_grid_size` must be two positive ints"):
+        supported_spread(forward, torch.ones(3, dtype=torch.bool), (1, 3), (0, 2))
+    with pytest.raises(ValueError, match=r"`forward` holds indices outside \[0, 2\)"):
+        supported_spread(forward, torch.ones(3, dtype=torch.bool), (1, 3), (1, 2))
 
 
 def test_grow_matches_grows_row_by_row_and_drops_lone_matches():
@@ -291,3 +298,20 @@ def test_entropy_of_zero_and_subnormal_rows():
     assert inverse_mapping_entropy(torch.zeros(2, 3)).tolist() == [0.0, 0.0]
     tiny = torch.tensor([[1e-45, 1e-45, 0.0]])  # subnormal float32: renormalised through the row maximum
     assert inverse_mapping_entropy(tiny)[0].item() == pytest.approx(math.log(2))
+
+
+def test_merge_passes_single_match_and_empty_dtypes():
+    one = torch.tensor([True, False])
+    src, tgt, score, mutual = merge_passes(
+        torch.tensor([1, 0]), one, torch.tensor([0.7, 0.2]), torch.tensor([0, 0]), ~one & one, torch.ones(2)
+    )
+    assert src.tolist() == [0] and tgt.tolist() == [1] and score.tolist() == [pytest.approx(0.7)]
+    assert mutual.tolist() == [False]
+    none = torch.zeros(2, dtype=torch.bool)
+    src, tgt, score, mutual = merge_passes(torch.arange(2), none, torch.ones(2), torch.arange(2), none, torch.ones(2))
+    assert src.dtype == tgt.dtype == torch.long and score.dtype == torch.float32 and mutual.dtype == torch.bool
+
+
+def test_thresholds_of_zero_are_allowed():
+    zero = SelectionThresholds(max_entropy=0, max_spread=0, max_collapse=0, max_inverse_error=0)
+    assert (zero.max_entropy, zero.max_spread, zero.max_collapse, zero.max_inverse_error) == (0.0, 0.0, 0.0, 0.0)
