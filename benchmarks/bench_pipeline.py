@@ -7,8 +7,11 @@
 Prints markdown tables:
  (a) one pair at 512 px: `__call__` time over the DIFT-equivalent work (VAE encode + UNet forward up to the end of
      the block that holds the read layers, stock processors) and over a full UNet forward;
+ (a3) capture alone over the DIFT-equivalent work, each with its VAE input in NCHW and in channels_last (NHWC);
  (b) M = 2, 4, 8, 16: capture time, analysis time, peak memory growth;
  (c) 256, 512, 768 px: analysis time and peak memory growth of one pair;
+ (g) eager vs compiled capture: `torch.compile(pipe.unet)` and `pipe.unet.compile()`, graphs per call, after
+     warm-up (`--compile-size`, `--compile-mode`);
  (d) with a CUDA GPU: the same at real SD 2.1 size in float16, absolute times, device named.
 Weights are random: the numbers measure cost, never quality.
 """
@@ -29,6 +32,7 @@ import torch
 from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline, analyze_features
 from cosegment.processors.cross_self_attention import StopForward
 from cosegment.testing import _write_tokenizer_files
+from cosegment.utils.images import preferred_memory_format
 
 
 def build_sd21_shaped(scale: str = "full", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -133,12 +137,15 @@ def images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def dift_equivalent(pipe, batch: list[np.ndarray], size: int, stop_block: int) -> None:
-    """What DIFT costs: VAE encode, noise, prompt, UNet forward with stock processors until `up_blocks[stop_block]`
-    has run."""
+def dift_equivalent(
+    pipe, batch: list[np.ndarray], size: int, stop_block: int, memory_format=torch.contiguous_format
+) -> None:
+    """What DIFT costs: VAE encode (its input in `memory_format`), noise, prompt, UNet forward with stock processors
+    until `up_blocks[stop_block]` has run."""
     device = pipe._execution_device
     pixels, _ = pipe.prepare_images(batch, size, size)
-    latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    pixels = pixels.to(device, pipe.vae.dtype, memory_format=memory_format)
+    latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device, latents.dtype)
     t = torch.full((latents.shape[0],), 261, device=device)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
@@ -166,6 +173,100 @@ def full_forward(pipe, batch: list[np.ndarray], size: int) -> None:
     pipe.unet(latents, t, encoder_hidden_states=text)
 
 
+def interleaved_medians(runs: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
+    """Median time of each run, the runs interleaved (so drifts in machine speed hit all alike), after `warmup`."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def capture_vs_dift_by_memory_format(pipe, pair, size: int, stop_block: int, repeats: int, device) -> None:
+    """(a3): `capture_features` against the DIFT-equivalent work, each with its VAE input in NCHW and in NHWC."""
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    runs = {}
+    for label, memory_format in formats.items():
+
+        def capture(memory_format=memory_format) -> None:
+            pipe.vae_input_memory_format = memory_format
+            try:
+                pipe.capture_features(pair, generator=torch.Generator().manual_seed(0))
+            finally:
+                pipe.vae_input_memory_format = None
+
+        runs[f"capture {label}"] = capture
+        runs[f"DIFT {label}"] = lambda memory_format=memory_format: dift_equivalent(
+            pipe, pair, size, stop_block, memory_format
+        )
+    med = interleaved_medians(runs, repeats, device)
+    best_capture = min((med[f"capture {label}"], label) for label in formats)
+    best_dift = min((med[f"DIFT {label}"], label) for label in formats)
+    table(
+        f"(a3) capture vs DIFT-equivalent, one pair at {size} px, VAE input in each memory format, medians of "
+        f"{repeats} interleaved",
+        [*(f"{name} s" for name in runs), "best capture / best DIFT", "channels_last / contiguous (capture, DIFT)"],
+        [
+            [
+                *med.values(),
+                f"{best_capture[0] / best_dift[0]:.3g} ({best_capture[1]} / {best_dift[1]})",
+                f"{med['capture channels_last'] / med['capture contiguous']:.3g}, "
+                f"{med['DIFT channels_last'] / med['DIFT contiguous']:.3g}",
+            ]
+        ],
+    )
+    print(f"default VAE input format on {device.type}: {preferred_memory_format(device)}")
+
+
+def compiled_vs_eager_capture(args, device, size: int) -> None:
+    """(g): capture with `torch.compile(pipe.unet)` (diffusers' advice) and `pipe.unet.compile()` against eager.
+
+    Each compiled pipeline is warmed up by two calls; the graphs dynamo has compiled are counted after every call, so
+    a call that compiles again shows up as a growing count."""
+    from torch._dynamo.utils import counters
+
+    pair = images(2, size)
+    eager = build_sd21_shaped(args.scale).to(device)
+    wrapped = build_sd21_shaped(args.scale).to(device)
+    wrapped.unet = torch.compile(wrapped.unet, mode=args.compile_mode)
+    in_place = build_sd21_shaped(args.scale).to(device)
+    in_place.unet.compile(mode=args.compile_mode)
+    pipes = {"eager": eager, "torch.compile(unet)": wrapped, "unet.compile()": in_place}
+
+    def capture(pipe):
+        return pipe.capture_features(pair, height=size, width=size, generator=torch.Generator().manual_seed(0))
+
+    reference = capture(eager)
+    rows = []
+    for name, pipe in list(pipes.items())[1:]:
+        counters.clear()
+        graphs, first = [], None
+        for call in range(3):
+            start = time.perf_counter()
+            features = capture(pipe)
+            seconds = time.perf_counter() - start
+            first = seconds if call == 0 else first
+            graphs.append(counters["stats"]["unique_graphs"])
+        error = max(float((a - b).abs().max()) for a, b in zip(features.queries, reference.queries))
+        rows.append([name, first, " -> ".join(map(str, graphs)), f"{error:.2g}"])
+    table(
+        f"(g1) compiling the UNet ({args.scale}, {size} px, mode={args.compile_mode}): 3 calls each",
+        ["form", "first call s (compiles)", "graphs after calls 1, 2, 3", "max |Q - Q_eager|"],
+        rows,
+    )
+    med = interleaved_medians(
+        {name: lambda pipe=pipe: capture(pipe) for name, pipe in pipes.items()}, args.repeats, device
+    )
+    table(
+        f"(g2) capture after warm-up, one pair at {size} px, medians of {args.repeats} interleaved",
+        [*(f"{name} s" for name in med), *(f"{name} / eager" for name in list(med)[1:])],
+        [[*med.values(), *(med[name] / med["eager"] for name in list(med)[1:])]],
+    )
+
+
 def table(title: str, header: list[str], rows: list[list]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -180,7 +281,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--collections", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "b", "c", "d"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "m", "b", "c", "g", "d"])
+    parser.add_argument("--compile-size", type=int, default=512, help="image size of the compile section (g)")
+    parser.add_argument("--compile-mode", default=None, help="`mode` of torch.compile in (g), e.g. max-autotune")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -197,7 +300,8 @@ def main() -> None:
 
     if "a" not in args.skip:
         call = lambda: pipe(image=pair, generator=gen)  # noqa: E731
-        dift = lambda: dift_equivalent(pipe, pair, size, stop_block)  # noqa: E731
+        # DIFT at the VAE input format our capture uses (section (a3) compares both formats on both sides)
+        dift = lambda: dift_equivalent(pipe, pair, size, stop_block, preferred_memory_format(device))  # noqa: E731
         full = lambda: full_forward(pipe, pair, size)  # noqa: E731
 
         def no_exit():  # the same call with the early exit switched off
@@ -269,6 +373,9 @@ def main() -> None:
             [[e, f, e / f]],
         )
 
+    if "m" not in args.skip:
+        capture_vs_dift_by_memory_format(pipe, pair, size, stop_block, args.repeats, device)
+
     if "b" not in args.skip:
         rows = []
         for m in args.collections:
@@ -306,6 +413,9 @@ def main() -> None:
             analyze_features(features)
         rows.append(["1024 (synthetic, 1 layer)", 4096, time.perf_counter() - start, mem.growth / 2**20])
         table("(c) one pair by resolution: analysis", ["px", "N tokens", "analysis s", "peak MiB"], rows)
+
+    if "g" not in args.skip:
+        compiled_vs_eager_capture(args, device, args.compile_size)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
