@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
@@ -32,6 +33,7 @@ from .processors.cross_self_attention import (
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
     StopForward,
+    finish_interrupted_forward,
     self_attention_layer_levels,
 )
 from .utils.correspondence import (
@@ -374,6 +376,29 @@ def _check_analysis_arguments(selection: str, output_type: str, overrides: dict[
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
             raise ValueError(f"`{name}` must be a non-negative number (inf disables it) or None, got {value!r}.")
+
+
+def _check_prompt(prompt: str | None, prompt_embeds: torch.Tensor | None, embedding_dim: int) -> None:
+    """`prompt` (a str or None) and `prompt_embeds` (None or a finite float `(1, L, embedding_dim)` tensor) are
+    exclusive, as in diffusers' pipelines; `TypeError`/`ValueError` naming the argument otherwise."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a str or None, got {type(prompt).__name__}: {_describe(prompt)}.")
+    if prompt_embeds is None:
+        return
+    if prompt is not None:
+        raise ValueError(
+            f"Cannot forward both `prompt`: {prompt!r} and `prompt_embeds` {_describe(prompt_embeds)}. Please make "
+            "sure to only forward one of the two."
+        )
+    if not isinstance(prompt_embeds, torch.Tensor):
+        raise TypeError(f"`prompt_embeds` must be a torch.Tensor or None, got {_describe(prompt_embeds)}.")
+    shape = tuple(prompt_embeds.shape)
+    if prompt_embeds.ndim != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != embedding_dim:
+        raise ValueError(
+            f"`prompt_embeds` must have shape (1, L, {embedding_dim}) (the UNet's `cross_attention_dim`), got {shape}."
+        )
+    if not prompt_embeds.is_floating_point() or not bool(torch.isfinite(prompt_embeds).all()):
+        raise ValueError(f"`prompt_embeds` must be finite floats, got {_describe(prompt_embeds)}.")
 
 
 def _check_segmentation_arguments(num_parts: int | None, background_threshold: float | None) -> None:
@@ -937,7 +962,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     (downloading, saving, running on a device, `from_pipe`).
 
     Args:
-        vae ([`AutoencoderKL`]): encodes the images to latents.
+        vae ([`AutoencoderKL`] or [`AutoencoderTiny`]): encodes the images to latents.
         text_encoder ([`~transformers.CLIPTextModel`]): encodes the (default empty) prompt.
         tokenizer ([`~transformers.CLIPTokenizer`]): tokenizes the prompt.
         unet ([`UNet2DConditionModel`]): whose self-attention is read.
@@ -948,7 +973,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "vae->text_encoder->unet"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    _exclude_from_cpu_offload = ["safety_checker"]
+    # Not `["safety_checker"]` as in Stable Diffusion: it never runs here, so model CPU offload leaves it on the CPU
+    # (under an offload hook) instead of parking it on the accelerator.
+    _exclude_from_cpu_offload = []
     # Memory format of the images handed to the VAE encoder; `None` picks the fastest for the execution device
     # (`channels_last` on CPU and CUDA, see `utils.images.preferred_memory_format`). Only the input tensor is laid
     # out so: the VAE module, which `from_pipe` siblings share, is left as it is.
@@ -956,7 +983,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | AutoencoderTiny,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
@@ -1023,6 +1050,25 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 commit_message=hub.get("commit_message") or f"Upload {type(self).__name__}",
                 create_pr=hub.get("create_pr", False),
             )
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        r"""[`ConfigMixin.load_config`], reading a list-form `_class_name` that names this class as the plain name.
+
+        :meth:`save_pretrained` writes `["pipeline_cosegment", "StableDiffusionCoSegmentationPipeline"]` so that the
+        folder loads itself with only diffusers (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`).
+        Diffusers would load the folder's copy of the code for that list even when the caller names a class (and
+        refuse without `trust_remote_code`). Read through this class, the list becomes the plain class name, so
+        `StableDiffusionCoSegmentationPipeline.from_pretrained(folder)` returns the installed class, like any diffusers
+        pipeline reloading its own folder. Lists naming another class are left as they are.
+        """
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        class_name = config.get("_class_name")
+        own_names = {k.__name__ for k in cls.__mro__ if issubclass(k, StableDiffusionCoSegmentationPipeline)}
+        if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] in own_names:
+            config["_class_name"] = cls.__name__
+        return loaded
 
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -1102,7 +1148,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def check_inputs(
         self,
         image,
-        prompt: str = "",
+        prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         timestep: int = 261,
@@ -1114,6 +1160,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         output_type: str = "np",
         overrides: dict[str, float | None] | None = None,
         num_parts: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Validates every argument before any model runs; errors name the argument and the value.
 
@@ -1121,8 +1168,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             The images, converted once: a list of `(3, H_i, W_i)` float32 tensors in [0, 1] that
             :meth:`prepare_images` and :meth:`capture_features` accept without converting or checking them again.
         """
-        if not isinstance(prompt, str):
-            raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}: {_describe(prompt)}.")
+        _check_prompt(prompt, prompt_embeds, int(self.unet.config.cross_attention_dim))
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         multiple = self.size_multiple
@@ -1173,8 +1219,17 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             tensors.append(resized.clamp(0.0, 1.0))
         return torch.cat(tensors) * 2.0 - 1.0, sizes
 
-    def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
-        """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default)."""
+    def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`(B, 3, H, W)` pixels in [-1, 1] -> `(B, C, H / f, W / f)` latents as the UNet expects them: the mode of an
+        `AutoencoderKL`'s latent distribution or an `AutoencoderTiny`'s (TAESD) encoder output, whichever the VAE
+        returns, times `vae.config.scaling_factor` (1.0 for TAESD: its `latent_shift`/`latent_magnitude` only pack
+        latents into bytes), as diffusers' img2img pipelines do."""
+        return retrieve_latents(self.vae.encode(pixels), sample_mode="argmax") * self.vae.config.scaling_factor
+
+    def encode_prompt(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default), on `device`
+        (defaults to the execution device, as in diffusers' pipelines)."""
+        device = self._execution_device if device is None else device
         tokens = self.tokenizer(
             prompt,
             padding="max_length",
@@ -1228,7 +1283,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def capture_features(
         self,
         image,
-        prompt: str = "",
+        prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         timestep: int = 261,
@@ -1238,6 +1293,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> CoSegmentationFeatures:
         """DESIGN steps 1-3: encode, noise, and one UNet forward per batch with the capture processors installed.
 
@@ -1245,7 +1301,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
         still drawn in collection order, so their features equal those of a full run (batches are formed within the
         share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
-        draw, in the UNet's dtype, on the execution device).
+        draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
+        ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline call.
         """
         # 0. Check everything before touching a model (images are converted once, here)
         images = self.check_inputs(
@@ -1258,6 +1315,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             attention_layers=attention_layers,
             batch_size=batch_size,
             generator=generator,
+            prompt_embeds=prompt_embeds,
         )
         return self._capture(
             images,
@@ -1271,13 +1329,14 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             generator,
             stop_early,
             image_indices,
+            prompt_embeds,
         )
 
     @torch.no_grad()
     def _capture(
         self,
         images: list[torch.Tensor],
-        prompt: str,
+        prompt: str | None,
         height: int | None,
         width: int | None,
         timestep: int,
@@ -1287,6 +1346,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> CoSegmentationFeatures:
         """:meth:`capture_features` for arguments that :meth:`check_inputs` has already checked (`images` are the
         converted images it returned): `__call__` validates once, then captures through here."""
@@ -1311,7 +1371,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         latents = []
         for start in range(0, num_images, batch_size):
             batch = pixels[start : start + batch_size].to(device=device, dtype=vae_dtype, memory_format=memory_format)
-            latents.append(self.vae.encode(batch).latent_dist.mode() * self.vae.config.scaling_factor)
+            latents.append(self._encode_latents(batch))
         # the UNet gets NCHW latents whatever the VAE's layout (a channels_last UNet input measured no faster on CPU;
         # a user's `unet.to(memory_format=torch.channels_last)` converts at its first convolution)
         latents = torch.cat(latents).contiguous()
@@ -1324,7 +1384,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         noise_scheduler = DDIMScheduler.from_config(self.scheduler.config)
         timesteps = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(self.unet.dtype)
-        prompt_embeds = self.encode_prompt(prompt, device).to(self.unet.dtype)
+        if prompt_embeds is None:
+            prompt = "" if prompt is None else prompt
+            prompt_embeds = self.encode_prompt(prompt, device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)  # [1,L,C]
 
         # 3. Capture the queries and keys of the chosen layers
         store = AttentionStore(layer_names, stop_after_last=stop_early)
@@ -1348,10 +1411,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                             return_dict=False,
                         )
                     except StopForward:
-                        pass
+                        # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
+                        finish_interrupted_forward(self.unet, store.stopped_at)
                     bar.update()
         finally:
             self.unet.set_attn_processor(dict(originals))
+            # model CPU offload: every model leaves the accelerator before the analysis (or the caller) runs
+            self.maybe_free_model_hooks()
 
         queries, keys = store.take()
         # (M * E, H, N, d) per layer -> one (M, H, N, d) tensor per (layer, draw)
@@ -1370,7 +1436,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             "width": width,
             "timestep": timestep,
             "ensemble_size": ensemble_size,
-            "prompt": prompt,
+            "prompt": prompt,  # None when the caller passed `prompt_embeds`
             "layers": layer_names,
         }
         return CoSegmentationFeatures(entries_q, entries_k, grid, image_sizes, entry_names, metadata)
@@ -1380,7 +1446,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def __call__(
         self,
         image: list | torch.Tensor | np.ndarray,
-        prompt: str = "",
+        prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         timestep: int = 261,
@@ -1395,6 +1461,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         num_parts: int | None = None,
         background_threshold: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_features: bool = False,
         return_dict: bool = True,
@@ -1408,7 +1475,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 B >= 2). Grayscale and RGBA become RGB. Each is resized to `height` x `width` for the UNet; all points
                 and masks come back in its own pixels. Float pixels outside [-0.05, 1.05] (0-255 or [-1, 1] data) and
                 NaN or inf are refused.
-            prompt (`str`, *optional*, defaults to `""`): text conditioning of the UNet.
+            prompt (`str`, *optional*): text conditioning of the UNet; `""` when neither it nor `prompt_embeds` is
+                given.
             height (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
                 processing height in pixels, a positive multiple of `pipe.size_multiple` (64 for SD).
             width (`int`, *optional*, defaults to the same): processing width in pixels.
@@ -1429,6 +1497,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 co-segmentation; `None` finds it from the data (minimum-error cut of the tokens' smallest KLs).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the only source of randomness
                 (the noise); a list gives one generator per image.
+            prompt_embeds (`torch.Tensor`, *optional*): precomputed text embeddings `(1, L, C)` (e.g. from
+                :meth:`encode_prompt` or another pipeline's text encoder) used instead of encoding `prompt`; `C` is
+                `unet.config.cross_attention_dim`. Exclusive with `prompt`.
             output_type (`str`, *optional*, defaults to `"np"`): `"np"` (numpy) or `"pt"` (torch, on the CPU).
             return_features (`bool`, *optional*, defaults to `False`): also return the captured features, which
                 :func:`analyze_features` can re-analyse with other thresholds without the UNet.
@@ -1459,12 +1530,22 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             output_type=output_type,
             overrides=overrides,
             num_parts=num_parts,
+            prompt_embeds=prompt_embeds,
         )
         _check_segmentation_arguments(num_parts, background_threshold)
 
         # 1-3. Encode, noise, capture (the arguments were checked above: no second validation)
         features = self._capture(
-            images, prompt, height, width, timestep, ensemble_size, attention_layers, batch_size, generator
+            images,
+            prompt,
+            height,
+            width,
+            timestep,
+            ensemble_size,
+            attention_layers,
+            batch_size,
+            generator,
+            prompt_embeds=prompt_embeds,
         )
 
         # 4-11. Analyse the captured features
@@ -1481,8 +1562,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             )
         if return_features:
             output.features = features
-
-        self.maybe_free_model_hooks()
+        # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)
         if not return_dict:
             return (
                 output.correspondences,
