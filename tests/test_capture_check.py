@@ -262,3 +262,98 @@ def test_layer_output_recomputed_from_captured_qk_and_own_v(pipe_name, stop_earl
             with torch.no_grad():
                 reference = pipe.unet(*args, **kwargs, return_dict=False)[0]
             torch.testing.assert_close(captured, reference, rtol=1e-5, atol=1e-5)
+
+
+# The processor on standalone `Attention` modules with every option SD's self-attention lacks: the output must still
+# be the stock processor's, and the captured Q/K the module's own projections, so that a UNet built with these
+# options (or a redesigned processor) is checked too.
+ATTENTION_OPTIONS = {
+    "spatial-group-norm-residual-4d": {
+        "query_dim": 32,  # SpatialNorm's GroupNorm has 32 groups
+        "heads": 2,
+        "dim_head": 4,
+        "norm_num_groups": 4,
+        "spatial_norm_dim": 3,
+        "residual_connection": True,
+        "rescale_output_factor": 2.0,
+        "qk_norm": "layer_norm",
+        "bias": True,
+    },
+    "query-mask": {"query_dim": 8, "heads": 2, "dim_head": 3, "bias": True},
+    "cross-norm-mask": {
+        "query_dim": 8,
+        "heads": 2,
+        "dim_head": 3,
+        "cross_attention_dim": 6,
+        "cross_attention_norm": "layer_norm",
+        "bias": True,
+    },
+}
+
+
+def attention_call(attn: Attention, option: str, gen: torch.Generator) -> dict:
+    if option == "query-mask":  # one mask row per query token: (B, N_q, N_k)
+        mask = torch.zeros(2, 7, 7)
+        mask[1, :4, 5:] = -1e4
+        return {"hidden_states": torch.randn(2, 7, 8, generator=gen), "attention_mask": mask}
+    if option == "cross-norm-mask":
+        mask = torch.zeros(2, 1, 5)
+        mask[0, 0, 3:] = -1e4  # image 0 must not look at its last two context tokens
+        return {
+            "hidden_states": torch.randn(2, 7, 8, generator=gen),
+            "encoder_hidden_states": torch.randn(2, 5, 6, generator=gen),
+            "attention_mask": mask,
+        }
+    return {"hidden_states": torch.randn(2, 32, 3, 4, generator=gen), "temb": torch.randn(2, 3, 2, 2, generator=gen)}
+
+
+@pytest.mark.parametrize("option", list(ATTENTION_OPTIONS))
+def test_processor_on_attention_options_matches_stock_and_own_projections(option):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from cosegment.processors.cross_self_attention import AttentionStore, CrossSelfAttentionCaptureProcessor
+
+    gen = torch.Generator().manual_seed(3)
+    attn = Attention(**ATTENTION_OPTIONS[option]).eval()
+    with torch.no_grad():
+        for parameter in attn.parameters():  # no identity norms, no zero biases
+            parameter.copy_(torch.randn(parameter.shape, generator=gen))
+    inputs = attention_call(attn, option, gen)
+    recorded = defaultdict(list)
+    handles = [
+        getattr(attn, part).register_forward_hook(lambda m, a, out, p=part: recorded[p].append(out))
+        for part in ("to_q", "to_k", "norm_q", "norm_k")
+        if getattr(attn, part) is not None
+    ]
+    store = AttentionStore(["layer"])
+    try:
+        with torch.no_grad():
+            attn.set_processor(AttnProcessor2_0())
+            reference = attn(**inputs)
+            recorded.clear()
+            attn.set_processor(CrossSelfAttentionCaptureProcessor(store, "layer"))
+            captured_output = attn(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(captured_output, reference, rtol=1e-5, atol=1e-5)
+    assert captured_output.shape == inputs["hidden_states"].shape
+    queries, keys = store.take()
+    expected_q = recorded["norm_q"][0] if attn.norm_q is not None else split_heads(recorded["to_q"][0], attn.heads)
+    expected_k = recorded["norm_k"][0] if attn.norm_k is not None else split_heads(recorded["to_k"][0], attn.heads)
+    torch.testing.assert_close(queries[0], expected_q, rtol=0, atol=0)
+    torch.testing.assert_close(keys[0], expected_k, rtol=0, atol=0)
+
+
+def test_store_without_early_exit_keeps_every_forward_in_order():
+    from cosegment.processors.cross_self_attention import AttentionStore
+
+    store = AttentionStore(["a", "b"])  # the default: no early exit
+    for step in range(2):
+        store.begin_forward()
+        for layer, name in enumerate(("a", "b")):
+            query = torch.full((step + 1, 1, 2, 3), 10.0 * layer + step)
+            store.add(name, query, -query)  # never raises StopForward
+    queries, keys = store.take()
+    assert [q[:, 0, 0, 0].tolist() for q in queries] == [[0.0, 1.0, 1.0], [10.0, 11.0, 11.0]]
+    assert [k[:, 0, 0, 0].tolist() for k in keys] == [[-0.0, -1.0, -1.0], [-10.0, -11.0, -11.0]]

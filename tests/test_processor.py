@@ -121,3 +121,34 @@ def test_store_raises_stop_only_after_every_layer():
     store.add("a", x, x)  # a new forward starts counting again
     queries, keys = store.take()
     assert queries[0].shape == (2, 1, 2, 2) and queries[1].shape == (1, 1, 2, 2)
+
+
+def test_layer_levels_on_a_hand_built_unet():
+    """Blocks without a `downsamplers`/`upsamplers` attribute do not change the level; only `Attention` modules named
+    `attn1` that are not cross-attention count; a module without down or up blocks has no levels."""
+    from diffusers.models.attention_processor import Attention
+
+    class Block(torch.nn.Module):
+        def __init__(self, sampler: str | None = None):
+            super().__init__()
+            self.attn1 = Attention(8, heads=1, dim_head=8)
+            self.attn2 = Attention(8, heads=1, dim_head=8)  # self-attention, but not named attn1
+            self.cross = torch.nn.Module()
+            self.cross.attn1 = Attention(8, cross_attention_dim=4, heads=1, dim_head=8)  # cross-attention
+            self.other = torch.nn.Module()
+            self.other.attn1 = torch.nn.Identity()  # named attn1, not an Attention
+            if sampler:
+                setattr(self, sampler, torch.nn.ModuleList([torch.nn.Identity()]))
+
+    unet = torch.nn.Module()
+    unet.down_blocks = torch.nn.ModuleList([Block("downsamplers"), Block()])
+    unet.mid_block = Block()
+    unet.up_blocks = torch.nn.ModuleList([Block("upsamplers"), Block()])
+    assert self_attention_layer_levels(unet) == {
+        "down_blocks.0.attn1": 0,
+        "down_blocks.1.attn1": 1,
+        "mid_block.attn1": 1,
+        "up_blocks.0.attn1": 1,
+        "up_blocks.1.attn1": 0,
+    }
+    assert self_attention_layer_levels(torch.nn.Linear(2, 2)) == {}

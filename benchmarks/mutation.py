@@ -1,0 +1,212 @@
+"""Mutation testing of the core with mutmut 3 (slow: never run in CI; results go to TESTING.md).
+
+The repository root is the package (`package_dir cosegment = .`), a layout mutmut cannot mutate in place, so each
+module group is copied into its own scratch folder laid out as mutmut expects (`cosegment/` and `tests/` side by
+side) and mutated there; the checkout is never touched. Each group runs only the fast test files that exercise its
+module, with `-x` and one worker (`--max-children 1`): mutmut first records which tests reach which function, then
+runs, per mutant, only those tests.
+
+    pip install mutmut            # 3.x
+    python benchmarks/mutation.py                     # every group
+    python benchmarks/mutation.py processors          # one group
+    python benchmarks/mutation.py --report-only       # score the last run again, list the survivors
+
+    python benchmarks/mutation.py correspondence --sample 0.15      # all selection-function mutants, 15% of the rest
+    python benchmarks/mutation.py processors --workdir /tmp/rerun --mutants NAME...   # rerun chosen mutants
+
+Score = killed / run, over the mutants that were run; a timeout counts as killed, "no tests" as survived (mutmut's
+convention). The survivors are listed, and their diffs (`mutmut show`) written to `<workdir>/<group>/survivors.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTMUT = str(Path(sys.executable).with_name("mutmut"))
+
+# group: (files to mutate, relative to the package; the fast test files that exercise them)
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "processors": (
+        ["processors/cross_self_attention.py"],
+        ["tests/test_processor.py", "tests/test_capture_check.py"],
+    ),
+    "correspondence": (
+        ["utils/correspondence.py"],
+        ["tests/test_correspondence.py", "tests/test_selection.py", "tests/test_properties.py"],
+    ),
+    "segmentation": (
+        ["utils/segmentation.py"],
+        ["tests/test_segmentation.py", "tests/test_properties.py"],
+    ),
+}
+
+
+def toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def prepare(group: str, workdir: Path) -> Path:
+    """A fresh scratch folder `workdir/group` holding `cosegment/` (the checkout's tracked and new files, tests
+    excluded), `tests/` and a `pyproject.toml` with the pytest options and this group's mutmut settings."""
+    targets, tests = GROUPS[group]
+    changed = subprocess.run(
+        ["git", "-C", str(ROOT), "diff", "--name-only", "HEAD", "--", *targets], capture_output=True, text=True
+    ).stdout.split()
+    if changed:
+        raise SystemExit(f"{changed} differ from HEAD (a planted fault left over?): commit or revert first.")
+    scratch = workdir / group
+    shutil.rmtree(scratch, ignore_errors=True)
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    for name in filter(None, files):
+        source = ROOT / name
+        if not source.is_file():
+            continue
+        target = scratch / ("tests" if name.startswith("tests/") else "cosegment") / name.removeprefix("tests/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    (scratch / "pyproject.toml").write_text(
+        "[tool.pytest.ini_options]\n"
+        'testpaths = ["tests"]\n'
+        'addopts = "-p no:cacheprovider"\n\n'
+        "[tool.mutmut]\n"
+        'source_paths = ["cosegment/"]\n'
+        f"only_mutate = {toml_list(['cosegment/' + t for t in targets])}\n"
+        f'pytest_add_cli_args = ["-x", "-q"]\n'
+        f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
+        "use_git_change_detection = false\n"
+    )
+    return scratch
+
+
+# With `--sample F`, every mutant of these functions is run, and a seeded random share F of the others.
+ALWAYS = re.compile(
+    r"CrossSelfAttentionCaptureProcessor|AttentionStore|self_attention_layer_levels"  # processors/
+    r"|select_matches|pass_statistics|auto_thresholds|supported_spread|grow_matches|match_scores|kept_map"
+    r"|confirm_matches|reverse_consistent|affine_residual|field_consistent|merge_passes|paper_thresholds"
+    r"|otsu_threshold|SelectionThresholds"  # the selection functions of utils/correspondence.py
+)
+
+
+def function_of(mutant: str) -> str:
+    """`cosegment.utils.correspondence.x_grow_matches__mutmut_3` -> `grow_matches`; methods (mutmut joins class and
+    method with U+01C1) -> `Class.method`."""
+    body = re.search(r"\.x(.*)__mutmut_\d+$", mutant).group(1)
+    return body[1:].replace("\u01c1", ".")
+
+
+def sample_mutants(scratch: Path, fraction: float, seed: int = 0) -> list[str]:
+    """Generates the group's mutants (and mutmut's test statistics) without running them, and returns every mutant
+    of the `ALWAYS` functions plus a seeded random `fraction` of the others."""
+    subprocess.run(
+        [MUTMUT, "run", "--max-children", "1", "no-such-mutant"],
+        cwd=scratch,
+        env=mutmut_env(),
+        capture_output=True,
+        text=True,
+    )
+    names = []
+    for meta in sorted((scratch / "mutants").rglob("*.py.meta")):
+        names += sorted(json.loads(meta.read_text())["exit_code_by_key"])
+    always = [n for n in names if ALWAYS.search(function_of(n))]
+    others = [n for n in names if n not in set(always)]
+    chosen = random.Random(seed).sample(others, round(fraction * len(others)))
+    print(
+        f"[{scratch.name}] {len(names)} mutants: all {len(always)} of the always-run functions and "
+        f"{len(chosen)} of the other {len(others)} (fraction {fraction}, seed {seed})",
+        flush=True,
+    )
+    return sorted(always + chosen)
+
+
+def mutmut_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)  # mutmut puts its mutated copy first on sys.path
+    return env
+
+
+def run_group(group: str, workdir: Path, timeout: float, fraction: float, mutants: list[str]) -> None:
+    scratch = prepare(group, workdir)
+    start = time.time()
+    names = list(mutants) or (sample_mutants(scratch, fraction) if fraction < 1 else [])
+    result = subprocess.run(
+        [MUTMUT, "run", "--max-children", "1", *names], cwd=scratch, env=mutmut_env(), timeout=timeout, text=True
+    )
+    print(f"[{group}] mutmut run: exit {result.returncode} in {time.time() - start:.0f} s", flush=True)
+
+
+# mutmut's exit codes (mutmut/stats.py): a timeout or an internal pytest error counts as killed, "no tests" as survived.
+KILLED = {1, 3, 24, -24, 36, 152, 255}
+SURVIVED = {0, 5, 33}
+
+
+def report(group: str, workdir: Path) -> dict:
+    """Scores the mutants that were run (`exit code` not None) from mutmut's `.meta` files, and writes each
+    survivor's diff (`mutmut show`) to `<workdir>/<group>/survivors.txt`."""
+    scratch = workdir / group
+    codes = {}
+    for meta in sorted((scratch / "mutants").rglob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    run = {name: code for name, code in codes.items() if code is not None}
+    killed = sorted(name for name, code in run.items() if code in KILLED)
+    survivors = sorted(name for name, code in run.items() if code in SURVIVED)
+    other = sorted(name for name, code in run.items() if code not in KILLED | SURVIVED)
+    diffs = []
+    for name in survivors:
+        shown = subprocess.run(
+            [MUTMUT, "show", name], cwd=scratch, env=mutmut_env(), capture_output=True, text=True
+        ).stdout
+        diffs.append(f"## {name}\n{shown}")
+    (scratch / "survivors.txt").write_text("\n".join(diffs))
+    return {"generated": len(codes), "run": len(run), "killed": killed, "survivors": survivors, "other": other}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("groups", nargs="*", help=f"any of {list(GROUPS)} (default: all)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cosegment-mutation"))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per group (default 3600)")
+    parser.add_argument(
+        "--sample", type=float, default=1.0, help="share of the mutants outside the always-run functions (default 1)"
+    )
+    parser.add_argument("--mutants", nargs="+", default=[], help="run only these mutants (fnmatch patterns)")
+    parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
+    args = parser.parse_args()
+    groups = args.groups or list(GROUPS)
+    unknown = [group for group in groups if group not in GROUPS]
+    if unknown:
+        parser.error(f"unknown groups {unknown}; choose from {list(GROUPS)}")
+    total_killed = total_run = 0
+    for group in groups:
+        if not args.report_only:
+            run_group(group, args.workdir, args.timeout, args.sample, args.mutants)
+        result = report(group, args.workdir)
+        killed, scored = len(result["killed"]), len(result["killed"]) + len(result["survivors"])
+        total_killed, total_run = total_killed + killed, total_run + scored
+        print(
+            f"[{group}] {killed}/{scored} killed = {100 * killed / max(scored, 1):.1f}% "
+            f"({result['run']} of {result['generated']} mutants run; {len(result['other'])} suspicious or "
+            f"segfaults, not scored: {result['other']}); diffs in {args.workdir / group / 'survivors.txt'}"
+        )
+        for name in result["survivors"]:
+            print(f"    survived: {name}")
+    if total_run:
+        print(f"[all] {total_killed}/{total_run} killed = {100 * total_killed / total_run:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
