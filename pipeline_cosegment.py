@@ -25,7 +25,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import randn_tensor, unwrap_module
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -33,6 +33,7 @@ from .processors.cross_self_attention import (
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
     StopForward,
+    capture_stops_early,
     finish_interrupted_forward,
     self_attention_layer_levels,
 )
@@ -1300,8 +1301,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         Arguments are those of :meth:`__call__`, and `image_indices` (`list[int]`, *optional*): capture only these
         images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
         still drawn in collection order, so their features equal those of a full run (batches are formed within the
-        share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
-        draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
+        share); `stop_early` (`bool`, *optional*, defaults to `True`): end each UNet forward right after the last read
+        layer (an eager UNet only: a compiled one runs its whole forward, which dynamo compiles once; the queries and
+        keys are the same either way). Returns the captured [`CoSegmentationFeatures`] (queries and keys
+        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
         ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline call.
         """
         # 0. Check everything before touching a model (images are converted once, here)
@@ -1390,7 +1393,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)  # [1,L,C]
 
         # 3. Capture the queries and keys of the chosen layers
-        store = AttentionStore(layer_names, stop_after_last=stop_early)
+        # (a compiled UNet runs its whole forward: see `capture_stops_early`)
+        store = AttentionStore(layer_names, stop_after_last=capture_stops_early(self.unet, stop_early))
         originals = dict(self.unet.attn_processors)
         processors = dict(originals)
         for name in layer_names:
@@ -1412,7 +1416,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                         )
                     except StopForward:
                         # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
-                        finish_interrupted_forward(self.unet, store.stopped_at)
+                        finish_interrupted_forward(unwrap_module(self.unet), store.stopped_at)
                     bar.update()
         finally:
             self.unet.set_attn_processor(dict(originals))
