@@ -12,7 +12,8 @@ Prints markdown tables:
  (c) 256, 512, 768 px: analysis time and peak memory growth of one pair;
  (g) eager vs compiled capture: `torch.compile(pipe.unet)` and `pipe.unet.compile()`, graphs per call, after
      warm-up (`--compile-size`, `--compile-mode`);
- (d) with a CUDA GPU: the same at real SD 2.1 size in float16, absolute times, device named.
+ (d) with a CUDA GPU: SD 2.1-base size in float16 at 512 and 768 px, eager and compiled: capture and DIFT-equivalent
+     time per image, peak memory, analysis time per pair at N = 1024 and 4096; absolute times, device named.
 Weights are random: the numbers measure cost, never quality.
 """
 
@@ -267,6 +268,73 @@ def compiled_vs_eager_capture(args, device, size: int) -> None:
     )
 
 
+def accelerator_section(args, device: torch.device) -> None:
+    """(d): SD 2.1-base-shaped random weights in float16 on the GPU (`--d-on-cpu`: the quarter-size model in float32
+    on the CPU at 128 and 256 px, a smoke test of this code), eager and `torch.compile(pipe.unet)`: capture time per
+    image, the DIFT-equivalent's, analysis time per pair at N = 1024 and 4096 (synthetic Q/K of the read layers'
+    shape), peak memory growth."""
+    scale, dtype, sizes = (
+        ("full", torch.float16, [512, 768]) if device.type == "cuda" else ("small", torch.float32, [128, 256])
+    )
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke test)"
+    rows = []
+    for compiled in (False, True):
+        pipe = build_sd21_shaped(scale, dtype).to(device)
+        if compiled:
+            pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
+        for px in sizes:
+            pair = images(2, px)
+
+            def capture(pipe=pipe, pair=pair, px=px):
+                return pipe.capture_features(pair, height=px, width=px, generator=torch.Generator().manual_seed(0))
+
+            capture(), capture()  # warm-up (compiles, then checks that nothing compiles again)
+            with PeakMemory(device) as memory:
+                capture()
+            med = interleaved_medians(
+                {
+                    "capture": capture,
+                    "dift": lambda pipe=pipe, pair=pair, px=px: dift_equivalent(
+                        pipe, pair, px, 2, preferred_memory_format(device)
+                    ),
+                },
+                args.repeats,
+                device,
+                warmup=0,
+            )
+            rows.append(
+                [
+                    px,
+                    "compiled" if compiled else "eager",
+                    med["capture"] / 2,
+                    med["dift"] / 2,
+                    med["capture"] / med["dift"],
+                    memory.growth / 2**20,
+                ]
+            )
+        del pipe
+    table(
+        f"(d) {name}: SD 2.1-base-shaped ({scale}) random weights in {dtype}, one pair, medians of {args.repeats}",
+        ["px", "UNet", "capture s / image", "DIFT-equivalent s / image", "capture / DIFT", "capture peak MiB"],
+        rows,
+    )
+    heads, head_dim = (10, 64) if scale == "full" else (10, 16)
+    rows = []
+    for side in (32, 64):  # N = 1024 and 4096: the read layers' grid at 512 and 1024 px
+        gen = torch.Generator().manual_seed(0)
+        qk = [torch.randn(2, heads, side * side, head_dim, generator=gen).to(device, dtype) for _ in range(6)]
+        features = CoSegmentationFeatures(qk[:3], qk[3:], (side, side), [(16 * side, 16 * side)] * 2)
+        analyze_features(features)  # warm-up
+        with PeakMemory(device) as memory:
+            seconds = timed(lambda: analyze_features(features), device)
+        rows.append([side * side, seconds, memory.growth / 2**20])
+    table(
+        f"(d2) {name}: analysis of one pair, 3 layers of {heads} heads of {head_dim} (synthetic), {dtype}",
+        ["N tokens", "analysis s / pair", "peak MiB"],
+        rows,
+    )
+
+
 def table(title: str, header: list[str], rows: list[list]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -283,7 +351,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "m", "b", "c", "g", "d"])
     parser.add_argument("--compile-size", type=int, default=512, help="image size of the compile section (g)")
-    parser.add_argument("--compile-mode", default=None, help="`mode` of torch.compile in (g), e.g. max-autotune")
+    parser.add_argument("--compile-mode", default=None, help="`mode` of torch.compile in (g) and (d)")
+    parser.add_argument("--d-on-cpu", action="store_true", help="run (d) without a GPU: a smoke test of its code")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -427,12 +496,8 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
         print("```")
 
-    if device.type == "cuda" and "d" not in args.skip:
-        pipe16 = build_sd21_shaped("full", torch.float16).to(device)
-        call = lambda: pipe16(image=pair, generator=gen)  # noqa: E731
-        call()
-        t = statistics.median(timed(call, device) for _ in range(args.repeats))
-        print(f"\n(d) {torch.cuda.get_device_name()}: one pair at 512 px, float16: {t:.3f} s")
+    if (device.type == "cuda" or args.d_on_cpu) and "d" not in args.skip:
+        accelerator_section(args, device)
 
 
 if __name__ == "__main__":
