@@ -475,11 +475,10 @@ def run(args: argparse.Namespace) -> dict:
             output_type="np",
             device=state.device,
             pair_analyses=pair_analyses,
+            segment=segment,
             **analysis,
             **collection_only,
         )
-        if not segment:
-            output.masks = output.part_masks = output.keypoints = output.keypoint_parts = None
         settings = {
             "height": features.metadata.get("height"),
             "width": features.metadata.get("width"),

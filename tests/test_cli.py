@@ -249,3 +249,24 @@ def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, 
     for name in files:
         with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
             assert a.read() == b.read(), name
+
+
+def test_cli_no_segment_skips_the_segmentation(cli_run, tmp_path, monkeypatch):
+    import cosegment.analysis
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("steps 10-11 ran under --no-segment")
+
+    monkeypatch.setattr(cosegment.analysis, "cluster_hits", refuse)
+    out, args = cli_run
+    skipped = str(tmp_path / "skipped")
+    args = [skipped if a == out else a for a in args]
+    assert main(args + NO_FILTER_FLAGS + ["--top-k", "5", "--no-figures", "--no-segment"]) == 0
+    with_masks, without = (
+        load_file(os.path.join(out, "results.safetensors")),
+        load_file(os.path.join(skipped, "results.safetensors")),
+    )
+    assert "part_masks.0" in with_masks and not any(name.startswith(("masks", "part_masks")) for name in without)
+    assert torch.equal(without["density_maps"], with_masks["density_maps"])
+    with open(os.path.join(skipped, "results.json")) as handle:
+        assert json.load(handle)["settings"]["segment"] is False

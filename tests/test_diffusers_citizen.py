@@ -55,15 +55,15 @@ def test_tiny_vae_latents_are_its_encoder_output_times_scaling_factor(fresh_pipe
     assert isinstance(pipe.vae, AutoencoderTiny) and pipe.vae_scale_factor == 8
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     expected = pipe.vae.encoder(pixels)  # TAESD's encoder output is what the UNet reads (scaling_factor 1.0)
-    torch.testing.assert_close(pipe._encode_latents(pixels), expected, rtol=0, atol=0)
+    torch.testing.assert_close(pipe._encode(pixels, 8), expected, rtol=0, atol=0)
     assert expected.shape == (2, 4, 8, 8)
     # a VAE with another scaling factor scales its latents
     scaled = fresh_pipe(vae=tiny_autoencoder(scaling_factor=0.5))
-    torch.testing.assert_close(scaled._encode_latents(pixels), 0.5 * expected, rtol=0, atol=0)
+    torch.testing.assert_close(scaled._encode(pixels, 8), 0.5 * expected, rtol=0, atol=0)
     # AutoencoderKL keeps its convention: the mode of the latent distribution times its scaling factor
     kl = fresh_pipe()
     want = kl.vae.encode(pixels).latent_dist.mode() * kl.vae.config.scaling_factor
-    torch.testing.assert_close(kl._encode_latents(pixels), want, rtol=0, atol=0)
+    torch.testing.assert_close(kl._encode(pixels, 8), want, rtol=0, atol=0)
 
 
 def test_tiny_vae_runs_end_to_end(fresh_pipe):
@@ -236,13 +236,13 @@ def placements(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "to", to)
-    analyze = module.analyze_features
+    analyze = module.analyze_checked_features
 
-    def analyze_features(*args, **kwargs):
+    def analyze_checked_features(*args, **kwargs):
         events.append("analysis")
         return analyze(*args, **kwargs)
 
-    monkeypatch.setattr(module, "analyze_features", analyze_features)
+    monkeypatch.setattr(module, "analyze_checked_features", analyze_checked_features)
     return events
 
 

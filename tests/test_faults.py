@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import NO_FILTER
 
+import cosegment.analysis as analysis_module
 import cosegment.pipeline_cosegment as pipeline_module
 from cosegment import CoSegmentationFeatures, analyze_features
 
@@ -138,7 +139,7 @@ class TwoArgumentError(Exception):
 )
 def test_failure_on_one_pair_names_the_pair(monkeypatch, error, expected_type):
     calls = []
-    original = pipeline_module.pass_statistics
+    original = analysis_module.pass_statistics
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -147,7 +148,7 @@ def test_failure_on_one_pair_names_the_pair(monkeypatch, error, expected_type):
             raise error
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "pass_statistics", failing)
+    monkeypatch.setattr(analysis_module, "pass_statistics", failing)
     with pytest.raises(expected_type) as info:
         analyze_features(_features(), **NO_FILTER)
     assert "pair (1, 2)" in str(info.value)
@@ -162,7 +163,7 @@ def test_interrupt_during_analysis_is_not_wrapped(monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(pipeline_module, "merge_passes", interrupted)
+    monkeypatch.setattr(analysis_module, "merge_passes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         analyze_features(_features(), **NO_FILTER)
 
@@ -171,7 +172,7 @@ def test_analysis_failure_after_capture_leaves_the_pipeline_usable(tiny_pipe, re
     def failing(*args, **kwargs):
         raise Boom("selection failed")
 
-    monkeypatch.setattr(pipeline_module, "select_matches", failing)
+    monkeypatch.setattr(analysis_module, "select_matches", failing)
     with pytest.raises(Boom, match=r"pair \(0, 1\).*selection failed"):
         _run(tiny_pipe)
     monkeypatch.undo()

@@ -1,6 +1,7 @@
 """The method of DESIGN steps 6-11 on planted features with a known answer (benchmarks/planted.py), its edge cases,
 and the new pure functions of `utils/correspondence.py` (auto thresholds, growth, scores)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -236,7 +237,6 @@ def _stats(forward: torch.Tensor, **overrides) -> PassStatistics:
         "inverse_error": torch.zeros(n),
         "spread": torch.zeros(n),
         "collapse": torch.zeros(n),
-        "score": torch.zeros(n),
     }
     fields.update(overrides)
     return PassStatistics(**fields)
@@ -484,3 +484,24 @@ class TestPairAnalysesJoined:
 
         with pytest.raises((ValueError, TypeError), match="pairs"):
             analyze_pairs(planted4.features, pairs)
+
+
+class TestSkippingTheSegmentation:
+    def test_segment_false_skips_steps_10_11_and_changes_nothing_else(self, planted4, full4, monkeypatch):
+        import cosegment.analysis as analysis
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("steps 10-11 ran although segment=False")
+
+        monkeypatch.setattr(analysis, "cluster_hits", refuse)
+        monkeypatch.setattr(analysis, "segment_parts", refuse)
+        out = analyze_features(planted4.features, segment=False)
+        assert out.masks is None and out.part_masks is None and out.keypoints is None and out.keypoint_parts is None
+        nothing = {"masks": [], "part_masks": [], "keypoints": [], "keypoint_parts": []}
+        _assert_same_output(dataclasses.replace(out, **nothing), dataclasses.replace(full4, **nothing))
+        assert len(full4.part_masks) == 4  # the fixture itself still has its masks
+
+    @pytest.mark.parametrize("segment", [0, "no", None])
+    def test_segment_must_be_a_bool(self, planted2, segment):
+        with pytest.raises(TypeError, match="`segment`"):
+            analyze_features(planted2.features, segment=segment)

@@ -30,12 +30,21 @@ def test_pipeline_code_files_follows_relative_imports(tmp_path):
     files = pipeline_code_files(os.path.join(PACKAGE_DIR, "pipeline_cosegment.py"))
     assert files[0] == "pipeline_cosegment.py"
     assert "processors/cross_self_attention.py" in files and "utils/correspondence.py" in files
+    assert "analysis.py" in files and "utils/segmentation.py" in files
     # A new helper module is picked up from the imports alone.
     fake = tmp_path / "pipeline_x.py"
     fake.write_text(
         "import os\nfrom .utils.new_helper import (\n    f,\n)\nfrom .processors.p import Q\nfrom . import z\n"
     )
     assert pipeline_code_files(fake) == ["pipeline_x.py", "utils/new_helper.py", "processors/p.py"]
+
+
+def test_pipeline_file_names_every_module_the_analysis_imports():
+    """diffusers copies only the modules the pipeline file imports (DESIGN section 3): every relative import of
+    `analysis.py` must also be one of `pipeline_cosegment.py`, or `custom_pipeline=` loading breaks."""
+    names_of_pipeline = pipeline_code_files(os.path.join(PACKAGE_DIR, "pipeline_cosegment.py"))
+    names_of_analysis = pipeline_code_files(os.path.join(PACKAGE_DIR, "analysis.py"))[1:]
+    assert names_of_analysis and set(names_of_analysis) <= set(names_of_pipeline)
 
 
 @pytest.fixture(scope="module")

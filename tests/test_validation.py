@@ -253,3 +253,31 @@ def test_huge_finite_features_are_refused_not_nan():
     with pytest.raises(ValueError, match=r"pair \(0, 1\).*too large"):
         analyze_features(features, **NO_FILTER)
     assert math.isfinite(float(analyze_features(_features(), **NO_FILTER).entropy_maps.sum()))
+
+
+def test_call_resolves_and_validates_once(tiny_pipe, monkeypatch):
+    """`check_inputs` returns what it resolved (layers, grid, images, settings): `__call__` resolves the layers
+    once, converts the images once and validates the captured features once."""
+    from cosegment.analysis import CoSegmentationFeatures
+    from cosegment.pipeline_cosegment import CheckedInputs
+
+    counts = {"layers": 0, "validate": 0}
+    resolve, validate = type(tiny_pipe).resolve_attention_layers, CoSegmentationFeatures.validate
+
+    def counting_resolve(self, *args, **kwargs):
+        counts["layers"] += 1
+        return resolve(self, *args, **kwargs)
+
+    def counting_validate(self):
+        counts["validate"] += 1
+        return validate(self)
+
+    monkeypatch.setattr(type(tiny_pipe), "resolve_attention_layers", counting_resolve)
+    monkeypatch.setattr(CoSegmentationFeatures, "validate", counting_validate)
+    out = tiny_pipe(**_valid_kwargs())
+    assert counts == {"layers": 1, "validate": 1}
+    assert out.density_maps.shape == (2, 4, 4)
+    checked = tiny_pipe.check_inputs([IMG, IMG], height=64, width=64, max_spread=2.0, num_parts=3)
+    assert isinstance(checked, CheckedInputs) and checked.grid_size == (4, 4) and len(checked.images) == 2
+    assert checked.layer_names == tiny_pipe.resolve_attention_layers()
+    assert checked.settings.thresholds["max_spread"] == 2.0 and checked.settings.num_parts == 3

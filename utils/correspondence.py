@@ -36,7 +36,7 @@ def _as_head_list(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[t
     return items
 
 
-def _check_pairs(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> None:
+def _check_query_key_pairs(queries: list[torch.Tensor], keys: list[torch.Tensor]) -> None:
     if len(queries) != len(keys):
         raise ValueError(f"`queries` and `keys` must have the same length, got {len(queries)} and {len(keys)}.")
     for i, (q, k) in enumerate(zip(queries, keys)):
@@ -119,7 +119,7 @@ def cross_attention_probs(
         `(N_s, N_t)` float32, rows sum to 1 (Eq. 2.5).
     """
     qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
-    _check_pairs(qs, ks)
+    _check_query_key_pairs(qs, ks)
     _check_logit_range(qs, ks, scale)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
@@ -170,7 +170,7 @@ def attention_row_statistics(
     64 MiB. Results equal those computed from the full `(N_s, N_t)` matrix.
     """
     qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
-    _check_pairs(qs, ks)
+    _check_query_key_pairs(qs, ks)
     _check_logit_range(qs, ks, scale)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
@@ -387,6 +387,16 @@ def paper_thresholds(num_tokens: int) -> SelectionThresholds:
     )
 
 
+def _finite_sample(values: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """A 1-D sample's finite values `(K,)` float32 and their min and max (`inf`, `-inf` for an empty sample): the
+    set-up of a histogram threshold."""
+    values = torch.as_tensor(values).detach().float().flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return values, math.inf, -math.inf
+    return values, float(values.min()), float(values.max())
+
+
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     """Otsu's threshold of a 1-D sample: the cut maximising the between-class variance.
 
@@ -398,12 +408,8 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
         The threshold (a float between the sample's min and max); `inf` for an empty or constant sample, so that
         nothing is cut.
     """
-    values = values.detach().float().flatten()
-    values = values[torch.isfinite(values)]
-    if values.numel() == 0:
-        return math.inf
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
+    values, lo, hi = _finite_sample(values)
+    if values.numel() == 0 or hi <= lo:
         return math.inf
     hist = torch.histc(values, bins=bins, min=lo, max=hi)
     centres = lo + (torch.arange(bins, device=values.device, dtype=torch.float32) + 0.5) * (hi - lo) / bins
@@ -429,7 +435,6 @@ class PassStatistics:
         inverse_error: `(N_s,)` IMS(p) in source cells (Eq. 2.8).
         spread: `(N_s,)` neighbourhood spread in target cells squared.
         collapse: `(N_s,)` collapse share in [0, 1].
-        score: `(N_s,)` confidence in [0, 1] (see :func:`pass_statistics`).
     """
 
     forward: torch.Tensor
@@ -437,7 +442,6 @@ class PassStatistics:
     inverse_error: torch.Tensor
     spread: torch.Tensor
     collapse: torch.Tensor
-    score: torch.Tensor
 
 
 def pass_statistics(
@@ -446,23 +450,14 @@ def pass_statistics(
     grid_size: Sequence[int],
     target_grid_size: Sequence[int] | None = None,
 ) -> PassStatistics:
-    """Statistics of one pass from the row statistics of `A_st` (forward) and `A_ts` (backward).
-
-    The confidence `score` is `sqrt((1 - H_st(p) / log N_t) * (1 - H_ts(f(p)) / log N_s)) * exp(-IMS(p)^2 / 2)`:
-    the geometric mean of how peaked the forward row of p and the inverse row of its match are (1 for a one-hot
-    row, 0 for a uniform one), damped by the cycle error in cells. It is 1 only for a cycle-consistent match whose
-    attention is one-hot both ways, so sorting by it puts sharp, mutual matches first.
-    """
+    """Statistics of one pass from the row statistics of `A_st` (forward) and `A_ts` (backward): `f`, the IME of
+    each match's target, IMS, neighbourhood spread and collapse share (Eq. 2.7-2.13)."""
     target_grid_size = grid_size if target_grid_size is None else target_grid_size
     forward, backward = forward_rows.argmax, backward_rows.argmax
-    num_source, num_target = forward.shape[0], backward.shape[0]
     inverse_error = inverse_mapping_error(forward, backward, grid_size)
     spread, collapse = neighbourhood_spread(forward, grid_size, target_grid_size)
     target_entropy = backward_rows.entropy[forward]
-    sharp_forward = 1.0 - forward_rows.entropy / math.log(max(num_target, 2))
-    sharp_backward = 1.0 - target_entropy / math.log(max(num_source, 2))
-    score = (sharp_forward.clamp(0, 1) * sharp_backward.clamp(0, 1)).sqrt() * torch.exp(-0.5 * inverse_error**2)
-    return PassStatistics(forward, target_entropy, inverse_error, spread, collapse, score.clamp(0, 1))
+    return PassStatistics(forward, target_entropy, inverse_error, spread, collapse)
 
 
 def auto_thresholds(stats: PassStatistics) -> SelectionThresholds:

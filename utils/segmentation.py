@@ -1,7 +1,10 @@
 """Clustering of hits and co-segmentation by KL divergence of self-attention rows (DESIGN steps 10-11).
 
-Pure functions: tensors or arrays in, tensors or arrays out; torch, numpy and OpenCV only (this module may not import
-the other helper modules: diffusers copies each helper alone). Shapes: `H` heads, `N` tokens of an `(h, w)` grid
+Pure functions: tensors or arrays in, tensors or arrays out; torch, numpy and OpenCV only. This module may not import
+its siblings in `utils/`: loaded from the Hub, diffusers resolves a helper's relative imports from the repository
+root, so `from .correspondence import f` fails there (a module at the root, like `analysis.py`, may import
+`.utils.x`; DESIGN section 3). Code both need is copied here, marked `# Copied from cosegment.utils.<module>.<name>`,
+and `tests/test_copies.py` keeps the copies identical. Shapes: `H` heads, `N` tokens of an `(h, w)` grid
 flattened row-major, `d` head size, `K` parts. Probabilities, logs and KL are float32.
 """
 
@@ -14,7 +17,8 @@ import cv2
 import numpy as np
 import torch
 
-# Row chunks are sized so one float32 `(H, rows, N)` logit block holds about this many elements (64 MiB).
+# Copied from cosegment.utils.correspondence._CHUNK_ELEMENTS
+# Row chunks are sized so one float32 `(H, rows, N_t)` logit block holds about this many elements (64 MiB).
 _CHUNK_ELEMENTS = 2**24
 # Probabilities are floored at this value before a log, so KL stays finite.
 PROBABILITY_FLOOR = 1e-12
@@ -199,6 +203,17 @@ def assign_parts(kl: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torc
     return labels, min_kl
 
 
+# Copied from cosegment.utils.correspondence._finite_sample
+def _finite_sample(values: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """A 1-D sample's finite values `(K,)` float32 and their min and max (`inf`, `-inf` for an empty sample): the
+    set-up of a histogram threshold."""
+    values = torch.as_tensor(values).detach().float().flatten()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return values, math.inf, -math.inf
+    return values, float(values.min()), float(values.max())
+
+
 def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
     """Kittler and Illingworth's minimum-error threshold of a 1-D sample: the cut that best explains the sample as
     two Gaussian classes (unlike Otsu's cut it is not dragged into the larger class when the classes differ much in
@@ -212,12 +227,8 @@ def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
         The threshold, between the sample's min and max; `inf` when the sample is empty, constant or cannot be split
         into two classes that both have spread.
     """
-    values = torch.as_tensor(values).detach().float().flatten()
-    values = values[torch.isfinite(values)]
-    if values.numel() == 0:
-        return math.inf
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
+    values, lo, hi = _finite_sample(values)
+    if values.numel() == 0 or hi <= lo:
         return math.inf
     hist = torch.histc(values, bins=bins, min=lo, max=hi).double()
     hist = hist / hist.sum()

@@ -1,0 +1,1066 @@
+# Copyright 2026 The cosegment authors. Licensed under the Apache License, Version 2.0.
+"""The analysis of captured features (DESIGN steps 4-11): the feature container, the per-pair steps, then the
+collection steps, each a named function. No UNet here: :func:`analyze_features` runs on saved features alone.
+
+Read :func:`analyze_features` first: it is the method's steps 4-11 in order, one call each. A step's results travel
+as [`PassResult`] objects (one per pass `source -> target`), changed with `dataclasses.replace`.
+
+diffusers' loader copies this module beside `pipeline_cosegment.py` only because that file imports `.analysis` and
+every `.utils.x` module imported here (DESIGN section 3): a new `.utils` import here needs one there too.
+"""
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+from safetensors.torch import load_file, save_file
+
+from .utils.correspondence import (
+    PassStatistics,
+    SelectionThresholds,
+    attention_row_statistics,
+    auto_thresholds,
+    confirm_matches,
+    field_consistent,
+    grow_matches,
+    kept_map,
+    match_scores,
+    merge_passes,
+    paper_thresholds,
+    pass_statistics,
+    reverse_consistent,
+    select_matches,
+    token_centres_in_pixels,
+)
+from .utils.images import describe as _describe
+from .utils.segmentation import (
+    assign_parts,
+    attention_rows,
+    background_threshold_from_kl,
+    kl_to_parts,
+    part_distributions,
+    remove_isolated,
+    spectral_clusters,
+    upsample_assignment,
+)
+
+FEATURES_FORMAT = "cosegment.features/1"
+SELECTION_PRESETS = ("paper", "auto")
+OUTPUT_TYPES = ("np", "pt")
+THRESHOLD_NAMES = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
+# Hit regions smaller than this many tokens are isolated hits (noise) and dropped before clustering (step 10); a
+# part of fewer points is dropped too. 3: a lone hit or a touching pair is what a chance match leaves. Never varied:
+# every measurement in BENCHMARKS.md used this value.
+MIN_REGION_TOKENS = 3
+# Step 11 re-estimates the part distributions from the tokens assigned to them this many times: the clustered points
+# are mostly inner tokens, so the first distributions under-weight the object's outline. Never varied: every
+# measurement in BENCHMARKS.md used one round.
+SEGMENTATION_REFINEMENTS = 1
+
+
+@dataclass
+class PairCorrespondence:
+    """Kept correspondences between images `source_index < target_index`, both passes joined.
+
+    Attributes:
+        source_index (`int`), target_index (`int`): positions of the two images in the collection.
+        source_points (`(K, 2)` float): x, y of the matched token centres in image `source_index`'s own pixels.
+        target_points (`(K, 2)` float): x, y of their matches in image `target_index`'s own pixels.
+        scores (`(K,)` float): confidence in [0, 1]: `A_st[p, f(p)]` times the share of p's 3x3 neighbours whose
+            matches are kept (the larger of the two passes for a mutual match); sorting by it puts the most reliable
+            matches first.
+        mutual (`(K,)` bool): found by both passes (s -> t and t -> s).
+        source_tokens (`(K,)` int), target_tokens (`(K,)` int): the matched token indices on the `(h, w)` grid.
+    """
+
+    source_index: int
+    target_index: int
+    source_points: np.ndarray | torch.Tensor
+    target_points: np.ndarray | torch.Tensor
+    scores: np.ndarray | torch.Tensor
+    mutual: np.ndarray | torch.Tensor
+    source_tokens: np.ndarray | torch.Tensor
+    target_tokens: np.ndarray | torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+@dataclass
+class CoSegmentationPipelineOutput(BaseOutput):
+    """Output of :class:`StableDiffusionCoSegmentationPipeline` and :func:`analyze_features`.
+
+    `M` images, an `(h, w)` token grid.
+
+    Attributes:
+        correspondences (`list[PairCorrespondence]`): one per unordered pair `(s, t)`, `s < t`, in order.
+        density_maps (`(M, h, w)` float): per token, the kept correspondences that start or land on it, over all
+            pairs and both passes (hit counts, seed Fig. 3-4).
+        entropy_maps (`(M, h, w)` float): per token, the mean inverse mapping entropy (nats, Eq. 2.10) of the token
+            as a target, over all partners.
+        inverse_error_maps (`(M, h, w)` float): per token, the mean inverse mapping error (grid cells, Eq. 2.8) of
+            the token as a source, over all partners.
+        masks (`list[(H_i, W_i)]` bool): common foreground at each image's own size (`part_masks > 0`).
+        part_masks (`list[(H_i, W_i)]` int64): part ids `1..K`, 0 = background; the same id is the same part in
+            every image (step 11: nearest part in KL of self-attention rows, outline midway between tokens).
+        keypoints (`list[(K_i, 2)]` float32): part centres, x, y in each image's own pixels: the mean of the part's
+            clustered hit tokens in that image (step 10); `(0, 2)` when nothing survives.
+        keypoint_parts (`list[(K_i,)]` int64): the part id of each keypoint, ascending.
+        features (`CoSegmentationFeatures` or `None`): the captured queries and keys, when requested.
+        thresholds (`list[dict]`): per pair and pass, the thresholds applied.
+    """
+
+    correspondences: list[PairCorrespondence]
+    density_maps: np.ndarray | torch.Tensor
+    entropy_maps: np.ndarray | torch.Tensor
+    inverse_error_maps: np.ndarray | torch.Tensor
+    masks: list | None = None
+    part_masks: list | None = None
+    keypoints: list | None = None
+    keypoint_parts: list | None = None
+    features: "CoSegmentationFeatures | None" = None
+    thresholds: list | None = None
+
+
+@dataclass
+class CoSegmentationFeatures:
+    """Queries and keys captured from the UNet: everything the analysis (DESIGN steps 4-11) needs.
+
+    Attributes:
+        queries (`list[torch.Tensor]`): one `(M, H, N, d)` tensor per (layer, noise draw).
+        keys (`list[torch.Tensor]`): same shapes as `queries`.
+        grid_size (`tuple[int, int]`): `(h, w)`, `h * w == N`.
+        image_sizes (`list[tuple[int, int]]`): each image's original `(height, width)` in pixels.
+        layer_names (`list[str]`): the layer of each entry of `queries`.
+        metadata (`dict`): JSON-serialisable settings of the capture (model, timestep, sizes...).
+    """
+
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    grid_size: tuple[int, int]
+    image_sizes: list[tuple[int, int]]
+    layer_names: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            self.grid_size = tuple(_exact_int(v) for v in self.grid_size)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`grid_size` must be two positive ints (h, w), got {_describe(self.grid_size)}."
+            ) from error
+        try:
+            self.image_sizes = [tuple(_exact_int(v) for v in size) for size in self.image_sizes]
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`image_sizes` must be a list of (height, width) int pairs, got {_describe(self.image_sizes)}."
+            ) from error
+        if not self.layer_names:
+            self.layer_names = [f"layer_{i}" for i in range(len(self.queries))]
+        self.validate()
+
+    @property
+    def num_images(self) -> int:
+        return int(self.queries[0].shape[0])
+
+    def validate(self) -> None:
+        """Raises `ValueError` when the tensors and sizes disagree."""
+        if len(self.grid_size) != 2 or min(self.grid_size) < 1:
+            raise ValueError(f"`grid_size` must be two positive ints (h, w), got {self.grid_size}.")
+        if not self.queries or len(self.queries) != len(self.keys):
+            raise ValueError(
+                f"`queries` and `keys` must be non-empty lists of equal length, got {len(self.queries)} and "
+                f"{len(self.keys)}."
+            )
+        if not isinstance(self.layer_names, list) or not all(isinstance(n, str) for n in self.layer_names):
+            raise ValueError(f"`layer_names` must be a list of str, got {_describe(self.layer_names)}.")
+        if len(self.layer_names) != len(self.queries):
+            raise ValueError(f"`layer_names` has {len(self.layer_names)} names for {len(self.queries)} tensors.")
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"`metadata` must be a dict, got {_describe(self.metadata)}.")
+        n = self.grid_size[0] * self.grid_size[1]
+        first = self.queries[0]
+        if not isinstance(first, torch.Tensor) or first.ndim != 4:
+            raise ValueError(f"`queries[0]` must be a (M, H, N, d) tensor, got {_describe(first)}.")
+        for name, tensors in (("queries", self.queries), ("keys", self.keys)):
+            for i, t in enumerate(tensors):
+                if not isinstance(t, torch.Tensor) or t.ndim != 4:
+                    raise ValueError(f"`{name}[{i}]` must be a (M, H, N, d) tensor, got {_describe(t)}.")
+                if t.shape[0] != first.shape[0] or t.shape[2] != n:
+                    raise ValueError(
+                        f"`{name}[{i}]` has shape {tuple(t.shape)}; expected M={first.shape[0]} images and "
+                        f"N={n} tokens for grid {self.grid_size}."
+                    )
+                if t.shape[1] < 1 or t.shape[3] < 1:
+                    raise ValueError(f"`{name}[{i}]` has shape {tuple(t.shape)}: no heads or an empty head size.")
+                if not t.dtype.is_floating_point:
+                    raise ValueError(f"`{name}[{i}]` must be a float tensor, got dtype {t.dtype}.")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"`{name}[{i}]` ({self.layer_names[i]}) contains NaN or inf; in float16 the UNet can "
+                        f"overflow: run it in float32 or bfloat16."
+                    )
+        for i, (q, k) in enumerate(zip(self.queries, self.keys)):
+            if q.shape != k.shape:
+                raise ValueError(f"`queries[{i}]` {tuple(q.shape)} and `keys[{i}]` {tuple(k.shape)} differ in shape.")
+        if first.shape[0] < 2:
+            raise ValueError(f"Features must hold at least 2 images, got {first.shape[0]}.")
+        if len(self.image_sizes) != first.shape[0]:
+            raise ValueError(f"`image_sizes` has {len(self.image_sizes)} sizes for {first.shape[0]} images.")
+        for i, size in enumerate(self.image_sizes):
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"`image_sizes[{i}]` must be a positive (height, width), got {size}.")
+
+    def image(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Queries and keys of one image: two lists of `(H, N, d)` tensors."""
+        return [q[index] for q in self.queries], [k[index] for k in self.keys]
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "CoSegmentationFeatures":
+        return CoSegmentationFeatures(
+            [q.to(device=device, dtype=dtype) for q in self.queries],
+            [k.to(device=device, dtype=dtype) for k in self.keys],
+            self.grid_size,
+            self.image_sizes,
+            list(self.layer_names),
+            dict(self.metadata),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header)."""
+        tensors = {}
+        for i, (q, k) in enumerate(zip(self.queries, self.keys)):
+            tensors[f"queries.{i}"] = q.detach().contiguous().cpu()
+            tensors[f"keys.{i}"] = k.detach().contiguous().cpu()
+        header = {
+            "format": FEATURES_FORMAT,
+            "grid_size": json.dumps(list(self.grid_size)),
+            "image_sizes": json.dumps([list(s) for s in self.image_sizes]),
+            "layer_names": json.dumps(list(self.layer_names)),
+            "metadata": json.dumps(self.metadata),
+        }
+        save_file(tensors, os.fspath(path), metadata=header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":
+        """Loads a file written by :meth:`save` (safetensors and JSON only, never pickle).
+
+        Raises:
+            `FileNotFoundError` when there is no such file; `ValueError` when the file is not a cosegment features
+            file (not safetensors, another safetensors file, a truncated or inconsistent one).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"`path` {path!r} is not a file.")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
+        try:
+            with safe_open(path, framework="pt") as handle:
+                header = handle.metadata() or {}
+                names = set(handle.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"`{path}` is not a safetensors file: {error}") from error
+        if header.get("format") != FEATURES_FORMAT:
+            raise ValueError(f"`{path}` is not a cosegment features file (format {header.get('format')!r}).")
+        count = len([name for name in names if name.startswith("queries.")])
+        expected = {f"{kind}.{i}" for kind in ("queries", "keys") for i in range(count)}
+        if names != expected:
+            raise ValueError(
+                f"`{path}` is a damaged cosegment features file: tensors {sorted(names)}, expected {sorted(expected)}."
+            )
+        try:
+            tensors = load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
+        try:
+            return cls(
+                [tensors[f"queries.{i}"] for i in range(count)],
+                [tensors[f"keys.{i}"] for i in range(count)],
+                json.loads(header["grid_size"]),
+                json.loads(header["image_sizes"]),
+                json.loads(header["layer_names"]),
+                json.loads(header.get("metadata", "{}")),
+            )
+        except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _exact_int(value: Any) -> int:
+    """`int(value)` for whole numbers only (no silent truncation of 2.5 or "3")."""
+    if _is_int(value) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    raise TypeError(f"expected an int, got {value!r}")
+
+
+def _is_limit(value: Any) -> bool:
+    """A non-negative number (`inf` included), not a bool or NaN."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value) and value >= 0
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """The checked settings of one analysis (made by :func:`check_analysis_settings`, where the user passes them).
+
+    Attributes:
+        selection (`str`): threshold preset, `"paper"` or `"auto"`.
+        thresholds (`dict[str, float | None]`): `max_entropy`, `max_spread`, `max_collapse`, `max_inverse_error`
+            overriding the preset (`None`: the preset's value).
+        num_parts (`int` or `None`), background_threshold (`float` or `None`): steps 10-11 (`None`: from the data).
+        chunk_size (`int` or `None`): attention rows computed at once.
+        output_type (`str`): `"np"` or `"pt"`.
+        segment (`bool`): run steps 10-11 (clustering and co-segmentation).
+    """
+
+    selection: str = "auto"
+    thresholds: dict = field(default_factory=lambda: dict.fromkeys(THRESHOLD_NAMES))
+    num_parts: int | None = None
+    background_threshold: float | None = None
+    chunk_size: int | None = None
+    output_type: str = "np"
+    segment: bool = True
+
+    @property
+    def pair_settings(self) -> dict:
+        """What the per-pair steps depend on: `selection` and the threshold overrides (see [`PairAnalysis`])."""
+        return {"selection": self.selection, **self.thresholds}
+
+
+def check_analysis_settings(
+    selection: str = "auto",
+    max_entropy: float | None = None,
+    max_spread: float | None = None,
+    max_collapse: float | None = None,
+    max_inverse_error: float | None = None,
+    num_parts: int | None = None,
+    background_threshold: float | None = None,
+    chunk_size: int | None = None,
+    output_type: str = "np",
+    segment: bool = True,
+) -> AnalysisSettings:
+    """Checks the analysis arguments once, where the user passes them; errors name the argument and the value."""
+    if selection not in SELECTION_PRESETS:
+        raise ValueError(f"`selection` must be one of {SELECTION_PRESETS}, got {selection!r}.")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    thresholds = dict(zip(THRESHOLD_NAMES, (max_entropy, max_spread, max_collapse, max_inverse_error)))
+    for name, value in thresholds.items():
+        if value is not None and not _is_limit(value):
+            raise ValueError(f"`{name}` must be a non-negative number (inf disables it) or None, got {value!r}.")
+    if num_parts is not None and (not _is_int(num_parts) or num_parts < 1):
+        raise ValueError(f"`num_parts` must be a positive int or None, got {num_parts!r}.")
+    if background_threshold is not None and not _is_limit(background_threshold):
+        raise ValueError(
+            f"`background_threshold` must be a non-negative number (nats; inf keeps every token) or None, got "
+            f"{background_threshold!r}."
+        )
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {_describe(chunk_size)}.")
+    if not isinstance(segment, bool):
+        raise TypeError(f"`segment` must be a bool, got {_describe(segment)}.")
+    return AnalysisSettings(
+        selection,
+        thresholds,
+        None if num_parts is None else int(num_parts),
+        background_threshold,
+        None if chunk_size is None else int(chunk_size),
+        output_type,
+        segment,
+    )
+
+
+@dataclass
+class PassResult:
+    """One pass `source -> target` of a pair after DESIGN steps 4-8a (selection, and growth under `"auto"`).
+
+    Attributes:
+        source_index (`int`), target_index (`int`): the images, by position in the collection.
+        statistics ([`PassStatistics`]): per source token `f(p)`, target IME, IMS, spread, collapse.
+        keep (`torch.Tensor`): `(N,)` bool, the matches kept so far (steps 8b-8c make new results with other `keep`).
+        max_prob (`torch.Tensor`): `(N,)` float32, `A_st[p, f(p)]`.
+        inverse_entropy (`torch.Tensor`): `(N,)` float32, IME of every target token (Eq. 2.10, nats): this pass'
+            contribution to the target's `entropy_maps`.
+        thresholds ([`SelectionThresholds`]): the limits applied.
+    """
+
+    source_index: int
+    target_index: int
+    statistics: PassStatistics
+    keep: torch.Tensor
+    max_prob: torch.Tensor
+    inverse_entropy: torch.Tensor
+    thresholds: SelectionThresholds
+
+    def to(self, device: torch.device | str) -> "PassResult":
+        """A copy with every tensor on `device`."""
+        stats = PassStatistics(**{name: value.to(device) for name, value in self.statistics.__dict__.items()})
+        return replace(
+            self,
+            statistics=stats,
+            keep=self.keep.to(device),
+            max_prob=self.max_prob.to(device),
+            inverse_entropy=self.inverse_entropy.to(device),
+        )
+
+
+@dataclass
+class PairAnalysis:
+    """The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a) for images `s < t`: both passes.
+
+    Made by :func:`analyze_pairs`; :func:`analyze_features` joins a collection's pair analyses (`pair_analyses=`)
+    and runs the collection-level steps (8b-11). This is how several processes share one analysis: each analyses its
+    share of the pairs, the main process joins them, and the result equals a one-process analysis.
+
+    Attributes:
+        source_index (`int`), target_index (`int`): `s < t`.
+        passes (`tuple[PassResult, PassResult]`): `s -> t`, then `t -> s`.
+        grid_size (`tuple[int, int]`): the token grid `(h, w)`.
+        settings (`dict`): `selection` and the threshold overrides the passes were made with.
+    """
+
+    source_index: int
+    target_index: int
+    passes: tuple
+    grid_size: tuple
+    settings: dict
+
+    def to(self, device: torch.device | str) -> "PairAnalysis":
+        """A copy with every tensor on `device` (e.g. `"cpu"` before sending it to another process)."""
+        return replace(
+            self,
+            passes=tuple(result.to(device) for result in self.passes),
+            grid_size=tuple(self.grid_size),
+            settings=dict(self.settings),
+        )
+
+
+def _check_features(
+    features: CoSegmentationFeatures,
+    settings: AnalysisSettings,
+    device: torch.device | str | None,
+    progress: Callable[[int], Any] | None,
+) -> torch.device:
+    """Checks the features (validated once per call) and the arguments that depend on them; returns the device."""
+    if not isinstance(features, CoSegmentationFeatures):
+        raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
+    features.validate()
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be callable or None, got {_describe(progress)}.")
+    grid = tuple(features.grid_size)
+    if settings.selection == "paper" and grid[0] * grid[1] < 2:
+        raise ValueError(f"`selection`='paper' needs a token grid of 2+ tokens, got `grid_size` {grid}.")
+    try:
+        return torch.device(device) if device is not None else features.queries[0].device
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error
+
+
+def _every_pair(num_images: int) -> list[tuple[int, int]]:
+    """Every unordered pair `(s, t)`, `s < t`, in order."""
+    return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+
+
+def _check_pair_list(pairs, num_images: int) -> list[tuple[int, int]]:
+    """`pairs` (or `None`: every pair) -> a list of distinct `(s, t)` int pairs, `0 <= s < t < num_images`."""
+    if pairs is None:
+        return _every_pair(num_images)
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"`pairs` must be a list of (s, t) image index pairs or None, got {_describe(pairs)}.")
+    checked = []
+    for pair in pairs:
+        if (
+            not isinstance(pair, Sequence)
+            or len(pair) != 2
+            or not all(_is_int(i) for i in pair)
+            or not 0 <= pair[0] < pair[1] < num_images
+        ):
+            raise ValueError(
+                f"`pairs` must hold (s, t) with 0 <= s < t < {num_images} (the number of images), got {pair!r}."
+            )
+        checked.append((int(pair[0]), int(pair[1])))
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"`pairs` must not repeat a pair, got {checked}.")
+    return checked
+
+
+def _pass_thresholds(settings: AnalysisSettings, stats: PassStatistics, num_tokens: int) -> SelectionThresholds:
+    """Step 7: the preset's thresholds for one pass, with the user's overrides."""
+    base = paper_thresholds(num_tokens) if settings.selection == "paper" else auto_thresholds(stats)
+    values = {name: getattr(base, name) for name in THRESHOLD_NAMES}
+    values.update({name: value for name, value in settings.thresholds.items() if value is not None})
+    return SelectionThresholds(**values)
+
+
+def _in_pair(error: Exception, source: int, target: int) -> Exception:
+    """`error` re-made with "pair (s, t)" in front of its message: the same type when it takes a message, else a
+    `RuntimeError` (raise it `from error`)."""
+    message = f"pair ({source}, {target}): {type(error).__name__}: {error}"
+    try:
+        wrapped = type(error)(message)
+    except Exception:
+        return RuntimeError(message)
+    return wrapped if str(wrapped) == message else RuntimeError(message)
+
+
+def analyze_pair(
+    features: CoSegmentationFeatures, source: int, target: int, settings: AnalysisSettings, device: torch.device
+) -> PairAnalysis:
+    """Steps 4-8a for one pair `source < target` of checked features and settings: both passes."""
+    grid = tuple(features.grid_size)
+    num_tokens = grid[0] * grid[1]
+    queries_s, keys_s = features.image(source)
+    queries_t, keys_t = features.image(target)
+    queries_s, keys_s = [q.to(device) for q in queries_s], [k.to(device) for k in keys_s]
+    queries_t, keys_t = [q.to(device) for q in queries_t], [k.to(device) for k in keys_t]
+    # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
+    rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=settings.chunk_size)
+    rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=settings.chunk_size)
+    # 5-8a. Maps, neighbourhood check, selection (and growth under "auto"), both passes
+    passes = []
+    for forward_rows, backward_rows, s, t in ((rows_st, rows_ts, source, target), (rows_ts, rows_st, target, source)):
+        stats = pass_statistics(forward_rows, backward_rows, grid)
+        limits = _pass_thresholds(settings, stats, num_tokens)
+        keep = select_matches(stats, limits)
+        if settings.selection == "auto":
+            keep = grow_matches(stats, keep, limits, grid)
+        passes.append(PassResult(s, t, stats, keep, forward_rows.max_prob, backward_rows.entropy, limits))
+    return PairAnalysis(source, target, tuple(passes), grid, settings.pair_settings)
+
+
+def _analyze_pair_list(
+    features: CoSegmentationFeatures,
+    pairs: list[tuple[int, int]],
+    settings: AnalysisSettings,
+    device: torch.device,
+    progress: Callable[[int], Any] | None,
+) -> list[PairAnalysis]:
+    """:func:`analyze_pair` for each of `pairs` (checked), naming the pair in any error."""
+    analyses = []
+    for s, t in pairs:
+        try:
+            analyses.append(analyze_pair(features, s, t, settings, device))
+        except Exception as error:  # name the pair; keep the type where it can take a message
+            raise _in_pair(error, s, t) from error
+        if progress is not None:
+            progress(1)
+    return analyses
+
+
+def analyze_pairs(
+    features: CoSegmentationFeatures,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    selection: str = "auto",
+    max_entropy: float | None = None,
+    max_spread: float | None = None,
+    max_collapse: float | None = None,
+    max_inverse_error: float | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> list[PairAnalysis]:
+    r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
+    both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
+
+    This is where the time goes (two `(N, N)` attention matrices per pair, in row chunks), so it is the part to
+    split between processes: give each process its share of `pairs`, gather the results (`.to("cpu")` first) and
+    pass them all to `analyze_features(features, pair_analyses=...)` with the same `selection` and thresholds.
+
+    Args:
+        features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
+        pairs (`list[tuple[int, int]]`, *optional*): the pairs `(s, t)`, `0 <= s < t < M`, to analyse; every pair
+            by default.
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress: as in
+            :func:`analyze_features`.
+
+    Returns:
+        `list[PairAnalysis]`, one per pair, in the order of `pairs`.
+    """
+    settings = check_analysis_settings(
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size=chunk_size
+    )
+    device = _check_features(features, settings, device, progress)
+    pairs = _check_pair_list(pairs, features.num_images)
+    return _analyze_pair_list(features, pairs, settings, device, progress)
+
+
+def join_pair_analyses(
+    pair_analyses: Sequence[PairAnalysis], features: CoSegmentationFeatures, settings: dict, device: torch.device
+) -> dict[tuple[int, int], PassResult]:
+    """Checks that `pair_analyses` cover every pair of `features` once, made with `settings` (`selection` and the
+    threshold overrides); returns their passes by `(source, target)` on `device`, in pair order (`(s, t)` then
+    `(t, s)` for each `s < t`)."""
+    if isinstance(pair_analyses, (str, bytes)) or not isinstance(pair_analyses, Sequence):
+        raise TypeError(f"`pair_analyses` must be a list of PairAnalysis or None, got {_describe(pair_analyses)}.")
+    num_images, grid = features.num_images, tuple(features.grid_size)
+    by_pair = {}
+    for analysis in pair_analyses:
+        if not isinstance(analysis, PairAnalysis):
+            raise TypeError(f"`pair_analyses` must hold PairAnalysis objects, got {type(analysis).__name__}.")
+        pair = (analysis.source_index, analysis.target_index)
+        if pair in by_pair:
+            raise ValueError(f"`pair_analyses` holds pair {pair} twice.")
+        if tuple(analysis.grid_size) != grid:
+            raise ValueError(f"`pair_analyses` pair {pair} has grid {analysis.grid_size}, the features {grid}.")
+        if analysis.settings != settings:
+            raise ValueError(
+                f"`pair_analyses` pair {pair} was made with {analysis.settings}, this call asks for {settings}: "
+                "pass the same `selection` and thresholds to analyze_pairs and analyze_features."
+            )
+        by_pair[pair] = analysis.to(device)
+    expected = set(_every_pair(num_images))
+    if set(by_pair) != expected:
+        missing, extra = sorted(expected - set(by_pair)), sorted(set(by_pair) - expected)
+        raise ValueError(
+            f"`pair_analyses` must hold every pair of the {num_images} images once: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, not in the collection {extra[:5]}."
+        )
+    passes = {}
+    for pair in _every_pair(num_images):
+        for result in by_pair[pair].passes:
+            passes[(result.source_index, result.target_index)] = result
+    return passes
+
+
+def _compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Kept maps s -> u and u -> t (-1 = none) -> s -> t."""
+    return torch.where(first >= 0, second[first.clamp_min(0)], first)
+
+
+def confirm_by_third_images(
+    passes: dict[tuple[int, int], PassResult], num_images: int, grid_size: tuple[int, int]
+) -> dict[tuple[int, int], PassResult]:
+    """Step 8b (`"auto"`, three or more images): a pass `s -> t` also keeps the matches that two third images `u`
+    confirm, the kept maps `s -> u -> t` landing near them (:func:`confirm_matches`). Every pass is confirmed from
+    the keeps it was given. `passes` by `(source, target)`, both orientations of every pair."""
+    kept_maps = {
+        (s, t): kept_map(
+            result.statistics.forward, result.keep, passes[(t, s)].statistics.forward, passes[(t, s)].keep
+        )
+        for (s, t), result in passes.items()
+    }
+    confirmed = {}
+    for (s, t), result in passes.items():
+        via = [u for u in range(num_images) if u not in (s, t)]
+        predictions = torch.stack([_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via])
+        keep = confirm_matches(
+            result.statistics.forward, result.keep, predictions, grid_size, result.thresholds.max_inverse_error
+        )
+        confirmed[(s, t)] = replace(result, keep=keep)
+    return confirmed
+
+
+def check_consistency(
+    passes: dict[tuple[int, int], PassResult], grid_size: tuple[int, int]
+) -> dict[tuple[int, int], PassResult]:
+    """Step 8c (`"auto"`): a kept match that a kept match of the reverse pass contradicts is dropped
+    (:func:`reverse_consistent`), and so is a match with a loose (diagonal or unchecked) cycle that the local affine
+    field of its kept neighbours puts elsewhere (:func:`field_consistent`). Every pass is checked against the
+    reverse pass's keeps as given."""
+    checked = {}
+    for (s, t), result in passes.items():
+        reverse = passes[(t, s)]
+        limits = result.thresholds
+        keep = reverse_consistent(
+            result.statistics.forward,
+            result.keep,
+            reverse.statistics.forward,
+            reverse.keep,
+            grid_size,
+            limits.max_inverse_error,
+        )
+        checked[(s, t)] = replace(result, keep=field_consistent(result.statistics, keep, limits, grid_size))
+    return checked
+
+
+def pair_correspondences(
+    passes: dict[tuple[int, int], PassResult], features: CoSegmentationFeatures
+) -> list[PairCorrespondence]:
+    """Step 8 (end): per pair `s < t`, the kept matches of both passes joined in the orientation `s -> t` (a match
+    found by both appears once, `mutual`), with their confidence (:func:`match_scores`) and pixel positions."""
+    grid = tuple(features.grid_size)
+    correspondences = []
+    for s, t in _every_pair(features.num_images):
+        forward, backward = passes[(s, t)], passes[(t, s)]
+        source_tokens, target_tokens, scores, mutual = merge_passes(
+            forward.statistics.forward,
+            forward.keep,
+            match_scores(forward.max_prob, forward.keep, grid),
+            backward.statistics.forward,
+            backward.keep,
+            match_scores(backward.max_prob, backward.keep, grid),
+        )
+        correspondences.append(
+            PairCorrespondence(
+                source_index=s,
+                target_index=t,
+                source_points=token_centres_in_pixels(source_tokens, grid, features.image_sizes[s]),
+                target_points=token_centres_in_pixels(target_tokens, grid, features.image_sizes[t]),
+                scores=scores,
+                mutual=mutual,
+                source_tokens=source_tokens,
+                target_tokens=target_tokens,
+            )
+        )
+    return correspondences
+
+
+def hit_counts(
+    correspondences: list[PairCorrespondence], num_images: int, num_tokens: int, device: torch.device
+) -> torch.Tensor:
+    """Step 9: `(M, N)` float, per token the kept correspondences that start or land on it, all pairs and passes."""
+    density = torch.zeros(num_images, num_tokens, device=device)
+    for pair in correspondences:
+        density[pair.source_index] += torch.bincount(pair.source_tokens, minlength=num_tokens).float()
+        density[pair.target_index] += torch.bincount(pair.target_tokens, minlength=num_tokens).float()
+    return density
+
+
+def mean_pass_maps(
+    passes: dict[tuple[int, int], PassResult], num_images: int, num_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5 over the collection: `(M, N)` mean IME of each token as a target and `(M, N)` mean IMS of each token
+    as a source, over its `M - 1` partners."""
+    entropy_sum = torch.zeros(num_images, num_tokens, device=device)
+    error_sum = torch.zeros(num_images, num_tokens, device=device)
+    for result in passes.values():
+        entropy_sum[result.target_index] += result.inverse_entropy
+        error_sum[result.source_index] += result.statistics.inverse_error
+    partners = max(num_images - 1, 1)
+    return entropy_sum / partners, error_sum / partners
+
+
+def _image_features(
+    features: CoSegmentationFeatures, index: int, device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Queries and keys of image `index` on `device`: two lists of `(H, N, d)` tensors."""
+    queries, keys = features.image(index)
+    return [q.to(device) for q in queries], [k.to(device) for k in keys]
+
+
+def cluster_reference(
+    features: CoSegmentationFeatures,
+    reference: int,
+    points: torch.Tensor,
+    num_parts: int | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 10a: the reference image's hit `points` `(P,)` clustered into parts by their self-attention among
+    themselves (spectral clustering of Hellinger embeddings); a part of fewer than `MIN_REGION_TOKENS` points is
+    noise, its points dropped and the rest clustered again. Returns the kept points `(P',)` and their regions
+    `(P',)` numbered `0..K-1`."""
+    queries, keys = _image_features(features, reference, device)
+    while True:
+        rows = attention_rows(queries, keys, points, points, chunk_size)
+        rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        embedding = rows.sqrt().cpu().numpy()  # Hellinger embedding: dot products are Bhattacharyya coefficients
+        regions = spectral_clusters(embedding @ embedding.T, num_parts, max(1, int(math.sqrt(points.numel() / 2))))
+        small = np.bincount(regions)[regions] < MIN_REGION_TOKENS
+        if not small.any() or small.all():
+            break
+        points = points[torch.from_numpy(~small).to(device)]
+    return points, torch.from_numpy(np.unique(regions, return_inverse=True)[1].reshape(-1))
+
+
+def carry_parts(
+    labels: list[torch.Tensor],
+    points: list[torch.Tensor],
+    correspondences: list[PairCorrespondence],
+    reference: int,
+    num_parts: int,
+) -> list[torch.Tensor]:
+    """Step 10b: the parts carried from the `reference` image's `(N,)` labels to the other images through the kept
+    correspondences, the most linked image first: each of an image's clustered `points` takes the part its
+    correspondences into already-labelled images vote for (no vote: unlabelled, 0)."""
+    num_images, num_tokens = len(labels), labels[0].shape[0]
+    device = labels[0].device
+    links: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for pair in correspondences:
+        links.setdefault((pair.source_index, pair.target_index), []).append((pair.source_tokens, pair.target_tokens))
+        links.setdefault((pair.target_index, pair.source_index), []).append((pair.target_tokens, pair.source_tokens))
+    labels = list(labels)
+    done = {reference}
+    while len(done) < num_images:
+        best, best_votes = None, None
+        for i in sorted(set(range(num_images)) - done):
+            votes = torch.zeros(num_tokens, num_parts + 1, device=device)
+            for j in sorted(done):
+                for tokens_i, tokens_j in links.get((i, j), []):
+                    votes.index_put_(
+                        (tokens_i, labels[j][tokens_j]), torch.ones_like(tokens_i, dtype=torch.float32), True
+                    )
+            votes[:, 0] = 0.0
+            if best_votes is None or votes.sum() > best_votes.sum():
+                best, best_votes = i, votes
+        clustered = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        clustered[points[best]] = True
+        winner = best_votes.argmax(dim=1)
+        labels[best] = torch.where(clustered & (best_votes.max(dim=1).values > 0), winner, 0)
+        done.add(best)
+    return labels
+
+
+def cluster_hits(
+    features: CoSegmentationFeatures,
+    density: torch.Tensor,
+    correspondences: list[PairCorrespondence],
+    num_parts: int | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], int]:
+    """Step 10. Per image, its hit tokens (`density` `(M, N)` > 0) minus isolated ones (regions under
+    `MIN_REGION_TOKENS`). The reference image (most hits) clusters its points into K parts
+    (:func:`cluster_reference`), numbered 1..K; the other images take parts through the kept correspondences
+    (:func:`carry_parts`). Parts are found over the whole collection: one id is one part in every image.
+
+    Returns one `(N,)` long label tensor per image (0 = not a clustered point) and the number of parts K.
+    """
+    num_images, grid = features.num_images, features.grid_size
+    num_tokens = grid[0] * grid[1]
+    hits = (density > 0).view(num_images, *grid).cpu().numpy()
+    points = [
+        torch.from_numpy(np.flatnonzero(remove_isolated(hits[i], MIN_REGION_TOKENS))).to(device)
+        for i in range(num_images)
+    ]
+    labels = [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(num_images)]
+    if max(p.numel() for p in points) < 2:
+        return labels, 0
+    reference = int(np.argmax([p.numel() for p in points]))
+    reference_points, regions = cluster_reference(
+        features, reference, points[reference], num_parts, chunk_size, device
+    )
+    num_parts = int(regions.max()) + 1
+    labels[reference][reference_points] = regions.to(device) + 1
+    return carry_parts(labels, points, correspondences, reference, num_parts), num_parts
+
+
+def part_keypoints(
+    labels: list[torch.Tensor], features: CoSegmentationFeatures, device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Step 10 (end): per image, each part's centre `(K_i, 2)` (x, y in the image's own pixels: the mean of the
+    part's clustered tokens) and the part ids `(K_i,)`, ascending."""
+    keypoints, keypoint_parts = [], []
+    for image_labels, size in zip(labels, features.image_sizes):
+        ids = torch.unique(image_labels[image_labels > 0])
+        centres = [
+            token_centres_in_pixels(torch.nonzero(image_labels == k).flatten(), features.grid_size, size)
+            for k in ids.tolist()
+        ]
+        keypoints.append(torch.stack([c.mean(0) for c in centres]) if centres else torch.zeros(0, 2, device=device))
+        keypoint_parts.append(ids.long())
+    return keypoints, keypoint_parts
+
+
+def part_divergences(
+    features: CoSegmentationFeatures,
+    labels: list[torch.Tensor],
+    num_parts: int,
+    chunk_size: int | None,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Step 11a: per image, each part's distribution is the mean of its labelled tokens' self-attention rows; every
+    token gets its KL(token row || part) to each part, `(N, K)` per image (`inf` for a part absent there)."""
+    divergences = []
+    for i in range(features.num_images):
+        queries, keys = _image_features(features, i, device)
+        distributions = part_distributions(queries, keys, labels[i], num_parts, chunk_size)
+        kl = kl_to_parts(queries, keys, distributions, chunk_size)
+        present = torch.bincount(labels[i], minlength=num_parts + 1)[1:] > 0
+        divergences.append(kl.masked_fill(~present[None, :], math.inf))
+    return divergences
+
+
+def segment_parts(
+    features: CoSegmentationFeatures,
+    labels: list[torch.Tensor],
+    num_parts: int,
+    background_threshold: float | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Step 11. Every token goes to the part of nearest distribution in KL (:func:`part_divergences`), or to the
+    background when its smallest KL exceeds `background_threshold` (`None`: the minimum-error cut of
+    log(1 + smallest KL) over the collection). The distributions are then re-estimated from every token assigned to
+    a part (`SEGMENTATION_REFINEMENTS` times) and the tokens assigned again.
+
+    Returns one `(H_i, W_i)` int64 part mask per image at its own size (0 = background).
+    """
+    grid = features.grid_size
+    # without parts every token is background: no KL to compute
+    divergences = [torch.zeros(grid[0] * grid[1], 0, device=device) for _ in range(features.num_images)]
+    threshold = math.inf
+    for _ in range(1 + SEGMENTATION_REFINEMENTS if num_parts > 0 else 0):
+        divergences = part_divergences(features, labels, num_parts, chunk_size, device)
+        threshold = background_threshold
+        if threshold is None:
+            threshold = background_threshold_from_kl(torch.cat([kl.min(dim=1).values for kl in divergences]))
+        labels = [assign_parts(kl, threshold)[0] for kl in divergences]
+    return [
+        torch.from_numpy(upsample_assignment(kl, grid, threshold, size))
+        for kl, size in zip(divergences, features.image_sizes)
+    ]
+
+
+def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> CoSegmentationPipelineOutput:
+    """Moves every tensor of the output to the CPU, as numpy arrays for `output_type="np"`."""
+
+    def convert(value):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            return value.numpy() if output_type == "np" else value
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, PairCorrespondence):
+            return PairCorrespondence(**{k: convert(v) for k, v in value.__dict__.items()})
+        return value
+
+    fields = ("correspondences", "density_maps", "entropy_maps", "inverse_error_maps", "masks", "part_masks")
+    for name in fields + ("keypoints", "keypoint_parts"):
+        setattr(output, name, convert(getattr(output, name)))
+    return output
+
+
+def analyze_checked_features(
+    features: CoSegmentationFeatures,
+    settings: AnalysisSettings,
+    device: torch.device,
+    progress: Callable[[int], Any] | None = None,
+    pair_analyses: Sequence[PairAnalysis] | None = None,
+) -> CoSegmentationPipelineOutput:
+    """:func:`analyze_features` for features and settings already checked (`settings` from
+    :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order."""
+    num_images, grid = features.num_images, tuple(features.grid_size)
+    num_tokens = grid[0] * grid[1]
+    # 4-8a. Per pair (the expensive part), unless done already (e.g. split between processes)
+    if pair_analyses is None:
+        pair_analyses = _analyze_pair_list(features, _every_pair(num_images), settings, device, progress)
+    passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device)
+    thresholds = [
+        {"source": result.source_index, "target": result.target_index, **result.thresholds.__dict__}
+        for result in passes.values()
+    ]
+    if settings.selection == "auto":
+        # 8b. With three or more images: matches that third images confirm
+        if num_images > 2:
+            passes = confirm_by_third_images(passes, num_images, grid)
+        # 8c. Final consistency with the reverse pass and the local affine field
+        passes = check_consistency(passes, grid)
+    # 8. Both passes of each pair joined into its correspondences
+    correspondences = pair_correspondences(passes, features)
+    # 9. Hit counts, and the mean IME and IMS maps of step 5
+    density = hit_counts(correspondences, num_images, num_tokens, device)
+    entropy, inverse_error = mean_pass_maps(passes, num_images, num_tokens, device)
+    output = CoSegmentationPipelineOutput(
+        correspondences=correspondences,
+        density_maps=density.view(num_images, *grid),
+        entropy_maps=entropy.view(num_images, *grid),
+        inverse_error_maps=inverse_error.view(num_images, *grid),
+        thresholds=thresholds,
+    )
+    if settings.segment:
+        # 10. Clustering: hit regions per image, linked across images into shared parts
+        labels, num_parts = cluster_hits(
+            features, density, correspondences, settings.num_parts, settings.chunk_size, device
+        )
+        output.keypoints, output.keypoint_parts = part_keypoints(labels, features, device)
+        # 11. Co-segmentation: every token to the part of nearest self-attention distribution (KL), or background
+        output.part_masks = segment_parts(
+            features, labels, num_parts, settings.background_threshold, settings.chunk_size, device
+        )
+        output.masks = [mask > 0 for mask in output.part_masks]
+    return _convert_output(output, settings.output_type)
+
+
+def analyze_features(
+    features: CoSegmentationFeatures,
+    selection: str = "auto",
+    max_entropy: float | None = None,
+    max_spread: float | None = None,
+    max_collapse: float | None = None,
+    max_inverse_error: float | None = None,
+    num_parts: int | None = None,
+    background_threshold: float | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    output_type: str = "np",
+    progress: Callable[[int], Any] | None = None,
+    pair_analyses: Sequence[PairAnalysis] | None = None,
+    segment: bool = True,
+) -> CoSegmentationPipelineOutput:
+    r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
+    4-11); no UNet needed, so a caller can re-run it with other thresholds.
+
+    Args:
+        features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
+        selection (`str`, *optional*, defaults to `"auto"`): threshold preset. `"auto"`: per pass, Otsu cuts of
+            the pass's own target-IME and log-spread values, a cycle that returns to p's 3x3 neighbourhood and no
+            complete collapse; then matches vouched for by at least two kept neighbours are added and lone ones
+            dropped (`grow_matches`), and with four or more images a match that two third images confirm is added
+            (`confirm_matches`); finally a match that a kept match of the reverse pass contradicts is dropped
+            (`reverse_consistent`), as is one with a diagonal or unchecked cycle that the local affine field of its
+            kept neighbours puts more than `max_inverse_error` cells away (`field_consistent`). `"paper"`: the
+            note's fixed numbers (IME < 2 nats at N = 1024 scaled by log N / log 1024, spread <= 20 cells^2,
+            collapse <= 0.5, IMS <= 1 cell), nothing added. `"auto"` is the default: on the planted benchmark it
+            keeps about twice the correct matches at nearly the same precision, which also gives better masks and
+            parts.
+        max_entropy (`float`, *optional*): IME limit of a match's target, nats (overrides the preset).
+        max_spread (`float`, *optional*): neighbourhood spread limit, target cells squared.
+        max_collapse (`float`, *optional*): collapse share limit in [0, 1].
+        max_inverse_error (`float`, *optional*): inverse mapping error limit, source cells (under `"auto"` also
+            the tolerance, in target cells, of the confirmation by third images).
+            Each threshold accepts `float("inf")` to disable its check. Under `"auto"` a grown or confirmed match
+            is exempt from `max_entropy` and from the all-neighbour spread (see `grow_matches`).
+        num_parts (`int`, *optional*): number of parts; `None` estimates it (largest eigengap of the reference
+            image's self-attention affinity between its hit tokens).
+        background_threshold (`float`, *optional*): KL limit (nats) above which a token is background; `None`
+            takes the minimum-error (Kittler-Illingworth) cut of the logarithm of every token's smallest KL to a
+            part, pooled over the collection (Otsu's cut lands inside the far larger background class).
+        chunk_size (`int`, *optional*): attention rows computed at once (bounds memory); automatic by default.
+        device (`torch.device`, *optional*): where to compute, defaults to the features' device.
+        output_type (`str`, *optional*, defaults to `"np"`): `"np"` for numpy arrays, `"pt"` for torch tensors.
+        progress (`Callable`, *optional*): called with 1 after each pair (e.g. a tqdm bar's `update`).
+        pair_analyses (`list[PairAnalysis]`, *optional*): the per-pair steps 4-8a already done by
+            :func:`analyze_pairs` (every pair once, any order, e.g. gathered from several processes, made with the
+            same `selection` and thresholds as this call); only steps 8b-11 then run here. The output is the same
+            as without them.
+        segment (`bool`, *optional*, defaults to `True`): run steps 10-11; with `False` the clustering and the
+            co-segmentation are skipped and `masks`, `part_masks`, `keypoints` and `keypoint_parts` are `None`
+            (the other fields are unchanged).
+
+    Returns:
+        [`CoSegmentationPipelineOutput`]
+
+    Raises:
+        `TypeError`/`ValueError` for bad arguments, before any pair is analysed. An error while analysing a pair is
+        re-raised with "pair (s, t)" in its message, as the same type where that type takes a message (else a
+        `RuntimeError`), chained to the original.
+    """
+    settings = check_analysis_settings(
+        selection,
+        max_entropy,
+        max_spread,
+        max_collapse,
+        max_inverse_error,
+        num_parts=num_parts,
+        background_threshold=background_threshold,
+        chunk_size=chunk_size,
+        output_type=output_type,
+        segment=segment,
+    )
+    device = _check_features(features, settings, device, progress)
+    return analyze_checked_features(features, settings, device, progress, pair_analyses)
