@@ -29,6 +29,7 @@ import time
 import numpy as np
 import psutil
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline, analyze_features
 from cosegment.processors.cross_self_attention import StopForward
@@ -142,8 +143,10 @@ def dift_equivalent(
     pipe, batch: list[np.ndarray], size: int, stop_block: int, memory_format=torch.contiguous_format
 ) -> None:
     """What DIFT costs: VAE encode (its input in `memory_format`), noise, prompt, UNet forward with stock processors
-    until `up_blocks[stop_block]` has run."""
+    until `up_blocks[stop_block]` has run. Always the eager UNet (its early exit is an exception, which a compiled
+    forward would not keep in one graph)."""
     device = pipe._execution_device
+    unet = unwrap_module(pipe.unet)
     pixels, _ = pipe.prepare_images(batch, size, size)
     pixels = pixels.to(device, pipe.vae.dtype, memory_format=memory_format)
     latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
@@ -155,9 +158,9 @@ def dift_equivalent(
     def stop(module, args, output):
         raise StopForward()
 
-    handle = pipe.unet.up_blocks[stop_block].register_forward_hook(stop)
+    handle = unet.up_blocks[stop_block].register_forward_hook(stop)
     try:
-        pipe.unet(noisy, t, encoder_hidden_states=text)
+        unet(noisy, t, encoder_hidden_states=text)
     except StopForward:
         pass
     finally:
