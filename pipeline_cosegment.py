@@ -490,8 +490,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         share); `stop_early` (`bool`, *optional*, defaults to `True`): end each UNet forward right after the last read
         layer (an eager UNet only: a compiled one runs its whole forward, which dynamo compiles once; the queries and
         keys are the same either way). Returns the captured [`CoSegmentationFeatures`] (queries and keys
-        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
-        ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline call.
+        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device). Model CPU offload
+        hooks are freed when the UNet pass ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline
+        call.
         """
         # 0. Check everything before touching a model (images are converted once, here)
         checked = self.check_inputs(
