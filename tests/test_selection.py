@@ -43,7 +43,6 @@ def stats_of(forward, inverse_error=None, collapse=None, spread=None, entropy=No
         inverse_error=zeros if inverse_error is None else torch.as_tensor(inverse_error, dtype=torch.float32),
         spread=zeros if spread is None else torch.as_tensor(spread, dtype=torch.float32),
         collapse=zeros if collapse is None else torch.as_tensor(collapse, dtype=torch.float32),
-        score=torch.ones(n),
     )
 
 
@@ -74,18 +73,6 @@ def test_pass_statistics_hand_computed_on_different_grids():
     torch.testing.assert_close(stats.target_entropy, torch.tensor([0.2, 0.5]))  # IME of f(p), from the backward rows
     # f(0) = (0, 2) and f(1) = (0, 0) on the target grid: 2 cells apart, squared 4; no collapse
     assert stats.spread.tolist() == [4.0, 4.0] and stats.collapse.tolist() == [0.0, 0.0]
-    sharp_forward = 1 - torch.tensor([0.1, 0.3]) / math.log(3)  # forward rows have N_t = 3 entries
-    sharp_backward = 1 - torch.tensor([0.2, 0.5]) / math.log(2)  # backward rows have N_s = 2 entries
-    expected = (sharp_forward * sharp_backward).sqrt() * torch.exp(-0.5 * torch.tensor([0.0, 1.0]) ** 2)
-    torch.testing.assert_close(stats.score, expected)
-
-
-def test_pass_statistics_score_clamps_sharpness_to_zero():
-    # an entropy above log N (impossible for a real row) must not make the product of two negatives positive
-    forward = AttentionRowStatistics(torch.tensor([0, 1]), torch.ones(2), torch.tensor([5.0, 0.0]))
-    backward = AttentionRowStatistics(torch.tensor([0, 1]), torch.ones(2), torch.tensor([5.0, 0.0]))
-    stats = pass_statistics(forward, backward, (1, 2))
-    assert stats.score.tolist() == [0.0, 1.0]
 
 
 def test_auto_thresholds_from_the_passes_own_statistics():
@@ -110,6 +97,16 @@ def test_otsu_threshold_hand_computed_with_an_empty_bin_plateau():
     # two equal modes at 0 and 10, 256 bins: every cut from bin 0 to 254 ties; middle 127 -> (128) * 10 / 256 = 5
     assert otsu_threshold(torch.tensor([0.0] * 50 + [10.0] * 50)) == pytest.approx(5.0)
     assert otsu_threshold(torch.tensor([1.0, float("nan"), 3.0, float("inf")]), bins=2) == pytest.approx(2.0)
+    # values [0, 1, 2, 2, 3], 4 bins: counts [1, 1, 2, 1]; variances per cut 4*1.5^2 = 9, 6*1.375^2 = 11.34,
+    # 4*1.3125^2 = 6.89: a unique best cut k = 1 -> (1 + 1) * 3 / 4 = 1.5
+    assert otsu_threshold(torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0]), bins=4) == pytest.approx(1.5)
+    # a sample centred on 0 (lo + hi = 0), 4 bins of width 0.5: counts [2, 0, 1, 1], centres -0.75 .. 0.75;
+    # cuts 0 and 1 (the empty bin) give 2*2*1.25^2 = 6.25, cut 2 gives 3*1*1.1667^2 = 4.08: middle 0.5 -> -0.25
+    assert otsu_threshold(torch.tensor([-1.0, -1.0, 0.0, 1.0]), bins=4) == pytest.approx(-0.25)
+    assert otsu_threshold(torch.tensor([0.0, 1.0]), bins=1) == pytest.approx(1.0)  # one bin: the only cut, at hi
+    # the default 256 bins on [0, 7]: 3 falls in bin 109 and 7 in bin 255; every cut in the empty gap between them
+    # ties, and the middle of cuts 109..254 is 181.5 -> (181.5 + 1) * 7 / 256
+    assert otsu_threshold(torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0, 7.0])) == pytest.approx(182.5 * 7 / 256)
 
 
 def test_supported_spread_counts_only_kept_neighbours():
@@ -137,18 +134,33 @@ def test_grow_matches_grows_row_by_row_and_drops_lone_matches():
     # the collapse check also bars growth
     collapsed = stats_of(identity, collapse=[0.0] * 3 + [0.6] * 6)
     assert grow_matches(collapsed, top, loose, (3, 3)).tolist() == [False, True] + [False] * 7
+    # the cycle and collapse limits are inclusive
+    boundary = stats_of(identity, inverse_error=[1.0] * 8 + [5.0], collapse=[0.5] * 9)
+    assert grow_matches(boundary, top, loose, (3, 3)).tolist() == [True] * 8 + [False]
+    # the target grid sets the geometry: the same map into a 3 x 4 target grid grows the same way
+    wide = stats_of([0, 1, 2, 4, 5, 6, 8, 9, 10], inverse_error=[0.0] * 8 + [5.0])
+    assert grow_matches(wide, top, loose, (3, 3), (3, 4)).tolist() == [True] * 8 + [False]
+    # exactly min_support kept neighbours and a spread exactly at the limit are enough: 1 x 3 grid, ends kept,
+    # the middle grows (2 neighbours, spread 1); then the ends, with one kept neighbour each, are dropped
+    ends = torch.tensor([True, False, True])
+    at_limit = SelectionThresholds(max_entropy=1.0, max_spread=1.0, max_collapse=0.5, max_inverse_error=1.0)
+    assert grow_matches(stats_of([0, 1, 2]), ends, at_limit, (1, 3)).tolist() == [False, True, False]
     # min_support=1 keeps the top row's ends; the input mask is not modified
     assert grow_matches(stats, top, tight, (3, 3), min_support=1).tolist() == [True] * 3 + [False] * 6
     assert top.tolist() == [True] * 3 + [False] * 6
-    with pytest.raises(ValueError, match="min_support"):
-        grow_matches(stats, top, tight, (3, 3), min_support=0)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="`min_support` must be a positive int"):
+            grow_matches(stats, top, tight, (3, 3), min_support=bad)
 
 
 def test_match_scores_weight_the_attention_by_the_kept_neighbour_share():
     scores = match_scores(torch.tensor([0.5, 0.8, 1.2]), torch.tensor([True, True, False]), (1, 3))
     # token 0: its one neighbour kept -> 0.5; token 1: 1 of 2 -> 0.4; token 2: 1 of 1, attention clamped to 1 -> 1
     torch.testing.assert_close(scores, torch.tensor([0.5, 0.4, 1.0]))
-    with pytest.raises(ValueError, match="max_prob"):
+    # the attention is clamped to 1 before the share: 1.6 with half the neighbours kept scores 0.5, not 0.8
+    scores = match_scores(torch.tensor([0.5, 1.6, 1.2, 0.3]), torch.tensor([True, True, False, True]), (1, 4))
+    torch.testing.assert_close(scores, torch.tensor([0.5, 0.5, 1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"`max_prob` \(2,\) and `keep` \(3,\) must both have 3 entries"):
         match_scores(torch.ones(2), torch.ones(3, dtype=torch.bool), (1, 3))
 
 
@@ -158,6 +170,9 @@ def test_kept_map_prefers_the_forward_pass_then_the_largest_backward_target():
     # source 0: kept forward -> 2; source 1: kept targets 0 and 1 point back to it -> the larger, 1; source 2:
     # target 3 -> 3; source 3: nothing -> -1 (target 2 points to 0 but is not kept)
     assert kept_map(forward, keep_forward, backward, keep_backward).tolist() == [2, 1, 3, -1]
+    # a single target: the forward pass still decides where it keeps a match
+    one = torch.zeros(2, dtype=torch.long)
+    assert kept_map(one, torch.tensor([True, False]), one[:1], torch.tensor([False])).tolist() == [0, -1]
 
 
 def test_confirm_matches_counts_valid_votes_within_tolerance():
@@ -170,6 +185,13 @@ def test_confirm_matches_counts_valid_votes_within_tolerance():
     assert confirm_matches(forward, keep, predictions, (2, 2), tolerance=0.99).tolist() == [True, True]
     kept = torch.tensor([False, True])
     assert confirm_matches(forward, kept, predictions[:0], (2, 2), tolerance=1.0).tolist() == [False, True]
+    # a single third image, one vote enough
+    assert confirm_matches(forward, keep, predictions[1:2], (2, 2), 0.5, min_votes=1).tolist() == [False, True]
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="`min_votes` must be a positive int"):
+            confirm_matches(forward, keep, predictions, (2, 2), tolerance=1.0, min_votes=bad)
+    with pytest.raises(ValueError, match="`target_grid_size` must be two positive ints"):
+        confirm_matches(forward, keep, predictions, (0, 2), tolerance=1.0)
     with pytest.raises(ValueError, match="predictions"):
         confirm_matches(forward, keep, predictions[:, :1], (2, 2), tolerance=1.0)
     with pytest.raises(ValueError, match="min_votes"):
@@ -209,8 +231,12 @@ def test_affine_residual_finds_the_off_field_match():
         torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10]), torch.ones(9, dtype=torch.bool), (3, 3), (3, 4)
     )
     assert torch.allclose(residual, torch.zeros(9), atol=1e-5)
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match=r"`forward` \(9,\) and `keep` \(8,\) must both have 9 entries"):
         affine_residual(torch.arange(9), torch.ones(8, dtype=torch.bool), (3, 3))
+    with pytest.raises(ValueError, match="`target_grid_size` must be two positive ints"):
+        affine_residual(torch.arange(9), torch.ones(9, dtype=torch.bool), (3, 3), (3, 0))
+    with pytest.raises(ValueError, match=r"`forward` holds indices outside \[0, 4\)"):
+        affine_residual(torch.arange(9), torch.ones(9, dtype=torch.bool), (3, 3), (2, 2))
 
 
 def test_field_consistent_drops_a_loose_cycle_the_field_does_not_predict():
@@ -221,6 +247,12 @@ def test_field_consistent_drops_a_loose_cycle_the_field_does_not_predict():
     # a cycle of exactly 1 cell is the note's own limit: not loose, kept whatever the field says
     exact_centre = stats_of(shifted_identity(), inverse_error=[0.0] * 4 + [1.0] + [0.0] * 4)
     assert field_consistent(exact_centre, keep, thresholds, (3, 3)).all()
+    # the target grid sets the geometry: the same maps into a 3 x 4 target grid
+    wide = stats_of([0, 1, 2, 4, 6, 6, 8, 9, 10], inverse_error=[0.0] * 4 + [1.2] + [0.0] * 4)
+    assert field_consistent(wide, keep, thresholds, (3, 3), (3, 4)).tolist() == [True] * 4 + [False] + [True] * 4
+    # the tolerance is inclusive: the centre's residual is exactly 1 cell
+    at_one = SelectionThresholds(max_entropy=1.0, max_spread=2.0, max_collapse=0.5, max_inverse_error=1.0)
+    assert field_consistent(loose_centre, keep, at_one, (3, 3)).all()
     # a field residual within the tolerance keeps it
     lenient = SelectionThresholds(max_entropy=1.0, max_spread=2.0, max_collapse=0.5, max_inverse_error=1.5)
     assert field_consistent(loose_centre, keep, lenient, (3, 3)).all()

@@ -232,7 +232,7 @@ def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
         return math.inf
     hist = torch.histc(values, bins=bins, min=lo, max=hi).double()
     hist = hist / hist.sum()
-    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    centres = lo + (torch.arange(bins, dtype=torch.float64, device=values.device) + 0.5) * (hi - lo) / bins
     p1 = hist.cumsum(0)[:-1]
     p2 = 1.0 - p1
     m1 = (hist * centres).cumsum(0)[:-1]
