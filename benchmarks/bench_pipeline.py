@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import unwrap_module
 
 from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline, analyze_features
 from cosegment.processors.cross_self_attention import StopForward
-from cosegment.testing import _write_tokenizer_files
+from cosegment.testing import _write_tokenizer_files, make_tiny_stable_diffusion
 from cosegment.utils.images import preferred_memory_format
 
 
@@ -233,10 +233,21 @@ def compiled_vs_eager_capture(args, device, size: int) -> None:
     from torch._dynamo.utils import counters
 
     pair = images(2, size)
-    eager = build_sd21_shaped(args.scale).to(device)
-    wrapped = build_sd21_shaped(args.scale).to(device)
+    scale = args.compile_scale or args.scale
+
+    def build():
+        if scale != "tiny":
+            return build_sd21_shaped(scale).to(device)
+        sd = make_tiny_stable_diffusion()
+        parts = {
+            k: v for k, v in sd.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+        }
+        pipe = StableDiffusionCoSegmentationPipeline(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    eager, wrapped, in_place = build(), build(), build()
     wrapped.unet = torch.compile(wrapped.unet, mode=args.compile_mode)
-    in_place = build_sd21_shaped(args.scale).to(device)
     in_place.unet.compile(mode=args.compile_mode)
     pipes = {"eager": eager, "torch.compile(unet)": wrapped, "unet.compile()": in_place}
 
@@ -257,7 +268,7 @@ def compiled_vs_eager_capture(args, device, size: int) -> None:
         error = max(float((a - b).abs().max()) for a, b in zip(features.queries, reference.queries))
         rows.append([name, first, " -> ".join(map(str, graphs)), f"{error:.2g}"])
     table(
-        f"(g1) compiling the UNet ({args.scale}, {size} px, mode={args.compile_mode}): 3 calls each",
+        f"(g1) compiling the UNet ({scale}, {size} px, mode={args.compile_mode}): 3 calls each",
         ["form", "first call s (compiles)", "graphs after calls 1, 2, 3", "max |Q - Q_eager|"],
         rows,
     )
@@ -265,7 +276,7 @@ def compiled_vs_eager_capture(args, device, size: int) -> None:
         {name: lambda pipe=pipe: capture(pipe) for name, pipe in pipes.items()}, args.repeats, device
     )
     table(
-        f"(g2) capture after warm-up, one pair at {size} px, medians of {args.repeats} interleaved",
+        f"(g2) capture after warm-up ({scale}), one pair at {size} px, medians of {args.repeats} interleaved",
         [*(f"{name} s" for name in med), *(f"{name} / eager" for name in list(med)[1:])],
         [[*med.values(), *(med[name] / med["eager"] for name in list(med)[1:])]],
     )
@@ -354,6 +365,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "m", "b", "c", "g", "d"])
     parser.add_argument("--compile-size", type=int, default=512, help="image size of the compile section (g)")
+    parser.add_argument(
+        "--compile-scale", choices=["full", "small", "tiny"], default=None, help="model of (g); --scale by default"
+    )
     parser.add_argument("--compile-mode", default=None, help="`mode` of torch.compile in (g) and (d)")
     parser.add_argument("--d-on-cpu", action="store_true", help="run (d) without a GPU: a smoke test of its code")
     parser.add_argument("--profile", action="store_true")
