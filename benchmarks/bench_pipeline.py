@@ -394,13 +394,7 @@ def main() -> None:
             analyze_features(pipe.capture_features(pair, generator=gen, stop_early=False))
 
         runs = {"call": call, "dift": dift, "full": full, "no_exit": no_exit}
-        for fn in runs.values():  # warm up
-            fn()
-        times = {k: [] for k in runs}
-        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all alike
-            for name, fn in runs.items():
-                times[name].append(timed(fn, device))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians(runs, args.repeats, device)
         table(
             f"(a) one pair at {size} px, SD 2.1-shaped ({args.scale}) random weights, medians of {args.repeats}",
             [
