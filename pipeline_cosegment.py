@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPi
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import randn_tensor, unwrap_module
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import is_torchvision_available
 
@@ -55,6 +55,7 @@ from .processors.cross_self_attention import (
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
     StopForward,
+    capture_stops_early,
     finish_interrupted_forward,
     self_attention_layer_levels,
 )
@@ -63,7 +64,7 @@ from .processors.cross_self_attention import (
 # cache only when this file imports it (DESIGN section 3).
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text
-from .utils.images import collect_images
+from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
@@ -184,6 +185,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     # Not `["safety_checker"]` as in Stable Diffusion: it never runs here, so model CPU offload leaves it on the CPU
     # (under an offload hook) instead of parking it on the accelerator.
     _exclude_from_cpu_offload = []
+    # Memory format of the images handed to the VAE encoder; `None` picks the fastest for the execution device
+    # (`channels_last` on CPU and CUDA, see `utils.images.preferred_memory_format`). Only the input tensor is laid
+    # out so: the VAE module, which `from_pipe` siblings share, is left as it is.
+    vae_input_memory_format: torch.memory_format | None = None
 
     def __init__(
         self,
@@ -521,9 +526,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         Arguments are those of :meth:`__call__`, and `image_indices` (`list[int]`, *optional*): capture only these
         images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
         still drawn in collection order, so their features equal those of a full run (batches are formed within the
-        share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
-        draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
-        ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline call.
+        share); `stop_early` (`bool`, *optional*, defaults to `True`): end each UNet forward right after the last read
+        layer (an eager UNet only: a compiled one runs its whole forward, which dynamo compiles once; the queries and
+        keys are the same either way). Returns the captured [`CoSegmentationFeatures`] (queries and keys
+        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device). Model CPU offload
+        hooks are freed when the UNet pass ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline
+        call.
         """
         # 0. Check everything before touching a model (images are converted once, here)
         checked = self.check_inputs(
@@ -554,14 +562,21 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         """Step 1: `(M, 3, H, W)` pixels in [-1, 1] -> `(M, C, h, w)` latents as the UNet expects them, in batches: the
         mode of an `AutoencoderKL`'s latent distribution or an `AutoencoderTiny`'s (TAESD) encoder output, whichever
         the VAE returns, times `vae.config.scaling_factor` (1.0 for TAESD: its `latent_shift`/`latent_magnitude` only
-        pack latents into bytes), as diffusers' img2img pipelines do."""
+        pack latents into bytes), as diffusers' img2img pipelines do. The VAE gets its input in
+        `vae_input_memory_format` (by default the device's fastest): the input's layout, not the shared module's,
+        decides its convolutions' memory format."""
         device = self._execution_device
+        memory_format = self.vae_input_memory_format or preferred_memory_format(device)
         latents = []
         for start in range(0, pixels.shape[0], batch_size):
-            batch = pixels[start : start + batch_size].to(device=device, dtype=self.vae.dtype)
+            batch = pixels[start : start + batch_size].to(
+                device=device, dtype=self.vae.dtype, memory_format=memory_format
+            )
             encoded = _encoder_latents(self.vae.encode(batch))
             latents.append(encoded * self.vae.config.scaling_factor)
-        return torch.cat(latents)
+        # the UNet gets NCHW latents whatever the VAE's layout (a channels_last UNet input measured no faster on CPU;
+        # a user's `unet.to(memory_format=torch.channels_last)` converts at its first convolution)
+        return torch.cat(latents).contiguous()
 
     def _run_unet(
         self,
@@ -574,7 +589,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Step 3: one UNet forward per batch of `noisy` `(B, C, h, w)` with the capture processors on `layer_names`;
         the original processors come back in `finally`. Returns the queries and keys, one `(B, H, N, d)` per layer."""
-        store = AttentionStore(layer_names, stop_after_last=stop_early)
+        # (a compiled UNet runs its whole forward: see `capture_stops_early`)
+        store = AttentionStore(layer_names, stop_after_last=capture_stops_early(self.unet, stop_early))
         originals = dict(self.unet.attn_processors)
         processors = dict(originals)
         for name in layer_names:
@@ -596,7 +612,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                         )
                     except StopForward:
                         # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
-                        finish_interrupted_forward(self.unet, store.stopped_at)
+                        finish_interrupted_forward(unwrap_module(self.unet), store.stopped_at)
                     bar.update()
         finally:
             self.unet.set_attn_processor(dict(originals))

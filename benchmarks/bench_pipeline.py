@@ -7,9 +7,13 @@
 Prints markdown tables:
  (a) one pair at 512 px: `__call__` time over the DIFT-equivalent work (VAE encode + UNet forward up to the end of
      the block that holds the read layers, stock processors) and over a full UNet forward;
+ (a3) capture alone over the DIFT-equivalent work, each with its VAE input in NCHW and in channels_last (NHWC);
  (b) M = 2, 4, 8, 16: capture time, analysis time, peak memory growth;
  (c) 256, 512, 768 px: analysis time and peak memory growth of one pair;
- (d) with a CUDA GPU: the same at real SD 2.1 size in float16, absolute times, device named.
+ (g) eager vs compiled capture: `torch.compile(pipe.unet)` and `pipe.unet.compile()`, graphs per call, after
+     warm-up (`--compile-size`, `--compile-mode`);
+ (d) with a CUDA GPU: SD 2.1-base size in float16 at 512 and 768 px, eager and compiled: capture and DIFT-equivalent
+     time per image, peak memory, analysis time per pair at N = 1024 and 4096; absolute times, device named.
 Weights are random: the numbers measure cost, never quality.
 """
 
@@ -25,10 +29,12 @@ import time
 import numpy as np
 import psutil
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 from cosegment import CoSegmentationFeatures, StableDiffusionCoSegmentationPipeline, analyze_features
 from cosegment.processors.cross_self_attention import StopForward
-from cosegment.testing import _write_tokenizer_files
+from cosegment.testing import _write_tokenizer_files, make_tiny_stable_diffusion
+from cosegment.utils.images import preferred_memory_format
 
 
 def build_sd21_shaped(scale: str = "full", dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -133,12 +139,17 @@ def images(count: int, size: int, seed: int = 0) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def dift_equivalent(pipe, batch: list[np.ndarray], size: int, stop_block: int) -> None:
-    """What DIFT costs: VAE encode, noise, prompt, UNet forward with stock processors until `up_blocks[stop_block]`
-    has run."""
+def dift_equivalent(
+    pipe, batch: list[np.ndarray], size: int, stop_block: int, memory_format=torch.contiguous_format
+) -> None:
+    """What DIFT costs: VAE encode (its input in `memory_format`), noise, prompt, UNet forward with stock processors
+    until `up_blocks[stop_block]` has run. Always the eager UNet (its early exit is an exception, which a compiled
+    forward would not keep in one graph)."""
     device = pipe._execution_device
+    unet = unwrap_module(pipe.unet)
     pixels, _ = pipe.prepare_images(batch, size, size)
-    latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    pixels = pixels.to(device, pipe.vae.dtype, memory_format=memory_format)
+    latents = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device, latents.dtype)
     t = torch.full((latents.shape[0],), 261, device=device)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
@@ -147,9 +158,9 @@ def dift_equivalent(pipe, batch: list[np.ndarray], size: int, stop_block: int) -
     def stop(module, args, output):
         raise StopForward()
 
-    handle = pipe.unet.up_blocks[stop_block].register_forward_hook(stop)
+    handle = unet.up_blocks[stop_block].register_forward_hook(stop)
     try:
-        pipe.unet(noisy, t, encoder_hidden_states=text)
+        unet(noisy, t, encoder_hidden_states=text)
     except StopForward:
         pass
     finally:
@@ -166,6 +177,178 @@ def full_forward(pipe, batch: list[np.ndarray], size: int) -> None:
     pipe.unet(latents, t, encoder_hidden_states=text)
 
 
+def interleaved_medians(runs: dict, repeats: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
+    """Median time of each run, the runs interleaved (so drifts in machine speed hit all alike), after `warmup`."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def capture_vs_dift_by_memory_format(pipe, pair, size: int, stop_block: int, repeats: int, device) -> None:
+    """(a3): `capture_features` against the DIFT-equivalent work, each with its VAE input in NCHW and in NHWC."""
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    runs = {}
+    for label, memory_format in formats.items():
+
+        def capture(memory_format=memory_format) -> None:
+            pipe.vae_input_memory_format = memory_format
+            try:
+                pipe.capture_features(pair, generator=torch.Generator().manual_seed(0))
+            finally:
+                pipe.vae_input_memory_format = None
+
+        runs[f"capture {label}"] = capture
+        runs[f"DIFT {label}"] = lambda memory_format=memory_format: dift_equivalent(
+            pipe, pair, size, stop_block, memory_format
+        )
+    med = interleaved_medians(runs, repeats, device)
+    best_capture = min((med[f"capture {label}"], label) for label in formats)
+    best_dift = min((med[f"DIFT {label}"], label) for label in formats)
+    table(
+        f"(a3) capture vs DIFT-equivalent, one pair at {size} px, VAE input in each memory format, medians of "
+        f"{repeats} interleaved",
+        [*(f"{name} s" for name in runs), "best capture / best DIFT", "channels_last / contiguous (capture, DIFT)"],
+        [
+            [
+                *med.values(),
+                f"{best_capture[0] / best_dift[0]:.3g} ({best_capture[1]} / {best_dift[1]})",
+                f"{med['capture channels_last'] / med['capture contiguous']:.3g}, "
+                f"{med['DIFT channels_last'] / med['DIFT contiguous']:.3g}",
+            ]
+        ],
+    )
+    print(f"default VAE input format on {device.type}: {preferred_memory_format(device)}")
+
+
+def compiled_vs_eager_capture(args, device, size: int) -> None:
+    """(g): capture with `torch.compile(pipe.unet)` (diffusers' advice) and `pipe.unet.compile()` against eager.
+
+    Each compiled pipeline is warmed up by two calls; the graphs dynamo has compiled are counted after every call, so
+    a call that compiles again shows up as a growing count."""
+    from torch._dynamo.utils import counters
+
+    pair = images(2, size)
+    scale = args.compile_scale or args.scale
+
+    def build():
+        if scale != "tiny":
+            return build_sd21_shaped(scale).to(device)
+        sd = make_tiny_stable_diffusion()
+        parts = {
+            k: v for k, v in sd.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+        }
+        pipe = StableDiffusionCoSegmentationPipeline(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    eager, wrapped, in_place = build(), build(), build()
+    wrapped.unet = torch.compile(wrapped.unet, mode=args.compile_mode)
+    in_place.unet.compile(mode=args.compile_mode)
+    pipes = {"eager": eager, "torch.compile(unet)": wrapped, "unet.compile()": in_place}
+
+    def capture(pipe):
+        return pipe.capture_features(pair, height=size, width=size, generator=torch.Generator().manual_seed(0))
+
+    reference = capture(eager)
+    rows = []
+    for name, pipe in list(pipes.items())[1:]:
+        counters.clear()
+        graphs, first = [], None
+        for call in range(3):
+            start = time.perf_counter()
+            features = capture(pipe)
+            seconds = time.perf_counter() - start
+            first = seconds if call == 0 else first
+            graphs.append(counters["stats"]["unique_graphs"])
+        error = max(float((a - b).abs().max()) for a, b in zip(features.queries, reference.queries))
+        rows.append([name, first, " -> ".join(map(str, graphs)), f"{error:.2g}"])
+    table(
+        f"(g1) compiling the UNet ({scale}, {size} px, mode={args.compile_mode}): 3 calls each",
+        ["form", "first call s (compiles)", "graphs after calls 1, 2, 3", "max |Q - Q_eager|"],
+        rows,
+    )
+    med = interleaved_medians(
+        {name: lambda pipe=pipe: capture(pipe) for name, pipe in pipes.items()}, args.repeats, device
+    )
+    table(
+        f"(g2) capture after warm-up ({scale}), one pair at {size} px, medians of {args.repeats} interleaved",
+        [*(f"{name} s" for name in med), *(f"{name} / eager" for name in list(med)[1:])],
+        [[*med.values(), *(med[name] / med["eager"] for name in list(med)[1:])]],
+    )
+
+
+def accelerator_section(args, device: torch.device) -> None:
+    """(d): SD 2.1-base-shaped random weights in float16 on the GPU (`--d-on-cpu`: the quarter-size model in float32
+    on the CPU at 128 and 256 px, a smoke test of this code), eager and `torch.compile(pipe.unet)`: capture time per
+    image, the DIFT-equivalent's, analysis time per pair at N = 1024 and 4096 (synthetic Q/K of the read layers'
+    shape), peak memory growth."""
+    scale, dtype, sizes = (
+        ("full", torch.float16, [512, 768]) if device.type == "cuda" else ("small", torch.float32, [128, 256])
+    )
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke test)"
+    rows = []
+    for compiled in (False, True):
+        pipe = build_sd21_shaped(scale, dtype).to(device)
+        if compiled:
+            pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
+        for px in sizes:
+            pair = images(2, px)
+
+            def capture(pipe=pipe, pair=pair, px=px):
+                return pipe.capture_features(pair, height=px, width=px, generator=torch.Generator().manual_seed(0))
+
+            capture(), capture()  # warm-up (compiles, then checks that nothing compiles again)
+            with PeakMemory(device) as memory:
+                capture()
+            med = interleaved_medians(
+                {
+                    "capture": capture,
+                    "dift": lambda pipe=pipe, pair=pair, px=px: dift_equivalent(
+                        pipe, pair, px, 2, preferred_memory_format(device)
+                    ),
+                },
+                args.repeats,
+                device,
+                warmup=0,
+            )
+            rows.append(
+                [
+                    px,
+                    "compiled" if compiled else "eager",
+                    med["capture"] / 2,
+                    med["dift"] / 2,
+                    med["capture"] / med["dift"],
+                    memory.growth / 2**20,
+                ]
+            )
+        del pipe
+    table(
+        f"(d) {name}: SD 2.1-base-shaped ({scale}) random weights in {dtype}, one pair, medians of {args.repeats}",
+        ["px", "UNet", "capture s / image", "DIFT-equivalent s / image", "capture / DIFT", "capture peak MiB"],
+        rows,
+    )
+    heads, head_dim = (10, 64) if scale == "full" else (10, 16)
+    rows = []
+    for side in (32, 64):  # N = 1024 and 4096: the read layers' grid at 512 and 1024 px
+        gen = torch.Generator().manual_seed(0)
+        qk = [torch.randn(2, heads, side * side, head_dim, generator=gen).to(device, dtype) for _ in range(6)]
+        features = CoSegmentationFeatures(qk[:3], qk[3:], (side, side), [(16 * side, 16 * side)] * 2)
+        analyze_features(features)  # warm-up
+        with PeakMemory(device) as memory:
+            seconds = timed(lambda: analyze_features(features), device)
+        rows.append([side * side, seconds, memory.growth / 2**20])
+    table(
+        f"(d2) {name}: analysis of one pair, 3 layers of {heads} heads of {head_dim} (synthetic), {dtype}",
+        ["N tokens", "analysis s / pair", "peak MiB"],
+        rows,
+    )
+
+
 def table(title: str, header: list[str], rows: list[list]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -180,7 +363,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--collections", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 768])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "b", "c", "d"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "u", "m", "b", "c", "g", "d"])
+    parser.add_argument("--compile-size", type=int, default=512, help="image size of the compile section (g)")
+    parser.add_argument(
+        "--compile-scale", choices=["full", "small", "tiny"], default=None, help="model of (g); --scale by default"
+    )
+    parser.add_argument("--compile-mode", default=None, help="`mode` of torch.compile in (g) and (d)")
+    parser.add_argument("--d-on-cpu", action="store_true", help="run (d) without a GPU: a smoke test of its code")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -197,20 +386,15 @@ def main() -> None:
 
     if "a" not in args.skip:
         call = lambda: pipe(image=pair, generator=gen)  # noqa: E731
-        dift = lambda: dift_equivalent(pipe, pair, size, stop_block)  # noqa: E731
+        # DIFT at the VAE input format our capture uses (section (a3) compares both formats on both sides)
+        dift = lambda: dift_equivalent(pipe, pair, size, stop_block, preferred_memory_format(device))  # noqa: E731
         full = lambda: full_forward(pipe, pair, size)  # noqa: E731
 
         def no_exit():  # the same call with the early exit switched off
             analyze_features(pipe.capture_features(pair, generator=gen, stop_early=False))
 
         runs = {"call": call, "dift": dift, "full": full, "no_exit": no_exit}
-        for fn in runs.values():  # warm up
-            fn()
-        times = {k: [] for k in runs}
-        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all alike
-            for name, fn in runs.items():
-                times[name].append(timed(fn, device))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians(runs, args.repeats, device)
         table(
             f"(a) one pair at {size} px, SD 2.1-shaped ({args.scale}) random weights, medians of {args.repeats}",
             [
@@ -269,6 +453,9 @@ def main() -> None:
             [[e, f, e / f]],
         )
 
+    if "m" not in args.skip:
+        capture_vs_dift_by_memory_format(pipe, pair, size, stop_block, args.repeats, device)
+
     if "b" not in args.skip:
         rows = []
         for m in args.collections:
@@ -307,6 +494,9 @@ def main() -> None:
         rows.append(["1024 (synthetic, 1 layer)", 4096, time.perf_counter() - start, mem.growth / 2**20])
         table("(c) one pair by resolution: analysis", ["px", "N tokens", "analysis s", "peak MiB"], rows)
 
+    if "g" not in args.skip:
+        compiled_vs_eager_capture(args, device, args.compile_size)
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -317,12 +507,8 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
         print("```")
 
-    if device.type == "cuda" and "d" not in args.skip:
-        pipe16 = build_sd21_shaped("full", torch.float16).to(device)
-        call = lambda: pipe16(image=pair, generator=gen)  # noqa: E731
-        call()
-        t = statistics.median(timed(call, device) for _ in range(args.repeats))
-        print(f"\n(d) {torch.cuda.get_device_name()}: one pair at 512 px, float16: {t:.3f} s")
+    if (device.type == "cuda" or args.d_on_cpu) and "d" not in args.skip:
+        accelerator_section(args, device)
 
 
 if __name__ == "__main__":

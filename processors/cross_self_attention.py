@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 
 
 class StopForward(Exception):
@@ -198,16 +199,36 @@ def offloading_groups(model: torch.nn.Module) -> list:
     return list(groups.values())
 
 
+def runs_compiled(model: torch.nn.Module) -> bool:
+    """Whether calling `model` runs `torch.compile`'s code: the wrapper `torch.compile(model)` returns
+    (`OptimizedModule`), or a module compiled in place with `model.compile()`."""
+    return is_compiled_module(model) or getattr(unwrap_module(model), "_compiled_call_impl", None) is not None
+
+
+def capture_stops_early(model: torch.nn.Module, stop_early: bool) -> bool:
+    """Whether the capture of `model` ends its forward with :class:`StopForward` (`stop_early`, in eager only).
+
+    A compiled UNet runs its whole forward: dynamo cannot trace an exception that leaves the compiled function, so it
+    falls back to eager for the UNet's frame and compiles its blocks one by one, and more of them on the second call
+    (tiny UNet: 13 graphs, then 24; raising from a `torch.compiler.disable`d function: 16, then 25). Without the
+    exception the capture processors trace into one graph that later calls reuse (measured: 1 graph, none added by
+    later calls): fresh processors and stores each call pass dynamo's guards (on their types and layer names). The
+    queries and keys are the same either way (the early exit only skips what runs after the last read layer)."""
+    return stop_early and not runs_compiled(model)
+
+
 def self_attention_layer_levels(unet: torch.nn.Module) -> dict[str, int]:
     """Self-attention (`attn1`) modules of a UNet and their downsampling level.
 
     A layer at level `l` sees the latent grid downsampled `2 ** l` times: its token grid is
-    `(height / vae_scale_factor / 2 ** l, width / vae_scale_factor / 2 ** l)`.
+    `(height / vae_scale_factor / 2 ** l, width / vae_scale_factor / 2 ** l)`. A compiled UNet (the wrapper of
+    `torch.compile(unet)`) gives the names of the module it wraps.
 
     Returns:
         `{module_name: level}` in module order, for every `Attention` module named `...attn1` that is not a
         cross-attention layer.
     """
+    unet = unwrap_module(unet)  # `torch.compile(unet)`'s wrapper names the layers `_orig_mod.<name>`
     down_levels, level = [], 0
     for block in getattr(unet, "down_blocks", []):
         down_levels.append(level)

@@ -9,6 +9,7 @@ from diffusers import AutoencoderTiny
 from diffusers.hooks import HookRegistry
 
 from cosegment import StableDiffusionCoSegmentationPipeline
+from cosegment.utils.images import preferred_memory_format
 
 
 def _images(count: int = 2) -> list[np.ndarray]:
@@ -62,7 +63,9 @@ def test_tiny_vae_latents_are_its_encoder_output_times_scaling_factor(fresh_pipe
     torch.testing.assert_close(scaled._encode(pixels, 8), 0.5 * expected, rtol=0, atol=0)
     # AutoencoderKL keeps its convention: the mode of the latent distribution times its scaling factor
     kl = fresh_pipe()
-    want = kl.vae.encode(pixels).latent_dist.mode() * kl.vae.config.scaling_factor
+    # (the pipeline hands the VAE its input in the device's fastest memory format: the same here, for exact equality)
+    laid_out = pixels.contiguous(memory_format=preferred_memory_format(pixels.device))
+    want = kl.vae.encode(laid_out).latent_dist.mode() * kl.vae.config.scaling_factor
     torch.testing.assert_close(kl._encode(pixels, 8), want, rtol=0, atol=0)
 
 

@@ -16,6 +16,18 @@ import torch
 FLOAT_IMAGE_TOLERANCE = 0.05
 
 
+def preferred_memory_format(device: torch.device | str) -> torch.memory_format:
+    """The memory format in which image-like `(B, C, H, W)` inputs run fastest through convolutions on `device`.
+
+    `torch.channels_last` on CPU (oneDNN's convolutions are faster on NHWC data: measured in BENCHMARKS.md) and on
+    CUDA (cuDNN's tensor-core convolutions are NHWC; PyTorch's and diffusers' advice, not measured here);
+    `torch.contiguous_format` elsewhere. Only the input's layout is chosen: a convolution whose input is
+    `channels_last` returns `channels_last`, so the layout carries through a module without converting its weights.
+    """
+    device_type = torch.device(device).type
+    return torch.channels_last if device_type in ("cpu", "cuda") else torch.contiguous_format
+
+
 class CheckedImages(list):
     """Images already validated and converted by `check_inputs`: `(3, H_i, W_i)` float32 tensors in [0, 1]."""
 
