@@ -43,6 +43,7 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     analyze_features,
     analyze_pairs,
     check_analysis_settings,
+    transfer_points,
 )
 from .processors.cross_self_attention import (
     AttentionStore,
@@ -56,6 +57,7 @@ from .processors.cross_self_attention import (
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.images import collect_images
 from .utils.images import describe as _describe
+from .utils.refinement import window_soft_argmax  # noqa: F401
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
 logger = logging.get_logger(__name__)
