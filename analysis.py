@@ -787,8 +787,8 @@ def refined_pass_points(
 
     Each kept match's attention row (recomputed in row chunks for the kept tokens only) gives the window
     soft-argmax around `f(p)`; the local affine field of those points over the kept matches of the `5 x 5` source
-    window around p (:func:`local_affine_field`) then averages out the per-match noise. Points stay inside the grid
-    (`[-0.5, h - 0.5]` cells: inside the image)."""
+    window around p (:func:`local_affine_field`) then averages out the per-match noise. Points stay within the token
+    centres' hull `[0, h - 1] x [0, w - 1]` (inside the image)."""
     grid = tuple(features.grid_size)
     forward = result.statistics.forward
     points = torch.stack([forward // grid[1], forward % grid[1]], dim=-1).float()
@@ -801,8 +801,7 @@ def refined_pass_points(
     points[tokens] = coords
     field, defined = local_affine_field(points, result.keep, grid, REFINE_FIELD_RADIUS)
     points = torch.where((result.keep & defined)[:, None], field, points)
-    limit = torch.tensor([grid[0] - 0.5, grid[1] - 0.5], device=points.device)
-    return torch.minimum(points.clamp_min(-0.5), limit)
+    return points.clamp_min(0).minimum(points.new_tensor([grid[0] - 1, grid[1] - 1]))
 
 
 def refine_correspondences(

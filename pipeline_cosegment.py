@@ -300,6 +300,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         num_parts: int | None = None,
         background_threshold: float | None = None,
         output_type: str = "np",
+        refine: bool = True,
     ) -> CheckedInputs:
         """Validates every argument before any model runs; errors name the argument and the value.
 
@@ -332,6 +333,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             num_parts=num_parts,
             background_threshold=background_threshold,
             output_type=output_type,
+            refine=refine,
         )
         grid = self._grid_size(layer_names, int(height), int(width))
         if selection == "paper" and grid[0] * grid[1] < 2:
@@ -579,6 +581,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_features: bool = False,
         return_dict: bool = True,
+        refine: bool = True,
     ):
         r"""Finds what a collection of images has in common.
 
@@ -615,6 +618,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 :func:`analyze_features` can re-analyse with other thresholds without the UNet.
             return_dict (`bool`, *optional*, defaults to `True`): return a [`CoSegmentationPipelineOutput`] instead
                 of a tuple.
+            refine (`bool`, *optional*, defaults to `True`): refine each kept match's point in the image it lands
+                in below the token grid (see :func:`analyze_features`); `False`: every point is a token centre.
 
         Examples:
 
@@ -643,6 +648,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             num_parts=num_parts,
             background_threshold=background_threshold,
             output_type=output_type,
+            refine=refine,
         )
 
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)
