@@ -426,6 +426,9 @@ class PassResult:
         inverse_entropy (`torch.Tensor`): `(N,)` float32, IME of every target token (Eq. 2.10, nats): this pass'
             contribution to the target's `entropy_maps`.
         thresholds ([`SelectionThresholds`]): the limits applied.
+        peak_points (`torch.Tensor` or `None`): `(N, 2)` float32 `(row, col)` on the target grid, the window
+            soft-argmax of each source token's row around `f(p)` (kept while the rows are computed, for
+            `refine=True`); `None`: computed again for the kept matches when needed.
     """
 
     source_index: int
@@ -435,6 +438,7 @@ class PassResult:
     max_prob: torch.Tensor
     inverse_entropy: torch.Tensor
     thresholds: SelectionThresholds
+    peak_points: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "PassResult":
         """A copy with every tensor on `device`."""
@@ -445,6 +449,7 @@ class PassResult:
             keep=self.keep.to(device),
             max_prob=self.max_prob.to(device),
             inverse_entropy=self.inverse_entropy.to(device),
+            peak_points=None if self.peak_points is None else self.peak_points.to(device),
         )
 
 
@@ -547,6 +552,21 @@ def _in_pair(error: Exception, source: int, target: int) -> Exception:
     return wrapped if str(wrapped) == message else RuntimeError(message)
 
 
+def _peak_hook(peaks: torch.Tensor | None, grid_size: tuple[int, int]) -> Callable | None:
+    """A `row_hook` of :func:`attention_row_statistics` writing each row's window soft-argmax around its argmax
+    (:func:`window_soft_argmax`) into `(N, 2)` `peaks`: the rows are not computed again to refine matches. `None`
+    when `peaks` is `None`."""
+    if peaks is None:
+        return None
+
+    def hook(start: int, probs: torch.Tensor, argmax: torch.Tensor) -> None:
+        peaks[start : start + probs.shape[0]] = window_soft_argmax(
+            probs, argmax, grid_size, REFINE_RADIUS, REFINE_TEMPERATURE
+        )
+
+    return hook
+
+
 def analyze_pair(
     features: CoSegmentationFeatures, source: int, target: int, settings: AnalysisSettings, device: torch.device
 ) -> PairAnalysis:
@@ -557,18 +577,22 @@ def analyze_pair(
     queries_t, keys_t = features.image(target)
     queries_s, keys_s = [q.to(device) for q in queries_s], [k.to(device) for k in keys_s]
     queries_t, keys_t = [q.to(device) for q in queries_t], [k.to(device) for k in keys_t]
-    # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6)
-    rows_st = attention_row_statistics(queries_s, keys_t, chunk_size=settings.chunk_size)
-    rows_ts = attention_row_statistics(queries_t, keys_s, chunk_size=settings.chunk_size)
+    # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6), and each row's sub-token peak
+    peaks_st = peaks_ts = None
+    if settings.refine:
+        peaks_st, peaks_ts = torch.zeros(num_tokens, 2, device=device), torch.zeros(num_tokens, 2, device=device)
+    rows_st = attention_row_statistics(queries_s, keys_t, None, settings.chunk_size, _peak_hook(peaks_st, grid))
+    rows_ts = attention_row_statistics(queries_t, keys_s, None, settings.chunk_size, _peak_hook(peaks_ts, grid))
     # 5-8a. Maps, neighbourhood check, selection (and growth under "auto"), both passes
     passes = []
-    for forward_rows, backward_rows, s, t in ((rows_st, rows_ts, source, target), (rows_ts, rows_st, target, source)):
+    directions = ((rows_st, rows_ts, peaks_st, source, target), (rows_ts, rows_st, peaks_ts, target, source))
+    for forward_rows, backward_rows, peaks, s, t in directions:
         stats = pass_statistics(forward_rows, backward_rows, grid)
         limits = _pass_thresholds(settings, stats, num_tokens)
         keep = select_matches(stats, limits)
         if settings.selection == "auto":
             keep = grow_matches(stats, keep, limits, grid)
-        passes.append(PassResult(s, t, stats, keep, forward_rows.max_prob, backward_rows.entropy, limits))
+        passes.append(PassResult(s, t, stats, keep, forward_rows.max_prob, backward_rows.entropy, limits, peaks))
     return PairAnalysis(source, target, tuple(passes), grid, settings.pair_settings)
 
 
@@ -602,6 +626,7 @@ def analyze_pairs(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[int], Any] | None = None,
+    refine: bool = True,
 ) -> list[PairAnalysis]:
     r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
     both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
@@ -616,12 +641,14 @@ def analyze_pairs(
             by default.
         selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress: as in
             :func:`analyze_features`.
+        refine (`bool`, *optional*, defaults to `True`): also keep each row's sub-token peak for `refine=True` in
+            :func:`analyze_features` (without them it computes the kept matches' rows again).
 
     Returns:
         `list[PairAnalysis]`, one per pair, in the order of `pairs`.
     """
     settings = check_analysis_settings(
-        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size=chunk_size
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size=chunk_size, refine=refine
     )
     device = _check_features(features, settings, device, progress)
     pairs = _check_pair_list(pairs, features.num_images)
@@ -785,8 +812,8 @@ def refined_pass_points(
     """Sub-token landing points of a pass' kept matches: `(N, 2)` float32 `(row, col)` on the target grid per
     source token (kept ones refined, the others their match's token centre).
 
-    Each kept match's attention row (recomputed in row chunks for the kept tokens only) gives the window
-    soft-argmax around `f(p)`; the local affine field of those points over the kept matches of the `5 x 5` source
+    Each kept match's attention row gives the window soft-argmax around `f(p)` (kept by :func:`analyze_pair` while
+    it computed the rows, `result.peak_points`; else recomputed in row chunks for the kept tokens only); the local affine field of those points over the kept matches of the `5 x 5` source
     window around p (:func:`local_affine_field`) then averages out the per-match noise. Points stay within the token
     centres' hull `[0, h - 1] x [0, w - 1]` (inside the image)."""
     grid = tuple(features.grid_size)
@@ -795,10 +822,13 @@ def refined_pass_points(
     tokens = torch.nonzero(result.keep).flatten()
     if tokens.numel() == 0:
         return points
-    queries, _ = _image_features(features, result.source_index, device)
-    _, keys = _image_features(features, result.target_index, device)
-    _, coords, _ = _refined_rows([q[:, tokens] for q in queries], keys, grid, forward[tokens], chunk_size, refine=True)
-    points[tokens] = coords
+    if result.peak_points is not None:
+        points[tokens] = result.peak_points[tokens]
+    else:
+        queries, _ = _image_features(features, result.source_index, device)
+        _, keys = _image_features(features, result.target_index, device)
+        rows = [q[:, tokens] for q in queries]
+        points[tokens] = _refined_rows(rows, keys, grid, forward[tokens], chunk_size, refine=True)[1]
     field, defined = local_affine_field(points, result.keep, grid, REFINE_FIELD_RADIUS)
     points = torch.where((result.keep & defined)[:, None], field, points)
     return points.clamp_min(0).minimum(points.new_tensor([grid[0] - 1, grid[1] - 1]))

@@ -535,7 +535,9 @@ def run(args: argparse.Namespace) -> dict:
     # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
     my_pairs = pair_shares(features.num_images, world)[rank]
     with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
-        my_analyses = analyze_pairs(features, my_pairs, device=state.device, progress=bar.update, **analysis)
+        my_analyses = analyze_pairs(
+            features, my_pairs, device=state.device, progress=bar.update, **analysis, refine=not args.no_refine
+        )
     logger.info("analysed %d pairs", len(my_pairs))
     pair_analyses = gather_object([pair.to("cpu") for pair in my_analyses])
 

@@ -74,6 +74,18 @@ def test_refine_is_chunk_independent(planted, outputs):
         np.testing.assert_allclose(a.source_points, b.source_points, atol=1e-3)
 
 
+def test_refine_from_pair_analyses_with_or_without_kept_peaks(planted, outputs):
+    from cosegment import analyze_pairs
+
+    for refine_pairs in (True, False):  # without kept peaks the kept matches' rows are computed again
+        analyses = analyze_pairs(planted.features, refine=refine_pairs)
+        assert all((p.peak_points is not None) == refine_pairs for a in analyses for p in a.passes)
+        joined = analyze_features(planted.features, segment=False, pair_analyses=analyses)
+        for a, b in zip(joined.correspondences, outputs[True].correspondences):
+            np.testing.assert_allclose(a.target_points, b.target_points, atol=1e-3)
+            np.testing.assert_allclose(a.source_points, b.source_points, atol=1e-3)
+
+
 def test_refine_must_be_a_bool(planted):
     with pytest.raises(TypeError, match="refine"):
         analyze_features(planted.features, refine="yes")
