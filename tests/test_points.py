@@ -185,3 +185,27 @@ def test_pipeline_refine_flag(tiny_pipe, photos):
     assert not np.array_equal(a.target_points, b.target_points)
     with pytest.raises(TypeError, match="refine"):
         tiny_pipe(generator=torch.Generator().manual_seed(0), refine=None, **common)
+
+
+def test_point_errors_metric_hand_made(planted):
+    """The benchmark's metric: matches placed exactly on the continuous warp score 0; moved by one target cell along
+    x they score 1 cell (forward: query at the source; backward: query at the target)."""
+    from types import SimpleNamespace
+
+    from cosegment import PairCorrespondence
+
+    h, w = planted.features.grid_size
+    (sh, sw), (th, tw) = planted.features.image_sizes[0], planted.features.image_sizes[1]
+    src = np.flatnonzero(planted.token_parts[0].ravel())[::9]
+    er, ec = planted.from_canonical(1, *planted.to_canonical(0, (src // w).astype(float), (src % w).astype(float)))
+    tgt = (np.clip(np.round(er), 0, h - 1) * w + np.clip(np.round(ec), 0, w - 1)).astype(int)
+    source_points = np.stack([(src % w + 0.5) * sw / w, (src // w + 0.5) * sh / h], -1).astype(np.float32)
+    for shift, expected in ((0.0, 0.0), (1.0, 1.0)):
+        target_points = np.stack([(ec + shift + 0.5) * tw / w, (er + 0.5) * th / h], -1).astype(np.float32)
+        pair = PairCorrespondence(
+            0, 1, source_points, target_points, np.ones(len(src)), np.ones(len(src), bool), src, tgt
+        )
+        errors, relative = correspondence_point_errors(planted, SimpleNamespace(correspondences=[pair]))
+        assert errors.size > 10
+        np.testing.assert_allclose(errors, expected, atol=1e-3)
+        np.testing.assert_allclose(relative, expected / planted.object_size(1), atol=1e-3)
