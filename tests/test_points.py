@@ -209,3 +209,16 @@ def test_point_errors_metric_hand_made(planted):
         assert errors.size > 10
         np.testing.assert_allclose(errors, expected, atol=1e-3)
         np.testing.assert_allclose(relative, expected / planted.object_size(1), atol=1e-3)
+
+
+def test_readme_transfer_points_snippet_runs(tiny_pipe, photos):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL) if "transfer_points(" in b)
+    namespace = {"pipe": tiny_pipe, "img_a": photos[0], "img_b": photos[1], "torch": torch}
+    exec(compile(block, "README.md", "exec"), namespace)
+    height, width = photos[1].shape[:2]
+    assert namespace["points"].shape == (2, 2) and namespace["scores"].shape == (2,)
+    assert ((namespace["points"] >= 0) & (namespace["points"] <= [width, height])).all()
