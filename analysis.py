@@ -77,11 +77,12 @@ MIN_REGION_TOKENS = 3
 # measurement in BENCHMARKS.md used one round.
 SEGMENTATION_REFINEMENTS = 1
 # Below the grid (refine=True): the window soft-argmax around each argmax (5 x 5 window, weights p ** (1 / 0.5)),
-# then the local affine field of the kept matches over the 5 x 5 source window around each match. Chosen on the
-# planted DESIGN split (`benchmarks/planted.py --points`; README "Points below the token grid").
+# then the local affine field of the kept matches over the 7 x 7 source window around each match. Chosen on the
+# planted DESIGN split (`benchmarks/planted.py --points`; README "Points below the token grid"): a 5 x 5 field gave
+# 0.27 cells there, 7 x 7 0.24 (families) and 0.16 -> 0.13 (planted.py).
 REFINE_RADIUS = 2
 REFINE_TEMPERATURE = 0.5
-REFINE_FIELD_RADIUS = 2
+REFINE_FIELD_RADIUS = 3
 # transfer_points fits its robust local field over the 7 x 7 source tokens around a point, Gaussian weights of 2
 # cells: a random point has no selection behind it, so it needs more (cycle-checked) neighbours than a kept match.
 # Larger windows scored still better on the DESIGN split, whose warps are exactly affine; real warps are not, so
@@ -814,9 +815,10 @@ def refined_pass_points(
     source token (kept ones refined, the others their match's token centre).
 
     Each kept match's attention row gives the window soft-argmax around `f(p)` (kept by :func:`analyze_pair` while
-    it computed the rows, `result.peak_points`; else recomputed in row chunks for the kept tokens only); the local affine field of those points over the kept matches of the `5 x 5` source
-    window around p (:func:`local_affine_field`) then averages out the per-match noise. Points stay within the token
-    centres' hull `[0, h - 1] x [0, w - 1]` (inside the image)."""
+    it computed the rows, `result.peak_points`; else recomputed in row chunks for the kept tokens only); the local
+    affine field of those points over the kept matches of the `7 x 7` source window around p
+    (:func:`local_affine_field`) then averages out the per-match noise. Points stay within the token centres' hull
+    `[0, h - 1] x [0, w - 1]` (inside the image)."""
     grid = tuple(features.grid_size)
     forward = result.statistics.forward
     points = torch.stack([forward // grid[1], forward % grid[1]], dim=-1).float()
