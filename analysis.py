@@ -786,7 +786,7 @@ def _refined_rows(
     chunk_size: int | None,
     refine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of `A = mean softmax(Q K^T)` for the `(H, K, d)` queries, in row chunks (never `(H, K, N)` at once):
+    """Rows of `A = mean softmax(Q K^T)` for the `(H, K, d)` queries, `chunk_size` rows at a time (never all K):
     each row's peak (its argmax unless `peaks` is given), the peak's sub-token `(row, col)` on the keys' grid
     (:func:`window_soft_argmax`; the peak token itself when `refine` is False) and the row's mass within one token
     of the peak (:func:`window_mass`). Returns `(K,)` long, `(K, 2)` float32, `(K,)` float32."""
@@ -926,8 +926,11 @@ def transfer_points(
 
     Each point's query is read bilinearly from the source image's token queries at the point (any pixel, not only
     token centres); its row of the cross self-attention `A_st` (mean over heads, layers and noise draws; computed
-    in row chunks, never `(H, N, N)`) gives the argmax token, refined below the grid by the window soft-argmax
-    around it when `refine` (:func:`window_soft_argmax`, 5 x 5 window, temperature 0.5).
+    in row chunks, never `(H, N, N)`) gives the argmax token. With `refine`, below the grid: the window soft-argmax
+    around it (:func:`window_soft_argmax`, 5 x 5 window, temperature 0.5), then the robust local field of the
+    matches of the 7 x 7 source tokens around the point, weighted by their distance (Gaussian, 2 cells) and their
+    cycle agreement, read at the point (:func:`robust_affine_at`): one row is noisy by about a cell, its
+    neighbours' matches average that out.
 
     The score in [0, 1] says how much to trust a transfer: `mass * exp(-e^2 / 2)`, where `mass` is the share of
     the point's attention row within one token of its peak (peak sharpness: a diffuse or many-peaked row scores
