@@ -15,6 +15,13 @@ from cosegment.utils.visualization import draw_points, part_colors
 NO_FILTER_FLAGS = [flag for name in NO_FILTER for flag in ("--" + name.replace("_", "-"), "inf")]
 
 
+def _write_photos(photos, folder) -> list[str]:
+    paths = [str(folder / f"photo_{i}.png") for i in range(len(photos))]
+    for path, photo in zip(paths, photos):
+        PIL.Image.fromarray(photo).save(path)
+    return paths
+
+
 def test_parse_points_text_and_json(tmp_path):
     np.testing.assert_array_equal(parse_points("10,20; 30.5,4"), [[10.0, 20.0], [30.5, 4.0]])
     listed = tmp_path / "points.json"
@@ -83,10 +90,7 @@ def test_point_transfers_and_figure_on_planted_features(tmp_path):
 
 
 def test_cli_points_end_to_end(photos, tiny_sd_path, tmp_path):
-    paths = []
-    for i, photo in enumerate(photos[:3]):
-        paths.append(str(tmp_path / f"photo_{i}.png"))
-        PIL.Image.fromarray(photo).save(paths[-1])
+    paths = _write_photos(photos[:3], tmp_path)
     height, width = photos[0].shape[:2]
     points = [[width / 4, height / 3], [width / 2, height / 2], [width - 1.0, height - 1.0]]
     common = paths + ["--model", tiny_sd_path, "--seed", "3", "--height", "128", "--width", "128", *NO_FILTER_FLAGS]
@@ -122,10 +126,7 @@ def test_cli_points_end_to_end(photos, tiny_sd_path, tmp_path):
 
 
 def test_cli_refine_matches_the_pipeline(photos, tiny_pipe, tiny_sd_path, tmp_path):
-    paths = []
-    for i, photo in enumerate(photos[:2]):
-        paths.append(str(tmp_path / f"photo_{i}.png"))
-        PIL.Image.fromarray(photo).save(paths[-1])
+    paths = _write_photos(photos[:2], tmp_path)
     common = paths + ["--model", tiny_sd_path, "--seed", "3", "--height", "128", "--width", "128", "--no-figures"]
     for flags, refine in (([], True), (["--no-refine"], False)):
         out = tmp_path / f"out{refine}"
