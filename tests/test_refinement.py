@@ -147,6 +147,14 @@ class TestLocalAffineField:
         inner = 2 * w + 2
         assert (field[inner] - exact[inner]).norm() < 0.5 * (noisy[inner] - exact[inner]).norm()
 
+    def test_window_wider_than_the_grid(self):
+        # radius 3 on a 2 x 3 grid: every kept token is in every window; an affine map is fitted exactly
+        rr, cc = torch.meshgrid(torch.arange(2).float(), torch.arange(3).float(), indexing="ij")
+        exact = torch.stack([1.0 + 2.0 * rr, 3.0 - cc], -1).view(-1, 2)
+        field, defined = local_affine_field(exact, torch.ones(6, dtype=torch.bool), (2, 3), radius=3)
+        assert defined.all()
+        torch.testing.assert_close(field, exact, atol=1e-4, rtol=0)
+
     def test_undetermined_keeps_the_input(self):
         coords = torch.randn(9, 2)
         keep = torch.zeros(9, dtype=torch.bool)

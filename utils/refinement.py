@@ -208,6 +208,8 @@ def local_affine_field(
     gram = torch.zeros(h, w, 3, 3, device=device)
     moment = torch.zeros(h, w, 3, 2, device=device)
     for di, dj in window_offsets(radius).tolist():
+        if abs(di) >= h or abs(dj) >= w:  # a window wider than the grid: no token there
+            continue
         centre = (slice(max(0, -di), h - max(0, di)), slice(max(0, -dj), w - max(0, dj)))
         neighbour = (slice(max(0, di), h + min(0, di)), slice(max(0, dj), w + min(0, dj)))
         x = torch.tensor([1.0, float(di), float(dj)], device=device)
