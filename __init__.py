@@ -13,6 +13,7 @@ from .pipeline_cosegment import (  # noqa: E402
     StableDiffusionCoSegmentationPipeline,
     analyze_features,
     analyze_pairs,
+    transfer_points,
 )
 from .utils.correspondence import (  # noqa: E402
     SelectionThresholds,
@@ -45,4 +46,5 @@ __all__ = [
     "mapping_density",
     "neighbourhood_spread",
     "paper_thresholds",
+    "transfer_points",
 ]

@@ -318,6 +318,72 @@ def write_figures(
     return written
 
 
+# --- `--points`: points of the first image transferred into every other image (issue 11) --------------------------
+
+
+def parse_points(text: str) -> np.ndarray:
+    """`--points` -> `(K, 2)` float64 x, y: `"x1,y1;x2,y2"`, or a JSON file holding `[[x, y], ...]` or
+    `{"points": [[x, y], ...]}`."""
+    try:
+        if os.path.isfile(text):
+            with open(text, encoding="utf-8") as handle:
+                data = json.load(handle)
+            data = data["points"] if isinstance(data, dict) else data
+        else:
+            data = [[float(v) for v in item.split(",")] for item in text.split(";") if item.strip()]
+        points = np.asarray(data, dtype=np.float64)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"`--points` must be 'x1,y1;x2,y2' or a JSON file of [[x, y], ...], got {text!r}: {error}"
+        ) from error
+    if points.ndim != 2 or points.shape[1] != 2 or points.shape[0] == 0 or not np.isfinite(points).all():
+        raise ValueError(f"`--points` must hold one or more finite x,y pairs, got {text!r}.")
+    return points
+
+
+def check_points(points: np.ndarray, image: np.ndarray) -> None:
+    """Refuses points outside the first image before any model runs."""
+    height, width = image.shape[:2]
+    outside = (points < 0).any(axis=1) | (points[:, 0] > width) | (points[:, 1] > height)
+    if outside.any():
+        raise ValueError(
+            f"`--points` must lie inside the first image ({width} x {height} px), got {points[outside][0].tolist()}."
+        )
+
+
+def point_transfers(features, points: np.ndarray, refine: bool) -> list[dict]:
+    """`transfer_points` of `points` (image 0's pixels) into every other image: one dict per target image."""
+    from cosegment import transfer_points
+
+    transfers = []
+    for target in range(1, features.num_images):
+        landed, scores = transfer_points(features, 0, target, points, refine=refine)
+        transfers.append({"target_index": target, "points": _floats(landed), "scores": _floats(scores)})
+    return transfers
+
+
+def write_points_figure(images: Sequence[np.ndarray], points: np.ndarray, transfers, out_dir: str, max_side: int):
+    """`points.png`: every image in a row, the points in the first and where they land in the others, numbered,
+    same colour = same point (titles give each image's mean score). Returns the path relative to `out_dir`."""
+    from cosegment.utils.visualization import add_title, draw_points, part_colors, side_by_side
+
+    colors = part_colors(len(points))[1:]
+    labels = [str(k) for k in range(len(points))]
+    panels = [(0, images[0], points, "the points")]
+    for t in transfers:
+        index = t["target_index"]
+        panels.append((index, images[index], np.asarray(t["points"]), f"mean score {np.mean(t['scores']):.2f}"))
+    for i, (index, image, where, title) in enumerate(panels):
+        fitted, scale = _fit(image, max_side)
+        panels[i] = add_title(draw_points(fitted, where * scale, colors, labels=labels), f"image {index}: {title}")
+    picture, _ = side_by_side(panels)
+    _write_png(os.path.join(out_dir, "points.png"), picture)
+    return "points.png"
+
+
+# --- end of `--points` ------------------------------------------------------------------------------------------------
+
+
 def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
@@ -395,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(refused, naming them, when settings differ); --resume=overwrite recomputes what changed settings make "
         "stale and reuses the rest. Put it after the images.",
     )
+    parser.add_argument(  # --points and --no-refine: issue 11
+        "--points", default=None, help="'x1,y1;x2,y2' or a JSON file: points of the first image to transfer"
+    )
+    parser.add_argument("--no-refine", action="store_true", help="points at token centres (no sub-token refinement)")
     add_common_arguments(parser)
     return parser
 
@@ -471,6 +541,9 @@ def run(args: argparse.Namespace) -> dict:
     from cosegment.utils.files import save_safetensors, write_text
 
     images = check_arguments(args)
+    points = None if args.points is None else parse_points(args.points)  # --points (issue 11)
+    if points is not None:
+        check_points(points, images[0])
     state, device = _accelerate_state(args.device)
     rank, world = state.process_index, state.num_processes
     _set_up_logging(rank, world, args.quiet)
@@ -509,7 +582,13 @@ def run(args: argparse.Namespace) -> dict:
     my_pairs = pair_shares(features.num_images, world)[rank]
     with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
         my_analyses, reused = kept.pair_analyses(
-            features, my_pairs, analyze_pairs, progress=bar.update, device=device, **analysis
+            features,
+            my_pairs,
+            analyze_pairs,
+            progress=bar.update,
+            device=device,
+            refine=not args.no_refine,
+            **analysis,
         )
     if reused:
         shown = ", ".join(map(str, reused[:8])) + (" ..." if len(reused) > 8 else "")
@@ -529,6 +608,7 @@ def run(args: argparse.Namespace) -> dict:
             segment=segment,
             **analysis,
             **collection_only,
+            refine=not args.no_refine,
         )
         filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
         if warning := empty_results_warning(output, filtered=filtered):
@@ -545,6 +625,7 @@ def run(args: argparse.Namespace) -> dict:
             "batch_size": args.batch_size,
             "analysis": {**analysis, **collection_only},
             "segment": segment,
+            "refine": not args.no_refine,
         }
         document = results_document(
             output, args.images, features.image_sizes, features.grid_size, settings, args.model
@@ -559,6 +640,11 @@ def run(args: argparse.Namespace) -> dict:
         )
         if not args.no_figures:
             document["figures"] = write_figures(output, images, args.out, top_k=args.top_k, max_side=args.figure_size)
+        if points is not None:  # --points (issue 11)
+            transfers = point_transfers(features, points, not args.no_refine)
+            document["points"] = {"source_index": 0, "points": _floats(points), "transfers": transfers}
+            if not args.no_figures:
+                document["figures"].append(write_points_figure(images, points, transfers, args.out, args.figure_size))
         write_text(os.path.join(args.out, "results.json"), dumps_results(document))
         logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
     state.wait_for_everyone()

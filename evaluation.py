@@ -381,41 +381,42 @@ def keypoint_tokens(keypoints, image_size: Sequence[int], grid_size: Sequence[in
     return torch.from_numpy(rows * w + cols)
 
 
-def transfer_keypoints(features, source: int, target: int, keypoints) -> np.ndarray:
-    """Source keypoints -> predicted target keypoints by the full argmax of each keypoint's token's row of `A_st`.
+def transfer_keypoints(features, source: int, target: int, keypoints, refine: bool = True) -> np.ndarray:
+    """Source keypoints -> predicted target keypoints by :func:`cosegment.transfer_points` (each keypoint's query
+    read bilinearly at the keypoint; refined below the token grid unless `refine=False`, which gives the token
+    centre of the plain argmax of the keypoint's row of `A_st`).
 
     Args:
         features: `CoSegmentationFeatures` holding both images.
         source, target: image indices in `features`.
-        keypoints: `(K, 2)` x, y in the source image's own pixels.
+        keypoints: `(K, 2)` x, y in the source image's own pixels; annotations just outside the image (datasets
+            have a few on or past the border) are moved onto its border first.
+        refine: refine below the token grid.
 
     Returns:
-        `(K, 2)` float x, y of the matched token centres in the target image's own pixels.
+        `(K, 2)` float x, y in the target image's own pixels.
     """
-    from cosegment.utils.correspondence import cross_attention_probs, token_centres_in_pixels
+    from cosegment import transfer_points
 
-    tokens = keypoint_tokens(keypoints, features.image_sizes[source], features.grid_size)
-    if tokens.numel() == 0:
-        return np.zeros((0, 2))
-    queries_s, _ = features.image(source)
-    _, keys_t = features.image(target)
-    device = queries_s[0].device
-    rows = cross_attention_probs([q[:, tokens.to(device)] for q in queries_s], keys_t)
-    matches = rows.argmax(dim=-1).cpu()
-    points = token_centres_in_pixels(matches, features.grid_size, features.image_sizes[target])
-    return points.numpy().astype(np.float64)
+    keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
+    height, width = features.image_sizes[source]
+    keypoints = np.clip(keypoints, 0, [width, height])
+    points, _ = transfer_points(features, source, target, keypoints, refine=refine)
+    return points.astype(np.float64)
 
 
 class PipelinePredictor:
     """Binds a `StableDiffusionCoSegmentationPipeline` to the evaluation loops.
 
-    Every call captures its images afresh with a generator seeded by `seed`, so results do not depend on the order
+    `refine`: keypoints transferred below the token grid (`False`: token centres of the plain argmax). Every call
+    captures its images afresh with a generator seeded by `seed`, so results do not depend on the order
     in which pairs are evaluated.
     """
 
-    def __init__(self, pipe, seed: int = 0, **capture) -> None:
+    def __init__(self, pipe, seed: int = 0, refine: bool = True, **capture) -> None:
         self.pipe = pipe
         self.seed = seed
+        self.refine = refine
         self.capture = capture
 
     @staticmethod
@@ -430,7 +431,7 @@ class PipelinePredictor:
         features = self.pipe.capture_features(
             images, generator=torch.Generator().manual_seed(self.seed), **self.capture
         )
-        return transfer_keypoints(features, 0, 1, pair.source_keypoints)
+        return transfer_keypoints(features, 0, 1, pair.source_keypoints, refine=self.refine)
 
     def segment(self, paths: list[str]) -> list[np.ndarray] | None:
         images = [self._load(path) for path in paths]
@@ -479,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--no-segmentation", action="store_true", help="CUB: skip the co-segmentation Jaccard")
     parser.add_argument("--out", default=None, help="write the results JSON to this file (default: print only)")
+    parser.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="keypoints at token centres of the plain argmax (default: refined below the token grid)",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -521,7 +527,7 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=quiet)
         pipe.set_progress_bar_config(disable=True)
         capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
-        predictor = PipelinePredictor(pipe, seed=args.seed, **capture)
+        predictor = PipelinePredictor(pipe, seed=args.seed, refine=not getattr(args, "no_refine", False), **capture)
     with tqdm(total=len(pairs), desc="keypoint transfer (pairs)", file=sys.stderr, disable=quiet) as bar:
         records = evaluate_keypoints(pairs, predictor.transfer, alpha=args.alpha, progress=bar.update)
     notes = []
@@ -556,6 +562,7 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         "alpha": args.alpha,
         "model": args.model,
         "seed": args.seed,
+        "refine": not getattr(args, "no_refine", False),
         "cosegment_version": cosegment.__version__,
         "summary": summary,
         "notes": notes,

@@ -50,6 +50,7 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     analyze_features,
     analyze_pairs,
     check_analysis_settings,
+    transfer_points,
 )
 from .processors.cross_self_attention import (
     AttentionStore,
@@ -66,6 +67,7 @@ from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text
 from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
+from .utils.refinement import window_soft_argmax  # noqa: F401
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
 logger = logging.get_logger(__name__)
@@ -389,6 +391,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         background_threshold: float | None = None,
         output_type: str = "np",
         prompt_embeds: torch.Tensor | None = None,
+        refine: bool = True,
     ) -> CheckedInputs:
         """Validates every argument before any model runs; errors name the argument and the value.
 
@@ -420,6 +423,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             num_parts=num_parts,
             background_threshold=background_threshold,
             output_type=output_type,
+            refine=refine,
         )
         grid = self._grid_size(layer_names, int(height), int(width))
         if selection == "paper" and grid[0] * grid[1] < 2:
@@ -703,6 +707,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_features: bool = False,
         return_dict: bool = True,
+        refine: bool = True,
     ):
         r"""Finds what a collection of images has in common.
 
@@ -743,6 +748,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 :func:`analyze_features` can re-analyse with other thresholds without the UNet.
             return_dict (`bool`, *optional*, defaults to `True`): return a [`CoSegmentationPipelineOutput`] instead
                 of a tuple.
+            refine (`bool`, *optional*, defaults to `True`): refine each kept match's point in the image it lands
+                in below the token grid (see :func:`analyze_features`); `False`: every point is a token centre.
 
         Examples:
 
@@ -772,6 +779,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             background_threshold=background_threshold,
             output_type=output_type,
             prompt_embeds=prompt_embeds,
+            refine=refine,
         )
 
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)

@@ -55,7 +55,9 @@ RECORDED_SETTINGS = {
     "max_spread": "pairs",
     "max_collapse": "pairs",
     "max_inverse_error": "pairs",
+    "no_refine": "pairs",
     "num_parts": "results",
+    "points": "results",
     "no_segment": "results",
 }
 _STALE = {"features": ("features", "pairs"), "pairs": ("pairs",), "results": ()}
@@ -117,8 +119,9 @@ def save_pair_analysis(analysis, path: str | os.PathLike) -> None:
         prefix = f"passes.{index}"
         for name, value in result.statistics.__dict__.items():
             tensors[f"{prefix}.statistics.{name}"] = value.detach().contiguous().cpu()
-        for name in ("keep", "max_prob", "inverse_entropy"):
-            tensors[f"{prefix}.{name}"] = getattr(result, name).detach().contiguous().cpu()
+        for name in ("keep", "max_prob", "inverse_entropy", "peak_points"):
+            if getattr(result, name) is not None:  # peak_points: only with refine=True
+                tensors[f"{prefix}.{name}"] = getattr(result, name).detach().contiguous().cpu()
         passes.append(
             {
                 "source_index": int(result.source_index),
@@ -168,6 +171,7 @@ def load_pair_analysis(path: str | os.PathLike):
                     tensors[f"{prefix}.max_prob"],
                     tensors[f"{prefix}.inverse_entropy"],
                     SelectionThresholds(**description["thresholds"]),
+                    tensors.get(f"{prefix}.peak_points"),
                 )
             )
         return PairAnalysis(

@@ -16,7 +16,10 @@ pair), mask Jaccard (at each image's own size, against the exact object region) 
 pixels of the whole collection, predicted background counting as its own label, so part ids must agree across
 images).
 
-Run `python benchmarks/planted.py` for the markdown table of the README.
+Run `python benchmarks/planted.py` for the markdown table of the README, and `python benchmarks/planted.py --points`
+for the sub-token table (:func:`point_rows`: end-point error in cells and PCK@0.05 / 0.1 of correct kept matches at
+token centres and refined, and of `transfer_points` on random sub-token object points, against the continuous warp;
+this module's collections and the families' design and held-out splits, reported apart).
 """
 
 from __future__ import annotations
@@ -386,6 +389,161 @@ def naive_baseline(features: CoSegmentationFeatures, num_parts: int, seed: int =
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Points below the token grid (`--points`)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _case_parts_at(case, image: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The planted part (0 outside the object) at sub-token grid points of image `image` (a `PlantedCase` or a
+    `benchmarks.families.FamilyCase`; a part hidden in that image counts as outside)."""
+    u = case.to_canonical(image, rows, cols)
+    parts = case.parts_at(*u) if hasattr(case, "parts_at") else case.layout.parts_at(*u)
+    hidden = getattr(case, "hidden", None)
+    return np.where(parts == hidden[image], 0, parts) if hidden is not None and hidden[image] else parts
+
+
+def _pixels_to_cells(points, image_size, grid_size) -> np.ndarray:
+    """`(K, 2)` x, y pixels -> `(K, 2)` (row, col) grid coordinates (token centre `(r, c)` at `(r, c)`)."""
+    points = _to_numpy(points).astype(np.float64).reshape(-1, 2)
+    (height, width), (h, w) = image_size, grid_size
+    return np.stack([points[:, 1] * h / height - 0.5, points[:, 0] * w / width - 0.5], axis=-1)
+
+
+def correspondence_point_errors(case, output, correct=None) -> tuple[np.ndarray, np.ndarray]:
+    """End-point errors of the correct kept matches, in target grid cells, and the same divided by the object's size
+    in the image they land in. A match's query is the side at its token centre (the other side, where it lands,
+    is the refined one); the truth is where the continuous warp sends the query's centre. Correct: the matched
+    tokens pass `match_correct` (PCK@0.1 of the tokens), so refined and plain outputs are scored on the same
+    matches. `correct`: the `match_correct` of the case's module (this module's by default)."""
+    grid = case.features.grid_size
+    correct = match_correct if correct is None else correct
+    errors, relative = [], []
+    for pair in output.correspondences:
+        s, t = pair.source_index, pair.target_index
+        src, tgt = _to_numpy(pair.source_tokens).astype(int), _to_numpy(pair.target_tokens).astype(int)
+        ok = correct(case, s, t, src, tgt)
+        gs = _pixels_to_cells(pair.source_points, case.features.image_sizes[s], grid)
+        gt = _pixels_to_cells(pair.target_points, case.features.image_sizes[t], grid)
+        forward = np.all(np.abs(gs - np.stack([src // grid[1], src % grid[1]], -1)) < 1e-3, axis=-1)
+        fr, fc = case.from_canonical(t, *case.to_canonical(s, gs[:, 0], gs[:, 1]))
+        br, bc = case.from_canonical(s, *case.to_canonical(t, gt[:, 0], gt[:, 1]))
+        error = np.where(forward, np.hypot(gt[:, 0] - fr, gt[:, 1] - fc), np.hypot(gs[:, 0] - br, gs[:, 1] - bc))
+        size = np.where(forward, case.object_size(t), case.object_size(s))
+        errors.append(error[ok])
+        relative.append((error / size)[ok])
+    return np.concatenate(errors), np.concatenate(relative)
+
+
+def transfer_point_errors(case, points_per_pair: int = 20, seed: int = 0, refine: bool = True):
+    """`transfer_points` of random sub-token object points, every ordered pair of images: the points are uniform
+    in the object tokens' cells (the point's own planted part present in both images), the truth their continuous
+    warp. Returns `(errors in target cells, errors / object size, scores)`, each `(K,)`."""
+    from cosegment import transfer_points
+
+    rng = np.random.default_rng(seed)
+    grid = case.features.grid_size
+    errors, relative, scores = [], [], []
+    for s in range(case.features.num_images):
+        rows, cols = np.nonzero(case.token_parts[s])
+        for t in range(case.features.num_images):
+            if s == t or rows.size == 0 or not case.token_parts[t].any():
+                continue
+            pick = rng.integers(rows.size, size=points_per_pair)
+            r = rows[pick] + rng.uniform(-0.5, 0.5, points_per_pair)
+            c = cols[pick] + rng.uniform(-0.5, 0.5, points_per_pair)
+            ok = (_case_parts_at(case, s, r, c) > 0) & (
+                _case_parts_at(case, t, *case.from_canonical(t, *case.to_canonical(s, r, c))) > 0
+            )
+            if not ok.any():
+                continue
+            height, width = case.features.image_sizes[s]
+            pixels = np.stack([(c[ok] + 0.5) * width / grid[1], (r[ok] + 0.5) * height / grid[0]], -1)
+            landed, score = transfer_points(case.features, s, t, pixels, refine=refine)
+            er, ec = case.from_canonical(t, *case.to_canonical(s, r[ok], c[ok]))
+            cells = _pixels_to_cells(landed, case.features.image_sizes[t], grid)
+            error = np.hypot(cells[:, 0] - er, cells[:, 1] - ec)
+            errors.append(error)
+            relative.append(error / case.object_size(t))
+            scores.append(score)
+    return np.concatenate(errors), np.concatenate(relative), np.concatenate(scores)
+
+
+def _point_summary(errors: np.ndarray, relative: np.ndarray) -> dict[str, float]:
+    return {
+        "median EPE (cells)": float(np.median(errors)) if errors.size else float("nan"),
+        "PCK@0.05": float(np.mean(relative <= 0.05)) if relative.size else float("nan"),
+        "PCK@0.1": float(np.mean(relative <= 0.1)) if relative.size else float("nan"),
+        "n": float(errors.size),
+    }
+
+
+def point_rows(cases: dict[str, tuple]) -> list[dict]:
+    """Per name, `(cases, match_correct, score)` (the functions of the cases' module): correct kept matches at token centres (`refine=False`) and refined, with precision
+    and coverage of both (the tokens are the same), and `transfer_points` of random object points, plain argmax and
+    refined."""
+    rows = []
+    for name, (group, correct, score_fn) in cases.items():
+        for refine in (False, True):
+            kept, kept_rel, transfer, transfer_rel, quality = [], [], [], [], []
+            for i, case in enumerate(group):
+                output = analyze_features(case.features, segment=False, refine=refine)
+                score = score_fn(case, output)
+                quality.append((score["precision"], score["coverage"]))
+                e, r = correspondence_point_errors(case, output, correct)
+                kept.append(e)
+                kept_rel.append(r)
+                e, r, _ = transfer_point_errors(case, seed=i, refine=refine)
+                transfer.append(e)
+                transfer_rel.append(r)
+            label = "refined" if refine else "token centres (argmax)"
+            precision, coverage = np.nanmean(np.array(quality), axis=0)
+            for what, e, r in (
+                ("kept matches", kept, kept_rel),
+                ("transfer_points, object points", transfer, transfer_rel),
+            ):
+                row = {"cases": name, "evaluated": what, "method": label}
+                row.update(_point_summary(np.concatenate(e), np.concatenate(r)))
+                row["precision"], row["coverage"] = (precision, coverage) if what == "kept matches" else ("", "")
+                rows.append(row)
+    return rows
+
+
+def point_cases(seeds: int = 5, num_images: int = 3) -> dict[str, tuple]:
+    """The cells of the sub-token table: this module's collections (noise 0.3; design seeds `3000 + i`, held-out
+    `3100 + i`) and the families' DESIGN and HELD-OUT splits (families in turn, 4 parts), `seeds` collections of
+    `num_images` images each."""
+    from cosegment.benchmarks import families
+
+    cells = {}
+    for name, offset in (("planted, design", 3000), ("planted, held-out", 3100)):
+        group = [make_planted_features(num_images, noise=0.3, seed=offset + i) for i in range(seeds)]
+        cells[name] = (group, match_correct, score_output)
+    for name in ("design", "heldout"):
+        split = families.SPLITS[name]
+        group = [
+            families.make_family_case(split.families[i % len(split.families)], num_images, 4, seed=split.seeds[i])
+            for i in range(seeds)
+        ]
+        cells[f"families, {name}"] = (group, families.match_correct, families.score_case)
+    return cells
+
+
+def markdown_points(rows_or_cases) -> str:
+    """The sub-token table in markdown, from :func:`point_rows`' rows or from cells for it."""
+    rows = point_rows(rows_or_cases) if isinstance(rows_or_cases, dict) else rows_or_cases
+    keys = list(rows[0])
+
+    def cell(key, value) -> str:
+        if not isinstance(value, float):
+            return str(value)
+        return f"{value:.0f}" if key == "n" else f"{value:.3f}"
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Script
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -441,9 +599,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seed-offset", type=int, default=0, help="collections 1000 * M + offset + i (100: the validation seeds)"
     )
+    parser.add_argument(
+        "--points",
+        action="store_true",
+        help="the sub-token table instead: planted and families collections, design and held-out seeds apart",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
+    if args.points:
+        print(markdown_points(point_cases(args.seeds)))
+        print(f"\n{time.perf_counter() - start:.0f} s.")
+        return
     rows = run_benchmark(tuple(args.sizes), args.seeds, seed_offset=args.seed_offset)
     print(markdown_table(rows))
     noise = ", ".join(f"{k} = {v}" for k, v in NOISE_LEVELS.items())

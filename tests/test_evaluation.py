@@ -285,7 +285,8 @@ def test_transfer_keypoints_follows_planted_attention():
     # In image 1, key of token permutation[p] is feature p: A_01[p] peaks at permutation[p].
     features = CoSegmentationFeatures([queries], [keys], (h, w), [(40, 60), (80, 30)])
     source_points = np.array([[5.0, 5.0], [55.0, 35.0], [31.0, 12.0]])  # tokens 0, 23, 9
-    predicted = transfer_keypoints(features, 0, 1, source_points)
+    # a random permutation is no smooth warp: the plain argmax (refine=False) is what finds it
+    predicted = transfer_keypoints(features, 0, 1, source_points, refine=False)
     expected_tokens = permutation[[0, 23, 9]]
     rows, cols = expected_tokens // w, expected_tokens % w
     expected = np.stack([(cols.numpy() + 0.5) * 30 / w, (rows.numpy() + 0.5) * 80 / h], axis=1)
@@ -293,12 +294,36 @@ def test_transfer_keypoints_follows_planted_attention():
     assert transfer_keypoints(features, 0, 1, np.zeros((0, 2))).shape == (0, 2)
 
 
+def test_transfer_keypoints_refined_on_a_planted_warp():
+    from cosegment.benchmarks.planted import make_planted_features
+
+    case = make_planted_features(2, noise=0.3, seed=3002)  # a design seed of the sub-token table
+    h, w = case.features.grid_size
+    rows, cols = np.nonzero(case.token_parts[0])
+    rows, cols = rows[::5] + 0.3, cols[::5] - 0.2  # sub-token object points
+    height, width = case.features.image_sizes[0]
+    keypoints = np.stack([(cols + 0.5) * width / w, (rows + 0.5) * height / h], -1)
+    keypoints[0] = [-2.0, height + 3.0]  # an annotation past the border is moved onto it, not refused
+    er, ec = case.from_canonical(1, *case.to_canonical(0, rows[1:], cols[1:]))
+    target_height, target_width = case.features.image_sizes[1]
+    errors = {}
+    for refine in (False, True):
+        predicted = transfer_keypoints(case.features, 0, 1, keypoints, refine=refine)
+        assert predicted.shape == keypoints.shape and predicted.dtype == np.float64
+        pr = predicted[1:, 1] * h / target_height - 0.5
+        pc = predicted[1:, 0] * w / target_width - 0.5
+        errors[refine] = np.median(np.hypot(pr - er, pc - ec))
+    assert errors[True] < 0.35 < errors[False]  # measured: 0.13 and 0.64 cells
+
+
 def test_pipeline_predictor_on_tiny_pipeline(tiny_pipe, tmp_path):
     write_image(str(tmp_path / "a.jpg"), 48, 64, seed=1)
     write_image(str(tmp_path / "b.jpg"), 80, 40, seed=2)
     pair = KeypointPair("p", "x", str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), np.array([[3.0, 4.0], [60.0, 40.0]]),
                         np.zeros((2, 2)), (0, 0, 40, 80))  # fmt: skip
-    predictor = PipelinePredictor(tiny_pipe, seed=1, height=64, width=64)
+    refined = PipelinePredictor(tiny_pipe, seed=1, height=64, width=64).transfer(pair)
+    assert refined.shape == (2, 2) and ((refined >= 0) & (refined <= [40, 80])).all()
+    predictor = PipelinePredictor(tiny_pipe, seed=1, refine=False, height=64, width=64)
     first, second = predictor.transfer(pair), predictor.transfer(pair)
     assert first.shape == (2, 2) and np.array_equal(first, second)
     # Predictions are token centres of the 4 x 4 grid inside the 40 x 80 target.

@@ -176,7 +176,7 @@ def test_pair_analysis_round_trip(features, tmp_path):
         assert theirs.settings == mine.settings and theirs.settings["max_entropy"] == float("inf")
         for a, b in zip(mine.passes, theirs.passes):
             assert (a.source_index, a.target_index, a.thresholds) == (b.source_index, b.target_index, b.thresholds)
-            for name in ("keep", "max_prob", "inverse_entropy"):
+            for name in ("keep", "max_prob", "inverse_entropy", "peak_points"):
                 assert torch.equal(getattr(a, name), getattr(b, name))
             for name, value in a.statistics.__dict__.items():
                 assert value.dtype == getattr(b.statistics, name).dtype
@@ -187,6 +187,27 @@ def test_pair_analysis_round_trip(features, tmp_path):
     assert np.array_equal(joined.density_maps, expected.density_maps)
     for a, b in zip(joined.correspondences, expected.correspondences):
         assert np.array_equal(a.source_tokens, b.source_tokens) and np.array_equal(a.scores, b.scores)
+        assert np.array_equal(a.target_points, b.target_points)  # refined from the kept sub-token peaks
+
+
+def test_pair_analysis_round_trip_without_refinement(features, tmp_path):
+    analysis = analyze_pairs(features, [(0, 2)], refine=False)[0]
+    assert all(result.peak_points is None for result in analysis.passes)
+    save_pair_analysis(analysis, tmp_path / "pair.safetensors")
+    loaded = load_pair_analysis(tmp_path / "pair.safetensors")
+    assert all(result.peak_points is None for result in loaded.passes)
+    refined = analyze_pairs(features, [(0, 2)])[0]
+    assert all(result.peak_points.shape == (16, 2) for result in refined.passes)
+
+
+def test_refinement_is_a_pair_setting(tmp_path):
+    record = _settings(tmp_path)
+    differences = setting_differences(record, _settings(tmp_path, no_refine=True, points="1,2"))
+    assert differences == {
+        "features": [],
+        "pairs": ["no_refine was null, now true"],
+        "results": ['points was null, now "1,2"'],
+    }
 
 
 def test_pair_analysis_file_refused_when_damaged(features, tmp_path):

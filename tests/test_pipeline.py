@@ -28,7 +28,8 @@ def test_output_shapes(result, photos):
 
 
 def test_points_are_token_centres_in_each_images_own_pixels(result, photos):
-    for pair in result.correspondences:
+    plain = analyze_features(result.features, refine=False, **NO_FILTER)  # refined points: tests/test_points.py
+    for pair in plain.correspondences:
         for points, tokens, index in (
             (pair.source_points, pair.source_tokens, pair.source_index),
             (pair.target_points, pair.target_tokens, pair.target_index),

@@ -7,7 +7,7 @@ Shapes: `H` heads, `N_s` source tokens, `N_t` target tokens, `d` head size. Grid
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,11 +163,14 @@ def attention_row_statistics(
     keys: torch.Tensor | Sequence[torch.Tensor],
     scale: float | None = None,
     chunk_size: int | None = None,
+    row_hook: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> AttentionRowStatistics:
     """Argmax, maximum and entropy of each row of `A_st` (see :func:`cross_attention_probs`), in row chunks.
 
     Memory stays bounded by one `(H, chunk_size, N_t)` block whatever `N_s`; `chunk_size=None` picks a chunk of about
-    64 MiB. Results equal those computed from the full `(N_s, N_t)` matrix.
+    64 MiB. Results equal those computed from the full `(N_s, N_t)` matrix. `row_hook(start, probs, argmax)`, when
+    given, also sees each chunk (rows `start:start + len(probs)`, `(rows, N_t)` float32, `(rows,)` long): e.g. to keep
+    a window of every row around its argmax without computing the rows again.
     """
     qs, ks = _as_head_list(queries, "queries"), _as_head_list(keys, "keys")
     _check_query_key_pairs(qs, ks)
@@ -181,6 +184,8 @@ def attention_row_statistics(
     for start in range(0, num_rows, step):
         probs = _mean_softmax_rows(qs, keys_t, start, min(start + step, num_rows), scale)
         value, index = probs.max(dim=-1)
+        if row_hook is not None:
+            row_hook(start, probs, index)
         argmax.append(index)
         max_prob.append(value)
         entropy.append(_row_entropy(probs))

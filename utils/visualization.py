@@ -489,3 +489,37 @@ def parts_legend(part_ids: Sequence[int], colors: np.ndarray | None = None) -> l
     if colors is None:
         colors = part_colors(max(ids, default=0))
     return [(tuple(int(c) for c in colors[k]), f"part {k}") for k in ids]
+
+
+def draw_points(image: np.ndarray, points, colors, radius: int = 5, labels: Sequence[str] | None = None) -> np.ndarray:
+    """The image with a filled circle (dark outline) per point, optionally labelled: same colour = same point.
+
+    Args:
+        image: `(H, W, 3)` image.
+        points: `(K, 2)` float `(x, y)` in the image's pixels.
+        colors: `(K, 3)` uint8 RGB, one per point (e.g. `part_colors(K)[1:]`).
+        radius: circle radius in pixels (>= 1).
+        labels: `K` short texts drawn beside the points (e.g. their numbers).
+
+    Returns:
+        `(H, W, 3)` uint8 RGB (a copy).
+    """
+    out = as_rgb_uint8(image)
+    points = _as_points(points, "points")
+    colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    if colors.shape[0] != points.shape[0]:
+        raise ValueError(f"`colors` must hold one colour per point ({points.shape[0]}), got {colors.shape[0]}.")
+    if radius < 1:
+        raise ValueError(f"`radius` must be >= 1, got {radius}.")
+    if labels is not None and len(labels) != points.shape[0]:
+        raise ValueError(f"`labels` must hold one text per point ({points.shape[0]}), got {len(labels)}.")
+    shift = 4
+    for k, (x, y) in enumerate(points):
+        centre = (round(x * 2**shift), round(y * 2**shift))
+        cv2.circle(out, centre, (radius + 1) * 2**shift, (0, 0, 0), -1, cv2.LINE_AA, shift)
+        cv2.circle(out, centre, radius * 2**shift, tuple(int(c) for c in colors[k]), -1, cv2.LINE_AA, shift)
+        if labels is not None:
+            origin = (int(round(x)) + radius + 2, int(round(y)) - radius)
+            cv2.putText(out, str(labels[k]), origin, cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 2, cv2.LINE_AA)
+            cv2.putText(out, str(labels[k]), origin, cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
