@@ -317,7 +317,6 @@ class CoSegmentationFeatures:
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
 
-
         def make(prefix: str, n: int, reference=None) -> "CoSegmentationFeatures":
             return cls(
                 [tensors[f"{prefix}queries.{i}"] for i in range(n)],
@@ -427,7 +426,7 @@ def check_analysis_settings(
         raise TypeError(f"`clamp_high_norm` must be a bool, got {_describe(clamp_high_norm)}.")
     if reference is not None and not isinstance(reference, CoSegmentationFeatures):
         raise TypeError(f"`reference` must be a CoSegmentationFeatures or None, got {_describe(reference)}.")
-    return AnalysisSettings(
+    settings = AnalysisSettings(
         selection,
         thresholds,
         None if num_parts is None else int(num_parts),
@@ -436,9 +435,8 @@ def check_analysis_settings(
         output_type,
         segment,
         clamp_high_norm,
-        reference,
-        None if reference is None else features_digest(reference),
     )
+    return settings_with_reference(settings, reference) if reference is not None else settings
 
 
 def features_digest(features: CoSegmentationFeatures) -> str:
@@ -496,6 +494,12 @@ def check_reference(features: CoSegmentationFeatures, reference: CoSegmentationF
             )
         indices.append(j)
     return indices
+
+
+def settings_with_reference(settings: AnalysisSettings, reference: CoSegmentationFeatures | None) -> AnalysisSettings:
+    """`settings` with `reference` (and its digest) in place of theirs."""
+    digest = None if reference is None else features_digest(reference)
+    return replace(settings, reference=reference, reference_digest=digest)
 
 
 def correct_features(features: CoSegmentationFeatures, settings: AnalysisSettings) -> CoSegmentationFeatures:
