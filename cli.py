@@ -312,6 +312,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _reference_argument(text: str) -> str:
+    """`--reference`: "auto", "none" or an existing features file (:meth:`CoSegmentationFeatures.save`)."""
+    if text in ("auto", "none") or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 'auto', 'none' or a features file, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cosegment import DEFAULT_MODEL_ID
 
@@ -337,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument("--num-parts", type=_positive_int, default=None, help="number of parts (if supported)")
     parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
+    parser.add_argument(
+        "--reference",
+        type=_reference_argument,
+        default="none",
+        metavar="auto|none|FILE",
+        help="content-free captures whose positional offsets are removed: 'auto' captures 16 blank images (once per "
+        "process), FILE loads saved features, 'none' (default) removes nothing",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet forward")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
     parser.add_argument("--top-k", type=int, default=50, help="matches drawn per pair picture")
@@ -417,6 +432,17 @@ def run(args: argparse.Namespace) -> dict:
     pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model, **_dtype_argument(DTYPES[args.dtype]))
     pipe = pipe.to(state.device)
     pipe.set_progress_bar_config(disable=not main, desc="capture")
+    reference = None
+    if args.reference == "auto":  # the same captures on every process (a fixed seed), hence the same analysis
+        reference = pipe.capture_reference(
+            args.height,
+            args.width,
+            timestep=args.timestep,
+            attention_layers=args.attention_layers,
+            batch_size=args.batch_size,
+        )
+    elif args.reference != "none":
+        reference = CoSegmentationFeatures.load(args.reference, device=state.device)
     shares = capture_shares(len(images), args.batch_size, world)
     mine = shares[rank]
     payload = []
@@ -462,7 +488,9 @@ def run(args: argparse.Namespace) -> dict:
     # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
     my_pairs = pair_shares(features.num_images, world)[rank]
     with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
-        my_analyses = analyze_pairs(features, my_pairs, device=state.device, progress=bar.update, **analysis)
+        my_analyses = analyze_pairs(
+            features, my_pairs, device=state.device, progress=bar.update, reference=reference, **analysis
+        )
     logger.info("analysed %d pairs", len(my_pairs))
     pair_analyses = gather_object([pair.to("cpu") for pair in my_analyses])
 
@@ -476,6 +504,7 @@ def run(args: argparse.Namespace) -> dict:
             device=state.device,
             pair_analyses=pair_analyses,
             segment=segment,
+            reference=reference,
             **analysis,
             **collection_only,
         )
@@ -491,6 +520,7 @@ def run(args: argparse.Namespace) -> dict:
             "batch_size": args.batch_size,
             "analysis": {**analysis, **collection_only},
             "segment": segment,
+            "reference": args.reference,
         }
         document = results_document(
             output, args.images, features.image_sizes, features.grid_size, settings, args.model

@@ -261,3 +261,55 @@ class TestPipeline:
         with pytest.raises(ValueError, match="`reference` has token grid"):
             tiny_pipe(images, reference=_features([torch.randn(2, 1, 4, 2)], grid=(2, 2)))
         tiny_pipe.reference_cache.clear()
+
+
+class TestCli:
+    def test_flag_parsing(self, tmp_path):
+        from cosegment.cli import build_parser
+
+        parser = build_parser()
+        base = ["a.png", "b.png", "--out", str(tmp_path)]
+        assert parser.parse_args(base).reference == "none"
+        assert parser.parse_args(base + ["--reference", "auto"]).reference == "auto"
+        saved = tmp_path / "reference.safetensors"
+        saved.write_bytes(b"")
+        assert parser.parse_args(base + ["--reference", str(saved)]).reference == str(saved)
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--reference", str(tmp_path / "missing.safetensors")])
+
+    def test_cli_reference_file_matches_the_pipeline(self, tiny_pipe, tiny_sd_path, photos, tmp_path):
+        import json
+        import os
+
+        import PIL.Image
+
+        from cosegment.cli import main
+
+        paths = []
+        for i, photo in enumerate(photos[:2]):
+            paths.append(str(tmp_path / f"photo_{i}.png"))
+            PIL.Image.fromarray(photo).save(paths[-1])
+        reference = tiny_pipe.capture_reference(128, 128, num_images=4)
+        reference.save(tmp_path / "reference.safetensors")
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in NO_FILTER.items()]
+        out = str(tmp_path / "out")
+        args = paths + ["--model", tiny_sd_path, "--out", out, "--height", "128", "--width", "128", "--no-figures"]
+        assert main(args + flags + ["--reference", str(tmp_path / "reference.safetensors")]) == 0
+        with open(os.path.join(out, "results.json")) as handle:
+            document = json.load(handle)
+        expected = tiny_pipe(
+            photos[:2],
+            height=128,
+            width=128,
+            generator=torch.Generator().manual_seed(0),
+            reference=reference,
+            **NO_FILTER,
+        )
+        plain = tiny_pipe(photos[:2], height=128, width=128, generator=torch.Generator().manual_seed(0), **NO_FILTER)
+        assert document["settings"]["reference"].endswith("reference.safetensors")
+        assert document["correspondences"][0]["num_matches"] == len(expected.correspondences[0])
+        theirs = np.array(document["correspondences"][0]["source_points"], np.float32)
+        assert np.array_equal(theirs, expected.correspondences[0].source_points)
+        # the reference changed something (else the comparison would prove nothing)
+        assert not np.array_equal(plain.entropy_maps, expected.entropy_maps)
+        tiny_pipe.reference_cache.clear()
