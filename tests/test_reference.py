@@ -313,3 +313,18 @@ class TestCli:
         # the reference changed something (else the comparison would prove nothing)
         assert not np.array_equal(plain.entropy_maps, expected.entropy_maps)
         tiny_pipe.reference_cache.clear()
+
+
+def test_readme_reference_snippet_runs(tiny_pipe, photos, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "capture_reference(" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"pipe": tiny_pipe, "images": photos[:2], "analyze_features": analyze_features}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].features.reference is namespace["reference"]
+    assert _outputs_equal(namespace["out"], namespace["again"])
+    assert CoSegmentationFeatures.load(tmp_path / "features.safetensors").reference.num_images == 16
+    tiny_pipe.reference_cache.clear()
