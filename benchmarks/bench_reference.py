@@ -99,7 +99,7 @@ def _split_half_agreement(tokens: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def pipeline_rows() -> list[dict]:
+def pipeline_rows() -> tuple[list[dict], list[dict]]:
     from cosegment import StableDiffusionCoSegmentationPipeline
     from cosegment.testing import make_tiny_stable_diffusion
 
@@ -139,21 +139,14 @@ def pipeline_rows() -> list[dict]:
     latents = torch.randn(16, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.full((16,), 261, dtype=torch.long)
     queries, _ = pipe._run_unet(latents, timesteps, pipe.encode_prompt(""), layers, 8, True)
-    rows.append(
+    agreement = [
         {
-            "what": "split-half offset agreement, blank images",
-            "seconds": float("nan"),
-            "ratio to reference": _split_half_agreement(blank.queries[0]),
-        }
-    )
-    rows.append(
-        {
-            "what": "split-half offset agreement, noise-only latents",
-            "seconds": float("nan"),
-            "ratio to reference": _split_half_agreement(queries[0]),
-        }
-    )
-    return rows
+            "captures": "16 blank images (capture_reference)",
+            "cosine, offsets of 8 vs 8": _split_half_agreement(blank.queries[0]),
+        },
+        {"captures": "16 noise-only latents", "cosine, offsets of 8 vs 8": _split_half_agreement(queries[0])},
+    ]
+    return rows, agreement
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,7 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if not args.skip_pipeline:
         print("tiny random pipeline (256 px, N = 256)\n")
-        print(markdown(pipeline_rows()), flush=True)
+        timing, agreement = pipeline_rows()
+        print(markdown(timing))
+        print()
+        print(markdown(agreement), flush=True)
     if not args.skip_planted:
         print("\nhigh-norm clamp, planted.py cells\n")
         print(markdown(planted_clamp_rows(args.seeds)), flush=True)
