@@ -639,7 +639,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         batch_size: int = 8,
     ) -> CoSegmentationFeatures:
         """Content-free captures for `analyze_features(..., reference=...)`: `num_images` blank (mid-grey) images,
-        each with its own noise draw at `timestep`, through the same encode, noise and capture steps as real images.
+        each with its own noise draw at `timestep`, through the same encode, noise and capture steps as real images
+        (prompt `""`).
 
         A uniform image has no content that depends on position, so whatever its features share position by position
         is the model's own (a positional embedding, corner tokens); its own features are the same at every position
