@@ -9,6 +9,7 @@ diffusers' loader copies this module beside `pipeline_cosegment.py` only because
 every `.utils.x` module imported here (DESIGN section 3): a new `.utils` import here needs one there too.
 """
 
+import hashlib
 import json
 import math
 import numbers
@@ -43,6 +44,7 @@ from .utils.correspondence import (
 )
 from .utils.files import save_safetensors
 from .utils.images import describe as _describe
+from .utils.reference import clamp_high_norm_tokens, positional_offsets, remove_offsets
 from .utils.refinement import (
     bilinear_weights,
     grid_to_pixels,
@@ -65,6 +67,8 @@ from .utils.segmentation import (
 )
 
 FEATURES_FORMAT = "cosegment.features/1"
+# Names of a saved reference's tensors and header entries start with this (CoSegmentationFeatures.save).
+REFERENCE_PREFIX = "reference."
 SELECTION_PRESETS = ("paper", "auto")
 OUTPUT_TYPES = ("np", "pt")
 THRESHOLD_NAMES = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
@@ -89,6 +93,10 @@ REFINE_FIELD_RADIUS = 3
 # the window stops at the smallest that met the targets there.
 TRANSFER_FIELD_RADIUS = 3
 TRANSFER_FIELD_SIGMA = 2.0
+# High-norm tokens (correct_features): a token whose query or key norm exceeds its image's median token norm by more
+# than this many robust standard deviations (1.4826 MAD) is rescaled to that bound. Fixed before measuring (a normal
+# sample almost never reaches 5 robust SDs); BENCHMARKS.md (j): it leaves every clean planted cell unchanged.
+HIGH_NORM_MADS = 5.0
 
 
 @dataclass
@@ -166,6 +174,10 @@ class CoSegmentationFeatures:
         image_sizes (`list[tuple[int, int]]`): each image's original `(height, width)` in pixels.
         layer_names (`list[str]`): the layer of each entry of `queries`.
         metadata (`dict`): JSON-serialisable settings of the capture (model, timestep, sizes...).
+        reference (`CoSegmentationFeatures`, *optional*): content-free captures of the same model, layers, grid and
+            timestep (:meth:`StableDiffusionCoSegmentationPipeline.capture_reference`) that the analysis used
+            (`analyze_features(features, reference=features.reference)` repeats it); saved and loaded with the
+            features, in the same file. Only stored here: :func:`analyze_features` uses its own `reference` argument.
     """
 
     queries: list[torch.Tensor]
@@ -174,6 +186,7 @@ class CoSegmentationFeatures:
     image_sizes: list[tuple[int, int]]
     layer_names: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    reference: "CoSegmentationFeatures | None" = None
 
     def __post_init__(self) -> None:
         try:
@@ -211,6 +224,8 @@ class CoSegmentationFeatures:
             raise ValueError(f"`layer_names` has {len(self.layer_names)} names for {len(self.queries)} tensors.")
         if not isinstance(self.metadata, dict):
             raise ValueError(f"`metadata` must be a dict, got {_describe(self.metadata)}.")
+        if self.reference is not None and not isinstance(self.reference, CoSegmentationFeatures):
+            raise ValueError(f"`reference` must be a CoSegmentationFeatures or None, got {_describe(self.reference)}.")
         n = self.grid_size[0] * self.grid_size[1]
         first = self.queries[0]
         if not isinstance(first, torch.Tensor) or first.ndim != 4:
@@ -258,22 +273,33 @@ class CoSegmentationFeatures:
             self.image_sizes,
             list(self.layer_names),
             dict(self.metadata),
+            None if self.reference is None else self.reference.to(device, dtype),
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header), atomically: an
-        interruption leaves the previous file, or none, never a partial one."""
+    def _tensors_and_header(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header entries :meth:`save` writes, names starting with `prefix`."""
         tensors = {}
         for i, (q, k) in enumerate(zip(self.queries, self.keys)):
-            tensors[f"queries.{i}"] = q.detach().contiguous().cpu()
-            tensors[f"keys.{i}"] = k.detach().contiguous().cpu()
+            tensors[f"{prefix}queries.{i}"] = q.detach().contiguous().cpu()
+            tensors[f"{prefix}keys.{i}"] = k.detach().contiguous().cpu()
         header = {
-            "format": FEATURES_FORMAT,
-            "grid_size": json.dumps(list(self.grid_size)),
-            "image_sizes": json.dumps([list(s) for s in self.image_sizes]),
-            "layer_names": json.dumps(list(self.layer_names)),
-            "metadata": json.dumps(self.metadata),
+            f"{prefix}grid_size": json.dumps(list(self.grid_size)),
+            f"{prefix}image_sizes": json.dumps([list(s) for s in self.image_sizes]),
+            f"{prefix}layer_names": json.dumps(list(self.layer_names)),
+            f"{prefix}metadata": json.dumps(self.metadata),
         }
+        return tensors, header
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header); a
+        `reference` goes into the same file, its tensors and header entries named `reference.*`. Atomic: an
+        interruption leaves the previous file, or none, never a partial one."""
+        tensors, header = self._tensors_and_header()
+        header["format"] = FEATURES_FORMAT
+        if self.reference is not None:
+            reference_tensors, reference_header = self.reference._tensors_and_header(REFERENCE_PREFIX)
+            tensors.update(reference_tensors)
+            header.update(reference_header)
         save_safetensors(tensors, path, metadata=header)
 
     @classmethod
@@ -302,7 +328,13 @@ class CoSegmentationFeatures:
         if header.get("format") != FEATURES_FORMAT:
             raise ValueError(f"`{path}` is not a cosegment features file (format {header.get('format')!r}).")
         count = len([name for name in names if name.startswith("queries.")])
-        expected = {f"{kind}.{i}" for kind in ("queries", "keys") for i in range(count)}
+        reference_count = len([name for name in names if name.startswith(f"{REFERENCE_PREFIX}queries.")])
+        expected = {
+            f"{prefix}{kind}.{i}"
+            for prefix, n in (("", count), (REFERENCE_PREFIX, reference_count))
+            for kind in ("queries", "keys")
+            for i in range(n)
+        }
         if names != expected:
             raise ValueError(
                 f"`{path}` is a damaged cosegment features file: tensors {sorted(names)}, expected {sorted(expected)}."
@@ -311,15 +343,20 @@ class CoSegmentationFeatures:
             tensors = load_file(path, device=str(device))
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
-        try:
+
+        def make(prefix: str, n: int, reference=None) -> "CoSegmentationFeatures":
             return cls(
-                [tensors[f"queries.{i}"] for i in range(count)],
-                [tensors[f"keys.{i}"] for i in range(count)],
-                json.loads(header["grid_size"]),
-                json.loads(header["image_sizes"]),
-                json.loads(header["layer_names"]),
-                json.loads(header.get("metadata", "{}")),
+                [tensors[f"{prefix}queries.{i}"] for i in range(n)],
+                [tensors[f"{prefix}keys.{i}"] for i in range(n)],
+                json.loads(header[f"{prefix}grid_size"]),
+                json.loads(header[f"{prefix}image_sizes"]),
+                json.loads(header[f"{prefix}layer_names"]),
+                json.loads(header.get(f"{prefix}metadata", "{}")),
+                reference,
             )
+
+        try:
+            return make("", count, make(REFERENCE_PREFIX, reference_count) if reference_count else None)
         except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
 
@@ -353,6 +390,10 @@ class AnalysisSettings:
         output_type (`str`): `"np"` or `"pt"`.
         segment (`bool`): run steps 10-11 (clustering and co-segmentation).
         refine (`bool`): refine each match's landing point below the token grid (:func:`refine_correspondences`).
+        clamp_high_norm (`bool`): rescale high-norm tokens before step 4 (:func:`correct_features`).
+        reference ([`CoSegmentationFeatures`] or `None`): content-free captures whose positional offsets are removed
+            before step 4 (:func:`correct_features`); `reference_digest` fingerprints it (SHA-256 of its tensors), so
+            pair analyses made elsewhere can be checked to have used the same one.
     """
 
     selection: str = "auto"
@@ -363,11 +404,16 @@ class AnalysisSettings:
     output_type: str = "np"
     segment: bool = True
     refine: bool = True
+    clamp_high_norm: bool = True
+    reference: "CoSegmentationFeatures | None" = field(default=None, compare=False, repr=False)
+    reference_digest: str | None = None
 
     @property
     def pair_settings(self) -> dict:
-        """What the per-pair steps depend on: `selection` and the threshold overrides (see [`PairAnalysis`])."""
-        return {"selection": self.selection, **self.thresholds}
+        """What the per-pair steps depend on: `selection`, the threshold overrides and the feature corrections (see
+        [`PairAnalysis`])."""
+        corrections = {"clamp_high_norm": self.clamp_high_norm, "reference": self.reference_digest}
+        return {"selection": self.selection, **self.thresholds, **corrections}
 
 
 def check_analysis_settings(
@@ -382,8 +428,11 @@ def check_analysis_settings(
     output_type: str = "np",
     segment: bool = True,
     refine: bool = True,
+    reference: "CoSegmentationFeatures | None" = None,
+    clamp_high_norm: bool = True,
 ) -> AnalysisSettings:
-    """Checks the analysis arguments once, where the user passes them; errors name the argument and the value."""
+    """Checks the analysis arguments once, where the user passes them; errors name the argument and the value
+    (`reference` is checked against the features by :func:`check_reference`)."""
     if selection not in SELECTION_PRESETS:
         raise ValueError(f"`selection` must be one of {SELECTION_PRESETS}, got {selection!r}.")
     if output_type not in OUTPUT_TYPES:
@@ -405,7 +454,11 @@ def check_analysis_settings(
         raise TypeError(f"`segment` must be a bool, got {_describe(segment)}.")
     if not isinstance(refine, bool):
         raise TypeError(f"`refine` must be a bool, got {_describe(refine)}.")
-    return AnalysisSettings(
+    if not isinstance(clamp_high_norm, bool):
+        raise TypeError(f"`clamp_high_norm` must be a bool, got {_describe(clamp_high_norm)}.")
+    if reference is not None and not isinstance(reference, CoSegmentationFeatures):
+        raise TypeError(f"`reference` must be a CoSegmentationFeatures or None, got {_describe(reference)}.")
+    settings = AnalysisSettings(
         selection,
         thresholds,
         None if num_parts is None else int(num_parts),
@@ -414,7 +467,107 @@ def check_analysis_settings(
         output_type,
         segment,
         refine,
+        clamp_high_norm,
     )
+    return settings_with_reference(settings, reference) if reference is not None else settings
+
+
+def features_digest(features: CoSegmentationFeatures) -> str:
+    """SHA-256 (hex) of the features' tensors, layer names and grid: two equal digests mean the same captures."""
+    digest = hashlib.sha256(json.dumps([list(features.grid_size), list(features.layer_names)]).encode())
+    for tensor in (*features.queries, *features.keys):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _layer_of(name: str) -> str:
+    """The layer of a feature entry (`"name#k"` is noise draw k of layer `"name"`)."""
+    return name.split("#")[0]
+
+
+def check_reference(features: CoSegmentationFeatures, reference: CoSegmentationFeatures | None) -> list[int] | None:
+    """Checks that `reference` was captured like `features`: the same token grid and, for every entry of `features`
+    (layer, noise draw), an entry of the same layer (by name, or by layer name without its `#draw` suffix) with the
+    same heads and head size. Returns, per entry of `features`, the index of its reference entry (`None` without a
+    reference).
+
+    Raises:
+        `ValueError` naming `reference` when it does not match.
+    """
+    if reference is None:
+        return None
+    if not isinstance(reference, CoSegmentationFeatures):
+        raise TypeError(f"`reference` must be a CoSegmentationFeatures or None, got {_describe(reference)}.")
+    reference.validate()
+    if tuple(reference.grid_size) != tuple(features.grid_size):
+        raise ValueError(
+            f"`reference` has token grid {tuple(reference.grid_size)}, the features {tuple(features.grid_size)}: "
+            "capture it at the same size and layers."
+        )
+    names = list(reference.layer_names)
+    bases = [_layer_of(name) for name in names]
+    indices = []
+    for i, name in enumerate(features.layer_names):
+        if name in names:
+            j = names.index(name)
+        elif _layer_of(name) in bases:
+            j = bases.index(_layer_of(name))
+        else:
+            raise ValueError(
+                f"`reference` has no entry for layer {name!r} of the features (it holds {names}): capture it with the "
+                "same `attention_layers`."
+            )
+        shape, reference_shape = features.queries[i].shape, reference.queries[j].shape
+        if (shape[1], shape[3]) != (reference_shape[1], reference_shape[3]):
+            raise ValueError(
+                f"`reference` entry {names[j]!r} has {reference_shape[1]} heads of size {reference_shape[3]}, the "
+                f"features' {name!r} {shape[1]} heads of size {shape[3]}."
+            )
+        indices.append(j)
+    return indices
+
+
+def settings_with_reference(settings: AnalysisSettings, reference: CoSegmentationFeatures | None) -> AnalysisSettings:
+    """`settings` with `reference` (and its digest) in place of theirs."""
+    digest = None if reference is None else features_digest(reference)
+    return replace(settings, reference=reference, reference_digest=digest)
+
+
+def correct_features(features: CoSegmentationFeatures, settings: AnalysisSettings) -> CoSegmentationFeatures:
+    """The feature corrections applied before step 4, so that every later step (pairs, clustering, co-segmentation)
+    sees corrected queries and keys. Per entry (layer, noise draw), queries and keys alike:
+
+    1. with `settings.clamp_high_norm`, high-norm tokens are rescaled to their image's bound `median + 5 * 1.4826 *
+       MAD` of its token norms (:func:`clamp_high_norm_tokens`, `HIGH_NORM_MADS`);
+    2. with `settings.reference`, the reference's per-position mean, centred over positions, is subtracted at every
+       image (:func:`positional_offsets`, :func:`remove_offsets`, which explains why the softmax allows it); the
+       reference's own high-norm tokens are rescaled first (step 1) when `clamp_high_norm` is on, so its anomalies,
+       at random places, do not leak into the mean.
+
+    Returns `features` itself when nothing changes (no reference, and no token above its bound or the clamp off), so
+    that the analysis is then bitwise the one without corrections; otherwise new features (same sizes, names and
+    metadata).
+    """
+    reference = settings.reference
+    entries = check_reference(features, reference)
+
+    def clamp(tokens: torch.Tensor) -> torch.Tensor:
+        return clamp_high_norm_tokens(tokens, HIGH_NORM_MADS) if settings.clamp_high_norm else tokens
+
+    queries, keys = [], []
+    for i, (q, k) in enumerate(zip(features.queries, features.keys)):
+        q, k = clamp(q), clamp(k)
+        if entries is not None:
+            q = remove_offsets(q, positional_offsets(clamp(reference.queries[entries[i]])))
+            k = remove_offsets(k, positional_offsets(clamp(reference.keys[entries[i]])))
+        queries.append(q)
+        keys.append(k)
+    unchanged = all(a is b for a, b in zip(queries + keys, features.queries + features.keys))
+    if unchanged:
+        return features
+    return replace(features, queries=queries, keys=keys, reference=None)
 
 
 @dataclass
@@ -497,6 +650,7 @@ def _check_features(
     if not isinstance(features, CoSegmentationFeatures):
         raise TypeError(f"`features` must be a CoSegmentationFeatures, got {type(features).__name__}.")
     features.validate()
+    check_reference(features, settings.reference)
     if progress is not None and not callable(progress):
         raise TypeError(f"`progress` must be callable or None, got {_describe(progress)}.")
     grid = tuple(features.grid_size)
@@ -630,6 +784,8 @@ def analyze_pairs(
     device: torch.device | str | None = None,
     progress: Callable[[int], Any] | None = None,
     refine: bool = True,
+    reference: CoSegmentationFeatures | None = None,
+    clamp_high_norm: bool = True,
 ) -> list[PairAnalysis]:
     r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
     both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
@@ -642,8 +798,8 @@ def analyze_pairs(
         features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
         pairs (`list[tuple[int, int]]`, *optional*): the pairs `(s, t)`, `0 <= s < t < M`, to analyse; every pair
             by default.
-        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress: as in
-            :func:`analyze_features`.
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress,
+            reference, clamp_high_norm: as in :func:`analyze_features` (pass the same to both).
         refine (`bool`, *optional*, defaults to `True`): also keep each row's sub-token peak for `refine=True` in
             :func:`analyze_features` (without them it computes the kept matches' rows again).
 
@@ -651,11 +807,19 @@ def analyze_pairs(
         `list[PairAnalysis]`, one per pair, in the order of `pairs`.
     """
     settings = check_analysis_settings(
-        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size=chunk_size, refine=refine
+        selection,
+        max_entropy,
+        max_spread,
+        max_collapse,
+        max_inverse_error,
+        chunk_size=chunk_size,
+        refine=refine,
+        reference=reference,
+        clamp_high_norm=clamp_high_norm,
     )
     device = _check_features(features, settings, device, progress)
     pairs = _check_pair_list(pairs, features.num_images)
-    return _analyze_pair_list(features, pairs, settings, device, progress)
+    return _analyze_pair_list(correct_features(features, settings), pairs, settings, device, progress)
 
 
 def join_pair_analyses(
@@ -938,6 +1102,9 @@ def transfer_points(
     low) and `e` the cycle error in source cells: the transferred point is carried back the same way (`A_ts` at the
     target point) and `e` is how far it lands from the original point (0 when the round trip returns to it).
 
+    The features are corrected as the analysis corrects them by default (:func:`correct_features`): high-norm tokens
+    clamped, and the positional offsets of `features.reference` removed when the features carry one.
+
     Args:
         features (`CoSegmentationFeatures`): captured queries and keys holding both images.
         source_index (`int`), target_index (`int`): the images, by position in the collection (may be equal).
@@ -980,6 +1147,7 @@ def transfer_points(
             f"`points` must lie inside the source image ({width} x {height} px, x in [0, {width}], y in "
             f"[0, {height}]), got {array[outside][0].tolist()} among {int(outside.sum())} outside."
         )
+    features = correct_features(features, settings_with_reference(AnalysisSettings(), features.reference))
     grid = tuple(features.grid_size)
     device = features.queries[0].device
     if array.shape[0] == 0:
@@ -1224,6 +1392,8 @@ def analyze_checked_features(
     :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order."""
     num_images, grid = features.num_images, tuple(features.grid_size)
     num_tokens = grid[0] * grid[1]
+    # 3b. Feature corrections: high-norm tokens, a reference's positional offsets
+    features = correct_features(features, settings)
     # 4-8a. Per pair (the expensive part), unless done already (e.g. split between processes)
     if pair_analyses is None:
         pair_analyses = _analyze_pair_list(features, _every_pair(num_images), settings, device, progress)
@@ -1282,6 +1452,8 @@ def analyze_features(
     pair_analyses: Sequence[PairAnalysis] | None = None,
     segment: bool = True,
     refine: bool = True,
+    reference: CoSegmentationFeatures | None = None,
+    clamp_high_norm: bool = True,
 ) -> CoSegmentationPipelineOutput:
     r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
     4-11); no UNet needed, so a caller can re-run it with other thresholds.
@@ -1326,6 +1498,20 @@ def analyze_features(
             below the token grid (:func:`refine_correspondences`: window soft-argmax of its attention row, then the
             local affine field of the pass's kept matches); the query side stays at its token centre and
             `source_tokens` / `target_tokens` are unchanged. `False`: every point is a token centre.
+        reference (`CoSegmentationFeatures`, *optional*): content-free captures of the same model with the same
+            layers, grid and timestep (:meth:`StableDiffusionCoSegmentationPipeline.capture_reference`: noise-only
+            latents). What they share position by position, their per-position mean centred over positions, is
+            subtracted from every image's queries and keys before step 4: a positional embedding and corner tokens
+            (Loos and Linhardt 2025) otherwise make "the same place in the other image" a confident, cycle-consistent
+            match. Safe for the softmax: the offsets sum to zero over positions, so no row's mean logit moves, and
+            a part shared by every position is kept (see :func:`~cosegment.utils.reference.remove_offsets`).
+            `None` (default): no such correction, the result bitwise that of earlier versions when no token is
+            clamped. Checked against `features`: a `ValueError` naming `reference` when its grid, layers, heads or
+            head size differ.
+        clamp_high_norm (`bool`, *optional*, defaults to `True`): rescale high-norm (anomaly) tokens, whose query or
+            key norm exceeds their image's median token norm by more than 5 robust standard deviations (1.4826 MAD),
+            to that bound before step 4. On by default: it costs nothing measurable on clean planted collections
+            (BENCHMARKS.md); `False` turns it off.
 
     Returns:
         [`CoSegmentationPipelineOutput`]
@@ -1347,6 +1533,8 @@ def analyze_features(
         output_type=output_type,
         segment=segment,
         refine=refine,
+        reference=reference,
+        clamp_high_norm=clamp_high_norm,
     )
     device = _check_features(features, settings, device, progress)
     return analyze_checked_features(features, settings, device, progress, pair_analyses)

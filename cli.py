@@ -397,6 +397,13 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _reference_argument(text: str) -> str:
+    """`--reference`: "auto", "none" or an existing features file (:meth:`CoSegmentationFeatures.save`)."""
+    if text in ("auto", "none") or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 'auto', 'none' or a features file, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cosegment import DEFAULT_MODEL_ID
     from cosegment.pipeline_cosegment import SELECTION_PRESETS
@@ -446,6 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-parts", type=positive_int, default=None, help="number of parts (default: estimated)")
     parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
+    parser.add_argument(
+        "--reference",
+        type=_reference_argument,
+        default="none",
+        metavar="auto|none|FILE",
+        help="content-free captures whose positional offsets are removed: 'auto' captures 16 blank images (once per "
+        "process), FILE loads saved features, 'none' (default) removes nothing",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per UNet forward (default 8)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--top-k", type=non_negative_int, default=50, help="matches drawn per pair picture")
@@ -588,6 +603,7 @@ def run(args: argparse.Namespace) -> dict:
             progress=bar.update,
             device=device,
             refine=not args.no_refine,
+            reference=features.reference,
             **analysis,
         )
     if reused:
@@ -609,6 +625,7 @@ def run(args: argparse.Namespace) -> dict:
             **analysis,
             **collection_only,
             refine=not args.no_refine,
+            reference=features.reference,
         )
         filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
         if warning := empty_results_warning(output, filtered=filtered):
@@ -626,6 +643,7 @@ def run(args: argparse.Namespace) -> dict:
             "analysis": {**analysis, **collection_only},
             "segment": segment,
             "refine": not args.no_refine,
+            "reference": args.reference,
         }
         document = results_document(
             output, args.images, features.image_sizes, features.grid_size, settings, args.model
@@ -705,6 +723,17 @@ def _capture(
         first["metadata"],
     )
     logger.info("features of %d images gathered", features.num_images)
+    if args.reference == "auto":  # the same captures on every process (a fixed seed), kept with the features
+        features.reference = pipe.capture_reference(
+            args.height,
+            args.width,
+            timestep=args.timestep,
+            attention_layers=args.attention_layers,
+            batch_size=args.batch_size,
+        ).to("cpu")
+        logger.info("reference: %d blank images captured", features.reference.num_images)
+    elif args.reference != "none":
+        features.reference = CoSegmentationFeatures.load(args.reference)
     return features
 
 

@@ -50,6 +50,8 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     analyze_features,
     analyze_pairs,
     check_analysis_settings,
+    check_reference,
+    settings_with_reference,
     transfer_points,
 )
 from .processors.cross_self_attention import (
@@ -67,6 +69,7 @@ from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text
 from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
+from .utils.reference import positional_offsets  # noqa: F401
 from .utils.refinement import window_soft_argmax  # noqa: F401
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
@@ -684,6 +687,101 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         return CoSegmentationFeatures(entries_q, entries_k, checked.grid_size, image_sizes, entry_names, metadata)
 
     @torch.no_grad()
+    def capture_reference(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 16,
+        timestep: int = 261,
+        attention_layers: str | Sequence[str] | int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        batch_size: int = 8,
+    ) -> CoSegmentationFeatures:
+        """Content-free captures for `analyze_features(..., reference=...)`: `num_images` blank (mid-grey) images,
+        each with its own noise draw at `timestep`, through the same encode, noise and capture steps as real images
+        (prompt `""`).
+
+        A uniform image has no content that depends on position, so whatever its features share position by position
+        is the model's own (a positional embedding, corner tokens); its own features are the same at every position
+        and cancel in the centring. The noise draws differ, so their mean estimates that share.
+
+        Cached on the pipeline per processing size, timestep, layers, `num_images` and model (the UNet object, its
+        dtype, the execution device): a second call with the same arguments returns the same object without running
+        the UNet (`pipe.reference_cache.clear()` forgets them). The cache ignores `generator`: a reference belongs to
+        the model. Without a `generator`, the noise comes from `torch.Generator().manual_seed(0)`, so "auto"
+        references are reproducible.
+
+        Args:
+            height, width, timestep, attention_layers, batch_size: as in :meth:`__call__` (use the same as the
+                features the reference is for).
+            num_images (`int`, *optional*, defaults to 16): captures averaged, 2 or more.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the noise of the captures.
+
+        Returns:
+            [`CoSegmentationFeatures`] of `num_images` captures (metadata `"reference": "blank"`).
+        """
+        if not _is_int(num_images) or num_images < 2:
+            raise ValueError(f"`num_images` must be an int >= 2, got {_describe(num_images)}.")
+        blank = torch.full((int(num_images), 3, self.size_multiple, self.size_multiple), 0.5)  # resized in step 1
+        checked = self.check_inputs(
+            blank,
+            height=height,
+            width=width,
+            timestep=timestep,
+            attention_layers=attention_layers,
+            batch_size=batch_size,
+            generator=generator,
+        )
+        key = (
+            checked.height,
+            checked.width,
+            int(timestep),
+            tuple(checked.layer_names),
+            int(num_images),
+            getattr(self.config, "_name_or_path", None),
+            id(self.unet),
+            str(self.unet.dtype),
+            str(self._execution_device),
+        )
+        if key not in self.reference_cache:
+            generator = torch.Generator().manual_seed(0) if generator is None else generator
+            features = self._capture(checked, None, int(timestep), 1, int(batch_size), generator)
+            features.metadata["reference"] = "blank"
+            self.reference_cache[key] = features
+        return self.reference_cache[key]
+
+    @property
+    def reference_cache(self) -> dict:
+        """The references :meth:`capture_reference` made, by its cache key."""
+        if "_reference_cache" not in self.__dict__:
+            self.__dict__["_reference_cache"] = {}
+        return self.__dict__["_reference_cache"]
+
+    def _resolve_reference(self, reference, checked: CheckedInputs, timestep: int, batch_size: int):
+        """`__call__`'s `reference` -> features or `None` (`"auto"`: :meth:`capture_reference`); a given reference is
+        checked against the capture's grid before the UNet runs (its layers, heads and head size once the features
+        exist, :func:`check_reference`)."""
+        if reference is None:
+            return None
+        if isinstance(reference, str):
+            if reference != "auto":
+                raise ValueError(f"`reference` must be 'auto', None or CoSegmentationFeatures, got {reference!r}.")
+            return self.capture_reference(
+                checked.height,
+                checked.width,
+                timestep=timestep,
+                attention_layers=checked.layer_names,
+                batch_size=batch_size,
+            )
+        if not isinstance(reference, CoSegmentationFeatures):
+            raise TypeError(f"`reference` must be 'auto', None or CoSegmentationFeatures, got {_describe(reference)}.")
+        if tuple(reference.grid_size) != tuple(checked.grid_size):
+            raise ValueError(
+                f"`reference` has token grid {tuple(reference.grid_size)}; this call captures {checked.grid_size}."
+            )
+        return reference
+
+    @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -708,6 +806,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         return_features: bool = False,
         return_dict: bool = True,
         refine: bool = True,
+        reference: "CoSegmentationFeatures | str | None" = None,
     ):
         r"""Finds what a collection of images has in common.
 
@@ -750,6 +849,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 of a tuple.
             refine (`bool`, *optional*, defaults to `True`): refine each kept match's point in the image it lands
                 in below the token grid (see :func:`analyze_features`); `False`: every point is a token centre.
+            reference (`CoSegmentationFeatures` or `str`, *optional*): content-free captures whose positional
+                offsets (positional embedding, corner tokens) are removed before the analysis (see
+                :func:`analyze_features`); `"auto"` captures them with :meth:`capture_reference` at this call's size,
+                timestep and layers (cached on the pipeline); `None` (default) removes nothing. Off by default: its
+                effect on real SD weights is not measured. With `return_features=True` the features carry it
+                (`features.reference`, saved with them).
 
         Examples:
 
@@ -782,6 +887,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             refine=refine,
         )
 
+        # 0b. Content-free reference captures: checked, or captured ("auto", cached on the pipeline)
+        reference = self._resolve_reference(reference, checked, int(timestep), int(batch_size))
+
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)
         features = self._capture(
             checked,
@@ -793,10 +901,15 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             prompt_embeds=prompt_embeds,
         )
 
+        # 3b. The reference, checked against the features (heads, head size)
+        check_reference(features, reference)
+        features.reference = reference
+        settings = settings_with_reference(checked.settings, reference)
+
         # 4-11. Analyse the captured features
         num_pairs = features.num_images * (features.num_images - 1) // 2
         with self.progress_bar(total=num_pairs) as bar:
-            output = analyze_checked_features(features, checked.settings, features.queries[0].device, bar.update)
+            output = analyze_checked_features(features, settings, features.queries[0].device, bar.update)
         if return_features:
             output.features = features
         # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)

@@ -50,6 +50,7 @@ RECORDED_SETTINGS = {
     "prompt": "features",
     "dtype": "features",
     "batch_size": "features",
+    "reference": "features",  # kept with the features (`features.reference`); a FILE recorded by its SHA-256
     "selection": "pairs",
     "max_entropy": "pairs",
     "max_spread": "pairs",
@@ -80,7 +81,11 @@ def record_settings(arguments: dict[str, Any]) -> dict[str, Any]:
     record = {}
     for name in RECORDED_SETTINGS:
         value = arguments.get(name)
-        record[name] = [file_digest(path) for path in value] if name == "images" and value is not None else value
+        if name == "images" and value is not None:
+            value = [file_digest(path) for path in value]
+        elif name == "reference" and value not in (None, "auto", "none"):
+            value = {"file": os.path.basename(value), "sha256": file_digest(value)}  # its content, not its name
+        record[name] = value
     return json.loads(json.dumps(record))
 
 

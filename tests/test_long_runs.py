@@ -5,6 +5,7 @@ point (a wrapper patches one function to write a marker file and wait), send the
 sleeps that race), then check the folder and resume in this process.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -638,3 +639,14 @@ def test_written_files_get_the_umask_permissions(tmp_path):
         os.umask(previous)
     assert oct(os.stat(tmp_path / "a.safetensors").st_mode & 0o777) == oct(0o640)
     assert oct(os.stat(tmp_path / "b.json").st_mode & 0o777) == oct(0o640)
+
+
+def test_a_reference_file_is_recorded_by_content(tmp_path):
+    reference = tmp_path / "reference.safetensors"
+    reference.write_bytes(b"one")
+    first = _settings(tmp_path, reference=str(reference))
+    assert first["reference"]["sha256"] == hashlib.sha256(b"one").hexdigest()
+    assert _settings(tmp_path, reference="auto")["reference"] == "auto"
+    reference.write_bytes(b"two")  # same name, other captures: the features (which keep it) are stale
+    differences = setting_differences(first, _settings(tmp_path, reference=str(reference)))
+    assert len(differences["features"]) == 1 and differences["features"][0].startswith("reference was")

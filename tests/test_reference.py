@@ -1,0 +1,359 @@
+"""Reference captures and high-norm tokens (issue 16): the corrections of `utils/reference.py` on hand-made features,
+`analyze_features(reference=, clamp_high_norm=)`, the pipeline's `capture_reference` cache, save/load, the CLI flag."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import NO_FILTER
+
+from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs
+from cosegment.analysis import check_analysis_settings, correct_features
+from cosegment.benchmarks.planted import make_planted_features
+from cosegment.utils.reference import (
+    clamp_high_norm_tokens,
+    positional_offsets,
+    remove_offsets,
+    token_norm_bounds,
+)
+
+
+def _features(queries, keys=None, grid=(4, 4), names=None):
+    keys = [q.clone() for q in queries] if keys is None else keys
+    sizes = [(32, 32)] * queries[0].shape[0]
+    return CoSegmentationFeatures(list(queries), list(keys), grid, sizes, names or [])
+
+
+def _outputs_equal(a, b) -> bool:
+    if len(a.correspondences) != len(b.correspondences):
+        return False
+    for pa, pb in zip(a.correspondences, b.correspondences):
+        for name in ("source_tokens", "target_tokens", "scores", "mutual"):
+            if not np.array_equal(getattr(pa, name), getattr(pb, name)):
+                return False
+    maps = ("density_maps", "entropy_maps", "inverse_error_maps")
+    return all(np.array_equal(getattr(a, n), getattr(b, n)) for n in maps) and all(
+        np.array_equal(x, y) for x, y in zip(a.part_masks, b.part_masks)
+    )
+
+
+class TestOffsets:
+    def test_shape_and_zero_sum(self):
+        ref = torch.randn(5, 2, 16, 3)
+        offsets = positional_offsets(ref)
+        assert offsets.shape == (2, 16, 3)
+        assert torch.allclose(offsets.sum(dim=1), torch.zeros(2, 3), atol=1e-5)
+
+    def test_planted_positional_component_removed_content_kept(self):
+        gen = torch.Generator().manual_seed(0)
+        heads, tokens, dim = 2, 64, 16
+        positional = 3.0 * torch.randn(heads, tokens, dim, generator=gen)
+        positional -= positional.mean(dim=1, keepdim=True)
+        reference = positional + 0.3 * torch.randn(32, heads, tokens, dim, generator=gen)
+        content = torch.randn(3, heads, tokens, dim, generator=gen)
+        corrected = remove_offsets(content + positional, positional_offsets(reference))
+        # the positional component is gone up to the reference's estimation noise (0.3 / sqrt(32) per entry) ...
+        residual = corrected - content
+        assert residual.pow(2).mean().sqrt() < 0.1
+        # ... and the content is what remains (uncorrected, the error would be the whole component, RMS 3)
+        assert (content + positional - content).pow(2).mean().sqrt() > 2.5
+
+    def test_offsets_of_pure_noise_are_shrunk_to_almost_nothing(self):
+        # a reference without a shared component: its mean is estimation noise, which must not be subtracted
+        ref = torch.randn(16, 2, 64, 16, generator=torch.Generator().manual_seed(1))
+        raw = ref.mean(0) - ref.mean(0).mean(dim=1, keepdim=True)
+        shrunk = positional_offsets(ref)
+        assert shrunk.norm() < 0.25 * raw.norm()
+
+    def test_constant_reference_gives_no_offsets(self):
+        # the same vector at every position (a uniform image's own features) cancels in the centring
+        ref = torch.randn(1, 2, 1, 4).expand(8, 2, 16, 4) + 0.01 * torch.randn(8, 2, 16, 4)
+        assert positional_offsets(ref).abs().max() < 0.01
+
+    def test_dtype_kept(self):
+        tokens = torch.randn(2, 1, 4, 3, dtype=torch.float64)
+        assert remove_offsets(tokens, torch.zeros(1, 4, 3)).dtype == torch.float64
+
+
+class TestHighNorm:
+    def test_hand_made_case(self):
+        # 2 images, 1 head, 9 tokens of norm 1, 1.1, ..., and one of norm 10 in image 0
+        base = torch.zeros(2, 1, 9, 2)
+        base[..., 0] = torch.linspace(1.0, 1.8, 9)
+        base[0, 0, 4] = torch.tensor([6.0, 8.0])  # norm 10
+        norms, bounds = token_norm_bounds(base, 5.0)
+        # image 0: norms 1.0 .. 1.8 with 1.4 replaced by 10 -> median 1.5; deviations 0, .1, .2, .2, .3, .3, .4, .5, 8.5: MAD .3
+        assert norms.shape == (2, 9) and bounds.shape == (2, 1)
+        assert bounds[0, 0].item() == pytest.approx(1.5 + 5.0 * 1.4826 * 0.3, rel=1e-5)
+        clamped = clamp_high_norm_tokens(base, 5.0)
+        assert clamped[0, 0, 4].norm().item() == pytest.approx(bounds[0, 0].item(), rel=1e-5)
+        # direction kept, every other token untouched
+        assert torch.allclose(clamped[0, 0, 4] / clamped[0, 0, 4].norm(), torch.tensor([0.6, 0.8]))
+        others = torch.ones(2, 9, dtype=torch.bool)
+        others[0, 4] = False
+        assert torch.equal(clamped[:, 0][others], base[:, 0][others])
+
+    def test_nothing_high_returns_same_object(self):
+        tokens = torch.ones(2, 2, 8, 4)
+        assert clamp_high_norm_tokens(tokens, 5.0) is tokens
+
+    def test_norm_over_heads(self):
+        # a token high in one head only counts by its norm over all heads
+        tokens = torch.ones(1, 2, 10, 1)
+        tokens[0, 0, 3] = 10.0
+        norms, _ = token_norm_bounds(tokens, 5.0)
+        assert norms[0, 3].item() == pytest.approx(math.sqrt(101.0))
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_planted_features(2, noise=0.3, seed=2001, grid_size=(16, 16))
+
+
+class TestAnalysis:
+    def test_none_is_bitwise_the_old_result(self, planted):
+        # clamp off and no reference: correct_features returns the very same features object
+        settings = check_analysis_settings(clamp_high_norm=False)
+        assert correct_features(planted.features, settings) is planted.features
+        old = analyze_features(planted.features, clamp_high_norm=False)
+        again = analyze_features(planted.features, reference=None, clamp_high_norm=False)
+        assert _outputs_equal(old, again)
+
+    def test_clamp_changes_only_when_a_token_is_high(self, planted):
+        features = planted.features
+        settings = check_analysis_settings()
+        corrected = correct_features(features, settings)
+        high = [bool((n > b).any()) for t in features.queries + features.keys for n, b in [token_norm_bounds(t, 5.0)]]
+        assert (corrected is features) == (not any(high))
+
+    def test_reference_changes_the_features_and_the_result_depends_on_it(self, planted):
+        f = planted.features
+        gen = torch.Generator().manual_seed(3)
+        shift = [10.0 * torch.randn(1, *q.shape[1:], generator=gen) for q in f.queries]
+        shift = [s - s.mean(dim=2, keepdim=True) for s in shift]
+        # features carrying a strong positional component, and a reference with the same component
+        shifted = _features(
+            [q + s for q, s in zip(f.queries, shift)], [k + s for k, s in zip(f.keys, shift)], f.grid_size
+        )
+        noise = [0.05 * torch.randn(8, *q.shape[1:], generator=gen) for q in f.queries]
+        reference = _features([s + n for s, n in zip(shift, noise)], grid=f.grid_size)
+        corrected = correct_features(shifted, check_analysis_settings(reference=reference, clamp_high_norm=False))
+        error_before = (shifted.queries[0] - f.queries[0]).norm()
+        error_after = (corrected.queries[0] - f.queries[0]).norm()
+        assert error_after < 0.05 * error_before
+
+    def test_validation_names_reference(self, planted):
+        f = planted.features
+        wrong_grid = _features([torch.randn(3, 4, 16, f.queries[0].shape[3])])
+        with pytest.raises(ValueError, match="`reference`"):
+            analyze_features(f, reference=wrong_grid)
+        q = f.queries[0]
+        wrong_heads = _features([torch.randn(3, q.shape[1] + 1, q.shape[2], q.shape[3])], grid=f.grid_size)
+        with pytest.raises(ValueError, match="`reference`.*heads"):
+            analyze_features(f, reference=wrong_heads)
+        wrong_dim = _features([torch.randn(3, q.shape[1], q.shape[2], q.shape[3] + 1)], grid=f.grid_size)
+        with pytest.raises(ValueError, match="`reference`.*size"):
+            analyze_features(f, reference=wrong_dim)
+        wrong_name = _features([torch.randn(3, *q.shape[1:])], grid=f.grid_size, names=["up_blocks.9.attn1"])
+        with pytest.raises(ValueError, match="`reference` has no entry for layer"):
+            analyze_features(f, reference=wrong_name)
+        with pytest.raises(TypeError, match="`reference`"):
+            analyze_features(f, reference="auto")
+        with pytest.raises(TypeError, match="`clamp_high_norm`"):
+            analyze_features(f, clamp_high_norm=1)
+
+    def test_pair_analyses_must_use_the_same_reference(self, planted):
+        f = planted.features
+        reference = _features([torch.randn(4, *q.shape[1:]) for q in f.queries], grid=f.grid_size)
+        pairs = analyze_pairs(f, reference=reference)
+        joined = analyze_features(f, pair_analyses=pairs, reference=reference)
+        assert _outputs_equal(joined, analyze_features(f, reference=reference))
+        with pytest.raises(ValueError, match="pair_analyses"):
+            analyze_features(f, pair_analyses=pairs)
+        with pytest.raises(ValueError, match="pair_analyses"):
+            analyze_features(f, pair_analyses=pairs, reference=reference, clamp_high_norm=False)
+
+
+class TestSaveLoad:
+    def test_reference_survives_save_and_load(self, planted, tmp_path):
+        f = planted.features
+        reference = _features([torch.randn(3, *q.shape[1:]) for q in f.queries], grid=f.grid_size)
+        reference.metadata["reference"] = "blank"
+        with_ref = f.to()
+        with_ref.reference = reference
+        assert with_ref.to("cpu").reference is not None
+        path = tmp_path / "features.safetensors"
+        with_ref.save(path)
+        loaded = CoSegmentationFeatures.load(path)
+        assert loaded.reference is not None and loaded.reference.reference is None
+        assert loaded.reference.metadata == {"reference": "blank"}
+        for a, b in zip(loaded.reference.queries + loaded.reference.keys, reference.queries + reference.keys):
+            assert torch.equal(a, b)
+        for a, b in zip(loaded.queries, f.queries):
+            assert torch.equal(a, b)
+        # a file without a reference loads as before
+        f.save(tmp_path / "plain.safetensors")
+        assert CoSegmentationFeatures.load(tmp_path / "plain.safetensors").reference is None
+
+    def test_bad_reference_attribute(self, planted):
+        f = planted.features
+        with pytest.raises(ValueError, match="`reference`"):
+            CoSegmentationFeatures(f.queries, f.keys, f.grid_size, f.image_sizes, reference="x")
+
+
+class _UNetCalls:
+    """Counts forwards of the UNet through a forward pre-hook."""
+
+    def __init__(self, unet):
+        self.count = 0
+        self.handle = unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.count += 1
+
+
+class TestPipeline:
+    def test_capture_reference_is_cached(self, tiny_pipe):
+        tiny_pipe.reference_cache.clear()
+        calls = _UNetCalls(tiny_pipe.unet)
+        try:
+            first = tiny_pipe.capture_reference(num_images=4, batch_size=2)
+            after_first = calls.count
+            second = tiny_pipe.capture_reference(num_images=4, batch_size=2)
+            assert after_first == 2 and calls.count == after_first  # two batches, then the cache
+            assert second is first
+            assert first.num_images == 4 and first.metadata["reference"] == "blank"
+            # another timestep is another reference
+            other = tiny_pipe.capture_reference(num_images=4, timestep=100, batch_size=4)
+            assert other is not first and calls.count == after_first + 1
+        finally:
+            calls.handle.remove()
+            tiny_pipe.reference_cache.clear()
+
+    def test_capture_reference_reproducible_and_argument_checks(self, tiny_pipe):
+        a = tiny_pipe.capture_reference(num_images=2)
+        tiny_pipe.reference_cache.clear()
+        b = tiny_pipe.capture_reference(num_images=2)
+        assert a is not b and torch.equal(a.queries[0], b.queries[0])
+        with pytest.raises(ValueError, match="`num_images`"):
+            tiny_pipe.capture_reference(num_images=1)
+        with pytest.raises(ValueError, match="`height`"):
+            tiny_pipe.capture_reference(height=30)
+        tiny_pipe.reference_cache.clear()
+
+    def test_call_with_reference(self, tiny_pipe, photos):
+        images = photos[:2]
+        gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        auto = tiny_pipe(images, generator=gen(), reference="auto", return_features=True, **NO_FILTER)
+        reference = auto.features.reference
+        assert reference is not None and reference.num_images == 16
+        assert reference is next(iter(tiny_pipe.reference_cache.values()))
+        # the same reference given explicitly, and the features' own re-analysis, give the same output
+        given = tiny_pipe(images, generator=gen(), reference=reference, **NO_FILTER)
+        assert _outputs_equal(auto, given)
+        again = analyze_features(auto.features, reference=auto.features.reference, **NO_FILTER)
+        assert _outputs_equal(auto, again)
+        with pytest.raises(ValueError, match="`reference`"):
+            tiny_pipe(images, reference="yes")
+        with pytest.raises(TypeError, match="`reference`"):
+            tiny_pipe(images, reference=3)
+        with pytest.raises(ValueError, match="`reference` has token grid"):
+            tiny_pipe(images, reference=_features([torch.randn(2, 1, 4, 2)], grid=(2, 2)))
+        tiny_pipe.reference_cache.clear()
+
+
+class TestCli:
+    def test_flag_parsing(self, tmp_path):
+        from cosegment.cli import build_parser
+
+        parser = build_parser()
+        base = ["a.png", "b.png", "--out", str(tmp_path)]
+        assert parser.parse_args(base).reference == "none"
+        assert parser.parse_args(base + ["--reference", "auto"]).reference == "auto"
+        saved = tmp_path / "reference.safetensors"
+        saved.write_bytes(b"")
+        assert parser.parse_args(base + ["--reference", str(saved)]).reference == str(saved)
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--reference", str(tmp_path / "missing.safetensors")])
+
+    def test_cli_reference_file_matches_the_pipeline(self, tiny_pipe, tiny_sd_path, photos, tmp_path):
+        import json
+        import os
+
+        import PIL.Image
+
+        from cosegment.cli import main
+
+        paths = []
+        for i, photo in enumerate(photos[:2]):
+            paths.append(str(tmp_path / f"photo_{i}.png"))
+            PIL.Image.fromarray(photo).save(paths[-1])
+        reference = tiny_pipe.capture_reference(128, 128, num_images=4)
+        reference.save(tmp_path / "reference.safetensors")
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in NO_FILTER.items()]
+        out = str(tmp_path / "out")
+        args = paths + ["--model", tiny_sd_path, "--out", out, "--height", "128", "--width", "128", "--no-figures"]
+        assert main(args + flags + ["--reference", str(tmp_path / "reference.safetensors")]) == 0
+        with open(os.path.join(out, "results.json")) as handle:
+            document = json.load(handle)
+        expected = tiny_pipe(
+            photos[:2],
+            height=128,
+            width=128,
+            generator=torch.Generator().manual_seed(0),
+            reference=reference,
+            **NO_FILTER,
+        )
+        plain = tiny_pipe(photos[:2], height=128, width=128, generator=torch.Generator().manual_seed(0), **NO_FILTER)
+        assert document["settings"]["reference"].endswith("reference.safetensors")
+        assert document["correspondences"][0]["num_matches"] == len(expected.correspondences[0])
+        theirs = np.array(document["correspondences"][0]["source_points"], np.float32)
+        assert np.array_equal(theirs, expected.correspondences[0].source_points)
+        # the reference changed something (else the comparison would prove nothing)
+        assert not np.array_equal(plain.entropy_maps, expected.entropy_maps)
+        tiny_pipe.reference_cache.clear()
+
+    def test_cli_reference_auto_is_kept_with_the_features_and_resumed(self, tiny_sd_path, photos, tmp_path):
+        import json
+        import os
+
+        import PIL.Image
+
+        from cosegment.cli import main
+
+        paths = []
+        for i, photo in enumerate(photos[:2]):
+            paths.append(str(tmp_path / f"photo_{i}.png"))
+            PIL.Image.fromarray(photo).save(paths[-1])
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in NO_FILTER.items()]
+        out = str(tmp_path / "out")
+        args = paths + ["--model", tiny_sd_path, "--out", out, "--height", "128", "--width", "128", "--no-figures"]
+        assert main(args + flags + ["--reference", "auto", "--quiet"]) == 0
+        with open(os.path.join(out, "results.json")) as handle:
+            first = json.load(handle)
+        kept = CoSegmentationFeatures.load(os.path.join(out, "resume", "features.safetensors"))
+        assert kept.reference is not None and kept.reference.num_images == 16
+        assert kept.reference.grid_size == kept.grid_size
+        assert main(args + flags + ["--reference", "auto", "--quiet", "--resume"]) == 0
+        with open(os.path.join(out, "results.json")) as handle:
+            again = json.load(handle)
+        assert again["correspondences"] == first["correspondences"] and again["settings"]["reference"] == "auto"
+        with pytest.raises(SystemExit) as refusal:  # without the reference the kept features are stale
+            main(args + flags + ["--reference", "none", "--quiet", "--resume"])
+        assert refusal.value.code != 0
+
+
+def test_readme_reference_snippet_runs(tiny_pipe, photos, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL) if "capture_reference(" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"pipe": tiny_pipe, "images": photos[:2], "analyze_features": analyze_features}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["out"].features.reference is namespace["reference"]
+    assert _outputs_equal(namespace["out"], namespace["again"])
+    assert CoSegmentationFeatures.load(tmp_path / "features.safetensors").reference.num_images == 16
+    tiny_pipe.reference_cache.clear()
