@@ -364,18 +364,19 @@ def point_transfers(features, points: np.ndarray, refine: bool) -> list[dict]:
 
 def write_points_figure(images: Sequence[np.ndarray], points: np.ndarray, transfers, out_dir: str, max_side: int):
     """`points.png`: every image in a row, the points in the first and where they land in the others, numbered,
-    same colour = same point (titles give each image's mean score). Returns the path relative to `out_dir`."""
+    same colour = same point (titles: image index, and the mean score of its transfers), short titles so that
+    small images show them whole. Returns the path relative to `out_dir`."""
     from cosegment.utils.visualization import add_title, draw_points, part_colors, side_by_side
 
     colors = part_colors(len(points))[1:]
     labels = [str(k) for k in range(len(points))]
-    panels = [(0, images[0], points, "the points")]
+    panels = [(0, images[0], points, "points")]
     for t in transfers:
         index = t["target_index"]
-        panels.append((index, images[index], np.asarray(t["points"]), f"mean score {np.mean(t['scores']):.2f}"))
+        panels.append((index, images[index], np.asarray(t["points"]), f"score {np.mean(t['scores']):.2f}"))
     for i, (index, image, where, title) in enumerate(panels):
         fitted, scale = _fit(image, max_side)
-        panels[i] = add_title(draw_points(fitted, where * scale, colors, labels=labels), f"image {index}: {title}")
+        panels[i] = add_title(draw_points(fitted, where * scale, colors, labels=labels), f"{index}: {title}")
     picture, _ = side_by_side(panels)
     _write_png(os.path.join(out_dir, "points.png"), picture)
     return "points.png"
