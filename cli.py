@@ -205,15 +205,22 @@ def results_arrays(output) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in arrays.items()}
 
 
+# Pictured images smaller than this (longer side, px) are scaled up to it (never beyond `--figure-size`): a panel's
+# title and colour-bar caption need about 250 px.
+MIN_FIGURE_SIDE = 256
+
+
 def _fit(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """The image scaled down so its longer side is at most `max_side` pixels, and the scale used."""
+    """The image scaled so its longer side is at most `max_side` pixels and, if smaller, at least
+    `min(MIN_FIGURE_SIDE, max_side)`; and the scale used."""
     import cv2
 
-    scale = min(1.0, max_side / max(image.shape[:2]))
+    longer = max(image.shape[:2])
+    scale = min(max_side, max(longer, MIN_FIGURE_SIDE)) / longer
     if scale == 1.0:
         return image, 1.0
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR), scale
 
 
 def _write_png(path: str, rgb: np.ndarray) -> None:
