@@ -46,8 +46,8 @@ from .utils.segmentation import (
     background_threshold_from_kl,
     kl_to_parts,
     part_distributions,
+    factored_spectral_clusters,
     remove_isolated,
-    spectral_clusters,
     upsample_assignment,
 )
 
@@ -63,6 +63,11 @@ MIN_REGION_TOKENS = 3
 # are mostly inner tokens, so the first distributions under-weight the object's outline. Never varied: every
 # measurement in BENCHMARKS.md used one round.
 SEGMENTATION_REFINEMENTS = 1
+# Step 10: the columns of the collection embedding are the hit tokens of at most this many images (those with most
+# hits), so its width, and the cost of the clustering, stop growing with M beyond them.
+MAX_EMBEDDING_IMAGES = 8
+# Step 10: the largest part count the estimate considers (num_parts=None).
+MAX_PARTS = 8
 
 
 @dataclass
@@ -752,67 +757,102 @@ def _image_features(
     return [q.to(device) for q in queries], [k.to(device) for k in keys]
 
 
-def cluster_reference(
+def collection_embedding(
     features: CoSegmentationFeatures,
-    reference: int,
-    points: torch.Tensor,
+    points: list[torch.Tensor],
+    chunk_size: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Step 10a: one Hellinger embedding of every image's clustered `points` (a list of `(P_i,)` token indices), so
+    that tokens of different images can be compared.
+
+    A point p of image s is described, for each anchor image u (the `MAX_EMBEDDING_IMAGES` images with most points,
+    s among them when it is one), by its attention over u's points, `A_su[p, points_u]` renormalised to sum to 1
+    (cross self-attention for `u != s`, its own self-attention for `u = s`); the embedding is the square roots of
+    these distributions side by side, each block divided by sqrt(#anchors). The dot product of two points' embeddings
+    is then the mean over anchors of the Bhattacharyya coefficient of their distributions over the anchor's points:
+    two tokens are alike when they attend to the same tokens of the same images, whichever image they sit in.
+
+    Returns:
+        `(R, D)` float32 on `device`, rows in image order (`R = sum P_i`, `D = sum of P_u over the anchors`).
+    """
+    sizes = [p.numel() for p in points]
+    anchors = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_EMBEDDING_IMAGES].tolist())
+    anchors = [u for u in anchors if sizes[u] > 0]
+    blocks = []
+    for s in range(features.num_images):
+        queries, _ = _image_features(features, s, device)
+        row = []
+        for u in anchors:
+            _, keys = _image_features(features, u, device)
+            rows = attention_rows(queries, keys, points[s], points[u], chunk_size)
+            rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            row.append(rows.sqrt() / math.sqrt(len(anchors)))
+        blocks.append(torch.cat(row, dim=1) if row else torch.zeros(sizes[s], 0, device=device))
+    return torch.cat(blocks)
+
+
+def link_by_correspondences(
+    embedding: torch.Tensor,
+    points: list[torch.Tensor],
+    correspondences: list[PairCorrespondence],
+    num_tokens: int,
+) -> torch.Tensor:
+    """Step 10b: the kept correspondences tie the points of different images together: each point's row of
+    `embedding` `(R, D)` (rows in image order, `points` a list of `(P_i,)` token indices) becomes the mean of its own
+    row and the rows of the points it is matched to (in any pair, either pass; a link counted once). Returns
+    `(R, D)`."""
+    offsets = np.cumsum([0] + [p.numel() for p in points]).tolist()
+    device = embedding.device
+    rows_of = []  # per image: (N,) row of each token in `embedding`, -1 for a token that is no point
+    for i, image_points in enumerate(points):
+        rows = torch.full((num_tokens,), -1, dtype=torch.long, device=device)
+        rows[image_points] = torch.arange(offsets[i], offsets[i + 1], device=device)
+        rows_of.append(rows)
+    links = [torch.zeros(2, 0, dtype=torch.long, device=device)]
+    for pair in correspondences:
+        a = rows_of[pair.source_index][pair.source_tokens.to(device)]
+        b = rows_of[pair.target_index][pair.target_tokens.to(device)]
+        both = (a >= 0) & (b >= 0)
+        links += [torch.stack([a[both], b[both]]), torch.stack([b[both], a[both]])]
+    links = torch.unique(torch.cat(links, dim=1), dim=1)
+    total = embedding.clone().index_add_(0, links[0], embedding[links[1]])
+    count = 1.0 + torch.bincount(links[0], minlength=embedding.shape[0]).to(embedding.dtype)
+    return total / count[:, None]
+
+
+def cluster_collection(
+    features: CoSegmentationFeatures,
+    points: list[torch.Tensor],
+    correspondences: list[PairCorrespondence],
     num_parts: int | None,
     chunk_size: int | None,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 10a: the reference image's hit `points` `(P,)` clustered into parts by their self-attention among
-    themselves (spectral clustering of Hellinger embeddings); a part of fewer than `MIN_REGION_TOKENS` points is
-    noise, its points dropped and the rest clustered again. Returns the kept points `(P',)` and their regions
-    `(P',)` numbered `0..K-1`."""
-    queries, keys = _image_features(features, reference, device)
+) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Step 10c: the clustered `points` of **every** image (a list of `(P_i,)` token indices) grouped into parts at
+    once: spectral clustering (:func:`factored_spectral_clusters`) of the affinity `E E^T` of their collection
+    embedding (:func:`collection_embedding`) tied by the kept correspondences (:func:`link_by_correspondences`). With `num_parts=None` the count is the largest eigengap of that
+    joint affinity among 2..`MAX_PARTS`. A part of fewer than `MIN_REGION_TOKENS` points (over the collection) is
+    noise: its points are dropped and the rest clustered again.
+
+    Returns the kept points per image and their parts `(P'_i,)`, numbered `0..K-1` over the collection (one id, one
+    part in every image; a part may have no point in some image).
+    """
+    num_tokens = features.grid_size[0] * features.grid_size[1]
     while True:
-        rows = attention_rows(queries, keys, points, points, chunk_size)
-        rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        embedding = rows.sqrt().cpu().numpy()  # Hellinger embedding: dot products are Bhattacharyya coefficients
-        regions = spectral_clusters(embedding @ embedding.T, num_parts, max(1, int(math.sqrt(points.numel() / 2))))
+        embedding = collection_embedding(features, points, chunk_size, device)
+        embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
+        total = embedding.shape[0]
+        regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)))
         small = np.bincount(regions)[regions] < MIN_REGION_TOKENS
         if not small.any() or small.all():
             break
-        points = points[torch.from_numpy(~small).to(device)]
-    return points, torch.from_numpy(np.unique(regions, return_inverse=True)[1].reshape(-1))
-
-
-def carry_parts(
-    labels: list[torch.Tensor],
-    points: list[torch.Tensor],
-    correspondences: list[PairCorrespondence],
-    reference: int,
-    num_parts: int,
-) -> list[torch.Tensor]:
-    """Step 10b: the parts carried from the `reference` image's `(N,)` labels to the other images through the kept
-    correspondences, the most linked image first: each of an image's clustered `points` takes the part its
-    correspondences into already-labelled images vote for (no vote: unlabelled, 0)."""
-    num_images, num_tokens = len(labels), labels[0].shape[0]
-    device = labels[0].device
-    links: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for pair in correspondences:
-        links.setdefault((pair.source_index, pair.target_index), []).append((pair.source_tokens, pair.target_tokens))
-        links.setdefault((pair.target_index, pair.source_index), []).append((pair.target_tokens, pair.source_tokens))
-    labels = list(labels)
-    done = {reference}
-    while len(done) < num_images:
-        best, best_votes = None, None
-        for i in sorted(set(range(num_images)) - done):
-            votes = torch.zeros(num_tokens, num_parts + 1, device=device)
-            for j in sorted(done):
-                for tokens_i, tokens_j in links.get((i, j), []):
-                    votes.index_put_(
-                        (tokens_i, labels[j][tokens_j]), torch.ones_like(tokens_i, dtype=torch.float32), True
-                    )
-            votes[:, 0] = 0.0
-            if best_votes is None or votes.sum() > best_votes.sum():
-                best, best_votes = i, votes
-        clustered = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-        clustered[points[best]] = True
-        winner = best_votes.argmax(dim=1)
-        labels[best] = torch.where(clustered & (best_votes.max(dim=1).values > 0), winner, 0)
-        done.add(best)
-    return labels
+        keep = torch.from_numpy(~small).to(device)
+        offsets = np.cumsum([0] + [p.numel() for p in points])
+        points = [p[keep[offsets[i] : offsets[i + 1]]] for i, p in enumerate(points)]
+    regions = np.unique(regions, return_inverse=True)[1].reshape(-1)
+    offsets = np.cumsum([0] + [p.numel() for p in points])
+    return points, [torch.from_numpy(regions[offsets[i] : offsets[i + 1]]) for i in range(len(points))]
 
 
 def cluster_hits(
@@ -824,9 +864,9 @@ def cluster_hits(
     device: torch.device,
 ) -> tuple[list[torch.Tensor], int]:
     """Step 10. Per image, its hit tokens (`density` `(M, N)` > 0) minus isolated ones (regions under
-    `MIN_REGION_TOKENS`). The reference image (most hits) clusters its points into K parts
-    (:func:`cluster_reference`), numbered 1..K; the other images take parts through the kept correspondences
-    (:func:`carry_parts`). Parts are found over the whole collection: one id is one part in every image.
+    `MIN_REGION_TOKENS`); then the points of all images are clustered together into K parts
+    (:func:`cluster_collection`), numbered 1..K. No image is a reference: one id is one part in every image, and a
+    part that one image lacks (hidden, or without hits there) still exists in the others.
 
     Returns one `(N,)` long label tensor per image (0 = not a clustered point) and the number of parts K.
     """
@@ -838,15 +878,12 @@ def cluster_hits(
         for i in range(num_images)
     ]
     labels = [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(num_images)]
-    if max(p.numel() for p in points) < 2:
+    if sum(p.numel() for p in points) < 2:
         return labels, 0
-    reference = int(np.argmax([p.numel() for p in points]))
-    reference_points, regions = cluster_reference(
-        features, reference, points[reference], num_parts, chunk_size, device
-    )
-    num_parts = int(regions.max()) + 1
-    labels[reference][reference_points] = regions.to(device) + 1
-    return carry_parts(labels, points, correspondences, reference, num_parts), num_parts
+    points, regions = cluster_collection(features, points, correspondences, num_parts, chunk_size, device)
+    for image_labels, image_points, image_regions in zip(labels, points, regions):
+        image_labels[image_points] = image_regions.to(device) + 1
+    return labels, int(max(int(r.max()) for r in regions if r.numel()) + 1)
 
 
 def part_keypoints(
