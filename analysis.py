@@ -44,9 +44,9 @@ from .utils.segmentation import (
     assign_parts,
     attention_rows,
     background_threshold_from_kl,
+    factored_spectral_clusters,
     kl_to_parts,
     part_distributions,
-    factored_spectral_clusters,
     remove_isolated,
     upsample_assignment,
 )
