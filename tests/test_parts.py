@@ -12,6 +12,7 @@ from cosegment.analysis import (
     cluster_hits,
     collection_embedding,
     link_by_correspondences,
+    typical_points,
 )
 from cosegment.benchmarks.families import make_family_case, oracle_output
 from cosegment.utils.segmentation import eigengap_count, factored_spectral_clusters, spectral_clusters
@@ -172,6 +173,20 @@ class TestLinks:
         expected[1] = expected[3] = (embedding[1] + embedding[3]) / 2  # token 5 of image 0 <-> token 3 of image 1
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(link_by_correspondences(embedding, points, [], 10), embedding)
+
+
+class TestTypicalPoints:
+    def test_a_stray_point_is_dropped_per_part(self):
+        # part 0: four points along e0 and one stray along e2 (cosine to the part's mean about 0.24 against a median
+        # of about 0.97); part 1: three points along e1, one of them tilted (cosine about 0.91, kept)
+        embedding = np.array(
+            [[1, 0, 0], [1, 0, 0.05], [1, 0.05, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 0], [0.6, 0.8, 0]]
+        )
+        regions = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+        assert typical_points(embedding, regions).tolist() == [True, True, True, True, False, True, True, True]
+        # the same points as one part each: nothing to compare, nothing dropped
+        assert typical_points(embedding, np.arange(8)).all()
+        assert typical_points(np.zeros((0, 3)), np.zeros(0, dtype=np.int64)).shape == (0,)
 
 
 class TestHiddenPartOnPlantedFamilies:
