@@ -864,9 +864,14 @@ def cluster_collection(
     """Step 10c: the clustered `points` of **every** image (a list of `(P_i,)` token indices) grouped into parts at
     once: spectral clustering (:func:`factored_spectral_clusters`) of the affinity `E E^T` of their collection
     embedding (:func:`collection_embedding`) tied by the kept correspondences (:func:`link_by_correspondences`).
-    With `num_parts=None` the count is the largest eigengap of that joint affinity among 2..`MAX_PARTS`. A part of fewer than `MIN_REGION_TOKENS` points (over the collection) is
-    noise: its points are dropped and the rest clustered again; then points far from their part's typical point are
-    dropped (:func:`typical_points`).
+    With `num_parts=None` the count is the largest eigengap of that joint affinity among 2..`MAX_PARTS`. A part of
+    fewer than `MIN_REGION_TOKENS` points (over the collection) is noise: its points are dropped and the rest
+    clustered again; then points far from their part's typical point are dropped (:func:`typical_points`).
+
+    No image is a reference: every point is described in the same coordinates (its attention over the anchor images'
+    points), so the clustering sees all images at once and its ids are shared by construction, with no vote to carry
+    them. Measured on the planted families (BENCHMARKS.md (f)): the estimated count is steadier than with one
+    reference image, but held-out part NMI stays at 0.74-0.84 and an outlier image's stray hits join the parts.
 
     Returns the kept points per image and their parts `(P'_i,)`, numbered `0..K-1` over the collection (one id, one
     part in every image; a part may have no point in some image).
