@@ -8,6 +8,7 @@ import torch
 from cosegment import CoSegmentationFeatures, analyze_features
 from cosegment.analysis import (
     PairCorrespondence,
+    attached_points,
     cluster_collection,
     cluster_hits,
     collection_embedding,
@@ -187,6 +188,25 @@ class TestTypicalPoints:
         # the same points as one part each: nothing to compare, nothing dropped
         assert typical_points(embedding, np.arange(8)).all()
         assert typical_points(np.zeros((0, 3)), np.zeros(0, dtype=np.int64)).shape == (0,)
+
+
+class TestAttachedPoints:
+    def test_a_point_attending_off_the_points_is_dropped(self):
+        # two anchors; the last point's mass on both anchors' points is a fifth of the median's (0.2 < 0.5), the
+        # fourth's about 0.55 and 0.6 of it (kept)
+        mass = np.array([[0.8, 0.5], [0.9, 0.6], [1.0, 0.5], [0.5, 0.3], [0.16, 0.1]])
+        assert attached_points(mass).tolist() == [True, True, True, True, False]
+        # relative to each anchor's median: a column of larger masses weighs no more
+        assert attached_points(mass * np.array([[10.0, 1.0]])).tolist() == [True, True, True, True, False]
+        assert attached_points(np.zeros((3, 0))).all() and attached_points(np.zeros((0, 2))).shape == (0,)
+
+    def test_a_stray_hit_off_the_object_is_not_clustered(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+        points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+        stray = 11 * GRID[1] + 11  # a background token of image 0
+        points[0] = torch.cat([points[0], torch.tensor([stray])])
+        kept, _ = cluster_collection(_features(grids), points, [], None, None, "cpu")
+        assert stray not in kept[0].tolist() and [p.numel() for p in kept] == [12, 12]
 
 
 class TestHiddenPartOnPlantedFamilies:
