@@ -908,7 +908,7 @@ def cluster_collection(
     No image is a reference: every point is described in the same coordinates (its attention over the anchor images'
     points), so the clustering sees all images at once and its ids are shared by construction, with no vote to carry
     them. Measured on the planted families (BENCHMARKS.md (f)): the estimated count is steadier than with one
-    reference image, but held-out part NMI stays at 0.74-0.84 and an outlier image's stray hits join the parts.
+    reference image, but held-out part NMI stays at 0.74-0.85 and an outlier image's stray hits join the parts.
 
     Returns the kept points per image and their parts `(P'_i,)`, numbered `0..K-1` over the collection (one id, one
     part in every image; a part may have no point in some image).
