@@ -834,7 +834,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             max_spread (`float`, *optional*): neighbourhood spread limit (cells^2) overriding the preset.
             max_collapse (`float`, *optional*): collapse share limit overriding the preset.
             max_inverse_error (`float`, *optional*): inverse mapping error limit (cells) overriding the preset.
-            num_parts (`int`, *optional*): number of common parts; `None` estimates it from the data.
+            num_parts (`int`, *optional*): number of common parts, found over the whole collection at once;
+                `None` estimates it (largest eigengap, among 2..8, of the joint affinity of every image's hit tokens;
+                see `cosegment.analysis.cluster_collection`).
             background_threshold (`float`, *optional*): KL limit (nats) above which a token is background in the
                 co-segmentation; `None` finds it from the data (minimum-error cut of the tokens' smallest KLs).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the only source of randomness

@@ -371,13 +371,63 @@ def spectral_clusters(affinity: np.ndarray, num_clusters: int | None, max_cluste
     values, vectors = np.linalg.eigh(inv[:, None] * a * inv[None, :])
     values, vectors = values[::-1], vectors[:, ::-1]  # descending
     if num_clusters is None:
-        top = min(int(max_clusters), r - 1)
-        gaps = values[:top] - values[1 : top + 1]  # gaps[k - 1] = lambda_k - lambda_k+1
-        num_clusters = int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
+        num_clusters = eigengap_count(values, max_clusters)
     k = min(num_clusters, r)
     embedding = vectors[:, :k]
     embedding = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     return kmeans(embedding, k, first=int(np.argmax(degree)))
+
+
+def eigengap_count(values: np.ndarray, max_clusters: int) -> int:
+    """The number of clusters `k` in `2..max_clusters` after which the descending eigenvalues `values` of a
+    normalised affinity drop most (`values[k - 1] - values[k]` largest); 1 when fewer than three values."""
+    values = np.asarray(values, dtype=np.float64)
+    top = min(int(max_clusters), values.shape[0] - 1)
+    if top < 2:
+        return 1
+    gaps = values[:top] - values[1 : top + 1]  # gaps[k - 1] = lambda_k - lambda_k+1
+    return int(np.argmax(gaps[1:]) + 2)
+
+
+def factored_spectral_clusters(embedding: np.ndarray, num_clusters: int | None, max_clusters: int) -> np.ndarray:
+    """Spectral clustering (Ng, Jordan and Weiss) of points whose affinity is `A = E E^T` for a non-negative
+    `embedding` `E`, without forming `A`: the normalised affinity `D^-1/2 A D^-1/2` is `B B^T` with `B = D^-1/2 E`
+    (`D = diag(E E^T 1)`), so its top eigenvectors are the left singular vectors of `B` and its eigenvalues the
+    squared singular values. Cost `O(R D min(R, D))` instead of `O(R^3)`. The points' rows of the top-k vectors,
+    scaled to unit length, are clustered by :func:`kmeans` (seeded at the point of largest degree). With
+    `num_clusters=None`, k is the largest eigengap among `2..max_clusters` (:func:`eigengap_count`).
+
+    Args:
+        embedding: `(R, D)` non-negative (e.g. Hellinger embeddings: square roots of probabilities).
+        num_clusters: `k`, or None to estimate it.
+        max_clusters: largest k considered when estimating.
+
+    Returns:
+        `(R,)` int64 labels in `0..k-1` (k is `labels.max() + 1`; at most R).
+    """
+    e = np.asarray(embedding, dtype=np.float64)
+    if e.ndim != 2:
+        raise ValueError(f"`embedding` must be (R, D), got shape {e.shape}.")
+    if (e < 0).any():
+        raise ValueError("`embedding` must be non-negative (its affinity E E^T is then non-negative).")
+    if num_clusters is not None and (
+        isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)) or num_clusters < 1
+    ):
+        raise ValueError(f"`num_clusters` must be a positive int or None, got {num_clusters!r}.")
+    r = e.shape[0]
+    if r == 0:
+        return np.zeros(0, dtype=np.int64)
+    degree = e @ e.sum(0)
+    b = e / np.sqrt(np.maximum(degree, 1e-12))[:, None]
+    vectors, singular, _ = np.linalg.svd(b, full_matrices=False)
+    values = np.zeros(r)
+    values[: singular.shape[0]] = singular**2
+    if num_clusters is None:
+        num_clusters = eigengap_count(values, max_clusters)
+    k = min(int(num_clusters), r, vectors.shape[1])
+    rows = vectors[:, :k]
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return kmeans(rows, k, first=int(np.argmax(degree)))
 
 
 def upsample_assignment(

@@ -1,0 +1,273 @@
+"""Step 10: parts found over the whole collection at once (`cluster_hits`, `cluster_collection`,
+`factored_spectral_clusters`), on hand-made collections whose parts are known token by token."""
+
+import numpy as np
+import pytest
+import torch
+
+from cosegment import CoSegmentationFeatures, analyze_features
+from cosegment.analysis import (
+    PairCorrespondence,
+    attached_points,
+    cluster_collection,
+    cluster_hits,
+    collection_embedding,
+    link_by_correspondences,
+    typical_points,
+)
+from cosegment.benchmarks.families import make_family_case, oracle_output
+from cosegment.utils.segmentation import eigengap_count, factored_spectral_clusters, spectral_clusters
+
+GRID = (12, 12)
+HEADS, DIM = 2, 16
+
+
+def _features(part_grids: list[np.ndarray], seed: int = 0, strength: float = 6.0) -> CoSegmentationFeatures:
+    """Queries = keys: a token of part k carries part k's unit vector (the same in every image) times `strength`,
+    plus a little noise; other tokens carry a random unit vector each. `part_grids`: `(h, w)` int per image."""
+    rng = np.random.default_rng(seed)
+    num_parts = max(int(g.max()) for g in part_grids)
+    width = HEADS * DIM
+    parts = rng.normal(size=(num_parts + 1, width))
+    parts /= np.linalg.norm(parts, axis=1, keepdims=True)
+    x = []
+    for grid in part_grids:
+        flat = grid.reshape(-1)
+        own = rng.normal(size=(flat.size, width))
+        own /= np.linalg.norm(own, axis=1, keepdims=True)
+        tokens = np.where((flat > 0)[:, None], parts[flat] + 0.05 * own, own)
+        x.append(strength * tokens)
+    x = torch.tensor(np.stack(x), dtype=torch.float32)  # (M, N, H d)
+    x = x.view(len(part_grids), -1, HEADS, DIM).permute(0, 2, 1, 3).contiguous()  # (M, H, N, d)
+    sizes = [(8 * GRID[0], 8 * GRID[1])] * len(part_grids)
+    return CoSegmentationFeatures([x], [x.clone()], GRID, sizes)
+
+
+def _blocks(parts: list[int], top: int = 2, left: int = 2, height: int = 3, width: int = 2) -> np.ndarray:
+    """A grid with parts side by side: part `parts[j]` fills rows `top..top+height`, columns from `left + j*width`."""
+    grid = np.zeros(GRID, dtype=np.int64)
+    for j, part in enumerate(parts):
+        grid[top : top + height, left + j * width : left + (j + 1) * width] = part
+    return grid
+
+
+def _density(part_grids: list[np.ndarray]) -> torch.Tensor:
+    """Hits on every part token (what the kept correspondences would touch)."""
+    return torch.tensor(np.stack([(g > 0).reshape(-1) for g in part_grids]), dtype=torch.float32)
+
+
+def _part_of_label(labels: list[torch.Tensor], part_grids: list[np.ndarray]) -> dict[int, set[int]]:
+    """For every predicted part id, the planted parts its points sit on (over all images)."""
+    found: dict[int, set[int]] = {}
+    for image_labels, grid in zip(labels, part_grids):
+        for token in torch.nonzero(image_labels).flatten().tolist():
+            found.setdefault(int(image_labels[token]), set()).add(int(grid.reshape(-1)[token]))
+    return found
+
+
+class TestCollectionParts:
+    def test_part_ids_agree_across_images(self):
+        # three images, the same three parts at different places and in a different order
+        grids = [_blocks([1, 2, 3]), _blocks([3, 1, 2], top=6, left=1), _blocks([2, 3, 1], top=1, left=5)]
+        labels, num_parts = cluster_hits(_features(grids), _density(grids), [], None, None, "cpu")
+        assert num_parts == 3
+        found = _part_of_label(labels, grids)
+        # each predicted id sits on exactly one planted part, a different one for each id, in every image
+        assert sorted(found) == [1, 2, 3] and all(len(parts) == 1 for parts in found.values())
+        assert {next(iter(parts)) for parts in found.values()} == {1, 2, 3}
+        for image_labels, grid in zip(labels, grids):
+            flat = grid.reshape(-1)
+            np.testing.assert_array_equal((image_labels > 0).numpy(), flat > 0)  # every hit kept, nothing else
+            for part in (1, 2, 3):
+                ids = set(image_labels[torch.from_numpy(flat == part)].tolist())
+                assert ids == {k for k, parts in found.items() if part in parts}
+
+    def test_part_missing_from_the_image_with_most_hits_still_exists(self):
+        # image 0 has the most hits (two large parts) but not part 3, which the two others show (under the old rule
+        # image 0 was the reference and its parts the only ones); the count is fixed: a small part among large ones
+        # is where the eigengap estimate is weakest
+        grids = [_blocks([1, 2], height=5, width=4), _blocks([1, 2, 3]), _blocks([3, 2, 1], top=7)]
+        assert int((grids[0] > 0).sum()) > max(int((g > 0).sum()) for g in grids[1:])
+        labels, num_parts = cluster_hits(_features(grids), _density(grids), [], 3, None, "cpu")
+        assert num_parts == 3
+        found = _part_of_label(labels, grids)
+        third = [k for k, parts in found.items() if parts == {3}]
+        assert len(third) == 1
+        assert third[0] not in labels[0].tolist()
+        assert all(third[0] in image_labels.tolist() for image_labels in labels[1:])
+
+    @pytest.mark.parametrize("count", [2, 3, 4, 5, 6])
+    def test_estimated_count_on_clear_collections(self, count):
+        order = list(range(1, count + 1))
+        grids = [
+            _blocks(order, left=0),
+            _blocks(order[::-1], top=7, left=0),
+            _blocks(order[1:] + order[:1], top=4, left=0),
+        ]
+        labels, num_parts = cluster_hits(_features(grids, seed=count), _density(grids), [], None, None, "cpu")
+        assert num_parts == count
+        assert all(len(parts) == 1 for parts in _part_of_label(labels, grids).values())
+
+    def test_num_parts_fixes_the_count(self):
+        grids = [_blocks([1, 2, 3, 4]), _blocks([4, 3, 2, 1], top=7)]
+        features, density = _features(grids), _density(grids)
+        for fixed in (2, 3, 5):
+            labels, num_parts = cluster_hits(features, density, [], fixed, None, "cpu")
+            assert num_parts == fixed
+            assert set(torch.cat(labels).tolist()) == set(range(fixed + 1))
+        labels, _ = cluster_hits(features, density, [], 4, None, "cpu")
+        assert all(len(parts) == 1 for parts in _part_of_label(labels, grids).values())
+
+    def test_deterministic(self):
+        grids = [_blocks([1, 2, 3]), _blocks([2, 3, 1], top=6)]
+        features, density = _features(grids, seed=5, strength=1.5), _density(grids)
+        first, count = cluster_hits(features, density, [], None, None, "cpu")
+        again, count_again = cluster_hits(features, density, [], None, None, "cpu")
+        assert count == count_again
+        for a, b in zip(first, again):
+            torch.testing.assert_close(a, b)
+
+    def test_no_hits_and_an_image_without_hits(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7), np.zeros(GRID, dtype=np.int64)]
+        features = _features(grids)
+        labels, num_parts = cluster_hits(features, torch.zeros(3, GRID[0] * GRID[1]), [], None, None, "cpu")
+        assert num_parts == 0 and all(not image_labels.any() for image_labels in labels)
+        labels, num_parts = cluster_hits(features, _density(grids), [], None, None, "cpu")
+        assert num_parts == 2 and not labels[2].any()
+        assert all(set(image_labels.tolist()) == {0, 1, 2} for image_labels in labels[:2])
+        # end to end: the image without hits gets empty masks and no keypoints
+        out = analyze_features(features, selection="paper", max_spread=float("inf"), max_collapse=float("inf"))
+        assert len(out.part_masks) == 3 and len(out.keypoints) == 3
+
+    def test_isolated_hits_and_tiny_parts_are_dropped(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+        density = _density(grids)
+        density[0, 11 * GRID[1] + 11] = 1.0  # a lone hit in a corner: noise
+        labels, num_parts = cluster_hits(_features(grids), density, [], None, None, "cpu")
+        assert num_parts == 2 and labels[0][11 * GRID[1] + 11] == 0
+
+    def test_collection_embedding_rows_are_hellinger(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+        points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+        embedding = collection_embedding(_features(grids), points, None, "cpu")
+        assert embedding.shape == (12 + 12, 24)
+        # each row holds one distribution per anchor image, each of squared norm 1 / #anchors
+        torch.testing.assert_close((embedding**2).sum(1), torch.ones(24))
+        assert (embedding >= 0).all()
+
+    def test_cluster_collection_returns_points_per_image(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+        points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+        kept, regions = cluster_collection(_features(grids), points, [], None, None, "cpu")
+        assert [p.numel() for p in kept] == [r.numel() for r in regions] == [12, 12]
+        assert set(torch.cat(regions).tolist()) == {0, 1}
+
+
+class TestLinks:
+    def test_rows_averaged_with_their_matched_points(self):
+        points = [torch.tensor([0, 5]), torch.tensor([2, 3, 7])]  # rows 0-1 of image 0, rows 2-4 of image 1
+        embedding = torch.arange(10, dtype=torch.float64).view(5, 2)
+        tokens = [torch.tensor([5, 5, 9]), torch.tensor([3, 3, 2])]  # 5 -> 3 twice (one link), 9 is no point
+        pair = PairCorrespondence(0, 1, None, None, None, None, *tokens)
+        out = link_by_correspondences(embedding, points, [pair], num_tokens=10)
+        expected = embedding.clone()
+        expected[1] = expected[3] = (embedding[1] + embedding[3]) / 2  # token 5 of image 0 <-> token 3 of image 1
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(link_by_correspondences(embedding, points, [], 10), embedding)
+
+
+class TestTypicalPoints:
+    def test_a_stray_point_is_dropped_per_part(self):
+        # part 0: four points along e0 and one stray along e2 (cosine to the part's mean about 0.24 against a median
+        # of about 0.97); part 1: three points along e1, one of them tilted (cosine about 0.91, kept)
+        embedding = np.array(
+            [[1, 0, 0], [1, 0, 0.05], [1, 0.05, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 0], [0.6, 0.8, 0]]
+        )
+        regions = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+        assert typical_points(embedding, regions).tolist() == [True, True, True, True, False, True, True, True]
+        # the same points as one part each: nothing to compare, nothing dropped
+        assert typical_points(embedding, np.arange(8)).all()
+        assert typical_points(np.zeros((0, 3)), np.zeros(0, dtype=np.int64)).shape == (0,)
+
+
+class TestAttachedPoints:
+    def test_a_point_attending_off_the_points_is_dropped(self):
+        # two anchors; the last point's mass on both anchors' points is a fifth of the median's (0.2 < 0.5), the
+        # fourth's about 0.55 and 0.6 of it (kept)
+        mass = np.array([[0.8, 0.5], [0.9, 0.6], [1.0, 0.5], [0.5, 0.3], [0.16, 0.1]])
+        assert attached_points(mass).tolist() == [True, True, True, True, False]
+        # relative to each anchor's median: a column of larger masses weighs no more
+        assert attached_points(mass * np.array([[10.0, 1.0]])).tolist() == [True, True, True, True, False]
+        assert attached_points(np.zeros((3, 0))).all() and attached_points(np.zeros((0, 2))).shape == (0,)
+
+    def test_a_stray_hit_off_the_object_is_not_clustered(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+        points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+        stray = 11 * GRID[1] + 11  # a background token of image 0
+        points[0] = torch.cat([points[0], torch.tensor([stray])])
+        kept, _ = cluster_collection(_features(grids), points, [], None, None, "cpu")
+        assert stray not in kept[0].tolist() and [p.numel() for p in kept] == [12, 12]
+
+
+class TestHiddenPartOnPlantedFamilies:
+    def test_a_part_hidden_in_one_image_keeps_its_id_elsewhere(self):
+        # the true correspondences of a planted collection (oracle), so only the clustering is tested
+        case = make_family_case("sectors", 4, 4, seed=7, hidden_images=1)
+        host = int(np.flatnonzero(case.hidden)[0])
+        oracle = oracle_output(case)
+        density = torch.as_tensor(oracle.density_maps, dtype=torch.float32).reshape(4, -1)
+        links = [
+            PairCorrespondence(
+                p.source_index,
+                p.target_index,
+                None,
+                None,
+                None,
+                None,
+                torch.as_tensor(p.source_tokens),
+                torch.as_tensor(p.target_tokens),
+            )
+            for p in oracle.correspondences
+        ]
+        labels, num_parts = cluster_hits(case.features, density, links, 4, None, "cpu")
+        assert num_parts == 4
+        # the majority id of the hidden part's tokens in the other images is absent from the host's points
+        hidden = case.hidden[host]
+        votes = np.concatenate(
+            [labels[i][torch.from_numpy(case.token_parts[i].reshape(-1) == hidden)].numpy() for i in range(4)]
+        )
+        winner = np.bincount(votes[votes > 0]).argmax()
+        on_host = labels[host].numpy()
+        assert (on_host == winner).sum() <= 0.1 * (on_host > 0).sum()
+        assert all((labels[i].numpy() == winner).any() for i in range(4) if i != host)
+
+
+class TestFactoredSpectralClusters:
+    def test_matches_spectral_clusters_on_the_product(self):
+        rng = np.random.default_rng(0)
+        centres = np.kron(np.eye(3), np.ones((1, 4))) + 0.1  # three groups attending mostly to their own columns
+        embedding = np.repeat(centres, 7, axis=0) + 0.05 * rng.random((21, 12))
+        labels = factored_spectral_clusters(embedding, None, 6)
+        assert labels.max() + 1 == 3
+        reference = spectral_clusters(embedding @ embedding.T, None, 6)
+        # the same partition, block by block
+        for block in range(3):
+            assert len(set(labels[7 * block : 7 * block + 7])) == 1
+        assert len(set(zip(labels.tolist(), reference.tolist()))) == 3
+        assert factored_spectral_clusters(embedding, 2, 6).max() + 1 == 2
+
+    def test_bad_input_and_edge_cases(self):
+        assert factored_spectral_clusters(np.zeros((0, 4)), None, 3).shape == (0,)
+        assert factored_spectral_clusters(np.ones((1, 4)), None, 3).tolist() == [0]
+        with pytest.raises(ValueError, match="embedding"):
+            factored_spectral_clusters(-np.ones((3, 2)), None, 3)
+        with pytest.raises(ValueError, match="embedding"):
+            factored_spectral_clusters(np.ones(3), None, 3)
+        with pytest.raises(ValueError, match="num_clusters"):
+            factored_spectral_clusters(np.ones((3, 2)), 0, 3)
+
+    def test_eigengap_count(self):
+        assert eigengap_count(np.array([1.0, 0.99, 0.98, 0.2, 0.1]), 4) == 3
+        assert eigengap_count(np.array([1.0, 0.5]), 4) == 1
+        # only 2..max_clusters is considered: the gap after the 4th value is out of reach at max_clusters=3
+        assert eigengap_count(np.array([1.0, 0.9, 0.85, 0.8, 0.1]), 3) in (2, 3)
