@@ -63,6 +63,11 @@ MIN_REGION_TOKENS = 3
 # are mostly inner tokens, so the first distributions under-weight the object's outline. Never varied: every
 # measurement in BENCHMARKS.md used one round.
 SEGMENTATION_REFINEMENTS = 1
+# An image whose best partner keeps fewer matches than this share of the collection's typical best partner (the
+# median over images) shares nothing with the collection: an outlier (`"auto"` only). Set on the design split of
+# benchmarks/families.py (M = 5, 8 collections with one outlier and 8 without): inliers' shares were 0.78-1, an
+# outlier's 0.05-0.19; 0.35 is about the geometric midpoint of 0.78 and 0.19.
+SHARING_CUT = 0.35
 
 
 @dataclass
@@ -100,7 +105,8 @@ class CoSegmentationPipelineOutput(BaseOutput):
     `M` images, an `(h, w)` token grid.
 
     Attributes:
-        correspondences (`list[PairCorrespondence]`): one per unordered pair `(s, t)`, `s < t`, in order.
+        correspondences (`list[PairCorrespondence]`): one per analysed unordered pair `(s, t)`, `s < t`, in order
+            (every pair, or the pairs of the partner graph with `partners=K`).
         density_maps (`(M, h, w)` float): per token, the kept correspondences that start or land on it, over all
             pairs and both passes (hit counts, seed Fig. 3-4).
         entropy_maps (`(M, h, w)` float): per token, the mean inverse mapping entropy (nats, Eq. 2.10) of the token
@@ -115,6 +121,12 @@ class CoSegmentationPipelineOutput(BaseOutput):
         keypoint_parts (`list[(K_i,)]` int64): the part id of each keypoint, ascending.
         features (`CoSegmentationFeatures` or `None`): the captured queries and keys, when requested.
         thresholds (`list[dict]`): per pair and pass, the thresholds applied.
+        sharing (`(M,)` float): how much each image shares with the collection, in [0, 1]: the matches kept with its
+            best analysed partner over the median of that number over the images (capped at 1; see
+            :func:`sharing_scores`). About 1 for an image showing the common object, near 0 for one without it.
+        outliers (`(M,)` bool): images found to share nothing (`sharing < SHARING_CUT`, `"auto"` preset, 3+
+            images): their correspondences are dropped (their pairs stay listed, empty), they confirm nothing
+            (step 8b) and their masks are empty.
     """
 
     correspondences: list[PairCorrespondence]
@@ -127,6 +139,8 @@ class CoSegmentationPipelineOutput(BaseOutput):
     keypoint_parts: list | None = None
     features: "CoSegmentationFeatures | None" = None
     thresholds: list | None = None
+    sharing: np.ndarray | torch.Tensor | None = None
+    outliers: np.ndarray | torch.Tensor | None = None
 
 
 @dataclass
@@ -325,6 +339,8 @@ class AnalysisSettings:
         chunk_size (`int` or `None`): attention rows computed at once.
         output_type (`str`): `"np"` or `"pt"`.
         segment (`bool`): run steps 10-11 (clustering and co-segmentation).
+        partners (`int` or `None`): each image analysed with its `partners` most similar images
+            (:func:`partner_pairs`); `None`: every pair.
     """
 
     selection: str = "auto"
@@ -334,6 +350,7 @@ class AnalysisSettings:
     chunk_size: int | None = None
     output_type: str = "np"
     segment: bool = True
+    partners: int | None = None
 
     @property
     def pair_settings(self) -> dict:
@@ -352,6 +369,7 @@ def check_analysis_settings(
     chunk_size: int | None = None,
     output_type: str = "np",
     segment: bool = True,
+    partners: int | None = None,
 ) -> AnalysisSettings:
     """Checks the analysis arguments once, where the user passes them; errors name the argument and the value."""
     if selection not in SELECTION_PRESETS:
@@ -373,6 +391,7 @@ def check_analysis_settings(
         raise ValueError(f"`chunk_size` must be a positive int or None, got {_describe(chunk_size)}.")
     if not isinstance(segment, bool):
         raise TypeError(f"`segment` must be a bool, got {_describe(segment)}.")
+    partners = _check_partners(partners)
     return AnalysisSettings(
         selection,
         thresholds,
@@ -381,7 +400,19 @@ def check_analysis_settings(
         None if chunk_size is None else int(chunk_size),
         output_type,
         segment,
+        partners,
     )
+
+
+def _check_partners(partners: Any) -> int | None:
+    """`partners`: `None` or an int >= 1 (`TypeError` for another type, `ValueError` below 1)."""
+    if partners is None:
+        return None
+    if not _is_int(partners):
+        raise TypeError(f"`partners` must be an int >= 1 or None, got {_describe(partners)}.")
+    if partners < 1:
+        raise ValueError(f"`partners` must be an int >= 1 or None, got {partners!r}.")
+    return int(partners)
 
 
 @dataclass
@@ -473,6 +504,41 @@ def _check_features(
 def _every_pair(num_images: int) -> list[tuple[int, int]]:
     """Every unordered pair `(s, t)`, `s < t`, in order."""
     return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+
+
+def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
+    """A cheap global descriptor per image, `(M, D)` float32 with unit rows (zero rows when every image is alike).
+
+    Per captured layer: each token's query (heads concatenated, `H * d`) scaled to unit length, averaged over the
+    image's tokens, minus the mean of that over the collection (what every image has alike, e.g. a positional
+    component, cancels), scaled to unit length; the layers' descriptors concatenated, each weighted
+    `1 / sqrt(layers)`, and the whole scaled to unit length. Two images' cosine similarity is the dot product of their
+    rows. Cost: one pass over the features, `O(M N H d)`, next to the `O(N^2 H d)` of one pair's attention.
+    """
+    parts = []
+    for queries in features.queries:
+        tokens = queries.detach().float().permute(0, 2, 1, 3).flatten(2)  # (M, N, H * d)
+        mean = torch.nn.functional.normalize(tokens, dim=-1).mean(dim=1)
+        mean = mean - mean.mean(dim=0, keepdim=True)
+        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(len(features.queries)))
+    return torch.nn.functional.normalize(torch.cat(parts, dim=1).cpu(), dim=-1)
+
+
+def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
+    """The pair graph: each image with its `partners` most similar images (cosine similarity of
+    :func:`image_descriptors`; ties to the lower index), the union of those pairs as `(s, t)`, `s < t`, in order.
+    `None`, or `partners >= M - 1`: every pair. At most `M * partners` pairs, so the analysis grows as `M * K`."""
+    num_images = features.num_images
+    if partners is None or partners >= num_images - 1:
+        return _every_pair(num_images)
+    descriptors = image_descriptors(features).double()
+    similarity = descriptors @ descriptors.T
+    similarity.fill_diagonal_(-math.inf)
+    pairs = set()
+    for i in range(num_images):
+        order = sorted(range(num_images), key=lambda j: (-float(similarity[i, j]), j))
+        pairs.update((min(i, j), max(i, j)) for j in order[:partners])
+    return sorted(pairs)
 
 
 def _check_pair_list(pairs, num_images: int) -> list[tuple[int, int]]:
@@ -572,6 +638,7 @@ def analyze_pairs(
     chunk_size: int | None = None,
     device: torch.device | str | None = None,
     progress: Callable[[int], Any] | None = None,
+    partners: int | None = None,
 ) -> list[PairAnalysis]:
     r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
     both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
@@ -586,24 +653,34 @@ def analyze_pairs(
             by default.
         selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress: as in
             :func:`analyze_features`.
+        partners (`int`, *optional*): with `pairs=None`, the pairs of the partner graph (:func:`partner_pairs`: each
+            image with its `partners` most similar images), as `analyze_features(partners=...)` analyses them.
+            Give `pairs` or `partners`, not both (to split the graph between processes, split
+            `partner_pairs(features, K)` and pass each share as `pairs`).
 
     Returns:
         `list[PairAnalysis]`, one per pair, in the order of `pairs`.
     """
     settings = check_analysis_settings(
-        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size=chunk_size
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size=chunk_size, partners=partners
     )
     device = _check_features(features, settings, device, progress)
-    pairs = _check_pair_list(pairs, features.num_images)
+    if pairs is not None and partners is not None:
+        raise ValueError(f"Give `pairs` or `partners`, not both; got `partners`={partners!r} and a list of pairs.")
+    pairs = partner_pairs(features, partners) if pairs is None else _check_pair_list(pairs, features.num_images)
     return _analyze_pair_list(features, pairs, settings, device, progress)
 
 
 def join_pair_analyses(
-    pair_analyses: Sequence[PairAnalysis], features: CoSegmentationFeatures, settings: dict, device: torch.device
+    pair_analyses: Sequence[PairAnalysis],
+    features: CoSegmentationFeatures,
+    settings: dict,
+    device: torch.device,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> dict[tuple[int, int], PassResult]:
-    """Checks that `pair_analyses` cover every pair of `features` once, made with `settings` (`selection` and the
-    threshold overrides); returns their passes by `(source, target)` on `device`, in pair order (`(s, t)` then
-    `(t, s)` for each `s < t`)."""
+    """Checks that `pair_analyses` cover `pairs` (default: every pair of `features`; see :func:`partner_pairs`) once,
+    made with `settings` (`selection` and the threshold overrides); returns their passes by `(source, target)` on
+    `device`, in pair order (`(s, t)` then `(t, s)` for each `s < t`)."""
     if isinstance(pair_analyses, (str, bytes)) or not isinstance(pair_analyses, Sequence):
         raise TypeError(f"`pair_analyses` must be a list of PairAnalysis or None, got {_describe(pair_analyses)}.")
     num_images, grid = features.num_images, tuple(features.grid_size)
@@ -622,18 +699,63 @@ def join_pair_analyses(
                 "pass the same `selection` and thresholds to analyze_pairs and analyze_features."
             )
         by_pair[pair] = analysis.to(device)
-    expected = set(_every_pair(num_images))
+    pairs = _every_pair(num_images) if pairs is None else sorted(pairs)
+    expected = set(pairs)
     if set(by_pair) != expected:
         missing, extra = sorted(expected - set(by_pair)), sorted(set(by_pair) - expected)
+        graph = "every pair" if len(pairs) == num_images * (num_images - 1) // 2 else "each pair of the partner graph"
         raise ValueError(
-            f"`pair_analyses` must hold every pair of the {num_images} images once: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, not in the collection {extra[:5]}."
+            f"`pair_analyses` must hold {graph} of the {num_images} images once: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, not analysed here {extra[:5]}."
         )
     passes = {}
-    for pair in _every_pair(num_images):
+    for pair in pairs:
         for result in by_pair[pair].passes:
             passes[(result.source_index, result.target_index)] = result
     return passes
+
+
+def sharing_scores(passes: dict[tuple[int, int], PassResult], num_images: int) -> torch.Tensor:
+    """How much each image shares with the collection, `(M,)` float64 in [0, 1], from the kept matches of steps 4-8a.
+
+    An image's *best partner count* is the largest number of matches (both passes) it keeps with one analysed
+    partner; its score is that count over the median of the images' best partner counts, capped at 1. An image
+    that shows the common object matches its best partner about as well as the others do theirs (design split:
+    0.78-1); one without it keeps only the few matches that per-pass adaptive thresholds always let through (0.05-
+    0.19). The median makes the score collection-relative; it assumes most images show the object. All ones when
+    the collection keeps no match at all."""
+    kept = torch.zeros(num_images, num_images, dtype=torch.float64)
+    for (s, t), result in passes.items():
+        count = float(result.keep.sum())
+        kept[s, t] += count
+        kept[t, s] += count
+    best = kept.max(dim=1).values
+    typical = float(np.median(best.numpy()))
+    if typical <= 0:
+        return torch.ones(num_images, dtype=torch.float64)
+    return (best / typical).clamp(0.0, 1.0)
+
+
+def find_outliers(sharing: torch.Tensor, selection: str) -> torch.Tensor:
+    """`(M,)` bool: images whose `sharing` is under `SHARING_CUT`, under the `"auto"` preset with 3+ images (with two
+    images both have the same best partner; `"paper"` keeps the note's method: nothing dropped)."""
+    flagged = sharing < SHARING_CUT
+    return flagged if selection == "auto" and sharing.numel() >= 3 else torch.zeros_like(flagged)
+
+
+def split_outlier_passes(
+    passes: dict[tuple[int, int], PassResult], outliers: torch.Tensor
+) -> tuple[dict[tuple[int, int], PassResult], dict[tuple[int, int], PassResult]]:
+    """The passes between two non-outlier images (as given), and the passes touching an outlier with nothing kept
+    (they take no part in steps 8b-8c and yield empty correspondences)."""
+    flagged = set(torch.nonzero(outliers).flatten().tolist())
+    inliers, dropped = {}, {}
+    for pair, result in passes.items():
+        if flagged & set(pair):
+            dropped[pair] = replace(result, keep=torch.zeros_like(result.keep))
+        else:
+            inliers[pair] = result
+    return inliers, dropped
 
 
 def _compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -646,7 +768,8 @@ def confirm_by_third_images(
 ) -> dict[tuple[int, int], PassResult]:
     """Step 8b (`"auto"`, three or more images): a pass `s -> t` also keeps the matches that two third images `u`
     confirm, the kept maps `s -> u -> t` landing near them (:func:`confirm_matches`). Every pass is confirmed from
-    the keeps it was given. `passes` by `(source, target)`, both orientations of every pair."""
+    the keeps it was given. `passes` by `(source, target)`, both orientations of each analysed pair; a third image
+    counts only when both its pairs `(s, u)` and `(u, t)` are in `passes` (a sparse pair graph)."""
     kept_maps = {
         (s, t): kept_map(
             result.statistics.forward, result.keep, passes[(t, s)].statistics.forward, passes[(t, s)].keep
@@ -655,7 +778,10 @@ def confirm_by_third_images(
     }
     confirmed = {}
     for (s, t), result in passes.items():
-        via = [u for u in range(num_images) if u not in (s, t)]
+        via = [u for u in range(num_images) if u not in (s, t) and (s, u) in kept_maps and (u, t) in kept_maps]
+        if not via:  # no third image linked to both: nothing to confirm with
+            confirmed[(s, t)] = result
+            continue
         predictions = torch.stack([_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via])
         keep = confirm_matches(
             result.statistics.forward, result.keep, predictions, grid_size, result.thresholds.max_inverse_error
@@ -690,11 +816,12 @@ def check_consistency(
 def pair_correspondences(
     passes: dict[tuple[int, int], PassResult], features: CoSegmentationFeatures
 ) -> list[PairCorrespondence]:
-    """Step 8 (end): per pair `s < t`, the kept matches of both passes joined in the orientation `s -> t` (a match
-    found by both appears once, `mutual`), with their confidence (:func:`match_scores`) and pixel positions."""
+    """Step 8 (end): per analysed pair `s < t` (in order), the kept matches of both passes joined in the
+    orientation `s -> t` (a match found by both appears once, `mutual`), with their confidence
+    (:func:`match_scores`) and pixel positions."""
     grid = tuple(features.grid_size)
     correspondences = []
-    for s, t in _every_pair(features.num_images):
+    for s, t in sorted(pair for pair in passes if pair[0] < pair[1]):
         forward, backward = passes[(s, t)], passes[(t, s)]
         source_tokens, target_tokens, scores, mutual = merge_passes(
             forward.statistics.forward,
@@ -734,13 +861,15 @@ def mean_pass_maps(
     passes: dict[tuple[int, int], PassResult], num_images: int, num_tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 5 over the collection: `(M, N)` mean IME of each token as a target and `(M, N)` mean IMS of each token
-    as a source, over its `M - 1` partners."""
+    as a source, over its analysed partners (`M - 1` with every pair)."""
     entropy_sum = torch.zeros(num_images, num_tokens, device=device)
     error_sum = torch.zeros(num_images, num_tokens, device=device)
+    partners = torch.zeros(num_images, 1, device=device)
     for result in passes.values():
         entropy_sum[result.target_index] += result.inverse_entropy
         error_sum[result.source_index] += result.statistics.inverse_error
-    partners = max(num_images - 1, 1)
+        partners[result.source_index] += 1
+    partners = partners.clamp_min(1)
     return entropy_sum / partners, error_sum / partners
 
 
@@ -930,6 +1059,7 @@ def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> C
         return value
 
     fields = ("correspondences", "density_maps", "entropy_maps", "inverse_error_maps", "masks", "part_masks")
+    fields += ("sharing", "outliers")
     for name in fields + ("keypoints", "keypoint_parts"):
         setattr(output, name, convert(getattr(output, name)))
     return output
@@ -946,20 +1076,26 @@ def analyze_checked_features(
     :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order."""
     num_images, grid = features.num_images, tuple(features.grid_size)
     num_tokens = grid[0] * grid[1]
-    # 4-8a. Per pair (the expensive part), unless done already (e.g. split between processes)
+    # 4-8a. Per pair of the pair graph (the expensive part), unless done already (e.g. split between processes)
+    pairs = partner_pairs(features, settings.partners)
     if pair_analyses is None:
-        pair_analyses = _analyze_pair_list(features, _every_pair(num_images), settings, device, progress)
-    passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device)
+        pair_analyses = _analyze_pair_list(features, pairs, settings, device, progress)
+    passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device, pairs)
     thresholds = [
         {"source": result.source_index, "target": result.target_index, **result.thresholds.__dict__}
         for result in passes.values()
     ]
+    # How much each image shares with the collection; an outlier's matches are dropped before 8b
+    sharing = sharing_scores(passes, num_images)
+    outliers = find_outliers(sharing, settings.selection)
     if settings.selection == "auto":
+        inliers, dropped = split_outlier_passes(passes, outliers)
         # 8b. With three or more images: matches that third images confirm
         if num_images > 2:
-            passes = confirm_by_third_images(passes, num_images, grid)
+            inliers = confirm_by_third_images(inliers, num_images, grid)
         # 8c. Final consistency with the reverse pass and the local affine field
-        passes = check_consistency(passes, grid)
+        inliers = check_consistency(inliers, grid)
+        passes = {pair: inliers[pair] if pair in inliers else dropped[pair] for pair in passes}
     # 8. Both passes of each pair joined into its correspondences
     correspondences = pair_correspondences(passes, features)
     # 9. Hit counts, and the mean IME and IMS maps of step 5
@@ -971,6 +1107,8 @@ def analyze_checked_features(
         entropy_maps=entropy.view(num_images, *grid),
         inverse_error_maps=inverse_error.view(num_images, *grid),
         thresholds=thresholds,
+        sharing=sharing,
+        outliers=outliers,
     )
     if settings.segment:
         # 10. Clustering: hit regions per image, linked across images into shared parts
@@ -1001,6 +1139,7 @@ def analyze_features(
     progress: Callable[[int], Any] | None = None,
     pair_analyses: Sequence[PairAnalysis] | None = None,
     segment: bool = True,
+    partners: int | None = None,
 ) -> CoSegmentationPipelineOutput:
     r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
     4-11); no UNet needed, so a caller can re-run it with other thresholds.
@@ -1035,12 +1174,18 @@ def analyze_features(
         output_type (`str`, *optional*, defaults to `"np"`): `"np"` for numpy arrays, `"pt"` for torch tensors.
         progress (`Callable`, *optional*): called with 1 after each pair (e.g. a tqdm bar's `update`).
         pair_analyses (`list[PairAnalysis]`, *optional*): the per-pair steps 4-8a already done by
-            :func:`analyze_pairs` (every pair once, any order, e.g. gathered from several processes, made with the
+            :func:`analyze_pairs` (every pair of the graph once, any order, e.g. gathered from several processes, made with the
             same `selection` and thresholds as this call); only steps 8b-11 then run here. The output is the same
             as without them.
         segment (`bool`, *optional*, defaults to `True`): run steps 10-11; with `False` the clustering and the
             co-segmentation are skipped and `masks`, `part_masks`, `keypoints` and `keypoint_parts` are `None`
             (the other fields are unchanged).
+        partners (`int`, *optional*): the sparse pair graph: each image is analysed with its `partners` most
+            similar images (cosine similarity of :func:`image_descriptors`, a mean of unit-length queries per image),
+            the union of those pairs analysed (:func:`partner_pairs`; at most `M * partners` pairs, so the cost
+            grows as `M * K`); hit counts, parts and masks come from those pairs, `correspondences` lists only them,
+            and step 8b confirms through third images linked to both images of a pair. `None` (default), or
+            `partners >= M - 1`: every pair. With `pair_analyses`, they must cover exactly this graph.
 
     Returns:
         [`CoSegmentationPipelineOutput`]
@@ -1061,6 +1206,7 @@ def analyze_features(
         chunk_size=chunk_size,
         output_type=output_type,
         segment=segment,
+        partners=partners,
     )
     device = _check_features(features, settings, device, progress)
     return analyze_checked_features(features, settings, device, progress, pair_analyses)

@@ -82,9 +82,12 @@ def all_pairs(num_images: int) -> list[tuple[int, int]]:
     return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
 
 
-def pair_shares(num_images: int, num_processes: int) -> list[list[tuple[int, int]]]:
-    """Pairs each process analyses: every `num_processes`-th pair (balanced, since pairs cost the same)."""
-    pairs = all_pairs(num_images)
+def pair_shares(
+    num_images: int, num_processes: int, pairs: Sequence[tuple[int, int]] | None = None
+) -> list[list[tuple[int, int]]]:
+    """Pairs each process analyses: every `num_processes`-th pair of `pairs` (default: every pair; with `--partners`
+    the partner graph) (balanced, since pairs cost the same)."""
+    pairs = all_pairs(num_images) if pairs is None else list(pairs)
     return [pairs[process::num_processes] for process in range(num_processes)]
 
 
@@ -133,6 +136,10 @@ def results_document(
             {"index": i, "path": path, "height": int(size[0]), "width": int(size[1])}
             for i, (path, size) in enumerate(zip(image_paths, image_sizes))
         ],
+        "sharing": None if getattr(output, "sharing", None) is None else _floats(output.sharing),
+        "outliers": None
+        if getattr(output, "outliers", None) is None
+        else np.asarray(output.outliers, dtype=bool).tolist(),
         "correspondences": [
             {
                 "source_index": int(pair.source_index),
@@ -336,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + name.replace("_", "-"), type=_non_negative_float, default=None, help="override (inf disables)"
         )
     parser.add_argument("--num-parts", type=_positive_int, default=None, help="number of parts (if supported)")
+    parser.add_argument(
+        "--partners",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="analyse each image with its K most similar images only (cost ~ M*K; default: every pair)",
+    )
     parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet forward")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
@@ -389,6 +403,7 @@ def run(args: argparse.Namespace) -> dict:
         analyze_features,
         analyze_pairs,
     )
+    from cosegment.analysis import partner_pairs
 
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
@@ -411,6 +426,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.selection is not None:
         analysis["selection"] = args.selection
     collection_only = {"num_parts": args.num_parts} if args.num_parts is not None else {}
+    if args.partners is not None:
+        collection_only["partners"] = args.partners
     segment = not args.no_segment
 
     # 1-3. Capture: each process its share of whole batches, with the noise of a one-process run.
@@ -460,7 +477,8 @@ def run(args: argparse.Namespace) -> dict:
     logger.info("features of %d images gathered", features.num_images)
 
     # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
-    my_pairs = pair_shares(features.num_images, world)[rank]
+    graph = partner_pairs(features, args.partners)  # every pair, or the partner graph: the same on every process
+    my_pairs = pair_shares(features.num_images, world, graph)[rank]
     with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
         my_analyses = analyze_pairs(features, my_pairs, device=state.device, progress=bar.update, **analysis)
     logger.info("analysed %d pairs", len(my_pairs))

@@ -43,6 +43,7 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     analyze_features,
     analyze_pairs,
     check_analysis_settings,
+    partner_pairs,
 )
 from .processors.cross_self_attention import (
     AttentionStore,
@@ -298,6 +299,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         num_parts: int | None = None,
         background_threshold: float | None = None,
         output_type: str = "np",
+        partners: int | None = None,
     ) -> CheckedInputs:
         """Validates every argument before any model runs; errors name the argument and the value.
 
@@ -330,6 +332,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             num_parts=num_parts,
             background_threshold=background_threshold,
             output_type=output_type,
+            partners=partners,
         )
         grid = self._grid_size(layer_names, int(height), int(width))
         if selection == "paper" and grid[0] * grid[1] < 2:
@@ -577,6 +580,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_features: bool = False,
         return_dict: bool = True,
+        partners: int | None = None,
     ):
         r"""Finds what a collection of images has in common.
 
@@ -613,6 +617,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 :func:`analyze_features` can re-analyse with other thresholds without the UNet.
             return_dict (`bool`, *optional*, defaults to `True`): return a [`CoSegmentationPipelineOutput`] instead
                 of a tuple.
+            partners (`int`, *optional*): analyse each image with its `partners` most similar images only (a cheap
+                global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`), the
+                union of those pairs; the cost grows as `M * partners` instead of `M^2 / 2`. `None` (default):
+                every pair.
 
         Examples:
 
@@ -641,13 +649,14 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             num_parts=num_parts,
             background_threshold=background_threshold,
             output_type=output_type,
+            partners=partners,
         )
 
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)
         features = self._capture(checked, prompt, int(timestep), int(ensemble_size), int(batch_size), generator)
 
         # 4-11. Analyse the captured features
-        num_pairs = features.num_images * (features.num_images - 1) // 2
+        num_pairs = len(partner_pairs(features, checked.settings.partners))
         with self.progress_bar(total=num_pairs) as bar:
             output = analyze_checked_features(features, checked.settings, features.queries[0].device, bar.update)
         if return_features:
