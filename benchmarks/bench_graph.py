@@ -7,6 +7,8 @@ Tables (each printed as markdown; times and ratios measured in this one run):
   inliers' smallest `sharing`;
 - `clean`: collections without an outlier (M = 4 and 8, the split's families in turn): inliers flagged (must be 0)
   and the smallest inlier `sharing`;
+- `planted`: the cells of benchmarks/planted.py (its seeds, `1000 M + i`, every noise level): images flagged (must
+  be 0: with none flagged the output is bit for bit the one without the outlier rule) and the smallest `sharing`;
 - `partners`: M = 16, every pair against `partners=3`: analysis time and its ratio, precision, coverage (over the
   analysed pairs, and over every pair), Jaccard, NMI;
 - `timing`: analysis time against M for every pair and `partners=3`. Where every pair would take too long
@@ -37,6 +39,7 @@ from cosegment.benchmarks.families import (  # noqa: E402
     outlier_rows,
     score_case,
 )
+from cosegment.benchmarks.planted import NOISE_LEVELS, make_planted_features  # noqa: E402
 
 PARTNERS = 3
 
@@ -75,6 +78,29 @@ def clean_table(split, seeds: int, sizes=(4, 8)) -> list[dict]:
             low.append(float(output.sharing.min()))
             count += m
         rows.append({"cell": f"clean, M = {m}", "images": count, "flagged": flagged, "smallest sharing": min(low)})
+    return rows
+
+
+def planted_table(seeds: int, sizes=(4, 8)) -> list[dict]:
+    """benchmarks/planted.py's cells (no outlier there): no image may be flagged."""
+    rows = []
+    for m in sizes:
+        for level, noise in NOISE_LEVELS.items():
+            flagged, low = 0, []
+            for seed in range(seeds):
+                case = make_planted_features(m, noise=noise, seed=1000 * m + seed)
+                output = analyze_features(case.features, segment=False)
+                flagged += int(output.outliers.sum())
+                low.append(float(output.sharing.min()))
+            rows.append(
+                {
+                    "cell": f"planted.py M = {m}, {level}",
+                    "images": m * seeds,
+                    "flagged": flagged,
+                    "smallest sharing": min(low),
+                }
+            )
+            print(markdown(rows[-1:]), flush=True)
     return rows
 
 
@@ -143,7 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--split", choices=sorted(SPLITS), default="design")
     parser.add_argument("--tables", nargs="+", default=["outlier", "clean", "partners", "timing"])
     parser.add_argument("--seeds", type=int, default=3, help="collections per cell")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="timing table: M")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="timing / planted tables: M")
     parser.add_argument("--sample-above", type=int, default=16, help="timing: sample pairs above this M")
     args = parser.parse_args(argv)
     split = SPLITS[args.split]
@@ -152,6 +178,7 @@ def main(argv=None) -> None:
     makers = {
         "outlier": lambda: outlier_table(split, args.seeds),
         "clean": lambda: clean_table(split, args.seeds),
+        "planted": lambda: planted_table(args.seeds, tuple(args.sizes)),
         "partners": lambda: partners_table(split, args.seeds),
         "timing": lambda: timing_table(split, tuple(args.sizes), args.sample_above),
     }

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_cli import NO_FILTER_FLAGS, _free_port, _run_cli, image_files  # noqa: F401 (image_files: a fixture)
+from test_cli import NO_FILTER_FLAGS, _run_cli, image_files, two_process_launch  # noqa: F401 (image_files: a fixture)
 
 from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs
 from cosegment.analysis import confirm_by_third_images, image_descriptors, join_pair_analyses, partner_pairs
@@ -158,11 +158,8 @@ def test_two_processes_split_the_partner_graph(image_files, tiny_sd_path, tmp_pa
     cli += ["--height", "128", "--width", "128", "--top-k", "10", "--partners", "1"] + NO_FILTER_FLAGS
     one = str(tmp_path / "one")
     _run_cli([sys.executable] + cli, one)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port())]
     two = str(tmp_path / "two")
-    result = _run_cli(launch + cli, two)
+    result = _run_cli(two_process_launch() + cli, two)
     with open(os.path.join(one, "results.json")) as handle:
         document = json.load(handle)
     pairs = [(p["source_index"], p["target_index"]) for p in document["correspondences"]]
