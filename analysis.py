@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.utils import BaseOutput
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .utils.correspondence import (
     PassStatistics,
@@ -39,6 +39,7 @@ from .utils.correspondence import (
     select_matches,
     token_centres_in_pixels,
 )
+from .utils.files import save_safetensors
 from .utils.images import describe as _describe
 from .utils.segmentation import (
     assign_parts,
@@ -261,7 +262,7 @@ class CoSegmentationFeatures:
             "layer_names": json.dumps(list(self.layer_names)),
             "metadata": json.dumps(self.metadata),
         }
-        save_file(tensors, os.fspath(path), metadata=header)
+        save_safetensors(tensors, os.fspath(path), metadata=header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":

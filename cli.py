@@ -31,9 +31,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cosegment.utils.command_line import DTYPES, THRESHOLD_NAMES
+
 RESULTS_FORMAT = "cosegment.results/1"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-THRESHOLD_ARGS = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
+THRESHOLD_ARGS = THRESHOLD_NAMES
 
 logger = logging.getLogger("cosegment.cli")
 
@@ -221,22 +222,68 @@ def _write_png(path: str, rgb: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+# The three per-image maps: output field, panel title, what the colour bar measures (with its unit).
+MAP_PANELS = (
+    ("density_maps", "hit count", "kept matches per token"),
+    ("entropy_maps", "inverse-mapping entropy", "nats (low = confident)"),
+    ("inverse_error_maps", "inverse-mapping error", "cells (low = consistent)"),
+)
+
+
+def image_panels(output, index: int, image: np.ndarray, scale: float = 1.0) -> list[np.ndarray]:
+    """Image `index`'s pictures: the three heat-maps, each with a colour bar (range and unit), then the mask and the
+    parts with their legends when the output has them. `image` is the picture's copy of the image, `scale` its size
+    over the original's (points are scaled by it).
+
+    Returns:
+        `(H_k, W_k, 3)` uint8 RGB panels, titled.
+    """
+    from cosegment.utils.visualization import (
+        add_colorbar,
+        add_legend,
+        add_title,
+        heatmap_range,
+        mask_legend,
+        overlay_heatmap,
+        overlay_mask,
+        overlay_parts,
+        parts_legend,
+    )
+
+    panels = []
+    for field, title, unit in MAP_PANELS:
+        grid = np.asarray(getattr(output, field)[index])
+        heat = add_colorbar(overlay_heatmap(image, grid), heatmap_range(grid), f"{title}: {unit}")
+        panels.append(add_title(heat, title))
+    size = (image.shape[1], image.shape[0])
+    if output.masks is not None:
+        mask = _resize_labels(np.asarray(output.masks[index]).astype(np.uint8), size).astype(bool)
+        picture = overlay_mask(image, mask, dim_background=0.5)
+        panels.append(add_title(add_legend(picture, mask_legend(dim_background=0.5)), "common foreground"))
+    if output.part_masks is not None:
+        labels = _resize_labels(np.asarray(output.part_masks[index]).astype(np.int32), size)
+        keypoints = labels_of = None
+        if output.keypoints is not None:
+            keypoints = np.asarray(output.keypoints[index], dtype=np.float64) * scale
+            labels_of = None if output.keypoint_parts is None else output.keypoint_parts[index]
+        picture = overlay_parts(image, labels, keypoints=keypoints, keypoint_parts=labels_of)
+        found = set(np.unique(labels).tolist()) | set(np.asarray(labels_of if labels_of is not None else []).tolist())
+        entries = parts_legend(found) or [((0, 0, 0), "no part found")]
+        title = "parts (dots: part centres)" if keypoints is not None and len(keypoints) else "parts"
+        panels.append(add_title(add_legend(picture, entries), title))
+    return panels
+
+
 def write_figures(
     output, images: Sequence[np.ndarray], out_dir: str, top_k: int = 50, max_side: int = 384
 ) -> list[str]:
-    """PNG pictures: `pairs/pair_S_T.png` (top matches) and `images/image_I.png` (maps, mask, parts).
+    """PNG pictures: `pairs/pair_SSS_TTT.png` (top matches) and `images/image_III.png` (maps, mask, parts), numbers
+    zero-padded to 3 digits.
 
     Returns:
         the written paths relative to `out_dir`.
     """
-    from cosegment.utils.visualization import (
-        add_title,
-        draw_correspondences,
-        overlay_heatmap,
-        overlay_mask,
-        overlay_parts,
-        side_by_side,
-    )
+    from cosegment.utils.visualization import add_title, draw_correspondences, side_by_side
 
     written = []
     os.makedirs(os.path.join(out_dir, "pairs"), exist_ok=True)
@@ -253,43 +300,17 @@ def write_figures(
             top_k=top_k,
         )
         shown = min(len(pair), top_k)
-        picture = add_title(picture, f"images {pair.source_index} - {pair.target_index}: top {shown} of {len(pair)}")
+        title = f"images {pair.source_index} - {pair.target_index}: top {shown} of {len(pair)} matches"
+        picture = add_title(picture, title + " (colour = position in the left image)")
         relative = f"pairs/pair_{pair.source_index:03d}_{pair.target_index:03d}.png"
         _write_png(os.path.join(out_dir, relative), picture)
         written.append(relative)
-    for i, (image, _) in enumerate(fitted):
-        panels = [
-            add_title(overlay_heatmap(image, grid), f"{title} {_range_text(grid)}")
-            for grid, title in (
-                (output.density_maps[i], "hit count"),
-                (output.entropy_maps[i], "inverse entropy (nats)"),
-                (output.inverse_error_maps[i], "inverse error (cells)"),
-            )
-        ]
-        size = (image.shape[1], image.shape[0])
-        if output.masks is not None:
-            mask = _resize_labels(np.asarray(output.masks[i]).astype(np.uint8), size).astype(bool)
-            panels.append(add_title(overlay_mask(image, mask, dim_background=0.5), "mask"))
-        if output.part_masks is not None:
-            labels = _resize_labels(np.asarray(output.part_masks[i]).astype(np.int32), size)
-            keypoints = labels_of = None
-            if output.keypoints is not None:
-                keypoints = np.asarray(output.keypoints[i], dtype=np.float64) * fitted[i][1]
-                labels_of = None if output.keypoint_parts is None else output.keypoint_parts[i]
-            panels.append(
-                add_title(overlay_parts(image, labels, keypoints=keypoints, keypoint_parts=labels_of), "parts")
-            )
-        picture, _ = side_by_side(panels)
+    for i, (image, scale) in enumerate(fitted):
+        picture, _ = side_by_side(image_panels(output, i, image, scale))
         relative = f"images/image_{i:03d}.png"
         _write_png(os.path.join(out_dir, relative), picture)
         written.append(relative)
     return written
-
-
-def _range_text(grid) -> str:
-    """`"0 to 12"`: the values the colour map spans (blue to red)."""
-    grid = np.asarray(grid, dtype=np.float64)
-    return f"{grid.min():.3g} to {grid.max():.3g}"
 
 
 def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -305,80 +326,117 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number or inf, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from cosegment import DEFAULT_MODEL_ID
+    from cosegment.pipeline_cosegment import SELECTION_PRESETS
+    from cosegment.utils.command_line import (
+        ArgumentParser,
+        add_common_arguments,
+        non_negative_float,
+        non_negative_int,
+        positive_int,
+    )
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cosegment",
         description="Correspondences, confidence maps and co-segmentation of an image collection from Stable "
-        "Diffusion self-attention. Run under `accelerate launch` to use several processes / GPUs.",
+        "Diffusion self-attention. Every option and image is checked before the model loads. Run under "
+        "`accelerate launch` to use several processes / GPUs.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="two or more image files")
     parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help=f"model id or folder (default {DEFAULT_MODEL_ID})")
-    parser.add_argument("--height", type=_positive_int, default=None, help="processing height (default: the model's)")
-    parser.add_argument("--width", type=_positive_int, default=None, help="processing width (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (the only randomness)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_ID,
+        help=f"Hub id or local folder of a Stable Diffusion pipeline (default {DEFAULT_MODEL_ID}); "
+        "`python examples/make_tiny_pipeline.py tiny-sd/` makes a tiny random one to try the tool offline",
+    )
+    parser.add_argument("--height", type=positive_int, default=None, help="processing height (default: the model's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="processing width (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (the only randomness; default 0)")
     parser.add_argument("--timestep", type=int, default=261, help="diffusion timestep of the noise (default 261)")
-    parser.add_argument("--ensemble-size", type=_positive_int, default=1, help="noise draws averaged per image")
+    parser.add_argument("--ensemble-size", type=positive_int, default=1, help="noise draws averaged per image")
     parser.add_argument("--attention-layers", default=None, help="regex of the self-attention layers to read")
     parser.add_argument("--prompt", default="", help="text conditioning (default empty)")
-    parser.add_argument("--selection", default=None, help="threshold preset, e.g. 'auto' or 'paper'")
+    parser.add_argument(
+        "--selection", choices=SELECTION_PRESETS, default=None, help="threshold preset (default: auto)"
+    )
     for name in THRESHOLD_ARGS:
         parser.add_argument(
-            "--" + name.replace("_", "-"), type=_non_negative_float, default=None, help="override (inf disables)"
+            "--" + name.replace("_", "-"),
+            type=non_negative_float,
+            default=None,
+            help="override the preset's limit (inf disables the check)",
         )
-    parser.add_argument("--num-parts", type=_positive_int, default=None, help="number of parts (if supported)")
+    parser.add_argument(
+        "--no-filter",
+        action="store_true",
+        help="disable every threshold not given explicitly: keep every forward match (shows the raw matches)",
+    )
+    parser.add_argument("--num-parts", type=positive_int, default=None, help="number of parts (default: estimated)")
     parser.add_argument(
         "--partners",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="K",
         help="analyse each image with its K most similar images only (cost ~ M*K; default: every pair)",
     )
     parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per UNet forward")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype")
-    parser.add_argument("--top-k", type=int, default=50, help="matches drawn per pair picture")
-    parser.add_argument("--figure-size", type=_positive_int, default=384, help="longer side of pictured images")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per UNet forward (default 8)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.add_argument("--top-k", type=non_negative_int, default=50, help="matches drawn per pair picture")
+    parser.add_argument("--figure-size", type=positive_int, default=384, help="longer side of pictured images")
     parser.add_argument("--no-figures", action="store_true", help="write no PNG pictures")
+    add_common_arguments(parser)
     return parser
 
 
-def _dtype_argument(dtype: torch.dtype) -> dict:
-    """`from_pretrained`'s dtype keyword: `dtype` in diffusers >= 0.36 (`torch_dtype` is deprecated there)."""
-    import diffusers
-    from packaging.version import Version
-
-    if dtype == torch.float32:
-        return {}
-    name = "dtype" if Version(diffusers.__version__).release >= (0, 36) else "torch_dtype"
-    return {name: dtype}
-
-
 def load_image(path: str) -> np.ndarray:
-    """An image file -> `(H, W, 3)` uint8 RGB."""
-    import PIL.Image
+    """An image file -> `(H, W, 3)` uint8 RGB (a one-line `ValueError` naming the file when it cannot be read)."""
+    from cosegment.utils.command_line import read_image
 
-    try:
-        with PIL.Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"`image` {path!r} cannot be read as an image: {error}") from error
+    return read_image(path, "IMAGE")
+
+
+def check_arguments(args: argparse.Namespace) -> list[np.ndarray]:
+    """Every check that needs no model: options, the output folder, the device and every image file.
+
+    Returns:
+        the images, `(H, W, 3)` uint8 RGB.
+    """
+    from cosegment.utils.command_line import check_capture_arguments, check_output_folder, resolve_device
+
+    if len(args.images) < 2:
+        raise ValueError(f"`IMAGE` must name 2 or more files, got {len(args.images)}: {args.images}.")
+    resolve_device(args.device)
+    check_output_folder(args.out)
+    check_capture_arguments(args.model, args.height, args.width, args.timestep, args.attention_layers)
+    return [load_image(path) for path in args.images]
+
+
+def _accelerate_state(device: str):
+    """accelerate's `PartialState` for `--device`, and the torch device this process runs on."""
+    from accelerate import PartialState
+
+    from cosegment.utils.command_line import resolve_device
+
+    resolved = resolve_device(device)
+    state = PartialState(cpu=resolved == "cpu")
+    if device.startswith("cuda:") and state.num_processes > 1:
+        raise ValueError(
+            f"`--device` {device!r} names one GPU but {state.num_processes} processes run; use `--device cuda` "
+            "(each process takes its own GPU)."
+        )
+    return state, (state.device if device in ("auto", "cpu", "cuda") else torch.device(resolved))
+
+
+def _set_up_logging(rank: int, world: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RankFilter(rank, world))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(rank)s %(message)s", "%H:%M:%S"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
 
 class _RankFilter(logging.Filter):
@@ -392,48 +450,46 @@ class _RankFilter(logging.Filter):
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Runs the tool for parsed arguments; returns the results document (on every process)."""
-    from accelerate import PartialState
+    """Runs the tool for parsed arguments; returns the results document (on every process).
+
+    Every argument and image file is checked before accelerate starts or the model loads.
+    """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from cosegment import (
-        CoSegmentationFeatures,
-        StableDiffusionCoSegmentationPipeline,
-        analyze_features,
-        analyze_pairs,
+    from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs
+    from cosegment.utils.command_line import (
+        empty_results_warning,
+        load_pipeline,
+        process_count_warning,
+        threshold_overrides,
     )
     from cosegment.analysis import partner_pairs
+    from cosegment.utils.files import save_safetensors
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    images = check_arguments(args)
+    state, device = _accelerate_state(args.device)
     rank, world = state.process_index, state.num_processes
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RankFilter(rank, world))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(rank)s %(message)s", "%H:%M:%S"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    _set_up_logging(rank, world, args.quiet)
     main = state.is_main_process
     started = time.perf_counter()
-
-    if len(args.images) < 2:
-        raise ValueError(f"`images` must name 2 or more files, got {len(args.images)}.")
-    images = [load_image(path) for path in args.images]
-    logger.info("device %s, %d images, %d process(es)", state.device, len(images), world)
+    if main and (warning := process_count_warning(world)):
+        logger.warning(warning)
+    logger.info("device %s, %d images, %d process(es)", device, len(images), world)
 
     # Settings of the analysis (thresholds left out take the preset's values)
-    analysis = {name: getattr(args, name) for name in THRESHOLD_ARGS if getattr(args, name) is not None}
+    analysis = threshold_overrides(args)
     if args.selection is not None:
         analysis["selection"] = args.selection
     collection_only = {"num_parts": args.num_parts} if args.num_parts is not None else {}
     if args.partners is not None:
         collection_only["partners"] = args.partners
     segment = not args.no_segment
+    bars = not (args.quiet or not main)
 
     # 1-3. Capture: each process its share of whole batches, with the noise of a one-process run.
-    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model, **_dtype_argument(DTYPES[args.dtype]))
-    pipe = pipe.to(state.device)
-    pipe.set_progress_bar_config(disable=not main, desc="capture")
+    pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=args.quiet or not main)
+    pipe.set_progress_bar_config(disable=not bars, desc="capture (UNet batches)")
     shares = capture_shares(len(images), args.batch_size, world)
     mine = shares[rank]
     payload = []
@@ -479,8 +535,8 @@ def run(args: argparse.Namespace) -> dict:
     # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs.
     graph = partner_pairs(features, args.partners)  # every pair, or the partner graph: the same on every process
     my_pairs = pair_shares(features.num_images, world, graph)[rank]
-    with tqdm(total=len(my_pairs), desc="pairs", disable=not main) as bar:
-        my_analyses = analyze_pairs(features, my_pairs, device=state.device, progress=bar.update, **analysis)
+    with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
+        my_analyses = analyze_pairs(features, my_pairs, device=device, progress=bar.update, **analysis)
     logger.info("analysed %d pairs", len(my_pairs))
     pair_analyses = gather_object([pair.to("cpu") for pair in my_analyses])
 
@@ -491,12 +547,15 @@ def run(args: argparse.Namespace) -> dict:
         output = analyze_features(
             features,
             output_type="np",
-            device=state.device,
+            device=device,
             pair_analyses=pair_analyses,
             segment=segment,
             **analysis,
             **collection_only,
         )
+        filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
+        if warning := empty_results_warning(output, filtered=filtered):
+            logger.warning("warning: %s", warning)
         settings = {
             "height": features.metadata.get("height"),
             "width": features.metadata.get("width"),
@@ -514,9 +573,7 @@ def run(args: argparse.Namespace) -> dict:
             output, args.images, features.image_sizes, features.grid_size, settings, args.model
         )
         os.makedirs(args.out, exist_ok=True)
-        from safetensors.torch import save_file
-
-        save_file(
+        save_safetensors(
             results_arrays(output), os.path.join(args.out, "results.safetensors"), metadata={"format": RESULTS_FORMAT}
         )
         if not args.no_figures:
@@ -562,13 +619,11 @@ def _json_safe(value):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:
-        parser.error(str(error))
-    return 0
+    """The `cosegment` command. A bad option or image file, or a model that cannot be loaded, is one line on stderr
+    (exit status 2 or 1); `--debug` or `COSEGMENT_DEBUG=1` adds the traceback."""
+    from cosegment.utils.command_line import run_command
+
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -445,52 +445,104 @@ class PipelinePredictor:
 
 def build_parser() -> argparse.ArgumentParser:
     from cosegment import DEFAULT_MODEL_ID
+    from cosegment.utils.command_line import (
+        DTYPES,
+        TINY_PIPELINE_HINT,
+        ArgumentParser,
+        add_common_arguments,
+        positive_float,
+        positive_int,
+    )
 
-    parser = argparse.ArgumentParser(prog="cosegment-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", choices=("spair", "cub"), help="which benchmark")
+    parser = ArgumentParser(prog="cosegment-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=("spair", "cub"), help="which benchmark: spair (SPair-71k) or cub")
     parser.add_argument("root", help="the dataset folder, in its published layout")
     parser.add_argument("--split", default="test", choices=SPAIR_SPLITS, help="SPair-71k split (default test)")
-    parser.add_argument("--categories", nargs="+", default=None, help="only these categories")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many pairs per category")
-    parser.add_argument("--alpha", type=float, default=0.1, help="PCK threshold as a fraction of the bbox size")
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help=f"model id or folder (default {DEFAULT_MODEL_ID})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--timestep", type=int, default=261)
+    parser.add_argument(
+        "--categories", nargs="+", default=None, help="only these categories (CUB: number, name or both)"
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="at most this many pairs per category (default all)"
+    )
+    parser.add_argument(
+        "--alpha", type=positive_float, default=0.1, help="PCK threshold as a fraction of the bbox size (default 0.1)"
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_ID,
+        help=f"Hub id or local pipeline folder (default {DEFAULT_MODEL_ID}); {TINY_PIPELINE_HINT}",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise, the same for every pair (default 0)")
+    parser.add_argument("--height", type=positive_int, default=None, help="processing height (default: the model's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="processing width (default: the model's)")
+    parser.add_argument("--timestep", type=int, default=261, help="diffusion timestep of the noise (default 261)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument("--no-segmentation", action="store_true", help="CUB: skip the co-segmentation Jaccard")
-    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--out", default=None, help="write the results JSON to this file (default: print only)")
+    add_common_arguments(parser)
     return parser
 
 
+def _check_image_files(pairs: Sequence[KeypointPair], cub: dict | None) -> None:
+    """Every image the evaluation will read exists (before the model loads)."""
+    paths = [path for pair in pairs for path in (pair.source_image, pair.target_image)]
+    if cub is not None:
+        paths += [image["path"] for image in cub["images"]]
+    for path in dict.fromkeys(paths):
+        if not os.path.isfile(path):
+            raise ValueError(f"`root`: the annotations name the image {path!r}, which does not exist.")
+
+
 def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) -> dict:
-    """Runs an evaluation; `predictor` defaults to the pipeline named by `--model`."""
+    """Runs an evaluation; `predictor` defaults to the pipeline named by `--model`.
+
+    The dataset, its image files and every option are checked before the model loads.
+    """
     from tqdm.auto import tqdm
 
     import cosegment
+    from cosegment.utils.command_line import check_capture_arguments, check_output_file, resolve_device
 
-    if predictor is None:
-        from cosegment import StableDiffusionCoSegmentationPipeline
-
-        pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model)
-        pipe = pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-        pipe.set_progress_bar_config(disable=True)
-        capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
-        predictor = PipelinePredictor(pipe, seed=args.seed, **capture)
+    quiet = getattr(args, "quiet", False)
+    if args.out:
+        check_output_file(args.out)
     if args.dataset == "spair":
         pairs = load_spair_pairs(args.root, args.split, args.categories, args.limit)
         cub = None
     else:
         cub = load_cub(args.root, args.categories, args.limit)
         pairs = cub_pairs(cub)
-    with tqdm(total=len(pairs), desc="pairs", file=sys.stderr) as bar:
+    _check_image_files(pairs, cub)
+    if predictor is None:
+        from cosegment.utils.command_line import DTYPES, load_pipeline
+
+        device = resolve_device(getattr(args, "device", "auto"))
+        check_capture_arguments(args.model, args.height, args.width, args.timestep)
+        pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=quiet)
+        pipe.set_progress_bar_config(disable=True)
+        capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
+        predictor = PipelinePredictor(pipe, seed=args.seed, **capture)
+    with tqdm(total=len(pairs), desc="keypoint transfer (pairs)", file=sys.stderr, disable=quiet) as bar:
         records = evaluate_keypoints(pairs, predictor.transfer, alpha=args.alpha, progress=bar.update)
     notes = []
     if cub is not None and not args.no_segmentation:
         if not any(image["mask"] is not None for image in cub["images"]):
             notes.append("no segmentations/ folder: Jaccard not measured")
         else:
-            segmented = evaluate_cosegmentation(cub, predictor.segment)
+            categories = len({image["category"] for image in cub["images"] if image["mask"] is not None})
+            found = []  # per segmented image: whether its mask has any foreground
+
+            def segment(paths: list[str]) -> list[np.ndarray] | None:
+                masks = predictor.segment(paths)
+                found.extend(bool(np.asarray(mask).any()) for mask in masks or [])
+                return masks
+
+            with tqdm(total=categories, desc="co-segmentation (categories)", file=sys.stderr, disable=quiet) as bar:
+                segmented = evaluate_cosegmentation(cub, segment, progress=bar.update)
+            if found and not any(found):
+                note = "every predicted mask is empty (no common foreground found): Jaccard is 0 wherever the truth is not"
+                notes.append(note)
+                print(f"warning: {note}; check the model (`--model`) and the processing size", file=sys.stderr)
             if not segmented:
                 notes.append("this cosegment version returns no masks: Jaccard not measured")
             records += segmented
@@ -521,13 +573,11 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except ValueError as error:
-        parser.error(str(error))
-    return 0
+    """The `cosegment-eval` command: a bad option, a dataset folder in the wrong layout or a model that cannot be
+    loaded is one line on stderr (exit status 2 or 1); `--debug` or `COSEGMENT_DEBUG=1` adds the traceback."""
+    from cosegment.utils.command_line import run_command
+
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

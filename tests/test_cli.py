@@ -176,7 +176,12 @@ def test_cli_pictures(cli_run, photos):
     heights = [round(p.shape[0] * s) for p, s in zip(photos[:2], scale)]
     assert pair.shape == (max(heights) + 18, widths[0] + 8 + widths[1], 3)
     panel = np.asarray(PIL.Image.open(os.path.join(out, figures[3])))
-    assert panel.shape[0] == heights[0] + 18 and panel.shape[1] >= 3 * widths[0]
+    # title band (18 px) + image + colour bar under each heat-map (a 10 px bar and two 15 px text lines, 44 px)
+    assert panel.shape[0] == heights[0] + 18 + 44 and panel.shape[1] >= 3 * widths[0]
+    # the hit-count colour bar spans the colour map, blue on the left to red on the right
+    bar_row = panel[18 + heights[0] + 2 + 5, : widths[0]]
+    left, right = bar_row[6].astype(int), bar_row[widths[0] - 6].astype(int)
+    assert left[2] > 100 and left[0] < 60 and right[0] > 100 and right[2] < 60
 
 
 def test_cli_is_deterministic(cli_run, tmp_path):
@@ -274,3 +279,146 @@ def test_cli_no_segment_skips_the_segmentation(cli_run, tmp_path, monkeypatch):
     assert torch.equal(without["density_maps"], with_masks["density_maps"])
     with open(os.path.join(skipped, "results.json")) as handle:
         assert json.load(handle)["settings"]["segment"] is False
+
+
+# --- a newcomer's mistakes: every argument and image is checked before any model loads ------------------------------
+
+MISSING_MODEL = "/no/such/model-folder"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("text") / "notes.jpg"
+    path.write_text("not an image")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--height", "500"], "`--height` must be a positive multiple of 64 for this model, got 500"),
+        (["--width", "0"], "argument --width: must be a positive int, got '0'"),
+        (["--timestep", "5000"], "`--timestep` must be an int in [0, 1000), got 5000"),
+        (["--selection", "strict"], "argument --selection: invalid choice: 'strict'"),
+        (["--top-k", "-1"], "argument --top-k: must be an int >= 0, got '-1'"),
+        (["--max-entropy", "nan"], "argument --max-entropy: must be a non-negative number or inf, got 'nan'"),
+        (["--attention-layers", "("], "`--attention-layers` '(' is not a valid regex"),
+        (["--device", "gpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    ],
+)
+def test_bad_arguments_are_named_before_the_model_loads(image_files, tmp_path, capsys, extra, named):
+    """A model path that does not exist: the error must be the argument's, so no load was tried."""
+    with pytest.raises(SystemExit) as error:
+        main(image_files[:2] + ["--model", MISSING_MODEL, "--out", str(tmp_path / "out")] + extra)
+    err = capsys.readouterr().err
+    assert error.value.code == 2
+    assert err.startswith("cosegment: error: ") and err.count("\n") == 1, err
+    assert named in err and MISSING_MODEL not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_device_is_named_before_the_model_loads(image_files, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: `--device cuda` is valid here")
+    with pytest.raises(SystemExit) as error:
+        main(image_files[:2] + ["--model", MISSING_MODEL, "--out", str(tmp_path), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and err.count("\n") == 1 and "`--device` 'cuda'" in err and MISSING_MODEL not in err
+
+
+def test_bad_image_files_are_named_before_the_model_loads(image_files, text_file, tmp_path, capsys):
+    cases = [
+        ([image_files[0]], "`IMAGE` must name 2 or more files, got 1"),
+        ([image_files[0], str(tmp_path / "missing.jpg")], "missing.jpg': no such file"),
+        ([image_files[0], text_file], "notes.jpg' cannot be read as an image"),
+        ([image_files[0], str(tmp_path)], "is a folder, not an image file"),
+    ]
+    for images, named in cases:
+        with pytest.raises(SystemExit) as error:
+            main(images + ["--model", MISSING_MODEL, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and err.count("\n") == 1 and named in err, err
+        assert MISSING_MODEL not in err
+    with pytest.raises(SystemExit) as error:  # --out names a file
+        main(image_files[:2] + ["--model", MISSING_MODEL, "--out", text_file])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and "`--out`" in err and "is a file, not a folder" in err
+
+
+def test_model_that_cannot_load_is_one_line(image_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COSEGMENT_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model, where in (
+        (MISSING_MODEL, f"there is no folder '{MISSING_MODEL}'"),
+        ("nobody/no-such-model", "is not in the local cache and could not be downloaded (HF_HUB_OFFLINE is set)"),
+        (str(tmp_path), "is not a diffusers pipeline"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            main(image_files[:2] + ["--model", model, "--out", str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err
+        assert error.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"cosegment: error: could not load the model '{model}': ") and where in err
+        assert "`--model FOLDER`" in err and "python examples/make_tiny_pipeline.py tiny-sd/" in err
+        assert "local_files_only" not in err  # diffusers' advice names an option the user cannot pass
+    with pytest.raises(SystemExit):
+        main(image_files[:2] + ["--model", MISSING_MODEL, "--out", str(tmp_path / "out"), "--debug"])
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("cosegment: error: could not load")
+
+
+def test_every_option_has_help():
+    from cosegment.cli import build_parser
+
+    for action in build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_no_filter_is_the_four_inf_flags(cli_run, tmp_path):
+    out, args = cli_run
+    again = str(tmp_path / "no-filter")
+    args = [again if a == out else a for a in args]
+    assert main(args + ["--no-filter", "--top-k", "5", "--no-figures", "--quiet"]) == 0
+    with open(os.path.join(out, "results.json")) as a, open(os.path.join(again, "results.json")) as b:
+        first, second = json.load(a), json.load(b)
+    first.pop("figures")
+    assert first == second and first["settings"]["analysis"]["max_entropy"] == "inf"
+
+
+def test_output_files_follow_the_umask(cli_run):
+    out, _ = cli_run
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for name in ("results.json", "results.safetensors", "pairs/pair_000_001.png", "images/image_000.png"):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == expected, name
+
+
+def test_empty_results_warn_once_and_quiet_prints_nothing_else(image_files, tiny_sd_path, tmp_path):
+    """`--max-entropy 0` keeps no match whatever the model (entropy is >= 0 and the check is strict)."""
+    command = [sys.executable, "-m", "cosegment"] + image_files[:3] + ["--model", tiny_sd_path, "--height", "64"]
+    command += ["--width", "64", "--no-figures", "--quiet", "--max-entropy", "0", "--out", str(tmp_path / "empty")]
+    result = subprocess.run(command, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "] warning: every pair kept 0 matches" in lines[0], result.stderr
+    assert "`--no-filter`" in lines[0] and "`--selection paper`" in lines[0]
+    with open(tmp_path / "empty" / "results.json") as handle:
+        assert all(pair["num_matches"] == 0 for pair in json.load(handle)["correspondences"])
+    # With every threshold off the same run finds matches, prints no warning and (with --quiet) nothing at all.
+    command[command.index("--max-entropy") : command.index("--max-entropy") + 2] = ["--no-filter"]
+    command[-1] = str(tmp_path / "full")
+    result = subprocess.run(command, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stderr[-3000:]
+
+
+def test_accelerate_cpu_launch_warns_that_one_process_runs(image_files, tiny_sd_path, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` (no `--multi_gpu`) starts one process: the tool says so."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cli = ["-m", "cosegment"] + image_files[:2] + ["--model", tiny_sd_path, "--height", "64", "--width", "64"]
+    cli += ["--no-figures", "--no-filter", "--out", str(tmp_path / "out")]
+    result = subprocess.run(launch + cli, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank 0/1] `accelerate launch` was asked for 2 processes but started 1" in result.stderr
+    assert "--multi_gpu --num_processes 2" in result.stderr

@@ -321,3 +321,97 @@ def test_eval_main_end_to_end_on_tiny_model(spair_root, tiny_sd_path, tmp_path, 
     assert "PCK@0.1" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["spair", str(tmp_path), "--model", tiny_sd_path])
+
+
+# --- a newcomer's mistakes: the dataset, its images and every option are checked before any model loads --------------
+
+MISSING_MODEL = "/no/such/model-folder"
+
+
+def eval_error(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    return error.value.code, capsys.readouterr().err
+
+
+def test_eval_mistakes_are_one_line_before_the_model_loads(spair_root, cub_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COSEGMENT_DEBUG", raising=False)
+    model = ["--model", MISSING_MODEL]
+    cases = [
+        (["spair", str(tmp_path)] + model, "`root` '" + str(tmp_path) + "' has no SPair-71k annotations"),
+        (["cub", spair_root] + model, "is not a CUB-200-2011 folder (no images.txt)"),
+        (["spair", spair_root, "--limit", "0"] + model, "argument --limit: must be a positive int, got '0'"),
+        (["spair", spair_root, "--alpha", "-1"] + model, "argument --alpha: must be a positive number, got '-1'"),
+        (["spair", spair_root, "--height", "500"] + model, "`--height` must be a positive multiple of 64"),
+        (["spair", spair_root, "--timestep", "-1"] + model, "`--timestep` must be an int in [0, 1000), got -1"),
+        (["spair", spair_root, "--dtype", "half"] + model, "argument --dtype: invalid choice: 'half'"),
+        (
+            ["spair", spair_root, "--device", "tpu"] + model,
+            "argument --device: must be auto, cpu, cuda, cuda:N or mps",
+        ),
+        (["spair", spair_root, "--categories", "horse"] + model, "`categories` ['horse'] match no pair"),
+        (["spair", spair_root, "--out", spair_root] + model, "`--out` '" + spair_root + "' is a folder"),
+    ]
+    for argv, named in cases:
+        code, err = eval_error(argv, capsys)
+        assert code == 2 and err.startswith("cosegment-eval: error: ") and err.count("\n") == 1, err
+        assert named in err and MISSING_MODEL not in err
+    # an image the annotations name is missing
+    os.remove(os.path.join(spair_root, "JPEGImages", "dog", "b3.jpg"))
+    code, err = eval_error(["spair", spair_root] + model, capsys)
+    assert code == 2 and "b3.jpg', which does not exist" in err and MISSING_MODEL not in err
+
+
+def test_eval_model_that_cannot_load_is_one_line(spair_root, capsys, monkeypatch):
+    monkeypatch.delenv("COSEGMENT_DEBUG", raising=False)
+    code, err = eval_error(["spair", spair_root, "--model", MISSING_MODEL, "--quiet"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"could not load the model '{MISSING_MODEL}'" in err and "`--model FOLDER`" in err
+    assert "python examples/make_tiny_pipeline.py tiny-sd/" in err
+    monkeypatch.setenv("COSEGMENT_DEBUG", "1")
+    code, err = eval_error(["spair", spair_root, "--model", MISSING_MODEL], capsys)
+    assert code == 1 and "Traceback" in err
+
+
+def test_eval_every_option_has_help_and_device_dtype_reach_the_pipeline(
+    spair_root, tiny_sd_path, tmp_path, capsys, monkeypatch
+):
+    from cosegment.evaluation import build_parser
+    from cosegment.utils import command_line
+
+    loaded = []
+    original = command_line.load_pipeline
+
+    def recording_load(model, device, dtype=torch.float32, quiet=False):
+        pipe = original(model, device, dtype, quiet)
+        loaded.append((device, pipe.unet.dtype, quiet))
+        return pipe
+
+    monkeypatch.setattr(command_line, "load_pipeline", recording_load)
+
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, action.dest
+    assert {"--device", "--dtype", "--debug", "--quiet"} <= set(parser._option_string_actions)
+    out = tmp_path / "bf16.json"
+    argv = ["spair", spair_root, "--model", tiny_sd_path, "--limit", "1", "--height", "64", "--width", "64"]
+    assert main(argv + ["--device", "cpu", "--dtype", "bfloat16", "--quiet", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # --quiet: no progress bars, no library notices
+    assert json.loads(out.read_text())["summary"]["overall"]["keypoints"] == 3
+    assert loaded == [("cpu", torch.bfloat16, True)]
+
+
+def test_cub_command_warns_when_every_mask_is_empty(cub_root, capsys):
+    args = argparse.Namespace(
+        dataset="cub", root=cub_root, split="test", categories=None, limit=None, alpha=0.1, model="fake", seed=0,
+        no_segmentation=False, out=None, quiet=True,
+    )  # fmt: skip
+    document = run(args, predictor=FakePredictor(masks=lambda path: np.zeros((40, 50), bool)))
+    assert document["summary"]["overall"]["jaccard"] == 0.0
+    assert document["notes"] == [
+        "every predicted mask is empty (no common foreground found): Jaccard is 0 wherever the truth is not"
+    ]
+    assert capsys.readouterr().err.count("warning: every predicted mask is empty") == 1
+    full = run(args, predictor=FakePredictor(masks=lambda path: np.ones((40, 50), bool)))
+    assert full["notes"] == [] and "warning" not in capsys.readouterr().err

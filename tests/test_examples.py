@@ -1,5 +1,6 @@
 """The README's main job, `examples/cosegment_pair.py`, run as a newcomer runs it (against a saved tiny pipeline)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,5 +36,79 @@ def test_cosegment_pair_writes_pictures(tiny_sd_path, photos, tmp_path):
     band = lines[-max(h0, h1) :, w0 : w0 + 8]
     assert (band != 255).any()
     maps = np.asarray(PIL.Image.open(out / "maps.png"))
-    assert maps.shape[0] > h0 + h1 and maps.shape[1] >= 3 * max(w0, w1)
-    assert "wrote" in result.stdout
+    # per image a row: title (18 px), the image, its colour bars (44 px), then 8 px of white
+    assert maps.shape[0] == (18 + h0 + 44 + 8) + (18 + h1 + 44 + 8) and maps.shape[1] >= 3 * max(w0, w1)
+    bar = maps[18 + h0 + 2 + 5, 4 : w0 - 4].astype(int)  # the first image's hit-count colour bar: blue to red
+    assert bar[0, 2] > 100 and bar[0, 0] < 60 and bar[-1, 0] > 100 and bar[-1, 2] < 60
+    segmentation = np.asarray(PIL.Image.open(out / "segmentation.png"))
+    # mask and parts panels with their legends (one 20 px row each at these widths)
+    assert segmentation.shape[0] == (18 + h0 + 20 + 8) + (18 + h1 + 20 + 8)
+    legend = segmentation[18 + h0 + 3 : 18 + h0 + 13, 3:13].reshape(-1, 3)  # the mask legend's first swatch
+    assert (legend == [0, 200, 0]).all(axis=1).mean() > 0.5
+    assert result.stdout.count("wrote") == 3
+    assert "requires torchvision" not in result.stderr and "float32" not in result.stderr
+    # labelled progress bars
+    assert "capture (UNet batches)" in result.stderr and "pair analysis (pairs)" in result.stderr
+
+
+def run_example(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cosegment_pair.py")] + args,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", COSEGMENT_DEBUG=""),
+        timeout=300,
+    )
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cosegment_pair_mistakes_are_one_line_before_loading(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COSEGMENT_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    example = load_example("cosegment_pair")
+    a = tmp_path / "A.jpg"
+    PIL.Image.fromarray(photos[0]).save(a)
+    text = tmp_path / "B.jpg"
+    text.write_text("not an image")
+    missing_model = str(tmp_path / "no-such-model")
+
+    def run(args: list[str]) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as error:
+            example.main(args + ["--model", missing_model, "--out", str(tmp_path / "out")])
+        return error.value.code, capsys.readouterr().err
+
+    for args, named in (
+        ([str(a), str(tmp_path / "nope.jpg")], "`image_b` '" + str(tmp_path / "nope.jpg") + "': no such file"),
+        ([str(a), str(text)], "cannot be read as an image"),
+        ([str(a), str(tmp_path)], "is a folder, not an image file"),
+        ([str(a), str(a), "--height", "500"], "`--height` must be a positive multiple of 64 for this model, got 500"),
+        ([str(a), str(a), "--selection", "strict"], "argument --selection: invalid choice: 'strict'"),
+        ([str(a), str(a), "--device", "gpu"], "argument --device: must be auto, cpu, cuda, cuda:N or mps"),
+    ):
+        code, err = run(args)
+        assert code == 2 and err.count("\n") == 1 and named in err and missing_model not in err, err
+    code, err = run([str(a), str(a)])
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"could not load the model '{missing_model}'" in err
+    assert "`--model FOLDER`" in err and "python examples/make_tiny_pipeline.py" in err
+    code, err = run([str(a), str(a), "--debug"])
+    assert code == 1 and "Traceback" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cosegment_pair_warns_when_nothing_is_kept(tiny_sd_path, photos, tmp_path):
+    a, b = tmp_path / "A.jpg", tmp_path / "B.jpg"
+    PIL.Image.fromarray(photos[0]).save(a)
+    PIL.Image.fromarray(photos[1]).save(b)
+    result = run_example([str(a), str(b), "--model", tiny_sd_path, "--out", str(tmp_path / "out"), "--quiet"]
+                         + ["--height", "64", "--width", "64", "--selection", "paper"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the tiny random UNet keeps nothing under the note's thresholds at a 4 x 4 grid
+    assert result.stderr.count("warning: every pair kept 0 matches") == 1, result.stderr
+    assert "`--no-filter`" in result.stderr

@@ -143,3 +143,57 @@ def test_saved_folder_loads_without_cosegment(saved_folder, tiny_pipe, tmp_path)
     assert report["pairs"] == [[0, 1, len(expected.correspondences[0])]]
     np.testing.assert_allclose(np.array(report["density"]), expected.density_maps, atol=0)
     assert np.array(report["density"]).sum() > 0
+
+
+def test_the_class_reloads_its_own_folder(saved_folder, tiny_pipe):
+    """diffusers' most common round trip: `Class.from_pretrained` on a folder `Class.save_pretrained` wrote returns the
+    installed class (not the folder's copy of the code) without `trust_remote_code`, with identical outputs. This
+    relies on diffusers reading `model_index.json` through `cls.load_config`: a diffusers upgrade that stops doing so
+    fails here."""
+    from cosegment import StableDiffusionCoSegmentationPipeline
+
+    reloaded = StableDiffusionCoSegmentationPipeline.from_pretrained(saved_folder)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded) is StableDiffusionCoSegmentationPipeline
+    # trust_remote_code does not change which class the installed class returns
+    trusted = StableDiffusionCoSegmentationPipeline.from_pretrained(saved_folder, trust_remote_code=True)
+    assert type(trusted) is StableDiffusionCoSegmentationPipeline
+    for name in ("unet", "vae", "text_encoder"):
+        before, after = getattr(tiny_pipe, name).state_dict(), getattr(reloaded, name).state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8), rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)]
+    kwargs = dict(image=images, height=64, width=64, return_features=True, **NO_FILTER)
+    want = tiny_pipe(generator=torch.Generator().manual_seed(3), **kwargs)
+    got = reloaded(generator=torch.Generator().manual_seed(3), **kwargs)
+    for a, b in zip(got.features.queries + got.features.keys, want.features.queries + want.features.keys):
+        assert torch.equal(a, b)
+    np.testing.assert_array_equal(got.density_maps, want.density_maps)
+    # and it saves again as a self-loading folder
+    with open(os.path.join(saved_folder, "model_index.json")) as handle:
+        assert json.load(handle)["_class_name"][1] == "StableDiffusionCoSegmentationPipeline"
+
+
+def test_load_config_rewrites_only_this_class_list(saved_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from cosegment import StableDiffusionCoSegmentationPipeline
+
+    config = StableDiffusionCoSegmentationPipeline.load_config(saved_folder)
+    assert config["_class_name"] == "StableDiffusionCoSegmentationPipeline"
+    # the tuple form (return_unused_kwargs) is rewritten too
+    config, unused = StableDiffusionCoSegmentationPipeline.load_config(saved_folder, return_unused_kwargs=True)
+    assert config["_class_name"] == "StableDiffusionCoSegmentationPipeline" and unused == {}
+    # read through DiffusionPipeline, the folder still names its own code (so it loads itself without the package)
+    assert DiffusionPipeline.load_config(saved_folder)["_class_name"] == [
+        "pipeline_cosegment",
+        "StableDiffusionCoSegmentationPipeline",
+    ]
+    # a list naming another class is left alone
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": ["my_pipeline", "MyPipeline"]}))
+    assert StableDiffusionCoSegmentationPipeline.load_config(str(other))["_class_name"] == [
+        "my_pipeline",
+        "MyPipeline",
+    ]

@@ -3,13 +3,20 @@ import numpy as np
 import pytest
 
 from cosegment.utils.visualization import (
+    add_colorbar,
+    add_legend,
     as_rgb_uint8,
+    colorbar,
     draw_correspondences,
+    heatmap_range,
+    legend,
+    mask_legend,
     match_colors,
     overlay_heatmap,
     overlay_mask,
     overlay_parts,
     part_colors,
+    parts_legend,
     side_by_side,
     upsample_grid,
 )
@@ -180,3 +187,79 @@ def test_overlay_mask_tints_foreground_only():
     assert out[2, 4].tolist() == [0, 200, 0]
     dimmed = overlay_mask(image, mask, dim_background=0.5, contour=False)
     assert dimmed[0, 0].tolist() == [50, 50, 50]
+
+
+# --- colour bars and legends ------------------------------------------------------------------------------------------
+
+
+def jet(level: int) -> np.ndarray:
+    return cv2.cvtColor(cv2.applyColorMap(np.array([[level]], np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)[0, 0]
+
+
+def test_colorbar_spans_the_colour_map_with_its_range_and_label():
+    band = colorbar(200, (0.0, 12.0), "hit count: kept matches per token")
+    assert band.shape == (10 + 4 + 30, 200, 3) and band.dtype == np.uint8
+    bar = band[2:12]
+    # the ends carry the colours overlay_heatmap gives the low and high values
+    assert np.abs(bar[:, 4].astype(int) - jet(0)).max() <= 1
+    assert np.abs(bar[:, 195].astype(int) - jet(255)).max() <= 1
+    assert (bar[:, :4] == 255).all() and (bar[:, 196:] == 255).all()  # 4 px white margins
+    numbers, label = band[12:29], band[29:]
+    assert (numbers[:, :30] < 128).any() and (numbers[:, 170:] < 128).any()  # "0" on the left, "12" on the right
+    assert not (numbers[:, 60:140] < 128).any()  # nothing between them
+    assert (label[:, 20:180] < 128).any()  # the label, centred
+    # what the bar shows matches what overlay_heatmap paints for the same range
+    image = np.zeros((1, 3, 3), np.uint8)
+    heat = overlay_heatmap(image, np.array([[0.0, 6.0, 12.0]]), alpha=1.0)
+    assert (
+        np.abs(heat[0, 0].astype(int) - bar[5, 4]).max() <= 1
+        and np.abs(heat[0, 2].astype(int) - bar[5, 195]).max() <= 1
+    )
+
+
+def test_colorbar_of_a_constant_map_and_errors():
+    band = colorbar(120, (3.0, 3.0), "x")
+    bar = band[2:12, 4:116].reshape(-1, 3)
+    assert (np.abs(bar.astype(int) - jet(0)).max(axis=1) <= 1).all()  # one colour, as overlay_heatmap paints it
+    assert heatmap_range(np.array([[1.0, np.nan], [5.0, np.inf]])) == (1.0, 5.0)
+    assert heatmap_range(np.full((2, 2), np.nan)) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="value_range"):
+        colorbar(100, (2.0, 1.0), "x")
+    with pytest.raises(ValueError, match="width"):
+        colorbar(0, (0.0, 1.0), "x")
+    picture = add_colorbar(gray(30, 80), (0.0, 1.0), "x")
+    assert picture.shape == (30 + 44, 80, 3) and (picture[:30] == 128).all()
+
+
+def test_legend_swatches_and_wrapping():
+    entries = [((255, 0, 0), "red thing"), ((0, 0, 255), "blue thing")]
+    wide = legend(entries, 400)
+    assert wide.shape == (20, 400, 3)
+    assert (wide[5, 5] == [255, 0, 0]).all()  # first swatch at (3, 3), 10 x 10 with a grey rim
+    blue = np.argwhere((wide == [0, 0, 255]).all(axis=2))
+    assert blue.size and blue[:, 1].min() > 60 and blue[:, 0].max() < 14  # second swatch: same row, further right
+    narrow = legend(entries, 90)
+    assert narrow.shape == (36, 90, 3)  # wrapped onto a second row
+    blue = np.argwhere((narrow == [0, 0, 255]).all(axis=2))
+    assert blue[:, 0].min() >= 19 and blue[:, 1].min() < 10
+    dots = legend(entries, 400, marker="dot")
+    assert (dots[8, 8] == [255, 0, 0]).all() and not (dots[3, 3] == [255, 0, 0]).all()  # a disc, not a square
+    with pytest.raises(ValueError, match="marker"):
+        legend(entries, 100, marker="star")
+    with pytest.raises(ValueError, match="RGB"):
+        legend([((1, 2), "x")], 100)
+    assert add_legend(gray(10, 50), entries).shape[0] > 10
+
+
+def test_mask_and_parts_legends_name_the_colours_drawn():
+    assert mask_legend() == [((0, 200, 0), "common foreground (mask)"), ((64, 64, 64), "background (darkened)")]
+    assert mask_legend(dim_background=0.0) == [((0, 200, 0), "common foreground (mask)")]
+    colors = part_colors(3)
+    entries = parts_legend([0, 3, 1, 3])
+    assert entries == [(tuple(int(c) for c in colors[1]), "part 1"), (tuple(int(c) for c in colors[3]), "part 3")]
+    # the legend's colour is the one overlay_parts draws on a part's border
+    labels = np.zeros((6, 6), np.int64)
+    labels[1:5, 1:5] = 3
+    drawn = overlay_parts(gray(6, 6), labels)
+    assert tuple(int(c) for c in drawn[1, 1]) == entries[1][0]
+    assert parts_legend([0]) == []

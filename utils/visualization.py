@@ -353,3 +353,139 @@ def add_title(image: np.ndarray, title: str, height: int = 18) -> np.ndarray:
     scale = max(0.3, (height - 6) / 22.0)
     cv2.putText(band, title, (3, height - 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([band, rgb], axis=0)
+
+
+def _text_width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+
+
+def _put_text(canvas: np.ndarray, text: str, x: int, baseline: int, scale: float) -> None:
+    cv2.putText(canvas, text, (int(x), int(baseline)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def heatmap_range(heatmap_grid) -> tuple[float, float]:
+    """The `(low, high)` that :func:`overlay_heatmap` maps to the ends of its colour map by default (finite min and
+    max; `(0, 1)` when nothing is finite)."""
+    grid = np.asarray(heatmap_grid, dtype=np.float64)
+    finite = grid[np.isfinite(grid)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
+def colorbar(
+    width: int,
+    value_range: Sequence[float],
+    label: str,
+    colormap: int = cv2.COLORMAP_JET,
+    bar_height: int = 10,
+    text_scale: float = 0.38,
+) -> np.ndarray:
+    """A horizontal colour bar with its range and what it measures, to put under a heat-map.
+
+    The bar runs from the colour of `low` (left) to that of `high` (right), as :func:`overlay_heatmap` maps them; the
+    low and high values are printed under its ends and `label` (the quantity and its unit, e.g.
+    `"inverse-mapping entropy (nats)"`) under its middle. A constant map (`low == high`) says so instead.
+
+    Returns:
+        `(bar_height + 34, width, 3)` uint8 RGB on white.
+    """
+    if width < 1:
+        raise ValueError(f"`width` must be >= 1, got {width}.")
+    low, high = float(value_range[0]), float(value_range[1])
+    if not (math.isfinite(low) and math.isfinite(high)) or high < low:
+        raise ValueError(f"`value_range` must be finite (low, high) with low <= high, got {value_range!r}.")
+    line = 15
+    band = np.full((bar_height + 4 + 2 * line, width, 3), 255, dtype=np.uint8)
+    margin = min(4, max(0, (width - 1) // 2))
+    levels = np.linspace(0, 255, max(1, width - 2 * margin)).round().astype(np.uint8)[None, :]
+    if high == low:
+        levels[:] = 0  # overlay_heatmap paints a constant map with the colour map's first colour
+    colors = cv2.cvtColor(cv2.applyColorMap(levels, colormap), cv2.COLOR_BGR2RGB)
+    band[2 : 2 + bar_height, margin : margin + colors.shape[1]] = colors
+    first = bar_height + 2 + line - 3
+    if high == low:
+        numbers = f"every value is {_format_value(low)}"
+        _put_text(band, numbers, max(0, (width - _text_width(numbers, text_scale)) // 2), first, text_scale)
+    else:
+        left, right = _format_value(low), _format_value(high)
+        _put_text(band, left, margin, first, text_scale)
+        _put_text(band, right, max(margin, width - margin - _text_width(right, text_scale)), first, text_scale)
+    _put_text(band, label, max(0, (width - _text_width(label, text_scale)) // 2), first + line, text_scale)
+    return band
+
+
+def add_colorbar(
+    picture: np.ndarray, value_range: Sequence[float], label: str, colormap: int = cv2.COLORMAP_JET
+) -> np.ndarray:
+    """`picture` (a heat-map made by :func:`overlay_heatmap`) with :func:`colorbar` under it, as wide as it."""
+    rgb = as_rgb_uint8(picture, "picture")
+    return np.concatenate([rgb, colorbar(rgb.shape[1], value_range, label, colormap)], axis=0)
+
+
+def legend(
+    entries: Sequence[tuple[Sequence[int], str]], width: int, text_scale: float = 0.38, marker: str = "square"
+) -> np.ndarray:
+    """Colour swatches with their meaning, wrapped onto as many rows as `width` needs.
+
+    Args:
+        entries: `(rgb, text)` pairs, e.g. `[((0, 200, 0), "common foreground")]`.
+        width: the band's width in pixels (usually the picture's).
+        marker: `"square"` swatches, or `"dot"` (a filled circle with a white rim, as part centres are drawn).
+
+    Returns:
+        `(rows * 16 + 4, width, 3)` uint8 RGB on white.
+    """
+    if width < 1:
+        raise ValueError(f"`width` must be >= 1, got {width}.")
+    if marker not in ("square", "dot"):
+        raise ValueError(f"`marker` must be 'square' or 'dot', got {marker!r}.")
+    row_height, swatch, gap = 16, 10, 10
+    placed, x, row = [], 3, 0
+    for color, text in entries:
+        if len(color) != 3:
+            raise ValueError(f"`entries` colours must be RGB triples, got {color!r}.")
+        size = swatch + 4 + _text_width(text, text_scale)
+        if x > 3 and x + size > width:
+            x, row = 3, row + 1
+        placed.append((x, row, tuple(int(c) for c in color), text))
+        x += size + gap
+    band = np.full((row_height * (row + 1) + 4, width, 3), 255, dtype=np.uint8)
+    for x, row, color, text in placed:
+        top = 3 + row * row_height
+        if marker == "dot":
+            centre = (x + swatch // 2, top + swatch // 2)
+            cv2.circle(band, centre, swatch // 2, (160, 160, 160), -1, cv2.LINE_AA)
+            cv2.circle(band, centre, swatch // 2 - 1, color, -1, cv2.LINE_AA)
+        else:
+            band[top : top + swatch, x : x + swatch] = color
+            cv2.rectangle(band, (x, top), (x + swatch - 1, top + swatch - 1), (120, 120, 120), 1)
+        _put_text(band, text, x + swatch + 4, top + swatch, text_scale)
+    return band
+
+
+def add_legend(
+    picture: np.ndarray, entries: Sequence[tuple[Sequence[int], str]], marker: str = "square"
+) -> np.ndarray:
+    """`picture` with :func:`legend` under it, as wide as it."""
+    rgb = as_rgb_uint8(picture, "picture")
+    return np.concatenate([rgb, legend(entries, rgb.shape[1], marker=marker)], axis=0)
+
+
+def mask_legend(color: Sequence[int] = (0, 200, 0), dim_background: float = 0.5) -> list[tuple[tuple, str]]:
+    """Legend entries of :func:`overlay_mask`: its tint (and, when dimmed, the darkened background)."""
+    entries = [(tuple(int(c) for c in color), "common foreground (mask)")]
+    if dim_background > 0:
+        grey = int(round(128 * (1.0 - dim_background)))
+        entries.append(((grey, grey, grey), "background (darkened)"))
+    return entries
+
+
+def parts_legend(part_ids: Sequence[int], colors: np.ndarray | None = None) -> list[tuple[tuple, str]]:
+    """Legend entries of :func:`overlay_parts`: each part id's colour (`part_colors` by default)."""
+    ids = sorted({int(p) for p in part_ids if int(p) != 0})
+    if colors is None:
+        colors = part_colors(max(ids, default=0))
+    return [(tuple(int(c) for c in colors[k]), f"part {k}") for k in ids]
