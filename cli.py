@@ -458,13 +458,13 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs
+    from cosegment.analysis import partner_pairs
     from cosegment.utils.command_line import (
         empty_results_warning,
         load_pipeline,
         process_count_warning,
         threshold_overrides,
     )
-    from cosegment.analysis import partner_pairs
     from cosegment.utils.files import save_safetensors
 
     images = check_arguments(args)
