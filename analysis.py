@@ -340,7 +340,7 @@ class AnalysisSettings:
         chunk_size (`int` or `None`): attention rows computed at once.
         output_type (`str`): `"np"` or `"pt"`.
         segment (`bool`): run steps 10-11 (clustering and co-segmentation).
-        partners (`int` or `None`): each image analysed with its `partners` most similar images
+        partners (`int` or `None`): each image analysed with its `partners` most similar images and the hub
             (:func:`partner_pairs`); `None`: every pair.
     """
 
@@ -527,15 +527,23 @@ def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
 
 def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
     """The pair graph: each image with its `partners` most similar images (cosine similarity of
-    :func:`image_descriptors`; ties to the lower index), the union of those pairs as `(s, t)`, `s < t`, in order.
-    `None`, or `partners >= M - 1`: every pair. At most `M * partners` pairs, so the analysis grows as `M * K`."""
+    :func:`image_descriptors`; ties to the lower index), plus each image with the *hub*, the image of highest mean
+    similarity to the others (ties to the lower index); the union of those pairs as `(s, t)`, `s < t`, in order.
+
+    The hub keeps the graph connected (nearest neighbours alone can split a collection into groups that share no pair,
+    and parts carried through correspondences (step 10) then never reach one group); with it every image is at most
+    two pairs from any other. At most `M * (partners + 1) - 1` pairs, so the analysis grows as `M * K`. `None`, or
+    `partners >= M - 1`: every pair."""
     num_images = features.num_images
     if partners is None or partners >= num_images - 1:
         return _every_pair(num_images)
     descriptors = image_descriptors(features).double()
     similarity = descriptors @ descriptors.T
+    similarity.fill_diagonal_(0.0)
+    mean = similarity.sum(dim=1) / (num_images - 1)
+    hub = min(range(num_images), key=lambda i: (-float(mean[i]), i))
     similarity.fill_diagonal_(-math.inf)
-    pairs = set()
+    pairs = {(min(i, hub), max(i, hub)) for i in range(num_images) if i != hub}
     for i in range(num_images):
         order = sorted(range(num_images), key=lambda j: (-float(similarity[i, j]), j))
         pairs.update((min(i, j), max(i, j)) for j in order[:partners])
@@ -1182,9 +1190,10 @@ def analyze_features(
             co-segmentation are skipped and `masks`, `part_masks`, `keypoints` and `keypoint_parts` are `None`
             (the other fields are unchanged).
         partners (`int`, *optional*): the sparse pair graph: each image is analysed with its `partners` most
-            similar images (cosine similarity of :func:`image_descriptors`, a mean of unit-length queries per image),
-            the union of those pairs analysed (:func:`partner_pairs`; at most `M * partners` pairs, so the cost
-            grows as `M * K`); hit counts, parts and masks come from those pairs, `correspondences` lists only them,
+            similar images (cosine similarity of :func:`image_descriptors`, a mean of unit-length queries per image)
+            and with the hub (the image most similar to the others on average, which keeps the graph connected),
+            the union of those pairs analysed (:func:`partner_pairs`; at most `M * (partners + 1)` pairs, so the
+            cost grows as `M * K`); hit counts, parts and masks come from those pairs, `correspondences` lists only them,
             and step 8b confirms through third images linked to both images of a pair. `None` (default), or
             `partners >= M - 1`: every pair. With `pair_analyses`, they must cover exactly this graph.
 

@@ -734,9 +734,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             return_dict (`bool`, *optional*, defaults to `True`): return a [`CoSegmentationPipelineOutput`] instead
                 of a tuple.
             partners (`int`, *optional*): analyse each image with its `partners` most similar images only (a cheap
-                global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`), the
-                union of those pairs; the cost grows as `M * partners` instead of `M^2 / 2`. `None` (default):
-                every pair.
+                global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`) and with
+                one hub image that keeps the graph connected, the union of those pairs; the cost grows as
+                `M * (partners + 1)` instead of `M^2 / 2`. `None` (default): every pair.
 
         Examples:
 
