@@ -119,6 +119,11 @@ TYPICAL_POINT_SHARE = 0.5
 # 0.716. Also tried: 0.4 (3 per row: Jaccard lower, hidden 0.879 vs 0.895 and SD clean M = 2 0.777 vs 0.874) and
 # 0.6 (6 per row: Jaccard 0.882 / 0.903 / 0.788, NMI 0.790 / 0.766 / 0.709).
 ATTACHED_SHARE = 0.5
+# An image whose best partner keeps fewer matches than this share of the collection's typical best partner (the
+# median over images) shares nothing with the collection: an outlier (`"auto"` only). Set on the design split of
+# benchmarks/families.py (M = 5, 8 collections with one outlier and 8 without): inliers' shares were 0.78-1, an
+# outlier's 0.05-0.19; 0.35 is about the geometric midpoint of 0.78 and 0.19.
+SHARING_CUT = 0.35
 
 
 @dataclass
@@ -156,7 +161,8 @@ class CoSegmentationPipelineOutput(BaseOutput):
     `M` images, an `(h, w)` token grid.
 
     Attributes:
-        correspondences (`list[PairCorrespondence]`): one per unordered pair `(s, t)`, `s < t`, in order.
+        correspondences (`list[PairCorrespondence]`): one per analysed unordered pair `(s, t)`, `s < t`, in order
+            (every pair, or the pairs of the partner graph with `partners=K`).
         density_maps (`(M, h, w)` float): per token, the kept correspondences that start or land on it, over all
             pairs and both passes (hit counts, seed Fig. 3-4).
         entropy_maps (`(M, h, w)` float): per token, the mean inverse mapping entropy (nats, Eq. 2.10) of the token
@@ -171,6 +177,12 @@ class CoSegmentationPipelineOutput(BaseOutput):
         keypoint_parts (`list[(K_i,)]` int64): the part id of each keypoint, ascending.
         features (`CoSegmentationFeatures` or `None`): the captured queries and keys, when requested.
         thresholds (`list[dict]`): per pair and pass, the thresholds applied.
+        sharing (`(M,)` float): how much each image shares with the collection, in [0, 1]: the matches kept with its
+            best analysed partner over the median of that number over the images (capped at 1; see
+            :func:`sharing_scores`). About 1 for an image showing the common object, near 0 for one without it.
+        outliers (`(M,)` bool): images found to share nothing (`sharing < SHARING_CUT`, `"auto"` preset, 3+
+            images): their correspondences are dropped (their pairs stay listed, empty), they confirm nothing
+            (step 8b) and their masks are empty.
     """
 
     correspondences: list[PairCorrespondence]
@@ -183,6 +195,8 @@ class CoSegmentationPipelineOutput(BaseOutput):
     keypoint_parts: list | None = None
     features: "CoSegmentationFeatures | None" = None
     thresholds: list | None = None
+    sharing: np.ndarray | torch.Tensor | None = None
+    outliers: np.ndarray | torch.Tensor | None = None
 
 
 @dataclass
@@ -416,6 +430,8 @@ class AnalysisSettings:
         reference ([`CoSegmentationFeatures`] or `None`): content-free captures whose positional offsets are removed
             before step 4 (:func:`correct_features`); `reference_digest` fingerprints it (SHA-256 of its tensors), so
             pair analyses made elsewhere can be checked to have used the same one.
+        partners (`int` or `None`): each image analysed with its `partners` most similar images and the hub
+            (:func:`partner_pairs`); `None`: every pair.
     """
 
     selection: str = "auto"
@@ -427,6 +443,7 @@ class AnalysisSettings:
     segment: bool = True
     refine: bool = True
     clamp_high_norm: bool = True
+    partners: int | None = None
     reference: "CoSegmentationFeatures | None" = field(default=None, compare=False, repr=False)
     reference_digest: str | None = None
 
@@ -452,6 +469,7 @@ def check_analysis_settings(
     refine: bool = True,
     reference: "CoSegmentationFeatures | None" = None,
     clamp_high_norm: bool = True,
+    partners: int | None = None,
 ) -> AnalysisSettings:
     """Checks the analysis arguments once, where the user passes them; errors name the argument and the value
     (`reference` is checked against the features by :func:`check_reference`)."""
@@ -480,6 +498,7 @@ def check_analysis_settings(
         raise TypeError(f"`clamp_high_norm` must be a bool, got {_describe(clamp_high_norm)}.")
     if reference is not None and not isinstance(reference, CoSegmentationFeatures):
         raise TypeError(f"`reference` must be a CoSegmentationFeatures or None, got {_describe(reference)}.")
+    partners = _check_partners(partners)
     settings = AnalysisSettings(
         selection,
         thresholds,
@@ -490,6 +509,7 @@ def check_analysis_settings(
         segment,
         refine,
         clamp_high_norm,
+        partners,
     )
     return settings_with_reference(settings, reference) if reference is not None else settings
 
@@ -592,6 +612,17 @@ def correct_features(features: CoSegmentationFeatures, settings: AnalysisSetting
     return replace(features, queries=queries, keys=keys, reference=None)
 
 
+def _check_partners(partners: Any) -> int | None:
+    """`partners`: `None` or an int >= 1 (`TypeError` for another type, `ValueError` below 1)."""
+    if partners is None:
+        return None
+    if not _is_int(partners):
+        raise TypeError(f"`partners` must be an int >= 1 or None, got {_describe(partners)}.")
+    if partners < 1:
+        raise ValueError(f"`partners` must be an int >= 1 or None, got {partners!r}.")
+    return int(partners)
+
+
 @dataclass
 class PassResult:
     """One pass `source -> target` of a pair after DESIGN steps 4-8a (selection, and growth under `"auto"`).
@@ -687,6 +718,50 @@ def _check_features(
 def _every_pair(num_images: int) -> list[tuple[int, int]]:
     """Every unordered pair `(s, t)`, `s < t`, in order."""
     return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+
+
+def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
+    """A cheap global descriptor per image, `(M, D)` float32 with unit rows (zero rows when every image is alike).
+
+    Per captured layer: each token's query (heads concatenated, `H * d`) scaled to unit length, averaged over the
+    image's tokens, minus the mean of that over the collection (what every image has alike, e.g. a positional
+    component, cancels), scaled to unit length; the layers' descriptors concatenated, each weighted
+    `1 / sqrt(layers)`, and the whole scaled to unit length. Two images' cosine similarity is the dot product of their
+    rows. Cost: one pass over the features, `O(M N H d)`, next to the `O(N^2 H d)` of one pair's attention.
+    """
+    parts = []
+    for queries in features.queries:
+        tokens = queries.detach().float().permute(0, 2, 1, 3).flatten(2)  # (M, N, H * d)
+        mean = torch.nn.functional.normalize(tokens, dim=-1).mean(dim=1)
+        mean = mean - mean.mean(dim=0, keepdim=True)
+        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(len(features.queries)))
+    return torch.nn.functional.normalize(torch.cat(parts, dim=1).cpu(), dim=-1)
+
+
+def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
+    """The pair graph: each image with its `partners` most similar images (cosine similarity of
+    :func:`image_descriptors`; ties to the lower index), plus each image with the *hub*, the image of highest mean
+    similarity to the others (ties to the lower index); the union of those pairs as `(s, t)`, `s < t`, in order.
+
+    The hub keeps the graph connected (nearest neighbours alone can split a collection into groups that share no pair,
+    and parts carried through correspondences (step 10) then never reach one group); with it every image is at most
+    two pairs from any other. At most `M * (partners + 1) - 1` pairs, so the analysis grows as `M * K`. `None`, or
+    `partners >= M - 1`: every pair. Computed from the features as captured, before the corrections of
+    :func:`correct_features` (the analysis and the CLI's split between processes use the same graph)."""
+    num_images = features.num_images
+    if partners is None or partners >= num_images - 1:
+        return _every_pair(num_images)
+    descriptors = image_descriptors(features).double()
+    similarity = descriptors @ descriptors.T
+    similarity.fill_diagonal_(0.0)
+    mean = similarity.sum(dim=1) / (num_images - 1)
+    hub = min(range(num_images), key=lambda i: (-float(mean[i]), i))
+    similarity.fill_diagonal_(-math.inf)
+    pairs = {(min(i, hub), max(i, hub)) for i in range(num_images) if i != hub}
+    for i in range(num_images):
+        order = sorted(range(num_images), key=lambda j: (-float(similarity[i, j]), j))
+        pairs.update((min(i, j), max(i, j)) for j in order[:partners])
+    return sorted(pairs)
 
 
 def _check_pair_list(pairs, num_images: int) -> list[tuple[int, int]]:
@@ -808,6 +883,7 @@ def analyze_pairs(
     refine: bool = True,
     reference: CoSegmentationFeatures | None = None,
     clamp_high_norm: bool = True,
+    partners: int | None = None,
 ) -> list[PairAnalysis]:
     r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
     both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
@@ -824,6 +900,10 @@ def analyze_pairs(
             reference, clamp_high_norm: as in :func:`analyze_features` (pass the same to both).
         refine (`bool`, *optional*, defaults to `True`): also keep each row's sub-token peak for `refine=True` in
             :func:`analyze_features` (without them it computes the kept matches' rows again).
+        partners (`int`, *optional*): with `pairs=None`, the pairs of the partner graph (:func:`partner_pairs`: each
+            image with its `partners` most similar images and the hub), as `analyze_features(partners=...)` analyses
+            them. Give `pairs` or `partners`, not both (to split the graph between processes, split
+            `partner_pairs(features, K)` and pass each share as `pairs`).
 
     Returns:
         `list[PairAnalysis]`, one per pair, in the order of `pairs`.
@@ -838,18 +918,25 @@ def analyze_pairs(
         refine=refine,
         reference=reference,
         clamp_high_norm=clamp_high_norm,
+        partners=partners,
     )
     device = _check_features(features, settings, device, progress)
-    pairs = _check_pair_list(pairs, features.num_images)
+    if pairs is not None and partners is not None:
+        raise ValueError(f"Give `pairs` or `partners`, not both; got `partners`={partners!r} and a list of pairs.")
+    pairs = partner_pairs(features, partners) if pairs is None else _check_pair_list(pairs, features.num_images)
     return _analyze_pair_list(correct_features(features, settings), pairs, settings, device, progress)
 
 
 def join_pair_analyses(
-    pair_analyses: Sequence[PairAnalysis], features: CoSegmentationFeatures, settings: dict, device: torch.device
+    pair_analyses: Sequence[PairAnalysis],
+    features: CoSegmentationFeatures,
+    settings: dict,
+    device: torch.device,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> dict[tuple[int, int], PassResult]:
-    """Checks that `pair_analyses` cover every pair of `features` once, made with `settings` (`selection` and the
-    threshold overrides); returns their passes by `(source, target)` on `device`, in pair order (`(s, t)` then
-    `(t, s)` for each `s < t`)."""
+    """Checks that `pair_analyses` cover `pairs` (default: every pair of `features`; see :func:`partner_pairs`) once,
+    made with `settings` (`selection` and the threshold overrides); returns their passes by `(source, target)` on
+    `device`, in pair order (`(s, t)` then `(t, s)` for each `s < t`)."""
     if isinstance(pair_analyses, (str, bytes)) or not isinstance(pair_analyses, Sequence):
         raise TypeError(f"`pair_analyses` must be a list of PairAnalysis or None, got {_describe(pair_analyses)}.")
     num_images, grid = features.num_images, tuple(features.grid_size)
@@ -868,18 +955,66 @@ def join_pair_analyses(
                 "pass the same `selection` and thresholds to analyze_pairs and analyze_features."
             )
         by_pair[pair] = analysis.to(device)
-    expected = set(_every_pair(num_images))
+    pairs = _every_pair(num_images) if pairs is None else sorted(pairs)
+    expected = set(pairs)
     if set(by_pair) != expected:
         missing, extra = sorted(expected - set(by_pair)), sorted(set(by_pair) - expected)
+        graph = "every pair" if len(pairs) == num_images * (num_images - 1) // 2 else "each pair of the partner graph"
+        outside = [pair for pair in extra if max(pair) >= num_images]
+        beside = [pair for pair in extra if max(pair) < num_images]
         raise ValueError(
-            f"`pair_analyses` must hold every pair of the {num_images} images once: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, not in the collection {extra[:5]}."
+            f"`pair_analyses` must hold {graph} of the {num_images} images once: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, not in the collection {outside[:5]}, not in the pair graph "
+            f"{beside[:5]}."
         )
     passes = {}
-    for pair in _every_pair(num_images):
+    for pair in pairs:
         for result in by_pair[pair].passes:
             passes[(result.source_index, result.target_index)] = result
     return passes
+
+
+def sharing_scores(passes: dict[tuple[int, int], PassResult], num_images: int) -> torch.Tensor:
+    """How much each image shares with the collection, `(M,)` float64 in [0, 1], from the kept matches of steps 4-8a.
+
+    An image's *best partner count* is the largest number of matches (both passes) it keeps with one analysed
+    partner; its score is that count over the median of the images' best partner counts, capped at 1. An image
+    that shows the common object matches its best partner about as well as the others do theirs (design split:
+    0.78-1); one without it keeps only the few matches that per-pass adaptive thresholds always let through (0.05-
+    0.19). The median makes the score collection-relative; it assumes most images show the object. All ones when
+    the collection keeps no match at all."""
+    kept = torch.zeros(num_images, num_images, dtype=torch.float64)
+    for (s, t), result in passes.items():
+        count = float(result.keep.sum())
+        kept[s, t] += count
+        kept[t, s] += count
+    best = kept.max(dim=1).values
+    typical = float(np.median(best.numpy()))
+    if typical <= 0:
+        return torch.ones(num_images, dtype=torch.float64)
+    return (best / typical).clamp(0.0, 1.0)
+
+
+def find_outliers(sharing: torch.Tensor, selection: str) -> torch.Tensor:
+    """`(M,)` bool: images whose `sharing` is under `SHARING_CUT`, under the `"auto"` preset with 3+ images (with two
+    images both have the same best partner; `"paper"` keeps the note's method: nothing dropped)."""
+    flagged = sharing < SHARING_CUT
+    return flagged if selection == "auto" and sharing.numel() >= 3 else torch.zeros_like(flagged)
+
+
+def split_outlier_passes(
+    passes: dict[tuple[int, int], PassResult], outliers: torch.Tensor
+) -> tuple[dict[tuple[int, int], PassResult], dict[tuple[int, int], PassResult]]:
+    """The passes between two non-outlier images (as given), and the passes touching an outlier with nothing kept
+    (they take no part in steps 8b-8c and yield empty correspondences)."""
+    flagged = set(torch.nonzero(outliers).flatten().tolist())
+    inliers, dropped = {}, {}
+    for pair, result in passes.items():
+        if flagged & set(pair):
+            dropped[pair] = replace(result, keep=torch.zeros_like(result.keep))
+        else:
+            inliers[pair] = result
+    return inliers, dropped
 
 
 def _compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -892,7 +1027,8 @@ def confirm_by_third_images(
 ) -> dict[tuple[int, int], PassResult]:
     """Step 8b (`"auto"`, three or more images): a pass `s -> t` also keeps the matches that two third images `u`
     confirm, the kept maps `s -> u -> t` landing near them (:func:`confirm_matches`). Every pass is confirmed from
-    the keeps it was given. `passes` by `(source, target)`, both orientations of every pair."""
+    the keeps it was given. `passes` by `(source, target)`, both orientations of each analysed pair; a third image
+    counts only when both its pairs `(s, u)` and `(u, t)` are in `passes` (a sparse pair graph)."""
     kept_maps = {
         (s, t): kept_map(
             result.statistics.forward, result.keep, passes[(t, s)].statistics.forward, passes[(t, s)].keep
@@ -901,7 +1037,10 @@ def confirm_by_third_images(
     }
     confirmed = {}
     for (s, t), result in passes.items():
-        via = [u for u in range(num_images) if u not in (s, t)]
+        via = [u for u in range(num_images) if u not in (s, t) and (s, u) in kept_maps and (u, t) in kept_maps]
+        if not via:  # no third image linked to both: nothing to confirm with
+            confirmed[(s, t)] = result
+            continue
         predictions = torch.stack([_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via])
         keep = confirm_matches(
             result.statistics.forward, result.keep, predictions, grid_size, result.thresholds.max_inverse_error
@@ -936,11 +1075,12 @@ def check_consistency(
 def pair_correspondences(
     passes: dict[tuple[int, int], PassResult], features: CoSegmentationFeatures
 ) -> list[PairCorrespondence]:
-    """Step 8 (end): per pair `s < t`, the kept matches of both passes joined in the orientation `s -> t` (a match
-    found by both appears once, `mutual`), with their confidence (:func:`match_scores`) and pixel positions."""
+    """Step 8 (end): per analysed pair `s < t` (in order), the kept matches of both passes joined in the
+    orientation `s -> t` (a match found by both appears once, `mutual`), with their confidence
+    (:func:`match_scores`) and pixel positions."""
     grid = tuple(features.grid_size)
     correspondences = []
-    for s, t in _every_pair(features.num_images):
+    for s, t in sorted(pair for pair in passes if pair[0] < pair[1]):
         forward, backward = passes[(s, t)], passes[(t, s)]
         source_tokens, target_tokens, scores, mutual = merge_passes(
             forward.statistics.forward,
@@ -1202,13 +1342,15 @@ def mean_pass_maps(
     passes: dict[tuple[int, int], PassResult], num_images: int, num_tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 5 over the collection: `(M, N)` mean IME of each token as a target and `(M, N)` mean IMS of each token
-    as a source, over its `M - 1` partners."""
+    as a source, over its analysed partners (`M - 1` with every pair)."""
     entropy_sum = torch.zeros(num_images, num_tokens, device=device)
     error_sum = torch.zeros(num_images, num_tokens, device=device)
+    partners = torch.zeros(num_images, 1, device=device)
     for result in passes.values():
         entropy_sum[result.target_index] += result.inverse_entropy
         error_sum[result.source_index] += result.statistics.inverse_error
-    partners = max(num_images - 1, 1)
+        partners[result.source_index] += 1
+    partners = partners.clamp_min(1)
     return entropy_sum / partners, error_sum / partners
 
 
@@ -1490,6 +1632,7 @@ def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> C
         return value
 
     fields = ("correspondences", "density_maps", "entropy_maps", "inverse_error_maps", "masks", "part_masks")
+    fields += ("sharing", "outliers")
     for name in fields + ("keypoints", "keypoint_parts"):
         setattr(output, name, convert(getattr(output, name)))
     return output
@@ -1506,22 +1649,29 @@ def analyze_checked_features(
     :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order."""
     num_images, grid = features.num_images, tuple(features.grid_size)
     num_tokens = grid[0] * grid[1]
+    # The pair graph, from the captured features (as the CLI splits it between processes)
+    pairs = partner_pairs(features, settings.partners)
     # 3b. Feature corrections: high-norm tokens, a reference's positional offsets
     features = correct_features(features, settings)
-    # 4-8a. Per pair (the expensive part), unless done already (e.g. split between processes)
+    # 4-8a. Per pair of the pair graph (the expensive part), unless done already (e.g. split between processes)
     if pair_analyses is None:
-        pair_analyses = _analyze_pair_list(features, _every_pair(num_images), settings, device, progress)
-    passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device)
+        pair_analyses = _analyze_pair_list(features, pairs, settings, device, progress)
+    passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device, pairs)
     thresholds = [
         {"source": result.source_index, "target": result.target_index, **result.thresholds.__dict__}
         for result in passes.values()
     ]
+    # How much each image shares with the collection; an outlier's matches are dropped before 8b
+    sharing = sharing_scores(passes, num_images)
+    outliers = find_outliers(sharing, settings.selection)
     if settings.selection == "auto":
+        inliers, dropped = split_outlier_passes(passes, outliers)
         # 8b. With three or more images: matches that third images confirm
         if num_images > 2:
-            passes = confirm_by_third_images(passes, num_images, grid)
+            inliers = confirm_by_third_images(inliers, num_images, grid)
         # 8c. Final consistency with the reverse pass and the local affine field
-        passes = check_consistency(passes, grid)
+        inliers = check_consistency(inliers, grid)
+        passes = {pair: inliers[pair] if pair in inliers else dropped[pair] for pair in passes}
     # 8. Both passes of each pair joined into its correspondences
     correspondences = pair_correspondences(passes, features)
     if settings.refine:  # below the token grid (the tokens stay as they are)
@@ -1535,6 +1685,8 @@ def analyze_checked_features(
         entropy_maps=entropy.view(num_images, *grid),
         inverse_error_maps=inverse_error.view(num_images, *grid),
         thresholds=thresholds,
+        sharing=sharing,
+        outliers=outliers,
     )
     if settings.segment:
         # 10. Clustering: hit regions per image, linked across images into shared parts
@@ -1568,6 +1720,7 @@ def analyze_features(
     refine: bool = True,
     reference: CoSegmentationFeatures | None = None,
     clamp_high_norm: bool = True,
+    partners: int | None = None,
 ) -> CoSegmentationPipelineOutput:
     r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
     4-11); no UNet needed, so a caller can re-run it with other thresholds.
@@ -1602,7 +1755,7 @@ def analyze_features(
         output_type (`str`, *optional*, defaults to `"np"`): `"np"` for numpy arrays, `"pt"` for torch tensors.
         progress (`Callable`, *optional*): called with 1 after each pair (e.g. a tqdm bar's `update`).
         pair_analyses (`list[PairAnalysis]`, *optional*): the per-pair steps 4-8a already done by
-            :func:`analyze_pairs` (every pair once, any order, e.g. gathered from several processes, made with the
+            :func:`analyze_pairs` (every pair of the graph once, any order, e.g. gathered from several processes, made with the
             same `selection` and thresholds as this call); only steps 8b-11 then run here. The output is the same
             as without them.
         segment (`bool`, *optional*, defaults to `True`): run steps 10-11; with `False` the clustering and the
@@ -1626,6 +1779,13 @@ def analyze_features(
             key norm exceeds their image's median token norm by more than 5 robust standard deviations (1.4826 MAD),
             to that bound before step 4. On by default: it costs nothing measurable on clean planted collections
             (BENCHMARKS.md); `False` turns it off.
+        partners (`int`, *optional*): the sparse pair graph: each image is analysed with its `partners` most
+            similar images (cosine similarity of :func:`image_descriptors`, a mean of unit-length queries per image)
+            and with the hub (the image most similar to the others on average, which keeps the graph connected),
+            the union of those pairs analysed (:func:`partner_pairs`; at most `M * (partners + 1)` pairs, so the
+            cost grows as `M * K`); hit counts, parts and masks come from those pairs, `correspondences` lists only them,
+            and step 8b confirms through third images linked to both images of a pair. `None` (default), or
+            `partners >= M - 1`: every pair. With `pair_analyses`, they must cover exactly this graph.
 
     Returns:
         [`CoSegmentationPipelineOutput`]
@@ -1649,6 +1809,7 @@ def analyze_features(
         refine=refine,
         reference=reference,
         clamp_high_norm=clamp_high_norm,
+        partners=partners,
     )
     device = _check_features(features, settings, device, progress)
     return analyze_checked_features(features, settings, device, progress, pair_analyses)

@@ -91,9 +91,12 @@ def all_pairs(num_images: int) -> list[tuple[int, int]]:
     return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
 
 
-def pair_shares(num_images: int, num_processes: int) -> list[list[tuple[int, int]]]:
-    """Pairs each process analyses: every `num_processes`-th pair (balanced, since pairs cost the same)."""
-    pairs = all_pairs(num_images)
+def pair_shares(
+    num_images: int, num_processes: int, pairs: Sequence[tuple[int, int]] | None = None
+) -> list[list[tuple[int, int]]]:
+    """Pairs each process analyses: every `num_processes`-th pair of `pairs` (default: every pair; with `--partners`
+    the partner graph) (balanced, since pairs cost the same)."""
+    pairs = all_pairs(num_images) if pairs is None else list(pairs)
     return [pairs[process::num_processes] for process in range(num_processes)]
 
 
@@ -142,6 +145,10 @@ def results_document(
             {"index": i, "path": path, "height": int(size[0]), "width": int(size[1])}
             for i, (path, size) in enumerate(zip(image_paths, image_sizes))
         ],
+        "sharing": None if getattr(output, "sharing", None) is None else _floats(output.sharing),
+        "outliers": None
+        if getattr(output, "outliers", None) is None
+        else np.asarray(output.outliers, dtype=bool).tolist(),
         "correspondences": [
             {
                 "source_index": int(pair.source_index),
@@ -460,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="disable every threshold not given explicitly: keep every forward match (shows the raw matches)",
     )
     parser.add_argument("--num-parts", type=positive_int, default=None, help="number of parts (default: estimated)")
+    parser.add_argument(
+        "--partners",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="analyse each image with its K most similar images and one hub image (cost ~ M*K; default: every pair)",
+    )
     parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
     parser.add_argument(
         "--reference",
@@ -559,6 +573,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from cosegment import analyze_features, analyze_pairs
+    from cosegment.analysis import partner_pairs
     from cosegment.runstate import RunState, record_settings
     from cosegment.utils.command_line import empty_results_warning, process_count_warning, threshold_overrides
     from cosegment.utils.files import save_safetensors, write_text
@@ -581,6 +596,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.selection is not None:
         analysis["selection"] = args.selection
     collection_only = {"num_parts": args.num_parts} if args.num_parts is not None else {}
+    if args.partners is not None:
+        collection_only["partners"] = args.partners
     segment = not args.no_segment
     bars = not (args.quiet or not main)
 
@@ -602,7 +619,8 @@ def run(args: argparse.Namespace) -> dict:
             kept.save_features(features)
 
     # 4-8a. Per-pair analysis (the expensive part): each process its share of the pairs, each kept as it finishes.
-    my_pairs = pair_shares(features.num_images, world)[rank]
+    graph = partner_pairs(features, args.partners)  # every pair, or the partner graph: the same on every process
+    my_pairs = pair_shares(features.num_images, world, graph)[rank]
     with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
         my_analyses, reused = kept.pair_analyses(
             features,

@@ -51,6 +51,7 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     analyze_pairs,
     check_analysis_settings,
     check_reference,
+    partner_pairs,
     settings_with_reference,
     transfer_points,
 )
@@ -395,6 +396,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         output_type: str = "np",
         prompt_embeds: torch.Tensor | None = None,
         refine: bool = True,
+        partners: int | None = None,
     ) -> CheckedInputs:
         """Validates every argument before any model runs; errors name the argument and the value.
 
@@ -427,6 +429,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             background_threshold=background_threshold,
             output_type=output_type,
             refine=refine,
+            partners=partners,
         )
         grid = self._grid_size(layer_names, int(height), int(width))
         if selection == "paper" and grid[0] * grid[1] < 2:
@@ -807,6 +810,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         return_dict: bool = True,
         refine: bool = True,
         reference: "CoSegmentationFeatures | str | None" = None,
+        partners: int | None = None,
     ):
         r"""Finds what a collection of images has in common.
 
@@ -857,6 +861,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 timestep and layers (cached on the pipeline); `None` (default) removes nothing. Off by default: its
                 effect on real SD weights is not measured. With `return_features=True` the features carry it
                 (`features.reference`, saved with them).
+            partners (`int`, *optional*): analyse each image with its `partners` most similar images only (a cheap
+                global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`) and with
+                one hub image that keeps the graph connected, the union of those pairs; the cost grows as
+                `M * (partners + 1)` instead of `M^2 / 2`. `None` (default): every pair.
 
         Examples:
 
@@ -887,6 +895,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             output_type=output_type,
             prompt_embeds=prompt_embeds,
             refine=refine,
+            partners=partners,
         )
 
         # 0b. Content-free reference captures: checked, or captured ("auto", cached on the pipeline)
@@ -909,7 +918,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         settings = settings_with_reference(checked.settings, reference)
 
         # 4-11. Analyse the captured features
-        num_pairs = features.num_images * (features.num_images - 1) // 2
+        num_pairs = len(partner_pairs(features, checked.settings.partners))
         with self.progress_bar(total=num_pairs) as bar:
             output = analyze_checked_features(features, settings, features.queries[0].device, bar.update)
         if return_features:

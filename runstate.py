@@ -58,6 +58,7 @@ RECORDED_SETTINGS = {
     "max_inverse_error": "pairs",
     "no_refine": "pairs",
     "num_parts": "results",
+    "partners": "results",  # which pairs are analysed; a kept pair analysis stays valid in any graph
     "points": "results",
     "no_segment": "results",
 }

@@ -636,7 +636,7 @@ def coverable(case: FamilyCase, s: int, t: int) -> np.ndarray:
     return (part > 0) & (part != case.hidden[t])
 
 
-def score_case(case: FamilyCase, output, pck: float = 0.1) -> dict[str, float]:
+def score_case(case: FamilyCase, output, pck: float = 0.1, listed_pairs_only: bool = False) -> dict[str, float]:
     """Scores an analysis of `case`.
 
     `output` needs `correspondences` (with `source_index`, `target_index`, `source_tokens`, `target_tokens`), and
@@ -645,7 +645,8 @@ def score_case(case: FamilyCase, output, pck: float = 0.1) -> dict[str, float]:
     - `precision`: PCK@`pck` (of the object's size) over all kept matches; a match touching an outlier image, or
       starting on a part hidden in the other image, is wrong;
     - `coverage`: over every pair of images that both show the object and both sides of it, the share of the
-      side's coverable tokens (:func:`coverable`) that take part in a correct kept match, averaged;
+      side's coverable tokens (:func:`coverable`) that take part in a correct kept match, averaged (with
+      `listed_pairs_only`, over the pairs `output.correspondences` lists: a sparse pair graph's analysed pairs);
     - `jaccard`: mask Jaccard at each image's own size against the visible object, mean over non-outlier images;
     - `nmi`: part NMI over the visible object pixels of all non-outlier images pooled (predicted background is its
       own label, so ids must agree across images);
@@ -666,6 +667,8 @@ def score_case(case: FamilyCase, output, pck: float = 0.1) -> dict[str, float]:
             if case.outliers[s] or case.outliers[t]:
                 continue
             pair = next((p for p in output.correspondences if (p.source_index, p.target_index) == (s, t)), None)
+            if pair is None and listed_pairs_only:
+                continue
             src = _to_numpy(pair.source_tokens).astype(int) if pair is not None else np.zeros(0, int)
             tgt = _to_numpy(pair.target_tokens).astype(int) if pair is not None else np.zeros(0, int)
             ok = match_correct(case, s, t, src, tgt, pck)

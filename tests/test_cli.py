@@ -230,6 +230,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def two_process_launch() -> list[str]:
+    """`accelerate launch` of 2 CPU processes (gloo), one torch thread each, on a free port."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return launch + ["--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port())]
+
+
 def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo) against a plain one-process run.
 
@@ -240,11 +247,8 @@ def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, 
     cli += ["--height", "128", "--width", "128", "--top-k", "10"] + NO_FILTER_FLAGS
     one = str(tmp_path / "one")
     _run_cli([sys.executable] + cli, one)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port())]
     two = str(tmp_path / "two")
-    result = _run_cli(launch + cli, two)
+    result = _run_cli(two_process_launch() + cli, two)
     assert "[rank 0/2] capturing images [0, 1]" in result.stderr
     assert "[rank 1/2] capturing images [2, 3]" in result.stderr
     assert "[rank 1/2] analysed 3 pairs" in result.stderr
