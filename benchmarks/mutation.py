@@ -9,6 +9,7 @@ runs, per mutant, only those tests.
     pip install mutmut            # 3.x
     python benchmarks/mutation.py                     # every group
     python benchmarks/mutation.py processors          # one group
+    python benchmarks/mutation.py analysis --sample 0.03   # analysis.py: a small seeded sample (slow tests)
     python benchmarks/mutation.py --report-only       # score the last run again, list the survivors
 
     python benchmarks/mutation.py correspondence --sample 0.15      # all selection-function mutants, 15% of the rest
@@ -52,6 +53,16 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "segmentation": (
         ["utils/segmentation.py"],
         ["tests/test_segmentation.py", "tests/test_device_follows_inputs.py", "tests/test_properties.py"],
+    ),
+    "analysis": (
+        ["analysis.py"],
+        [
+            "tests/test_validation.py",
+            "tests/test_faults.py",
+            "tests/test_points.py",
+            "tests/test_reference.py",
+            "tests/test_method.py",
+        ],
     ),
 }
 
