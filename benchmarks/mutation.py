@@ -95,6 +95,8 @@ def prepare(group: str, workdir: Path) -> Path:
         target = scratch / ("tests" if name.startswith("tests/") else "cosegment") / name.removeprefix("tests/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    # tests that run the README's snippets read `tests/../README.md`
+    shutil.copy2(ROOT / "README.md", scratch / "README.md")
     (scratch / "pyproject.toml").write_text(
         "[tool.pytest.ini_options]\n"
         'testpaths = ["tests"]\n'
@@ -105,6 +107,7 @@ def prepare(group: str, workdir: Path) -> Path:
         f'pytest_add_cli_args = ["-x", "-q"]\n'
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         "use_git_change_detection = false\n"
+        'also_copy = ["README.md"]\n'
     )
     return scratch
 
