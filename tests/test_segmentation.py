@@ -213,6 +213,9 @@ class TestMutationSurvivors:
             attention_rows(q[:1], k)
         with pytest.raises(ValueError, match="do not match"):
             attention_rows(q, k[..., :3])
+        # layers whose keys hold different token counts (was a RuntimeError from adding their rows)
+        with pytest.raises(ValueError, match=r"`queries\[1\]` \(2, 12, 4\) and `keys\[1\]` \(2, 11, 4\) do not match"):
+            attention_rows([q, q], [k, k[:, :11]])
 
     def test_no_tokens_gives_no_rows(self):
         q, k = torch.zeros(2, 0, 4), torch.zeros(2, 0, 4)
