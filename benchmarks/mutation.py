@@ -62,6 +62,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_points.py",
             "tests/test_reference.py",
             "tests/test_method.py",
+            "tests/test_analysis_mutants.py",
         ],
     ),
 }
