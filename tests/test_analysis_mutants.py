@@ -4,9 +4,11 @@ message the code must give, on a case where a one-token change of the code gives
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from cosegment import analyze_features, analyze_pairs, transfer_points
-from cosegment.analysis import AnalysisSettings, _in_pair, carry_parts, check_analysis_settings
+from cosegment.analysis import AnalysisSettings, CoSegmentationFeatures, _in_pair, carry_parts, check_analysis_settings
 from cosegment.benchmarks.planted import make_planted_features
 
 
@@ -69,3 +71,25 @@ def test_to_moves_every_tensor(small):
     moved = analysis.to("meta")
     for result in moved.passes:
         assert result.max_prob.device.type == "meta" and result.keep.device.type == "meta"
+
+
+def test_transfer_to_an_identical_image_near_the_edges():
+    # image 1 is image 0 (random queries, keys = 3 x queries, so each token attends most to itself): a point lands
+    # on itself, clamped to the hull of the token centres ([4, 60] px on an 8 x 8 grid of 64 x 64 px)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 64, 16, generator=g).repeat(2, 1, 1, 1)
+    features = CoSegmentationFeatures([q], [3.0 * q], (8, 8), [(64, 64), (64, 64)], ["layer"], {})
+    points = np.array([[60.0, 62.0], [62.0, 30.0], [30.0, 63.0], [63.5, 63.5], [2.0, 3.0]])
+    landed, _ = transfer_points(features, 0, 1, points)
+    np.testing.assert_allclose(landed, np.clip(points, 4.0, 60.0), atol=0.5)
+
+
+def test_load_a_file_without_metadata(small, tmp_path):
+    path = tmp_path / "features.safetensors"
+    small.features.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        header = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    del header["metadata"]
+    save_file(tensors, str(path), metadata=header)
+    assert CoSegmentationFeatures.load(path).metadata == {}
