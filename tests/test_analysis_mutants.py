@@ -8,7 +8,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cosegment import analyze_features, analyze_pairs, transfer_points
-from cosegment.analysis import AnalysisSettings, CoSegmentationFeatures, _in_pair, carry_parts, check_analysis_settings
+from cosegment.analysis import (
+    AnalysisSettings,
+    CoSegmentationFeatures,
+    _in_pair,
+    carry_parts,
+    check_analysis_settings,
+    join_pair_analyses,
+)
 from cosegment.benchmarks.planted import make_planted_features
 
 
@@ -93,3 +100,10 @@ def test_load_a_file_without_metadata(small, tmp_path):
     del header["metadata"]
     save_file(tensors, str(path), metadata=header)
     assert CoSegmentationFeatures.load(path).metadata == {}
+
+
+def test_join_pair_analyses_moves_them_to_the_device(small):
+    analyses = analyze_pairs(small.features, refine=False)
+    passes = join_pair_analyses(analyses, small.features, analyses[0].settings, torch.device("meta"))
+    assert sorted(passes) == [(0, 1), (1, 0)]
+    assert all(result.max_prob.device.type == "meta" for result in passes.values())
