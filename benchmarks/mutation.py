@@ -9,6 +9,7 @@ runs, per mutant, only those tests.
     pip install mutmut            # 3.x
     python benchmarks/mutation.py                     # every group
     python benchmarks/mutation.py processors          # one group
+    python benchmarks/mutation.py analysis --sample 0.03   # analysis.py: a small seeded sample (slow tests)
     python benchmarks/mutation.py --report-only       # score the last run again, list the survivors
 
     python benchmarks/mutation.py correspondence --sample 0.15      # all selection-function mutants, 15% of the rest
@@ -53,6 +54,17 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["utils/segmentation.py"],
         ["tests/test_segmentation.py", "tests/test_device_follows_inputs.py", "tests/test_properties.py"],
     ),
+    "analysis": (
+        ["analysis.py"],
+        [
+            "tests/test_validation.py",
+            "tests/test_faults.py",
+            "tests/test_points.py",
+            "tests/test_reference.py",
+            "tests/test_method.py",
+            "tests/test_analysis_mutants.py",
+        ],
+    ),
 }
 
 
@@ -84,6 +96,8 @@ def prepare(group: str, workdir: Path) -> Path:
         target = scratch / ("tests" if name.startswith("tests/") else "cosegment") / name.removeprefix("tests/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    # tests that run the README's snippets read `tests/../README.md`
+    shutil.copy2(ROOT / "README.md", scratch / "README.md")
     (scratch / "pyproject.toml").write_text(
         "[tool.pytest.ini_options]\n"
         'testpaths = ["tests"]\n'
@@ -94,6 +108,7 @@ def prepare(group: str, workdir: Path) -> Path:
         f'pytest_add_cli_args = ["-x", "-q"]\n'
         f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         "use_git_change_detection = false\n"
+        'also_copy = ["README.md"]\n'
     )
     return scratch
 

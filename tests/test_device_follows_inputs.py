@@ -52,6 +52,7 @@ CALLS = {
     "token_centres_in_pixels": lambda: C.token_centres_in_pixels(FORWARD, (3, 3), (30, 60)),
     "attention_rows": lambda: S.attention_rows(Q, K, columns=COLUMNS, chunk_size=4),
     "attention_rows_empty": lambda: S.attention_rows(Q, K, rows=LABELS[:0]),
+    "attention_rows_list": lambda: S.attention_rows(Q, K, rows=[4, 0]),  # a list of rows, made on Q's device
     "part_distributions": lambda: S.part_distributions(Q, K, LABELS, 3, chunk_size=2),
     "kl_to_parts": lambda: S.kl_to_parts(Q, K, UNIFORM, chunk_size=4),
     "assign_parts": lambda: S.assign_parts(KL, 0.5),

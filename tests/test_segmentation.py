@@ -183,3 +183,95 @@ class TestUpsampleAssignment:
         assert not upsample_assignment(torch.zeros(4, 0), (2, 2), 1.0, (5, 5)).any()
         with pytest.raises(ValueError, match="grid_size"):
             upsample_assignment(kl, (2, 2), 1.0, (3, 3))
+
+
+class TestMutationSurvivors:
+    """Written for the survivors of the mutation run on this module (TESTING.md): each asserts a value or message the
+    code must give, on a case where a one-token change of the code gives another."""
+
+    def test_two_dim_inputs_are_one_head(self):
+        q, k = _qk(heads=1)
+        torch.testing.assert_close(attention_rows(q[0], k[0]), _full_attention(q, k))
+
+    def test_messages_name_the_bad_argument(self):
+        q, k = _qk()
+        with pytest.raises(TypeError, match=r"`keys\[1\]` must be a torch.Tensor, got list"):
+            attention_rows([q, q], [k, [[0.0]]])
+        with pytest.raises(
+            ValueError, match=r"`queries\[0\]` must have shape \(N, d\) or \(H, N, d\), got \(1, 1, 12, 4\)"
+        ):
+            attention_rows(q[None, :1], k)
+        with pytest.raises(ValueError, match=r"`parts` must have shape \(K, 12\), got \(2, 5\)"):
+            kl_to_parts(q, k, torch.ones(2, 5))
+        with pytest.raises(ValueError, match="`labels` has 5 entries for 12 tokens"):
+            part_distributions(q, k, torch.zeros(5, dtype=torch.long), 1)
+
+    def test_head_count_mismatch_raises(self):
+        # same head size, one head against two: matmul would broadcast it silently
+        q, k = _qk(heads=2)
+        with pytest.raises(ValueError, match="do not match"):
+            attention_rows(q[:1], k)
+        with pytest.raises(ValueError, match="do not match"):
+            attention_rows(q, k[..., :3])
+        # layers whose keys hold different token counts (was a RuntimeError from adding their rows)
+        with pytest.raises(ValueError, match=r"`queries\[1\]` \(2, 12, 4\) and `keys\[1\]` \(2, 11, 4\) do not match"):
+            attention_rows([q, q], [k, k[:, :11]])
+
+    def test_no_tokens_gives_no_rows(self):
+        q, k = torch.zeros(2, 0, 4), torch.zeros(2, 0, 4)
+        assert kl_to_parts(q, k, torch.zeros(3, 0)).shape == (0, 3)
+
+    def test_assign_parts_without_parts_gives_inf_per_token(self):
+        labels, min_kl = assign_parts(torch.zeros(3, 0), 1.0)
+        assert labels.dtype == torch.long and min_kl.shape == (3,) and torch.isinf(min_kl).all()
+
+    def test_minimum_error_floor_decides_between_spikes(self):
+        # [-3, -1.5] in 3 bins of width 0.5 (centres -2.75, -2.25, -1.75), histogram (0.6, 0.2, 0.2), floor
+        # 0.5^2 / 12 = 1/48 (a one-bin class has no spread of its own). Cut after bin 0: 0.6 ln(1/48) + 0.4 ln(1/16) - 2 (0.6 ln 0.6 + 0.4 ln 0.4) = -2.086;
+        # after bin 1 (first class variance 3/64): 0.8 ln(3/64) + 0.2 ln(1/48) - 2 (0.8 ln 0.8 + 0.2 ln 0.2) = -2.222,
+        # the smaller, so the cut is lo + 2 * 0.5 = -2.0. (A floor of 0.5^3 / 12 would make it -2.5.)
+        values = torch.tensor([-3.0, -3.0, -3.0, -2.25, -1.5])
+        assert minimum_error_threshold(values, bins=3) == pytest.approx(-2.0)
+
+    def test_maximin_seeds_and_exact_kmeans_labels(self):
+        from cosegment.utils.segmentation import _maximin_init
+
+        pts = np.array([[0.0, 0.0], [0.0, 0.1], [10.0, 0.0], [10.0, 0.1], [0.0, 10.0]])
+        # from point 0 the farthest is point 3 (100.01), then point 4 (100 from point 0, 198.01 from point 3)
+        assert _maximin_init(pts, 3, 0).tolist() == [0, 0, 1, 1, 2]
+        # from point 4: point 2 (200), then point 0 (100 from 4, 100 from 2; point 1 is 98.01 from 4)
+        assert _maximin_init(pts, 3, 4).tolist() == [2, 2, 1, 1, 0]
+        assert kmeans(pts, 3).tolist() == [0, 0, 1, 1, 2]
+        assert kmeans(pts, 3, first=4).tolist() == [2, 2, 1, 1, 0]
+        one = kmeans(pts, 1)
+        assert one.shape == (5,) and one.dtype == np.int64 and not one.any()
+
+    def test_spectral_seed_is_largest_degree_and_top_two(self):
+        a = np.full((18, 18), 0.01)
+        for start, size in ((0, 5), (5, 7), (12, 6)):
+            a[start : start + size, start : start + size] = 1.0
+        labels = spectral_clusters(a, 3, max_clusters=6)
+        assert (labels[5:12] == 0).all()  # the 7-block holds the largest degree: the first seed, label 0
+        # estimating among 2..2 clusters: top = 2 leaves one gap to compare, and gives 2
+        two = spectral_clusters(a[:12, :12], None, max_clusters=2)
+        assert two.max() == 1 and len(set(two[:5])) == 1 and len(set(two[5:])) == 1 and two[0] != two[5]
+
+    def test_spectral_rows_scaled_to_unit_length(self):
+        # point 8 hangs on the pair {0, 1} by weight 0.1: its embedding row is short (low degree) but points at the
+        # pair; only rows scaled to unit length put it with the pair rather than nearer the big block's centre
+        a = np.zeros((9, 9))
+        a[:2, :2] = 1.0
+        a[2:8, 2:8] = 1.0
+        a[8, :2] = a[:2, 8] = 0.1
+        labels = spectral_clusters(a, 2, max_clusters=4)
+        assert labels[8] == labels[0] == labels[1] != labels[2]
+        assert len(set(labels[2:8])) == 1
+
+    def test_upsample_bad_input_messages(self):
+        with pytest.raises(ValueError, match=r"`kl` must be a \(N, K\) tensor, got <class 'list'>"):
+            upsample_assignment([[0.1]], (1, 1), 1.0, (2, 2))
+        with pytest.raises(ValueError, match=r"`kl` must be a \(N, K\) tensor, got torch.Size\(\[4\]\)"):
+            upsample_assignment(torch.zeros(4), (2, 2), 1.0, (2, 2))
+        for size in ((0, 5), (5, 0), (5,)):
+            with pytest.raises(ValueError, match="`size` must be two positive ints"):
+                upsample_assignment(torch.zeros(4, 1), (2, 2), 1.0, size)

@@ -46,7 +46,12 @@ def _check_qk(queries, keys) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if len(qs) != len(ks):
         raise ValueError(f"`queries` and `keys` must have the same length, got {len(qs)} and {len(ks)}.")
     for i, (q, k) in enumerate(zip(qs, ks)):
-        if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] != qs[0].shape[1]:
+        if (
+            q.shape[0] != k.shape[0]
+            or q.shape[-1] != k.shape[-1]
+            or q.shape[1] != qs[0].shape[1]
+            or k.shape[1] != ks[0].shape[1]
+        ):
             raise ValueError(f"`queries[{i}]` {tuple(q.shape)} and `keys[{i}]` {tuple(k.shape)} do not match.")
     return qs, ks
 
