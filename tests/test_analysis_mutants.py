@@ -12,7 +12,6 @@ from cosegment.analysis import (
     AnalysisSettings,
     CoSegmentationFeatures,
     _in_pair,
-    carry_parts,
     check_analysis_settings,
     join_pair_analyses,
 )
@@ -36,12 +35,6 @@ def test_in_pair_keeps_the_type_only_when_the_message_survives():
     # str(KeyError(m)) quotes m, so the message would change: a RuntimeError instead
     wrapped = _in_pair(KeyError("k"), 2, 3)
     assert type(wrapped) is RuntimeError and str(wrapped) == "pair (2, 3): KeyError: 'k'"
-
-
-def test_carry_parts_of_one_image_returns_its_labels():
-    labels = torch.tensor([0, 1, 2, 1])
-    out = carry_parts([labels], [torch.tensor([1, 2, 3])], [], 0, 2)
-    assert len(out) == 1 and out[0].tolist() == [0, 1, 2, 1]
 
 
 def test_transfer_points_accepts_the_image_edges(small):
