@@ -375,6 +375,14 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         level = self_attention_layer_levels(self.unet)[layer_names[0]]
         return height // self.vae_scale_factor // 2**level, width // self.vae_scale_factor // 2**level
 
+    def _labelled_progress_bar(self, total: int, label: str):
+        """diffusers' `progress_bar(total=total)`, labelled `label` unless `set_progress_bar_config(desc=...)` gave
+        one: a call shows two bars (capture, then analysis), which unlabelled look alike."""
+        bar = self.progress_bar(total=total)
+        if "desc" not in getattr(self, "_progress_bar_config", {}):
+            bar.set_description(label, refresh=False)
+        return bar
+
     def check_inputs(
         self,
         image,
@@ -609,7 +617,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         try:
             # inside the try: an interrupt while installing still restores every original processor
             self.unet.set_attn_processor(dict(processors))
-            with self.progress_bar(total=math.ceil(total / batch_size)) as bar:
+            with self._labelled_progress_bar(math.ceil(total / batch_size), "capture (UNet batches)") as bar:
                 for start in range(0, total, batch_size):
                     chunk = noisy[start : start + batch_size]
                     store.begin_forward()
@@ -919,7 +927,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
         # 4-11. Analyse the captured features
         num_pairs = len(partner_pairs(features, checked.settings.partners))
-        with self.progress_bar(total=num_pairs) as bar:
+        with self._labelled_progress_bar(num_pairs, "pair analysis (pairs)") as bar:
             output = analyze_checked_features(features, settings, features.queries[0].device, bar.update)
         if return_features:
             output.features = features

@@ -356,3 +356,22 @@ def test_the_safety_checker_need_not_load(tiny_sd1_path):
     assert pipe.safety_checker is None and "safety_checker" in pipe.components
     out = pipe(_images(), generator=torch.Generator().manual_seed(0), **CALL, **NO_FILTER)
     assert out.density_maps.shape == (2, 4, 4)
+
+
+def test_progress_bars_are_labelled_unless_the_user_labels_them(tiny_pipe, photos):
+    import io
+
+    buffer = io.StringIO()
+    tiny_pipe.set_progress_bar_config(file=buffer, mininterval=0)
+    try:
+        tiny_pipe(photos[:3], height=64, width=64, generator=torch.Generator().manual_seed(0))
+        text = buffer.getvalue()
+        assert "capture (UNet batches)" in text and "pair analysis (pairs)" in text and "3/3" in text
+        buffer.seek(0)
+        buffer.truncate()
+        tiny_pipe.set_progress_bar_config(file=buffer, mininterval=0, desc="mine")
+        tiny_pipe(photos[:2], height=64, width=64, generator=torch.Generator().manual_seed(0))
+        text = buffer.getvalue()
+        assert "mine" in text and "capture (UNet batches)" not in text and "pair analysis" not in text
+    finally:
+        tiny_pipe.set_progress_bar_config(disable=True)
