@@ -28,8 +28,9 @@ def _copies() -> list[tuple[str, str, str, str]]:
     """(copy's file, its name, original module, original name) for every marker in the package."""
     copies = []
     for path in sorted(ROOT.glob("**/*.py")):
-        if "tests" in path.relative_to(ROOT).parts:
-            continue
+        parts = path.relative_to(ROOT).parts
+        if "tests" in parts or parts[0] in ("build", "dist") or any(part.startswith(".") for part in parts):
+            continue  # the package's own files only: not a build copy, a virtual environment or a hidden folder
         lines = path.read_text(encoding="utf-8").splitlines()
         for index, line in enumerate(lines):
             match = MARKER.match(line)
