@@ -1309,7 +1309,7 @@ def transfer_points(
             f"`points` must lie inside the source image ({width} x {height} px, x in [0, {width}], y in "
             f"[0, {height}]), got {array[outside][0].tolist()} among {int(outside.sum())} outside."
         )
-    features = correct_features(features, settings_with_reference(AnalysisSettings(), features.reference))
+    features = correct_features(features, AnalysisSettings(reference=features.reference))  # no digest needed here
     grid = tuple(features.grid_size)
     device = features.queries[0].device
     if array.shape[0] == 0:
@@ -1644,13 +1644,16 @@ def analyze_checked_features(
     device: torch.device,
     progress: Callable[[int], Any] | None = None,
     pair_analyses: Sequence[PairAnalysis] | None = None,
+    pairs: list[tuple[int, int]] | None = None,
 ) -> CoSegmentationPipelineOutput:
     """:func:`analyze_features` for features and settings already checked (`settings` from
-    :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order."""
+    :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order. `pairs`: the pair
+    graph `partner_pairs(features, settings.partners)` when the caller has it already."""
     num_images, grid = features.num_images, tuple(features.grid_size)
     num_tokens = grid[0] * grid[1]
     # The pair graph, from the captured features (as the CLI splits it between processes)
-    pairs = partner_pairs(features, settings.partners)
+    if pairs is None:
+        pairs = partner_pairs(features, settings.partners)
     # 3b. Feature corrections: high-norm tokens, a reference's positional offsets
     features = correct_features(features, settings)
     # 4-8a. Per pair of the pair graph (the expensive part), unless done already (e.g. split between processes)

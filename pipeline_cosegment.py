@@ -926,9 +926,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         settings = settings_with_reference(checked.settings, reference)
 
         # 4-11. Analyse the captured features
-        num_pairs = len(partner_pairs(features, checked.settings.partners))
-        with self._labelled_progress_bar(num_pairs, "pair analysis (pairs)") as bar:
-            output = analyze_checked_features(features, settings, features.queries[0].device, bar.update)
+        pairs = partner_pairs(features, checked.settings.partners)  # computed once: the bar's total and the analysis
+        with self._labelled_progress_bar(len(pairs), "pair analysis (pairs)") as bar:
+            output = analyze_checked_features(features, settings, features.queries[0].device, bar.update, pairs=pairs)
         if return_features:
             output.features = features
         # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)
