@@ -60,6 +60,7 @@ from .processors.cross_self_attention import (
     CrossSelfAttentionCaptureProcessor,
     StopForward,
     capture_stops_early,
+    compiled_prefix,
     finish_interrupted_forward,
     self_attention_layer_levels,
 )
@@ -545,8 +546,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         images (2 or more, increasing) of the collection `image`, e.g. one process's share; every image's noise is
         still drawn in collection order, so their features equal those of a full run (batches are formed within the
         share); `stop_early` (`bool`, *optional*, defaults to `True`): end each UNet forward right after the last read
-        layer (an eager UNet only: a compiled one runs its whole forward, which dynamo compiles once; the queries and
-        keys are the same either way). Returns the captured [`CoSegmentationFeatures`] (queries and keys
+        layer (eager: an exception ends it; compiled: a compiled copy of the forward's start that returns after that
+        layer, made with the UNet's own compile settings, or the whole forward for a UNet it does not mirror; the
+        queries and keys are the same in every case). Returns the captured [`CoSegmentationFeatures`] (queries and keys
         `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device). Model CPU offload
         hooks are freed when the UNet pass ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline
         call.
@@ -607,7 +609,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Step 3: one UNet forward per batch of `noisy` `(B, C, h, w)` with the capture processors on `layer_names`;
         the original processors come back in `finally`. Returns the queries and keys, one `(B, H, N, d)` per layer."""
-        # (a compiled UNet runs its whole forward: see `capture_stops_early`)
+        # eager: the early exit is an exception; compiled: a compiled forward that returns after the last read layer
+        # (`compiled_prefix`), or the whole forward where that does not apply (see `capture_stops_early`)
+        prefix = compiled_prefix(self.unet, layer_names) if stop_early else None
         store = AttentionStore(layer_names, stop_after_last=capture_stops_early(self.unet, stop_early))
         originals = dict(self.unet.attn_processors)
         processors = dict(originals)
@@ -621,13 +625,17 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 for start in range(0, total, batch_size):
                     chunk = noisy[start : start + batch_size]
                     store.begin_forward()
+                    condition = prompt_embeds.expand(chunk.shape[0], -1, -1)
                     try:
-                        self.unet(
-                            chunk,
-                            timesteps[start : start + batch_size],
-                            encoder_hidden_states=prompt_embeds.expand(chunk.shape[0], -1, -1),
-                            return_dict=False,
-                        )
+                        if prefix is not None:
+                            prefix(chunk, timesteps[start : start + batch_size], condition)
+                        else:
+                            self.unet(
+                                chunk,
+                                timesteps[start : start + batch_size],
+                                encoder_hidden_states=condition,
+                                return_dict=False,
+                            )
                     except StopForward:
                         # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
                         finish_interrupted_forward(unwrap_module(self.unet), store.stopped_at)

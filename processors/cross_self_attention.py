@@ -208,13 +208,168 @@ def runs_compiled(model: torch.nn.Module) -> bool:
 def capture_stops_early(model: torch.nn.Module, stop_early: bool) -> bool:
     """Whether the capture of `model` ends its forward with :class:`StopForward` (`stop_early`, in eager only).
 
-    A compiled UNet runs its whole forward: dynamo cannot trace an exception that leaves the compiled function, so it
-    falls back to eager for the UNet's frame and compiles its blocks one by one, and more of them on the second call
-    (tiny UNet: 13 graphs, then 24; raising from a `torch.compiler.disable`d function: 16, then 25). Without the
-    exception the capture processors trace into one graph that later calls reuse (measured: 1 graph, none added by
-    later calls): fresh processors and stores each call pass dynamo's guards (on their types and layer names). The
-    queries and keys are the same either way (the early exit only skips what runs after the last read layer)."""
+    A compiled UNet never raises it: dynamo cannot trace an exception that leaves the compiled function, so it falls
+    back to eager for the UNet's frame and compiles its blocks one by one, and more of them on the second call (tiny
+    UNet: 13 graphs, then 24; raising from a `torch.compiler.disable`d function: 16, then 25). A compiled UNet stops
+    early through :func:`compiled_prefix` instead (a compiled forward that returns after the last read layer), or runs
+    its whole forward where the prefix does not apply. The queries and keys are the same in every case (the early exit
+    only skips what runs after the last read layer)."""
     return stop_early and not runs_compiled(model)
+
+
+def compile_context(model: torch.nn.Module):
+    """The dynamo context `model` was compiled with (its backend, mode and options), or `None`.
+
+    For the wrapper of `torch.compile(model, ...)` it is the wrapper's `dynamo_ctx`; for `model.compile(...)` it is the
+    context held by the compiled call (`_compiled_call_impl`). Calling the context on a function compiles that function
+    the same way."""
+    from torch._dynamo.eval_frame import _TorchDynamoContext
+
+    context = getattr(model, "dynamo_ctx", None)
+    if isinstance(context, _TorchDynamoContext):
+        return context
+    compiled_call = getattr(unwrap_module(model), "_compiled_call_impl", None)
+    for cell in getattr(compiled_call, "__closure__", None) or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(content, _TorchDynamoContext):
+            return content
+    return None
+
+
+def prefix_stop(unet: torch.nn.Module, layer_names: list[str]) -> tuple | None:
+    """Where :func:`unet_prefix_forward` stops for the read layers `layer_names`, or `None` where it does not apply.
+
+    Returns `("down", i)` or `("mid",)` (the block holding the last read layer runs whole), or `("up", i, j)` (up block
+    `i` runs until its attention `j`, which holds the last read layer). `None` unless `unet` is a plain text-conditioned
+    :class:`UNet2DConditionModel` (its own `forward`, no class or added embedding, no encoder projection, no centred
+    input, FreeU off) without hooks that its own forward would run (accelerate's, diffusers' offloading, forward hooks
+    on the UNet itself), and the last read layer sits in a down, mid or `CrossAttnUpBlock2D` up block's attentions."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D
+
+    unet = unwrap_module(unet)
+    if type(unet).forward is not UNet2DConditionModel.forward or not layer_names:
+        return None
+    config = unet.config
+    if (
+        config.center_input_sample
+        or unet.class_embedding is not None
+        or config.addition_embed_type is not None
+        or unet.encoder_hid_proj is not None
+        or unet._forward_hooks
+        or unet._forward_pre_hooks
+    ):
+        return None
+    for module in unet.modules():
+        if getattr(module, "_hf_hook", None) is not None or getattr(module, "_diffusers_hook", None) is not None:
+            return None
+    for block in unet.up_blocks:
+        if all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2")):
+            return None  # FreeU changes the up blocks' inputs
+    order = {name: index for index, (name, _) in enumerate(unet.named_modules())}
+    if any(name not in order for name in layer_names):
+        return None
+    parts = max(layer_names, key=order.__getitem__).split(".")
+    if parts[0] == "down_blocks" and len(parts) > 2 and parts[2] == "attentions":
+        return ("down", int(parts[1]))
+    if parts[0] == "mid_block" and len(parts) > 1 and parts[1] == "attentions":
+        return ("mid",)
+    if parts[0] == "up_blocks" and len(parts) > 3 and parts[2] == "attentions":
+        if type(unet.up_blocks[int(parts[1])]) is CrossAttnUpBlock2D:
+            return ("up", int(parts[1]), int(parts[3]))
+    return None
+
+
+def unet_prefix_forward(
+    unet: torch.nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    stop: tuple,
+) -> torch.Tensor:
+    """The start of :meth:`UNet2DConditionModel.forward` up to the stop :func:`prefix_stop` chose (mirrors it for the
+    plain text-conditioned case, with no mask, no extra residuals and no `cross_attention_kwargs`), then returns the
+    hidden states there. The modules run are the forward's own, with the same inputs in the same order, so a capture
+    processor records the same queries and keys (bitwise, in eager). It exists for a compiled UNet: a forward that
+    returns early, which dynamo compiles into graphs that later calls reuse, unlike an exception.
+
+    Args:
+        unet (`UNet2DConditionModel`): the (unwrapped) UNet.
+        sample (`torch.Tensor` of shape `(B, C, h, w)`): noisy latents.
+        timestep (`torch.Tensor` of shape `(B,)`): their timesteps.
+        encoder_hidden_states (`torch.Tensor` of shape `(B, L, D)`): the text condition.
+        stop (`tuple`): from :func:`prefix_stop`.
+    """
+    forward_upsample_size = any(size % 2**unet.num_upsamplers != 0 for size in sample.shape[-2:])
+    upsample_size = None
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    sample = unet.conv_in(sample)
+    down_block_res_samples = (sample,)
+    for index, block in enumerate(unet.down_blocks):
+        if getattr(block, "has_cross_attention", False):
+            sample, res_samples = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample, res_samples = block(hidden_states=sample, temb=emb)
+        down_block_res_samples += res_samples
+        if stop == ("down", index):
+            return sample
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = unet.mid_block(sample, emb)
+    if stop == ("mid",):
+        return sample
+    for index, block in enumerate(unet.up_blocks):
+        res_samples = down_block_res_samples[-len(block.resnets) :]
+        down_block_res_samples = down_block_res_samples[: -len(block.resnets)]
+        if stop[1] == index:  # CrossAttnUpBlock2D.forward's loop, until attention `stop[2]`
+            for resnet, attention in list(zip(block.resnets, block.attentions))[: stop[2] + 1]:
+                sample = torch.cat([sample, res_samples[-1]], dim=1)
+                res_samples = res_samples[:-1]
+                sample = resnet(sample, emb)
+                sample = attention(sample, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            return sample
+        if index < len(unet.up_blocks) - 1 and forward_upsample_size:
+            upsample_size = down_block_res_samples[-1].shape[2:]
+        if getattr(block, "has_cross_attention", False):
+            sample = block(
+                hidden_states=sample,
+                temb=emb,
+                res_hidden_states_tuple=res_samples,
+                encoder_hidden_states=encoder_hidden_states,
+                upsample_size=upsample_size,
+            )
+        else:
+            sample = block(
+                hidden_states=sample, temb=emb, res_hidden_states_tuple=res_samples, upsample_size=upsample_size
+            )
+    raise ValueError(f"`stop`={stop!r} names no block of the UNet.")
+
+
+def compiled_prefix(unet: torch.nn.Module, layer_names: list[str]):
+    """For a compiled `unet` (either form), a callable `(sample, timestep, encoder_hidden_states)` that runs
+    :func:`unet_prefix_forward` compiled with the UNet's own dynamo context (backend, mode, options; `torch.compile`'s
+    defaults if it cannot be found), so the capture stops after the last read layer and later calls reuse the graphs.
+    `None` for an eager UNet or where :func:`prefix_stop` does not apply (the compiled UNet then runs whole)."""
+    if not runs_compiled(unet):
+        return None
+    stop = prefix_stop(unet, layer_names)
+    if stop is None:
+        return None
+    context = compile_context(unet)
+    compiled = context(unet_prefix_forward) if context is not None else torch.compile(unet_prefix_forward)
+    module = unwrap_module(unet)
+
+    def run(sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return compiled(module, sample, timestep, encoder_hidden_states, stop)
+
+    return run
 
 
 def self_attention_layer_levels(unet: torch.nn.Module) -> dict[str, int]:
