@@ -1,8 +1,9 @@
 """Planted generator families with a design / held-out split, Stable-Diffusion-like feature components, content-free
 reference captures, and the metrics and table that score `analyze_features` on them.
 
-Independent of :func:`benchmarks.planted.make_planted_features` (which stays as it is): its own object layouts, warp
-(with rotation), background process and projections.
+Independent of :func:`benchmarks.planted.make_planted_features`: its own object layouts, warp (with rotation),
+background process and projections. The SD-like components below are shared: planted.py adds them with
+:class:`PlantedModel` and :func:`model_components`.
 
 **Families** (the object's outline and its part layout in canonical coordinates `u = (row, col)`, radius `R`):
 

@@ -16,7 +16,16 @@ pair), mask Jaccard (at each image's own size, against the exact object region) 
 pixels of the whole collection, predicted background counting as its own label, so part ids must agree across
 images).
 
-Run `python benchmarks/planted.py` for the markdown table of the README, and `python benchmarks/planted.py --points`
+**SD-like components** (issue 16; off by default, and then the output is bitwise what it was before they existed):
+`make_planted_features(..., positional=, corners=, anomalies=, anomaly_norm=)` adds to the noisy features, before
+the projections, a positional field shared by every image, corner tokens alike across images and a few high-norm
+tokens per image, exactly as :class:`benchmarks.families.PlantedModel` does, drawn from their own random stream.
+:func:`make_planted_reference` makes content-free captures of the same model (background statistics only, the same
+components and projections), the `reference` of `analyze_features`.
+
+Run `python benchmarks/planted.py` for the markdown table of the README, `python benchmarks/planted.py --sd` for
+issue 16's table (:func:`sd_rows`: the components without and with a 16-image reference, M = 2 and 4, noise low;
+`--noise low moderate`, `--seed-offset 100` for the held-out seeds), and `python benchmarks/planted.py --points`
 for the sub-token table (:func:`point_rows`: end-point error in cells and PCK@0.05 / 0.1 of correct kept matches at
 token centres and refined, and of `transfer_points` on random sub-token object points, against the continuous warp;
 this module's collections and the families' design and held-out splits, reported apart).
