@@ -1,8 +1,9 @@
 """Planted generator families with a design / held-out split, Stable-Diffusion-like feature components, content-free
 reference captures, and the metrics and table that score `analyze_features` on them.
 
-Independent of :func:`benchmarks.planted.make_planted_features` (which stays as it is): its own object layouts, warp
-(with rotation), background process and projections.
+Independent of :func:`benchmarks.planted.make_planted_features`: its own object layouts, warp (with rotation),
+background process and projections. The SD-like components below are shared: planted.py adds them with
+:class:`PlantedModel` and :func:`model_components`.
 
 **Families** (the object's outline and its part layout in canonical coordinates `u = (row, col)`, radius `R`):
 
@@ -270,6 +271,26 @@ class PlantedModel:
         return queries, keys
 
 
+def model_components(
+    rng: np.random.Generator, grid_size: tuple[int, int], channels: int, positional: float, positional_length: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The random parts of a model's SD-like components, drawn from `rng` in this order.
+
+    Returns:
+        `(N, C)` positional field (a smooth function of position, zero mean over positions, RMS norm over positions
+        `positional`; scale it by the content norm), `(4, C)` unit corner vectors (one shared direction plus a
+        per-corner part) and the `(C,)` unit direction of the high-norm tokens.
+    """
+    h, w = grid_size
+    rows, cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
+    pos = _smooth(rng, np.stack([rows, cols], -1).reshape(h * w, 2), channels, positional_length)
+    pos = pos - pos.mean(0)  # a pure function of position: no constant offset
+    pos = positional * pos / math.sqrt((pos**2).sum(-1).mean())  # times the content norm once it is measured
+    shared_corner = rng.normal(size=channels)
+    corner_vectors = _unit(shared_corner + 0.5 * rng.normal(size=(4, channels)))
+    return pos, corner_vectors, _unit(rng.normal(size=channels))
+
+
 def _make_model(
     rng,
     grid_size,
@@ -292,12 +313,7 @@ def _make_model(
         wq = rng.normal(0.0, 1.0 / math.sqrt(head_dim), size=(num_heads, head_dim, channels))
         w_q.append(wq)
         w_k.append(wq + 0.4 * rng.normal(0.0, 1.0 / math.sqrt(head_dim), size=wq.shape))
-    rows, cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
-    pos = _smooth(rng, np.stack([rows, cols], -1).reshape(h * w, 2), channels, positional_length)
-    pos = pos - pos.mean(0)  # a pure function of position: no constant offset
-    pos = positional * pos / math.sqrt((pos**2).sum(-1).mean())  # times the content norm once it is measured
-    shared_corner = rng.normal(size=channels)
-    corner_vectors = _unit(shared_corner + 0.5 * rng.normal(size=(4, channels)))
+    pos, corner_vectors, anomaly_direction = model_components(rng, grid_size, channels, positional, positional_length)
     return PlantedModel(
         grid_size=(h, w),
         channels=channels,
@@ -309,7 +325,7 @@ def _make_model(
         positional=pos,
         corner_vectors=corner_vectors,
         corners=float(corners),
-        anomaly_direction=_unit(rng.normal(size=channels)),
+        anomaly_direction=anomaly_direction,
         anomalies=int(anomalies),
         anomaly_norm=float(anomaly_norm),
     )

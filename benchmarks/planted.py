@@ -16,7 +16,16 @@ pair), mask Jaccard (at each image's own size, against the exact object region) 
 pixels of the whole collection, predicted background counting as its own label, so part ids must agree across
 images).
 
-Run `python benchmarks/planted.py` for the markdown table of the README, and `python benchmarks/planted.py --points`
+**SD-like components** (issue 16; off by default, and then the output is bitwise what it was before they existed):
+`make_planted_features(..., positional=, corners=, anomalies=, anomaly_norm=)` adds to the noisy features, before
+the projections, a positional field shared by every image, corner tokens alike across images and a few high-norm
+tokens per image, exactly as :class:`benchmarks.families.PlantedModel` does, drawn from their own random stream.
+:func:`make_planted_reference` makes content-free captures of the same model (background statistics only, the same
+components and projections), the `reference` of `analyze_features`.
+
+Run `python benchmarks/planted.py` for the markdown table of the README, `python benchmarks/planted.py --sd` for
+issue 16's table (:func:`sd_rows`: the components without and with a 16-image reference, M = 2 and 4, noise low;
+`--noise low moderate`, `--seed-offset 100` for the held-out seeds), and `python benchmarks/planted.py --points`
 for the sub-token table (:func:`point_rows`: end-point error in cells and PCK@0.05 / 0.1 of correct kept matches at
 token centres and refined, and of `transfer_points` on random sub-token object points, against the continuous warp;
 this module's collections and the families' design and held-out splits, reported apart).
@@ -30,6 +39,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -41,6 +51,9 @@ if __package__ in (None, ""):  # run as a script from a checkout named `cosegmen
         sys.path.insert(0, os.path.dirname(_ROOT))
 
 from cosegment import CoSegmentationFeatures, analyze_features  # noqa: E402
+
+if TYPE_CHECKING:
+    from cosegment.benchmarks.families import PlantedModel
 
 NOISE_LEVELS = {"low": 0.15, "moderate": 0.3, "high": 0.5}
 
@@ -57,6 +70,12 @@ class PlantedCase:
         num_parts: planted parts, labelled 1..num_parts.
         token_parts: `(M, h, w)` int, the part under each token centre (0 = background).
         shape: `(a2, phi2, a3, phi3, part_angle)` of the canonical outline and part layout.
+        model: the "model" behind the captures (:class:`benchmarks.families.PlantedModel`): projections `w_q`, `w_k`,
+            `amp`, observation and key `noise`, the measured `content_norm` and the SD-like components (`positional`
+            field `(N, C)`, `corner_vectors`, `corners`, `anomaly_direction`, `anomalies`, `anomaly_norm`), all off
+            when the knobs are at their defaults. :func:`make_planted_reference` uses it.
+        high_norm: `(M, N)` bool, the high-norm (anomaly) tokens (none when `anomalies = 0`).
+        background_regions, part_share: the generator's settings a reference's background repeats.
     """
 
     features: CoSegmentationFeatures
@@ -67,6 +86,10 @@ class PlantedCase:
     num_parts: int
     token_parts: np.ndarray
     shape: tuple[float, float, float, float, float]
+    model: PlantedModel | None = None
+    high_norm: np.ndarray | None = None
+    background_regions: int = 5
+    part_share: float = 0.5
 
     @property
     def object_masks(self) -> np.ndarray:
@@ -129,6 +152,35 @@ def _smooth_field(rng, coords: np.ndarray, channels: int, length: float, compone
     return math.sqrt(2.0 / components) * waves @ amps
 
 
+def _background(rng, coords: np.ndarray, regions: int, stuff_embed: np.ndarray, tiles: list, part_share: float):
+    """`(h, w, C)` background at `coords` `(h, w, 2)`: `regions` Voronoi regions of three kinds (each kind present
+    where there are enough regions): i.i.d. random unit features, smooth stuff (one of `stuff_embed` `(2, C)` plus a
+    slowly varying field) and a texture (one of the periodic `tiles` `(p, p, C)` at a random phase)."""
+    h, w = coords.shape[:2]
+    channels = stuff_embed.shape[-1]
+    grid_rows, grid_cols = coords[..., 0], coords[..., 1]
+    seeds = rng.uniform(0, [h, w], size=(regions, 2))
+    region = ((coords[..., None, :] - seeds) ** 2).sum(-1).argmin(-1)
+    kinds = rng.permutation(np.resize(np.arange(3), regions))
+    bg = np.empty((h, w, channels))
+    for r in range(regions):
+        where = region == r
+        if kinds[r] == 0:
+            bg[where] = _unit(rng.normal(size=(int(where.sum()), channels)))
+        elif kinds[r] == 1:
+            field_ = _smooth_field(rng, coords, channels, length=5.0)
+            stuff = stuff_embed[rng.integers(len(stuff_embed))]
+            bg[where] = (math.sqrt(part_share) * stuff + math.sqrt(1 - part_share) * field_)[where]
+        else:
+            k = rng.integers(len(tiles))
+            p = tiles[k].shape[0]
+            off = rng.integers(0, p, size=2)
+            tile_rows = (grid_rows.astype(int) + off[0]) % p
+            tile_cols = (grid_cols.astype(int) + off[1]) % p
+            bg[where] = tiles[k][tile_rows, tile_cols][where]
+    return bg
+
+
 def make_planted_features(
     num_images: int = 2,
     noise: float = 0.6,
@@ -146,6 +198,11 @@ def make_planted_features(
     detail_length: float = 1.0,
     background_regions: int = 5,
     image_sizes: list[tuple[int, int]] | None = None,
+    positional: float = 0.0,
+    corners: float = 0.0,
+    anomalies: int = 0,
+    anomaly_norm: float = 3.0,
+    positional_length: float = 5.0,
 ) -> PlantedCase:
     """Planted queries and keys of `num_images` images sharing one object (see the module docstring).
 
@@ -164,10 +221,30 @@ def make_planted_features(
         detail_length: correlation length of the object's position detail, canonical cells.
         background_regions: Voronoi regions of each image's background, each random, smooth stuff or texture.
         image_sizes: each image's original `(height, width)`; defaults to varied sizes around 8 px per token.
+        positional, corners, anomalies, anomaly_norm, positional_length: Stable-Diffusion-like components of the
+            model (issue 16), added to the noisy features before the projections exactly as in
+            :class:`benchmarks.families.PlantedModel` (``add_components``), with strengths in units of the
+            collection's mean content norm (noise included): a smooth positional field (correlation length
+            `positional_length` cells, zero mean over positions, RMS norm `positional` x the content norm, the same
+            in every image); the four corner tokens mixed with per-corner vectors shared by all images (`sqrt(1 -
+            a^2) x + a |x| c_k`, `a = corners` in [0, 1]); `anomalies` high-norm tokens per image at random
+            non-corner positions, `anomaly_norm` x the content norm, along one direction of the model (their
+            content replaced). They come from their own stream `numpy.random.default_rng([seed, 16])`, never from the
+            main one: with every knob at its default the output is bitwise the generator's without them.
 
     Returns:
         A :class:`PlantedCase`.
     """
+    from cosegment.benchmarks.families import PlantedModel, model_components
+
+    if not (isinstance(positional, (int, float)) and positional >= 0):
+        raise ValueError(f"`positional` must be a number >= 0, got {positional!r}.")
+    if not (isinstance(corners, (int, float)) and 0 <= corners <= 1):
+        raise ValueError(f"`corners` must be a number in [0, 1], got {corners!r}.")
+    if not (isinstance(anomalies, int) and 0 <= anomalies <= grid_size[0] * grid_size[1] - 4):
+        raise ValueError(f"`anomalies` must be an int in [0, tokens - 4], got {anomalies!r}.")
+    if not (isinstance(anomaly_norm, (int, float)) and anomaly_norm > 0):
+        raise ValueError(f"`anomaly_norm` must be a number > 0, got {anomaly_norm!r}.")
     rng = np.random.default_rng(seed)
     h, w = grid_size
     n = h * w
@@ -204,37 +281,44 @@ def make_planted_features(
         parts = _object_parts(u[..., 0], u[..., 1], object_radius, num_parts, shape)
         detail = math.sqrt(2.0 / 64) * np.cos(u @ detail_freqs.T + detail_phases) @ detail_amps
         obj = math.sqrt(part_share) * part_embed[parts] + math.sqrt(1 - part_share) * detail
-        # background: Voronoi regions of three kinds, each kind present where there are enough regions
-        seeds = rng.uniform(0, [h, w], size=(background_regions, 2))
-        region = ((coords[..., None, :] - seeds) ** 2).sum(-1).argmin(-1)
-        kinds = rng.permutation(np.resize(np.arange(3), background_regions))
-        bg = np.empty((h, w, channels))
-        for r in range(background_regions):
-            where = region == r
-            if kinds[r] == 0:
-                bg[where] = _unit(rng.normal(size=(int(where.sum()), channels)))
-            elif kinds[r] == 1:
-                field_ = _smooth_field(rng, coords, channels, length=5.0)
-                stuff = stuff_embed[rng.integers(2)]
-                bg[where] = (math.sqrt(part_share) * stuff + math.sqrt(1 - part_share) * field_)[where]
-            else:
-                k = rng.integers(len(tiles))
-                p = periods[k]
-                off = rng.integers(0, p, size=2)
-                tile_rows = (grid_rows.astype(int) + off[0]) % p
-                tile_cols = (grid_cols.astype(int) + off[1]) % p
-                bg[where] = tiles[k][tile_rows, tile_cols][where]
+        bg = _background(rng, coords, background_regions, stuff_embed, tiles, part_share)
         f = np.where((parts > 0)[..., None], obj, bg)
         f = f + noise * _unit(rng.normal(size=f.shape))
         feats.append(f.reshape(n, channels))
         token_parts.append(parts)
 
     feats = np.stack(feats)  # (M, N, C)
+    # the model's SD-like components, from their own stream (the main one stays as it was)
+    content_norm = float(np.linalg.norm(feats, axis=-1).mean())
+    component_rng = np.random.default_rng([seed, 16])
+    pos, corner_vectors, anomaly_direction = model_components(
+        component_rng, grid_size, channels, positional, positional_length
+    )
     amp = math.sqrt(sharpness * math.sqrt(head_dim))
+    model = PlantedModel(
+        grid_size=(h, w),
+        channels=channels,
+        w_q=[],
+        w_k=[],
+        amp=amp,
+        noise=noise,
+        content_norm=content_norm,
+        positional=pos * content_norm,
+        corner_vectors=corner_vectors,
+        corners=float(corners),
+        anomaly_direction=anomaly_direction,
+        anomalies=int(anomalies),
+        anomaly_norm=float(anomaly_norm),
+    )
+    high_norm = np.zeros((num_images, n), dtype=bool)
+    if positional > 0 or corners > 0 or anomalies > 0:
+        feats, high_norm = model.add_components(feats, component_rng)
     queries, keys = [], []
     for _ in range(num_layers):
         w_q = rng.normal(0.0, 1.0 / math.sqrt(head_dim), size=(num_heads, head_dim, channels))
         w_k = w_q + 0.3 * rng.normal(0.0, 1.0 / math.sqrt(head_dim), size=(num_heads, head_dim, channels))
+        model.w_q.append(w_q)
+        model.w_k.append(w_k)
         q = amp * np.einsum("hdc,mnc->mhnd", w_q, feats)
         key_noise = noise * amp * rng.normal(0.0, 1.0 / math.sqrt(head_dim), size=q.shape)
         k = amp * np.einsum("hdc,mnc->mhnd", w_k, feats) + key_noise
@@ -254,7 +338,46 @@ def make_planted_features(
         num_parts=num_parts,
         token_parts=np.stack(token_parts),
         shape=shape,
+        model=model,
+        high_norm=high_norm,
+        background_regions=background_regions,
+        part_share=part_share,
     )
+
+
+def make_planted_reference(case: PlantedCase, num_images: int = 16, seed: int = 0) -> CoSegmentationFeatures:
+    """`num_images` content-free captures of `case`'s model, like a reference of blank images.
+
+    Each capture is background only, with the background's statistics but nothing of the collection: a patchwork of
+    `case.background_regions` regions (i.i.d. random, smooth stuff and texture) whose stuff embeddings and texture
+    tiles are the capture's own (never the collection's shared ones), plus observation noise. The model is the
+    case's: the same components (positional field, corner vectors; `anomalies` high-norm tokens per capture at new
+    random positions), projections, key noise, grid and heads. Everything random comes from
+    `numpy.random.default_rng(seed)`.
+
+    Returns:
+        :class:`CoSegmentationFeatures`, `(num_images, H, N, d)` per layer, images of `(8 h, 8 w)` pixels.
+    """
+    if not isinstance(num_images, int) or num_images < 2:
+        raise ValueError(f"`num_images` must be an int >= 2, got {num_images!r}.")
+    model = case.model
+    if model is None:
+        raise ValueError("`case` has no model: make it with `make_planted_features`.")
+    rng = np.random.default_rng(seed)
+    h, w = model.grid_size
+    channels = model.channels
+    grid_rows, grid_cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
+    coords = np.stack([grid_rows, grid_cols], axis=-1)
+    content = []
+    for _ in range(num_images):
+        stuff_embed = _unit(rng.normal(size=(2, channels)))
+        tiles = [_unit(rng.normal(size=(p, p, channels))) for p in (3, 4)]
+        bg = _background(rng, coords, case.background_regions, stuff_embed, tiles, case.part_share)
+        content.append((bg + model.noise * _unit(rng.normal(size=bg.shape))).reshape(h * w, channels))
+    x, _ = model.add_components(np.stack(content), rng)
+    queries, keys = model.project(x, rng)
+    meta = {"planted": "planted reference", "seed": int(seed)}
+    return CoSegmentationFeatures(queries, keys, (h, w), [(8 * h, 8 * w)] * num_images, metadata=meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -578,6 +701,56 @@ def run_benchmark(
     return rows
 
 
+def sd_rows(
+    sizes: tuple[int, ...] = (2, 4),
+    seeds: int = 10,
+    noise_levels: dict[str, float] | None = None,
+    seed_offset: int = 0,
+    conditions: dict[str, dict] | None = None,
+    reference_images: int = 16,
+) -> list[dict]:
+    """Issue 16's table: SD-like components (the families' `SD_CONDITIONS`: clean, positional 0.3 / 0.5, all three =
+    positional 0.5, corners 0.9, 6 high-norm tokens at 3x) on the collections of :func:`run_benchmark` (seeds
+    `1000 * M + seed_offset + i`, so the clean rows without a reference are its "auto" rows), each analysed by
+    `analyze_features` with its defaults, without and with a `reference_images`-image
+    :func:`make_planted_reference` (seed `100000 + the collection's seed`; for `clean`, a reference of the model
+    without components). One row per (noise level, condition, M, reference), the metrics averaged over the seeds."""
+    from cosegment.benchmarks.families import SD_CONDITIONS
+
+    noise_levels = {"low": NOISE_LEVELS["low"]} if noise_levels is None else noise_levels
+    conditions = SD_CONDITIONS if conditions is None else conditions
+    rows = []
+    for level, noise in noise_levels.items():
+        for name, knobs in conditions.items():
+            for num_images in sizes:
+                plain, referenced = [], []
+                for i in range(seeds):
+                    seed = 1000 * num_images + seed_offset + i
+                    case = make_planted_features(num_images, noise=noise, seed=seed, **knobs)
+                    plain.append(score_output(case, analyze_features(case.features)))
+                    reference = make_planted_reference(case, reference_images, seed=100000 + seed)
+                    referenced.append(score_output(case, analyze_features(case.features, reference=reference)))
+                for label, scores in (("none", plain), (f"{reference_images} images", referenced)):
+                    row = {"noise": level, "condition": name, "M": num_images, "reference": label}
+                    row.update({metric: float(np.nanmean([s[metric] for s in scores])) for metric in METRICS})
+                    rows.append(row)
+    return rows
+
+
+def markdown_sd(rows: list[dict]) -> str:
+    """:func:`sd_rows`' rows as a markdown table."""
+    lines = [
+        "| noise | condition | M | reference | precision | coverage | Jaccard | NMI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['noise']} | {row['condition']} | {row['M']} | {row['reference']} | {row['precision']:.3f} | "
+            f"{row['coverage']:.3f} | {row['jaccard']:.3f} | {row['nmi']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| M | noise | method | precision | coverage | Jaccard | NMI | matches / pair |",
@@ -594,7 +767,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], help="collection sizes M")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="collection sizes M (default 2 4 8; --sd: 2 4)"
+    )
     parser.add_argument("--seeds", type=int, default=5, help="planted collections per cell")
     parser.add_argument(
         "--seed-offset", type=int, default=0, help="collections 1000 * M + offset + i (100: the validation seeds)"
@@ -604,16 +779,38 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="the sub-token table instead: planted and families collections, design and held-out seeds apart",
     )
+    parser.add_argument(
+        "--sd",
+        action="store_true",
+        help="issue 16's table instead: SD-like components without and with a 16-image reference (M = 2, 4)",
+    )
+    parser.add_argument(
+        "--noise",
+        nargs="+",
+        choices=sorted(NOISE_LEVELS),
+        default=None,
+        help="noise levels (default: all for the main table, low for --sd)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
+    levels = None if args.noise is None else {level: NOISE_LEVELS[level] for level in args.noise}
+    if args.sd:
+        sizes = (2, 4) if args.sizes is None else tuple(args.sizes)
+        print(markdown_sd(sd_rows(sizes, args.seeds, levels, args.seed_offset)))
+        print(
+            f"\n{args.seeds} planted collections per row, seeds 1000 * M + {args.seed_offset} + i (32 x 32 tokens, 4 "
+            f"heads, d = 32, 4 parts), analyze_features defaults; {time.perf_counter() - start:.0f} s."
+        )
+        return
     if args.points:
         print(markdown_points(point_cases(args.seeds)))
         print(f"\n{time.perf_counter() - start:.0f} s.")
         return
-    rows = run_benchmark(tuple(args.sizes), args.seeds, seed_offset=args.seed_offset)
+    sizes = (2, 4, 8) if args.sizes is None else tuple(args.sizes)
+    rows = run_benchmark(sizes, args.seeds, levels, seed_offset=args.seed_offset)
     print(markdown_table(rows))
-    noise = ", ".join(f"{k} = {v}" for k, v in NOISE_LEVELS.items())
+    noise = ", ".join(f"{k} = {v}" for k, v in (NOISE_LEVELS if levels is None else levels).items())
     print(
         f"\n{args.seeds} planted collections per row (32 x 32 tokens, 4 heads, d = 32, 4 parts; noise {noise}); "
         f"{time.perf_counter() - start:.0f} s."
