@@ -430,8 +430,8 @@ class AnalysisSettings:
         reference ([`CoSegmentationFeatures`] or `None`): content-free captures whose positional offsets are removed
             before step 4 (:func:`correct_features`); `reference_digest` fingerprints it (SHA-256 of its tensors), so
             pair analyses made elsewhere can be checked to have used the same one.
-        partners (`int` or `None`): each image analysed with its `partners` most similar images and the hub
-            (:func:`partner_pairs`); `None`: every pair.
+        partners (`int` or `None`): each image analysed with its `partners` most similar images, plus the bridges
+            that keep the graph connected (:func:`partner_pairs`); `None`: every pair.
     """
 
     selection: str = "auto"
@@ -740,27 +740,42 @@ def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
 
 def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
     """The pair graph: each image with its `partners` most similar images (cosine similarity of
-    :func:`image_descriptors`; ties to the lower index), plus each image with the *hub*, the image of highest mean
-    similarity to the others (ties to the lower index); the union of those pairs as `(s, t)`, `s < t`, in order.
+    :func:`image_descriptors`; ties to the lower index), then *bridges* that join the groups this leaves apart: while
+    the graph has several connected components, the most similar pair of images in two different components is
+    added (Kruskal's rule; ties to the lower indices). The union as `(s, t)`, `s < t`, in order.
 
-    The hub keeps the graph connected (nearest neighbours alone can split a collection into groups that share no pair,
-    and parts carried through correspondences (step 10) then never reach one group); with it every image is at most
-    two pairs from any other. At most `M * (partners + 1) - 1` pairs, so the analysis grows as `M * K`. `None`, or
-    `partners >= M - 1`: every pair. Computed from the features as captured, before the corrections of
+    Why bridges: nearest neighbours alone can split a collection into groups that share no pair (every design
+    M = 16 collection checked split in two), and then no correspondence ties one group's parts to the other's. A
+    component holds at least `partners + 1` images, so at most `M / (partners + 1) - 1` bridges are added: at most
+    `M * partners + M / (partners + 1)` pairs, and the analysis grows as `M * K`. (An earlier graph joined every image
+    to a hub image instead: up to `M - 1` more pairs, about 1/4 more analysis at M = 16, BENCHMARKS.md (k2).) `None`,
+    or `partners >= M - 1`: every pair. Computed from the features as captured, before the corrections of
     :func:`correct_features` (the analysis and the CLI's split between processes use the same graph)."""
     num_images = features.num_images
     if partners is None or partners >= num_images - 1:
         return _every_pair(num_images)
     descriptors = image_descriptors(features).double()
     similarity = descriptors @ descriptors.T
-    similarity.fill_diagonal_(0.0)
-    mean = similarity.sum(dim=1) / (num_images - 1)
-    hub = min(range(num_images), key=lambda i: (-float(mean[i]), i))
     similarity.fill_diagonal_(-math.inf)
-    pairs = {(min(i, hub), max(i, hub)) for i in range(num_images) if i != hub}
+    pairs = set()
     for i in range(num_images):
         order = sorted(range(num_images), key=lambda j: (-float(similarity[i, j]), j))
         pairs.update((min(i, j), max(i, j)) for j in order[:partners])
+    component = list(range(num_images))  # union-find: each image's representative
+
+    def root(i: int) -> int:
+        while component[i] != i:
+            component[i] = component[component[i]]
+            i = component[i]
+        return i
+
+    for s, t in pairs:
+        component[root(s)] = root(t)
+    candidates = sorted((-float(similarity[s, t]), s, t) for s, t in _every_pair(num_images) if root(s) != root(t))
+    for _, s, t in candidates:
+        if root(s) != root(t):
+            component[root(s)] = root(t)
+            pairs.add((s, t))
     return sorted(pairs)
 
 
@@ -901,7 +916,7 @@ def analyze_pairs(
         refine (`bool`, *optional*, defaults to `True`): also keep each row's sub-token peak for `refine=True` in
             :func:`analyze_features` (without them it computes the kept matches' rows again).
         partners (`int`, *optional*): with `pairs=None`, the pairs of the partner graph (:func:`partner_pairs`: each
-            image with its `partners` most similar images and the hub), as `analyze_features(partners=...)` analyses
+            image with its `partners` most similar images, plus bridges), as `analyze_features(partners=...)` analyses
             them. Give `pairs` or `partners`, not both (to split the graph between processes, split
             `partner_pairs(features, K)` and pass each share as `pairs`).
 
@@ -1023,12 +1038,21 @@ def _compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
 
 
 def confirm_by_third_images(
-    passes: dict[tuple[int, int], PassResult], num_images: int, grid_size: tuple[int, int]
+    passes: dict[tuple[int, int], PassResult],
+    num_images: int,
+    grid_size: tuple[int, int],
+    longer_paths: bool = False,
 ) -> dict[tuple[int, int], PassResult]:
-    """Step 8b (`"auto"`, three or more images): a pass `s -> t` also keeps the matches that two third images `u`
-    confirm, the kept maps `s -> u -> t` landing near them (:func:`confirm_matches`). Every pass is confirmed from
-    the keeps it was given. `passes` by `(source, target)`, both orientations of each analysed pair; a third image
-    counts only when both its pairs `(s, u)` and `(u, t)` are in `passes` (a sparse pair graph)."""
+    """Step 8b (`"auto"`, three or more images): a pass `s -> t` also keeps the matches that two paths through third
+    images confirm, the kept maps `s -> u -> t` landing near them (:func:`confirm_matches`). Every pass is confirmed
+    from the keeps it was given. `passes` by `(source, target)`, both orientations of each analysed pair; a third
+    image counts only when both its pairs `(s, u)` and `(u, t)` are in `passes`.
+
+    `longer_paths` (a sparse pair graph, `partners`): paths through two third images, `s -> u -> v -> t`, vote too.
+    In a sparse graph few images are linked to both `s` and `t` (every pair of M = 16 has 14 such images; with
+    `partners=3` most have 0-2), so fewer matches reach the two votes a confirmation needs; the longer paths give them
+    back the votes (design M = 16: coverage 0.683 -> 0.706 of every pair's 0.729, precision unchanged,
+    BENCHMARKS.md (k2)). Off with every pair analysed, so that output is unchanged."""
     kept_maps = {
         (s, t): kept_map(
             result.statistics.forward, result.keep, passes[(t, s)].statistics.forward, passes[(t, s)].keep
@@ -1038,10 +1062,19 @@ def confirm_by_third_images(
     confirmed = {}
     for (s, t), result in passes.items():
         via = [u for u in range(num_images) if u not in (s, t) and (s, u) in kept_maps and (u, t) in kept_maps]
-        if not via:  # no third image linked to both: nothing to confirm with
+        paths = [_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via]
+        if longer_paths:
+            paths += [
+                _compose(_compose(kept_maps[(s, u)], kept_maps[(u, v)]), kept_maps[(v, t)])
+                for u in range(num_images)
+                if u not in (s, t) and (s, u) in kept_maps
+                for v in range(num_images)
+                if v not in (s, t, u) and (u, v) in kept_maps and (v, t) in kept_maps
+            ]
+        if not paths:  # no path through third images: nothing to confirm with
             confirmed[(s, t)] = result
             continue
-        predictions = torch.stack([_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via])
+        predictions = torch.stack(paths)
         keep = confirm_matches(
             result.statistics.forward, result.keep, predictions, grid_size, result.thresholds.max_inverse_error
         )
@@ -1671,7 +1704,8 @@ def analyze_checked_features(
         inliers, dropped = split_outlier_passes(passes, outliers)
         # 8b. With three or more images: matches that third images confirm
         if num_images > 2:
-            inliers = confirm_by_third_images(inliers, num_images, grid)
+            sparse = len(pairs) < num_images * (num_images - 1) // 2
+            inliers = confirm_by_third_images(inliers, num_images, grid, longer_paths=sparse)
         # 8c. Final consistency with the reverse pass and the local affine field
         inliers = check_consistency(inliers, grid)
         passes = {pair: inliers[pair] if pair in inliers else dropped[pair] for pair in passes}
@@ -1783,11 +1817,12 @@ def analyze_features(
             to that bound before step 4. On by default: it costs nothing measurable on clean planted collections
             (BENCHMARKS.md); `False` turns it off.
         partners (`int`, *optional*): the sparse pair graph: each image is analysed with its `partners` most
-            similar images (cosine similarity of :func:`image_descriptors`, a mean of unit-length queries per image)
-            and with the hub (the image most similar to the others on average, which keeps the graph connected),
-            the union of those pairs analysed (:func:`partner_pairs`; at most `M * (partners + 1)` pairs, so the
-            cost grows as `M * K`); hit counts, parts and masks come from those pairs, `correspondences` lists only them,
-            and step 8b confirms through third images linked to both images of a pair. `None` (default), or
+            similar images (cosine similarity of :func:`image_descriptors`, a mean of unit-length queries per image),
+            plus the most similar pairs that join groups this leaves apart (bridges, which keep the graph
+            connected); the union of those pairs is analysed (:func:`partner_pairs`; at most
+            `M * partners + M / (partners + 1)` pairs, so the cost grows as `M * K`). Hit counts, parts and masks
+            come from those pairs, `correspondences` lists only them, and step 8b confirms through paths of one or
+            two third images along analysed pairs. `None` (default), or
             `partners >= M - 1`: every pair. With `pair_analyses`, they must cover exactly this graph.
 
     Returns:

@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         metavar="K",
-        help="analyse each image with its K most similar images and one hub image (cost ~ M*K; default: every pair)",
+        help="analyse each image with its K most similar images, plus bridges that keep the graph connected (cost ~ M*K; default: every pair)",
     )
     parser.add_argument("--no-segment", action="store_true", help="do not write masks and parts (files and pictures)")
     parser.add_argument(

@@ -878,9 +878,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
                 effect on real SD weights is not measured. With `return_features=True` the features carry it
                 (`features.reference`, saved with them).
             partners (`int`, *optional*): analyse each image with its `partners` most similar images only (a cheap
-                global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`) and with
-                one hub image that keeps the graph connected, the union of those pairs; the cost grows as
-                `M * (partners + 1)` instead of `M^2 / 2`. `None` (default): every pair.
+                global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`), plus the
+                most similar pairs that join groups this leaves apart (bridges: the graph stays connected), the union
+                of those pairs; the cost grows as `M * partners` instead of `M^2 / 2`. `None` (default): every pair.
 
         Examples:
 

@@ -31,17 +31,15 @@ def test_partner_pairs_by_hand():
     descriptors = image_descriptors(features)
     assert descriptors.shape == (6, 3)
     np.testing.assert_allclose(descriptors.norm(dim=1).numpy(), 1.0, rtol=1e-6)
-    # the hub: highest mean similarity to the others; 0 and 1 tie (the group nearest to everyone: 4 leans their
-    # way), the lower index wins
     similarity = descriptors @ descriptors.T
-    mean = (similarity.sum(dim=1) - 1) / 5
-    assert mean[0] == mean[1] == mean.max() and mean[4] > mean[5] > mean[2]
-    hub = [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
-    # K = 1: each image's twin, plus the hub's pairs
-    assert partner_pairs(features, 1) == sorted(set(hub) | {(2, 3), (4, 5)})
-    # K = 2: the twin, then the closest other group: 4 leans towards 0 and 1, and they towards 4
-    assert similarity[0, 4] > similarity[0, 2] and similarity[2, 5] > similarity[2, 4]
-    assert partner_pairs(features, 2) == sorted(set(hub) | {(1, 4), (2, 3), (2, 5), (3, 5), (4, 5)})
+    # 4 leans towards 0 and 1: the closest pairs across the three groups are (0, 4) and (1, 4) (a tie), then (2, 5)
+    # and (3, 5) join group {2, 3} to the rest
+    assert similarity[0, 4] == similarity[1, 4] > similarity[2, 5] == similarity[3, 5] > similarity[0, 2]
+    assert similarity[2, 5] > similarity[2, 4]
+    # K = 1: each image's twin leaves three groups; bridges join them, most similar first, ties to the lower index
+    assert partner_pairs(features, 1) == [(0, 1), (0, 4), (2, 3), (2, 5), (4, 5)]
+    # K = 2: the twin, then the closest other group; the graph is connected already, so no bridge
+    assert partner_pairs(features, 2) == [(0, 1), (0, 4), (1, 4), (2, 3), (2, 5), (3, 5), (4, 5)]
     # K >= M - 1: every pair
     every = [(s, t) for s in range(6) for t in range(s + 1, 6)]
     assert partner_pairs(features, 5) == partner_pairs(features, 9) == partner_pairs(features, None) == every
@@ -51,8 +49,12 @@ def test_descriptor_ignores_what_every_image_shares():
     # a common offset (e.g. a positional component) added to every image changes nothing after centring
     plain = _constant_features([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1, 0, 0], [0, 0.9, 0.1, 0]])
     shifted = _constant_features([[1, 0, 0, 3], [0.9, 0.1, 0, 3], [0, 1, 0, 3], [0, 0.9, 0.1, 3]])
-    assert partner_pairs(plain, 1) == partner_pairs(shifted, 1)
-    assert {(0, 1), (2, 3)} <= set(partner_pairs(plain, 1))
+    for features in (plain, shifted):
+        similarity = image_descriptors(features) @ image_descriptors(features).T
+        similarity.fill_diagonal_(-2.0)
+        assert similarity.argmax(dim=1).tolist() == [1, 0, 3, 2]  # each image's twin, offset or not
+        graph = partner_pairs(features, 1)
+        assert {(0, 1), (2, 3)} <= set(graph) and len(graph) == 3  # the twins, and one bridge between the groups
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +89,24 @@ def test_partners_none_or_at_least_m_minus_1_is_every_pair(case):
 def test_a_sparse_graph_uses_only_its_pairs(case):
     features = case.features
     graph = partner_pairs(features, 1)
-    assert 5 <= len(graph) <= 6 * (1 + 1) - 1 and len(graph) < 15
-    # the hub (highest mean descriptor similarity to the others) is paired with every image
+    assert 5 <= len(graph) <= 6 * 1 + 6 // 2 and len(graph) < 15
+    # every pair is a nearest-neighbour pair (K = 1) or a bridge between the groups those leave apart
     descriptors = image_descriptors(features).double()
     similarity = descriptors @ descriptors.T
-    hub = int(torch.argmax(similarity.sum(dim=1) - similarity.diagonal()))
-    assert all((min(i, hub), max(i, hub)) in graph for i in range(6) if i != hub)
-    # and no image is paired with a non-hub image outside its nearest neighbour (K = 1) or whose neighbour it is
     similarity.fill_diagonal_(-float("inf"))
     nearest = similarity.argmax(dim=1).tolist()
-    for s, t in graph:
-        assert hub in (s, t) or nearest[s] == t or nearest[t] == s
+    neighbours = {(min(s, nearest[s]), max(s, nearest[s])) for s in range(6)}
+    group = list(range(6))
+    for _ in range(6):
+        for s, t in neighbours:
+            group[s] = group[t] = min(group[s], group[t])
+    groups = set(group)
+    bridges = sorted(set(graph) - neighbours, key=lambda pair: -float(similarity[pair]))
+    assert neighbours <= set(graph) and len(bridges) == len(groups) - 1
+    assert all(group[s] != group[t] for s, t in bridges)
+    if bridges:  # the first bridge is the most similar pair across groups
+        across = [(s, t) for s in range(6) for t in range(s + 1, 6) if group[s] != group[t]]
+        assert float(similarity[bridges[0]]) == max(float(similarity[pair]) for pair in across)
     reached, frontier = {0}, [0]  # the graph is connected
     while frontier:
         node = frontier.pop()
@@ -209,3 +218,45 @@ def test_cli_partners_argument_error(image_files, tmp_path, capsys):  # noqa: F8
     with pytest.raises(SystemExit):
         main(image_files[:2] + ["--out", str(tmp_path), "--partners", "0"])
     assert "--partners" in capsys.readouterr().err
+
+
+def test_longer_paths_vote_only_in_a_sparse_graph(case, monkeypatch):
+    """`longer_paths`: paths s -> u -> v -> t along analysed pairs vote too (counted here by hand for one graph)."""
+    import cosegment.analysis as analysis_module
+    from cosegment.utils.correspondence import kept_map
+
+    features = case.features
+    # (0, 1) has no third image linked to both, but two paths through two: 0-2-3-1 and 0-4-5-1
+    pairs = [(0, 1), (0, 2), (0, 4), (1, 3), (1, 5), (2, 3), (4, 5)]
+    analyses = analyze_pairs(features, pairs)
+    passes = join_pair_analyses(analyses, features, analyses[0].settings, torch.device("cpu"), pairs)
+    seen = {}
+    real = analysis_module.confirm_matches
+
+    def spy(forward, keep, predictions, grid_size, tolerance):
+        seen[len(seen)] = (forward, predictions)
+        return real(forward, keep, predictions, grid_size, tolerance)
+
+    monkeypatch.setattr(analysis_module, "confirm_matches", spy)
+    short = confirm_by_third_images(passes, 6, features.grid_size)
+    assert torch.equal(short[(0, 1)].keep, passes[(0, 1)].keep) and torch.equal(
+        short[(1, 0)].keep, passes[(1, 0)].keep
+    )
+    # with only one-image paths, (0, 1) and (1, 0) are never voted on (no third image linked to both)
+    assert all(not torch.equal(forward, passes[(0, 1)].statistics.forward) for forward, _ in seen.values())
+    seen.clear()
+    longer = confirm_by_third_images(passes, 6, features.grid_size, longer_paths=True)
+
+    def kept(s, t):
+        r, b = passes[(s, t)], passes[(t, s)]
+        return kept_map(r.statistics.forward, r.keep, b.statistics.forward, b.keep)
+
+    voted = [p for f, p in seen.values() if torch.equal(f, passes[(0, 1)].statistics.forward)]
+    assert len(voted) == 1 and voted[0].shape[0] == 2
+    expected = [
+        analysis_module._compose(analysis_module._compose(kept(0, u), kept(u, v)), kept(v, 1))
+        for u, v in ((2, 3), (4, 5))
+    ]
+    assert torch.equal(voted[0], torch.stack(expected))
+    for pair in passes:  # only ever adds
+        assert bool((longer[pair].keep >= passes[pair].keep).all())

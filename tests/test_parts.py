@@ -271,3 +271,33 @@ class TestFactoredSpectralClusters:
         assert eigengap_count(np.array([1.0, 0.5]), 4) == 1
         # only 2..max_clusters is considered: the gap after the 4th value is out of reach at max_clusters=3
         assert eigengap_count(np.array([1.0, 0.9, 0.85, 0.8, 0.1]), 3) in (2, 3)
+
+
+@pytest.mark.parametrize("shape", [(60, 25), (25, 60)])
+def test_top_left_singular_vectors_from_the_gram_matrix_match_an_svd(shape):
+    """Step 10's eigensolver: the Gram matrix of the smaller side gives the SVD's leading values and vectors."""
+    from cosegment.utils.segmentation import _top_left_singular
+
+    rng = np.random.default_rng(4)
+    b = rng.random(shape) ** 2
+    b[:, :3] *= 4.0  # a few strong directions: well separated leading values
+    values, vectors = _top_left_singular(b)
+    u, s, _ = np.linalg.svd(b, full_matrices=False)
+    assert values.shape == (shape[0],) and vectors.shape == (shape[0], min(shape))
+    np.testing.assert_allclose(values[: len(s)], s**2, rtol=1e-9, atol=1e-9)
+    assert (values[len(s) :] == 0).all()
+    overlap = np.abs((vectors[:, :5] * u[:, :5]).sum(axis=0))  # same vectors up to sign
+    np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
+
+
+def test_top_left_singular_leaves_null_directions_at_zero():
+    """Rank 2 (more rows than columns): the vectors of (numerically) zero values are zero, not noise
+    divided by nearly zero."""
+    from cosegment.utils.segmentation import _top_left_singular
+
+    rng = np.random.default_rng(5)
+    b = rng.random((40, 2)) @ rng.random((2, 6))  # rank 2, D = 6 < R = 40
+    values, vectors = _top_left_singular(b)
+    assert values[0] > values[1] > 1e-6 * values[0] and (values[2:] < 1e-9 * values[0]).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors[:, :2], axis=0), 1.0, rtol=1e-9)
+    assert (vectors[:, 2:] == 0).all()
