@@ -171,7 +171,8 @@ class CoSegmentationPipelineOutput(BaseOutput):
             the token as a source, over all partners.
         masks (`list[(H_i, W_i)]` bool): common foreground at each image's own size (`part_masks > 0`).
         part_masks (`list[(H_i, W_i)]` int64): part ids `1..K`, 0 = background; the same id is the same part in
-            every image (step 11: nearest part in KL of self-attention rows, outline midway between tokens).
+            every image (step 11: nearest part in KL of self-attention rows; at pixel size the tokens' labels
+            smoothed by half a token cell and resized, outlines and part boundaries midway between tokens).
         keypoints (`list[(K_i, 2)]` float32): part centres, x, y in each image's own pixels: the mean of the part's
             clustered hit tokens in that image (step 10); `(0, 2)` when nothing survives.
         keypoint_parts (`list[(K_i,)]` int64): the part id of each keypoint, ascending.
@@ -1631,7 +1632,10 @@ def segment_parts(
     """Step 11. Every token goes to the part of nearest distribution in KL (:func:`part_divergences`), or to the
     background when its smallest KL exceeds `background_threshold` (`None`: the minimum-error cut of
     log(1 + smallest KL) over the collection). The distributions are then re-estimated from every token assigned to
-    a part (`SEGMENTATION_REFINEMENTS` times) and the tokens assigned again.
+    a part (`SEGMENTATION_REFINEMENTS` times) and the tokens assigned again. At each image's own size a pixel takes
+    the label its tokens vote for (:func:`upsample_assignment`: foreground and part indicators smoothed by a Gaussian
+    of half a token cell, `UPSAMPLE_SIGMA`, and resized bilinearly), so part boundaries lie midway between tokens of
+    different parts, whatever the KL values.
 
     Returns one `(H_i, W_i)` int64 part mask per image at its own size (0 = background).
     """

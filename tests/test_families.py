@@ -266,6 +266,20 @@ class TestMetrics:
         assert set(np.unique(np.concatenate([p.ravel() for p in two.part_masks]))) == {0, 1, 2}
         assert score_case(case, parts)["nmi"] > score_case(case, two)["nmi"]
 
+    def test_joint_kmeans_voted_labels_drawn_like_the_method(self):
+        # the same token labels; only pixels near part boundaries move (under 1% here), and on the oracle's masks the
+        # voted drawing scores higher NMI than nearest-token pixels (0.89 vs 0.85 on this collection)
+        case = make_family_case("blobs", 3, 3, seed=9)
+        oracle = oracle_output(case)
+        nearest = joint_kmeans_parts(case.features, oracle)
+        voted = joint_kmeans_parts(case.features, oracle, render="votes")
+        for i in range(3):
+            assert not voted.part_masks[i][~oracle.masks[i]].any()
+            assert 0.99 < np.mean(voted.part_masks[i] == nearest.part_masks[i]) < 1.0
+        assert score_case(case, voted)["nmi"] > score_case(case, nearest)["nmi"] + 0.02
+        with pytest.raises(ValueError, match="render"):
+            joint_kmeans_parts(case.features, oracle, render="bilinear")
+
 
 def test_readme_snippet_runs_as_written():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")

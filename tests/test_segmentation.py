@@ -177,6 +177,29 @@ class TestUpsampleAssignment:
         assert out.shape == (20, 40) and out.dtype == np.int64
         assert (out[:, :20] == 1).all() and (out[:, 20:] == 0).all()
 
+    def test_part_boundary_midway_whatever_the_kl(self):
+        # 4 x 8 tokens: columns 0-3 part 1, 4-7 part 2, all foreground; the KL to the other part differs (20 vs 2),
+        # so bilinearly resized KL maps would cross at 0.91 of the way (pixel column 35), not midway (32)
+        part1 = [0.1, 20.0]
+        part2 = [2.0, 0.1]
+        kl = torch.tensor([part1 if c < 4 else part2 for r in range(4) for c in range(8)])
+        out = upsample_assignment(kl, (4, 8), threshold=30.0, size=(32, 64))
+        assert (out[:, :32] == 1).all() and (out[:, 32:] == 2).all()
+
+    def test_lone_token_and_one_token_line_survive_the_smoothing(self):
+        # 9 x 9 tokens at 8 pixels each: background (KL 9 to both parts), one token of part 1 at (2, 4) and the
+        # whole row 6 of part 2; a Gaussian wider than about 0.55 cells (UPSAMPLE_SIGMA) would erase the token,
+        # one wider than 0.8 the line
+        kl = torch.full((9, 9, 2), 9.0)
+        kl[2, 4] = torch.tensor([0.1, 9.0])
+        kl[6, :] = torch.tensor([9.0, 0.1])
+        out = upsample_assignment(kl.reshape(81, 2), (9, 9), threshold=1.0, size=(72, 72))
+        lone = np.argwhere(out == 1)
+        assert 0 < len(lone) < 64  # kept, but smoothed to less than its cell
+        assert lone.min(0).tolist() >= [16, 32] and lone.max(0).tolist() <= [23, 39]  # inside its own cell
+        assert (out[51:53, :] == 2).all()  # the line's centre pixels, edge to edge
+        assert not (out[:40] == 2).any() and not (out[64:] == 2).any()
+
     def test_absent_parts_and_no_part(self):
         kl = torch.tensor([[math.inf, 0.1], [math.inf, 0.2]])
         assert set(np.unique(upsample_assignment(kl, (1, 2), 1.0, (3, 3)))) == {2}
