@@ -1060,17 +1060,20 @@ def confirm_by_third_images(
         )
         for (s, t), result in passes.items()
     }
+    linked = {image: [] for image in range(num_images)}  # per image, the images it has a pass to, ascending
+    for s, u in sorted(kept_maps):
+        linked[s].append(u)
     confirmed = {}
     for (s, t), result in passes.items():
         via = [u for u in range(num_images) if u not in (s, t) and (s, u) in kept_maps and (u, t) in kept_maps]
         paths = [_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via]
-        if longer_paths:
+        if longer_paths:  # along the graph's edges: (degree)^2 candidates per pass, not M^2
             paths += [
                 _compose(_compose(kept_maps[(s, u)], kept_maps[(u, v)]), kept_maps[(v, t)])
-                for u in range(num_images)
-                if u not in (s, t) and (s, u) in kept_maps
-                for v in range(num_images)
-                if v not in (s, t, u) and (u, v) in kept_maps and (v, t) in kept_maps
+                for u in linked[s]
+                if u != t
+                for v in linked[u]
+                if v not in (s, t) and (v, t) in kept_maps
             ]
         if not paths:  # no path through third images: nothing to confirm with
             confirmed[(s, t)] = result
