@@ -1065,7 +1065,7 @@ def confirm_by_third_images(
         linked[s].append(u)
     confirmed = {}
     for (s, t), result in passes.items():
-        via = [u for u in range(num_images) if u not in (s, t) and (s, u) in kept_maps and (u, t) in kept_maps]
+        via = [u for u in linked[s] if u != t and (u, t) in kept_maps]
         paths = [_compose(kept_maps[(s, u)], kept_maps[(u, t)]) for u in via]
         if longer_paths:  # along the graph's edges: (degree)^2 candidates per pass, not M^2
             paths += [
