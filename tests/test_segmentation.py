@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from cosegment import CoSegmentationFeatures
 from cosegment.utils.segmentation import (
     assign_parts,
     attention_rows,
     background_threshold_from_kl,
+    grow_by_one_token,
     kl_to_parts,
     kmeans,
     minimum_error_threshold,
@@ -206,6 +208,53 @@ class TestUpsampleAssignment:
         assert not upsample_assignment(torch.zeros(4, 0), (2, 2), 1.0, (5, 5)).any()
         with pytest.raises(ValueError, match="grid_size"):
             upsample_assignment(kl, (2, 2), 1.0, (3, 3))
+
+
+class TestOutlineBound:
+    def test_grow_by_one_token_is_the_eight_neighbourhood(self):
+        mask = torch.zeros(5, 6, dtype=torch.bool)
+        mask[2, 0] = True
+        mask[4, 5] = True
+        grown = grow_by_one_token(mask.flatten(), (5, 6)).view(5, 6)
+        expected = torch.zeros(5, 6, dtype=torch.bool)
+        expected[1:4, 0:2] = True
+        expected[3:5, 4:6] = True
+        assert torch.equal(grown, expected)
+        with pytest.raises(ValueError, match="grid_size"):
+            grow_by_one_token(mask.flatten(), (5, 5))
+
+    def test_foreground_argument_overrides_the_threshold(self):
+        # every token within the threshold; the given foreground (left column) decides, the KL still picks the part
+        kl = torch.tensor([[0.1, 3.0], [0.1, 3.0], [3.0, 0.2], [3.0, 0.2]])
+        foreground = torch.tensor([True, False, True, False])
+        out = upsample_assignment(kl, (2, 2), threshold=1.0, size=(2, 2), foreground=foreground)
+        assert out.tolist() == [[1, 0], [2, 0]]
+        assert upsample_assignment(kl, (2, 2), threshold=1.0, size=(2, 2)).tolist() == [[1, 1], [2, 2]]
+
+    def test_refinement_moves_the_outline_by_one_token_only(self, monkeypatch):
+        # 1 x 8 tokens, one part. Round 0 (from the clustered points 0-1): tokens 0-2 within the threshold. Round 1
+        # (from the assigned tokens, 2 among them): the part's distribution now covers 2's region, so tokens 0-6 are
+        # within it; the bound keeps 0-3 (the round-0 foreground and its neighbour 3), not the whole region
+        import cosegment.analysis as analysis
+
+        rounds = []
+
+        def fake_divergences(features, labels, num_parts, chunk_size, device):
+            near = 3 if not rounds else 7
+            rounds.append([lab.clone() for lab in labels])
+            kl = torch.full((8, 1), 9.0)
+            kl[:near] = 0.1
+            return [kl, torch.full((8, 1), 9.0)]  # the second image: background everywhere
+
+        monkeypatch.setattr(analysis, "part_divergences", fake_divergences)
+        tokens = [torch.zeros(2, 1, 8, 2)]
+        features = CoSegmentationFeatures(tokens, [t.clone() for t in tokens], (1, 8), [(1, 8), (1, 8)])
+        points = [torch.tensor([1, 1, 0, 0, 0, 0, 0, 0]), torch.zeros(8, dtype=torch.long)]
+        masks = analysis.segment_parts(features, points, 1, 1.0, None, torch.device("cpu"))
+        assert len(rounds) == 2
+        assert rounds[1][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # round 1 starts from round 0's assignment
+        assert masks[0].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]
+        assert not masks[1].any()
 
 
 class TestMutationSurvivors:

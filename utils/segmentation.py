@@ -293,6 +293,15 @@ def background_threshold_from_kl(min_kl: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def grow_by_one_token(mask: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """`(N,)` bool tokens of an `(h, w)` grid and their 8 neighbours (a 3 x 3 dilation); `(N,)` bool."""
+    h, w = int(grid_size[0]), int(grid_size[1])
+    if mask.numel() != h * w:
+        raise ValueError(f"`grid_size` {(h, w)} does not hold the {mask.numel()} tokens of `mask`.")
+    grown = torch.nn.functional.max_pool2d(mask.view(1, 1, h, w).float(), 3, stride=1, padding=1)
+    return grown.view(-1) > 0
+
+
 def remove_isolated(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drops the 8-connected regions of a boolean grid mask smaller than `min_size` tokens.
 
@@ -470,7 +479,11 @@ def factored_spectral_clusters(embedding: np.ndarray, num_clusters: int | None, 
 
 
 def upsample_assignment(
-    kl: torch.Tensor, grid_size: Sequence[int], threshold: float, size: Sequence[int]
+    kl: torch.Tensor,
+    grid_size: Sequence[int],
+    threshold: float,
+    size: Sequence[int],
+    foreground: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Part labels at an image's own size (DESIGN step 11, the image's own pixels).
 
@@ -491,6 +504,8 @@ def upsample_assignment(
         grid_size: `(h, w)`, `h * w == N`.
         threshold: background KL limit in nats (`inf` keeps every pixel of an image with a part).
         size: `(H, W)` pixels.
+        foreground: `(N,)` bool, the foreground tokens when decided otherwise (step 11's refinement, which may move
+            the outline by one token only); `None`: the tokens whose smallest KL is within `threshold`.
 
     Returns:
         `(H, W)` int64: 0 = background, `k + 1` = part k.
@@ -517,7 +532,10 @@ def upsample_assignment(
     if not present:
         return out
     tokens = maps[..., present]
-    foreground = tokens.min(axis=-1) <= threshold
+    if foreground is None:
+        foreground = tokens.min(axis=-1) <= threshold
+    else:
+        foreground = torch.as_tensor(foreground).detach().cpu().numpy().reshape(h, w).astype(bool)
     nearest = tokens.argmin(axis=-1)  # index into `present`
     pixels = vote(foreground) >= 0.5
     best = np.full((height, width), -np.inf, dtype=np.float32)
