@@ -587,10 +587,11 @@ def correct_features(features: CoSegmentationFeatures, settings: AnalysisSetting
 
     1. with `settings.clamp_high_norm`, high-norm tokens are rescaled to their image's bound `median + 5 * 1.4826 *
        MAD` of its token norms (:func:`clamp_high_norm_tokens`, `HIGH_NORM_MADS`);
-    2. with `settings.reference`, the reference's per-position mean, centred over positions, is subtracted at every
-       image (:func:`positional_offsets`, :func:`remove_offsets`, which explains why the softmax allows it); the
-       reference's own high-norm tokens are rescaled first (step 1) when `clamp_high_norm` is on, so its anomalies,
-       at random places, do not leak into the mean.
+    2. with `settings.reference`, the reference's per-position mean, centred over positions and denoised (smoothed
+       over the token grid as far as the reference's own split-half cross-validation supports, each position shrunk
+       by its noise), is subtracted at every image (:func:`positional_offsets`, :func:`remove_offsets`, which
+       explains why the softmax allows it); the reference's own high-norm tokens are rescaled first (step 1) when
+       `clamp_high_norm` is on, so its anomalies, at random places, do not leak into the mean.
 
     Returns `features` itself when nothing changes (no reference, and no token above its bound or the clamp off), so
     that the analysis is then bitwise the one without corrections; otherwise new features (same sizes, names and
@@ -606,8 +607,8 @@ def correct_features(features: CoSegmentationFeatures, settings: AnalysisSetting
     for i, (q, k) in enumerate(zip(features.queries, features.keys)):
         q, k = clamp(q), clamp(k)
         if entries is not None:
-            q = remove_offsets(q, positional_offsets(clamp(reference.queries[entries[i]])))
-            k = remove_offsets(k, positional_offsets(clamp(reference.keys[entries[i]])))
+            q = remove_offsets(q, positional_offsets(clamp(reference.queries[entries[i]]), features.grid_size))
+            k = remove_offsets(k, positional_offsets(clamp(reference.keys[entries[i]]), features.grid_size))
         queries.append(q)
         keys.append(k)
     unchanged = all(a is b for a, b in zip(queries + keys, features.queries + features.keys))

@@ -12,9 +12,12 @@ from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs
 from cosegment.analysis import check_analysis_settings, correct_features
 from cosegment.benchmarks.planted import make_planted_features
 from cosegment.utils.reference import (
+    OFFSET_SIGMAS,
     clamp_high_norm_tokens,
+    offset_smoothing,
     positional_offsets,
     remove_offsets,
+    smooth_over_grid,
     token_norm_bounds,
 )
 
@@ -74,6 +77,87 @@ class TestOffsets:
     def test_dtype_kept(self):
         tokens = torch.randn(2, 1, 4, 3, dtype=torch.float64)
         assert remove_offsets(tokens, torch.zeros(1, 4, 3)).dtype == torch.float64
+
+
+def _smooth_field(grid=(16, 16), heads=2, dim=8, seed=3) -> torch.Tensor:
+    """`(heads, h * w, dim)` smooth positional field (12 low-frequency cosines), zero mean over positions, RMS 1."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    freqs = 0.25 * torch.randn(12, 2, generator=gen)
+    phases = 2 * math.pi * torch.rand(12, generator=gen)
+    amps = torch.randn(12, heads * dim, generator=gen)
+    field = torch.cos(rows.reshape(-1, 1) * freqs[:, 0] + cols.reshape(-1, 1) * freqs[:, 1] + phases) @ amps
+    field = field.reshape(h * w, heads, dim).permute(1, 0, 2)
+    field = field - field.mean(dim=1, keepdim=True)
+    return field / field.pow(2).mean().sqrt()
+
+
+class TestSmoothedOffsets:
+    grid = (16, 16)
+
+    def test_smooth_field_is_estimated_from_neighbours(self):
+        # 16 captures, noise of the field's own RMS per entry: the per-position estimate keeps noise of RMS 1/4; the
+        # grid estimate averages neighbouring positions (it measured 0.12-0.13 here against 0.24)
+        field = _smooth_field(self.grid)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            reference = field + torch.randn(16, *field.shape, generator=gen)
+            per_position = (positional_offsets(reference) - field).pow(2).mean().sqrt()
+            on_grid = (positional_offsets(reference, self.grid) - field).pow(2).mean().sqrt()
+            assert 0.2 < per_position < 0.3
+            assert on_grid < 0.6 * per_position
+            assert offset_smoothing(reference, self.grid) > 0
+
+    def test_corner_tokens_survive_the_smoothing(self):
+        # spikes at the four corners (what Stable Diffusion's corner tokens look like), nothing elsewhere
+        h, w = self.grid
+        gen = torch.Generator().manual_seed(5)
+        corners = torch.tensor([0, w - 1, (h - 1) * w, h * w - 1])
+        spikes = torch.zeros(2, h * w, 8)
+        spikes[:, corners] = 4.0 * torch.randn(2, 4, 8, generator=gen)
+        spikes -= spikes.mean(dim=1, keepdim=True)
+        reference = spikes + torch.randn(16, *spikes.shape, generator=gen)
+        error = positional_offsets(reference, self.grid) - spikes
+        elsewhere = torch.ones(h * w, dtype=torch.bool)
+        elsewhere[corners] = False
+        assert error[:, corners].pow(2).mean().sqrt() < 0.1 * 4.0  # a corner keeps its spike up to noise
+        assert error[:, elsewhere].pow(2).mean().sqrt() < 0.1  # and is not smeared over its neighbours
+
+    def test_field_without_smoothness_keeps_the_per_position_estimate(self):
+        gen = torch.Generator().manual_seed(6)
+        white = 3.0 * torch.randn(2, 256, 8, generator=gen)
+        white -= white.mean(dim=1, keepdim=True)
+        reference = white + 0.3 * torch.randn(16, *white.shape, generator=gen)
+        assert offset_smoothing(reference, self.grid) == 0.0
+        assert torch.equal(positional_offsets(reference, self.grid), positional_offsets(reference))
+
+    def test_pure_noise_is_shrunk_on_the_grid_too(self):
+        reference = torch.randn(16, 2, 256, 8, generator=torch.Generator().manual_seed(7))
+        raw = reference.mean(0) - reference.mean(0).mean(dim=1, keepdim=True)
+        offsets = positional_offsets(reference, self.grid)
+        assert offsets.norm() < 0.25 * raw.norm()
+        assert torch.allclose(offsets.sum(dim=1), torch.zeros(2, 8), atol=1e-4)
+
+    def test_smoothing_keeps_a_constant_up_to_the_border(self):
+        constant = torch.full((1, 12 * 10, 3), 2.5)
+        for sigma in OFFSET_SIGMAS[1:]:
+            assert torch.allclose(smooth_over_grid(constant, (12, 10), sigma), constant, atol=1e-5)
+        assert smooth_over_grid(constant, (12, 10), 0.0) is constant
+
+    def test_squared_weights_give_the_variance_of_the_smoothed_noise(self):
+        # independent unit-variance noise: the smoothed value's variance, far from the border, is sum k^2 / (sum k)^2
+        sigma = 1.5
+        taps = torch.arange(-5, 6).float()
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel2d = kernel[:, None] * kernel[None, :]
+        expected = float(kernel2d.pow(2).sum() / kernel2d.sum() ** 2)
+        variance = smooth_over_grid(torch.ones(1, 400, 1), (20, 20), sigma, squared=True).view(20, 20)
+        assert variance[10, 10].item() == pytest.approx(expected, rel=1e-4)
+        assert variance[0, 0].item() > 2 * expected  # at a corner fewer positions share the average
+        noise = torch.randn(4000, 1, 400, 1, generator=torch.Generator().manual_seed(8))
+        smoothed = torch.stack([smooth_over_grid(n, (20, 20), sigma) for n in noise])
+        assert smoothed[:, 0, 210, 0].var().item() == pytest.approx(expected, rel=0.1)
 
 
 class TestHighNorm:
