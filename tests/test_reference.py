@@ -148,7 +148,7 @@ class TestSmoothedOffsets:
     def test_squared_weights_give_the_variance_of_the_smoothed_noise(self):
         # independent unit-variance noise: the smoothed value's variance, far from the border, is sum k^2 / (sum k)^2
         sigma = 1.5
-        taps = torch.arange(-5, 6).float()
+        taps = torch.arange(20).float() - 10  # the kernel row of position 10 over the whole 20-token row
         kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
         kernel2d = kernel[:, None] * kernel[None, :]
         expected = float(kernel2d.pow(2).sum() / kernel2d.sum() ** 2)

@@ -6,11 +6,8 @@ ICLR 2025 DeLTa workshop), and the two corrections the analysis applies to the q
 Pure functions on `(M, H, N, d)` tensors (`M` images, `H` heads, `N` tokens, head size `d`); no pipeline, no files.
 """
 
-import math
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # The MAD of a normal sample times this is its standard deviation.
 MAD_TO_STD = 1.4826
@@ -67,36 +64,34 @@ def _centred_mean(reference: torch.Tensor) -> torch.Tensor:
     return mean - mean.mean(dim=1, keepdim=True)
 
 
+def _smoothing_matrix(length: int, sigma: float, squared: bool, device: torch.device) -> torch.Tensor:
+    """`(length, length)` 1-D Gaussian smoothing of `sigma` cells, each row renormalised over the positions inside
+    the grid (row `i`: `k(i - j) / sum_j k(i - j)`, squared entries with `squared`)."""
+    taps = torch.arange(length, dtype=torch.float32, device=device)
+    kernel = torch.exp(-0.5 * ((taps[:, None] - taps[None, :]) / sigma) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    return kernel * kernel if squared else kernel
+
+
 def smooth_over_grid(
     values: torch.Tensor, grid_size: tuple[int, int], sigma: float, squared: bool = False
 ) -> torch.Tensor:
     """`values` `(H, N, d)` smoothed over the `(h, w)` token grid by a Gaussian of `sigma` cells (normalised
     convolution: each position's weights are renormalised over the positions inside the grid, so the border is not
-    pulled towards zero). `squared=True` gives what the smoother does to a variance: weights `k^2 / (sum k)^2`, so
-    that for independent errors of variance `values` at each position it returns the variance of the smoothed error.
-    `sigma = 0` returns `values` unchanged. Returns `(H, N, d)` float32."""
+    pulled towards zero; the 2-D kernel is the product of a row and a column smoothing). `squared=True` gives what
+    the smoother does to a variance: weights `k^2 / (sum k)^2`, so that for independent errors of variance `values`
+    at each position it returns the variance of the smoothed error. `sigma = 0` returns `values` unchanged. Returns
+    `(H, N, d)` float32."""
     if sigma == 0:
         return values
     heads, tokens, dim = values.shape
     h, w = int(grid_size[0]), int(grid_size[1])
-    radius = int(math.ceil(3 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=values.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-
-    def convolve(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        channels = x.shape[1]
-        x = F.conv2d(F.pad(x, (radius, radius, 0, 0)), k.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-        return F.conv2d(
-            F.pad(x, (0, 0, radius, radius)), k.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels
-        )
-
-    x = values.float().permute(0, 2, 1).reshape(1, heads * dim, h, w)
-    total = convolve(torch.ones(1, 1, h, w, device=values.device), kernel)
-    if squared:
-        out = convolve(x, kernel * kernel) / total.pow(2)
-    else:
-        out = convolve(x, kernel) / total
-    return out.reshape(heads, dim, tokens).permute(0, 2, 1)
+    rows = _smoothing_matrix(h, sigma, squared, values.device)
+    cols = _smoothing_matrix(w, sigma, squared, values.device)
+    grid = values.float().reshape(heads, h, w, dim)
+    out = torch.einsum("ia,hawd->hiwd", rows, grid)
+    out = torch.einsum("jb,hibd->hijd", cols, out)
+    return out.reshape(heads, tokens, dim)
 
 
 def offset_smoothing(reference: torch.Tensor, grid_size: tuple[int, int]) -> float:
@@ -144,13 +139,13 @@ def positional_offsets(reference: torch.Tensor, grid_size: tuple[int, int] | Non
       smoothing), each position's offset is scaled by `max(0, 1 - (v_p / R) / |o_p|^2)` (positive-part
       James-Stein): kept where it stands well above its noise (a positional embedding, corner tokens), dropped where
       it is mostly noise (a model without such components);
-    - with `grid_size`, the offsets are split into a trend, their Gaussian smoothing over the token grid at the
-      width the reference picks, and the residual. The trend averages the noise of neighbouring positions (its
-      noise is the smoothed `v_p / R` with squared weights) and is shrunk by that noise position by position; the
-      residual (what changes from one token to the next: corner tokens, or noise) is shrunk by `v_p / R`. A smooth
-      positional embedding is then estimated from many positions' captures instead of one's, which a 16-image
-      reference needs: on planted collections it recovered about 0.03 of coverage that only a 64-image reference
-      gave otherwise (BENCHMARKS.md (n3)).
+    - with `grid_size`, each capture is split into its trend, a Gaussian smoothing over the token grid at the width
+      the reference picks (:func:`offset_smoothing`), and its residual. The centred mean of the trends and that of
+      the residuals (what changes from one token to the next: corner tokens, or noise) are each shrunk as above by
+      their own noise, measured over the captures (the variance of the captures' trends, resp. residuals, over `R`:
+      the content of a capture is correlated over neighbouring tokens, so the smoothing's noise cannot be derived
+      from `v_p` as if each token's were independent). A smooth positional embedding is then estimated from many
+      positions' captures instead of one's (BENCHMARKS.md (n3)).
 
     Args:
         reference (`torch.Tensor`): `(R, H, N, d)` queries or keys of `R >= 2` content-free captures (no object, the
@@ -162,16 +157,18 @@ def positional_offsets(reference: torch.Tensor, grid_size: tuple[int, int] | Non
         `(H, N, d)` float32 offsets, which sum to zero over positions.
     """
     reference = reference.float()
-    mean = _centred_mean(reference)
-    noise = reference.var(dim=0).sum(dim=(0, 2)) / reference.shape[0]  # [N]: expected |error|^2 of the mean
+    count = reference.shape[0]
     sigma = 0.0 if grid_size is None else offset_smoothing(reference, grid_size)
     if sigma == 0:
-        offsets = _shrink(mean, noise)
+        noise = reference.var(dim=0).sum(dim=(0, 2)) / count  # [N]: expected |error|^2 of the mean
+        offsets = _shrink(_centred_mean(reference), noise)
     else:
-        trend = smooth_over_grid(mean, grid_size, sigma)
-        trend_noise = smooth_over_grid(noise[None, :, None], grid_size, sigma, squared=True)[0, :, 0]
-        trend = _shrink(trend, trend_noise)
-        offsets = trend + _shrink(mean - trend, noise)
+        # each capture split into its trend and residual, so that each part's noise is measured, not assumed: a
+        # capture's content is spatially correlated (regions, stuff), which a smoothing does not average away
+        smoothed = smooth_over_grid(reference.flatten(0, 1), grid_size, sigma).view(reference.shape)
+        residual = reference - smoothed
+        trend = _shrink(_centred_mean(smoothed), smoothed.var(dim=0).sum(dim=(0, 2)) / count)
+        offsets = trend + _shrink(_centred_mean(residual), residual.var(dim=0).sum(dim=(0, 2)) / count)
     return offsets - offsets.mean(dim=1, keepdim=True)
 
 
