@@ -122,6 +122,9 @@ TYPICAL_POINT_SHARE = 0.5
 # 0.716. Also tried: 0.4 (3 per row: Jaccard lower, hidden 0.879 vs 0.895 and SD clean M = 2 0.777 vs 0.874) and
 # 0.6 (6 per row: Jaccard 0.882 / 0.903 / 0.788, NMI 0.790 / 0.766 / 0.709).
 ATTACHED_SHARE = 0.5
+# Step 10: at most this many Lloyd iterations on the points' keys after the spectral clustering (`refine_by_keys`).
+# A cap, not a tuned value: on the design split (BENCHMARKS.md (l4)) 1, 3 and 20 gave the same parts table.
+KEY_ITERATIONS = 10
 # An image whose best partner keeps fewer matches than this share of the collection's typical best partner (the
 # median over images) shares nothing with the collection: an outlier (`"auto"` only). Set on the design split of
 # benchmarks/families.py (M = 5, 8 collections with one outlier and 8 without): inliers' shares were 0.78-1, an
@@ -1518,6 +1521,64 @@ def typical_points(embedding: np.ndarray, regions: np.ndarray) -> np.ndarray:
     return keep
 
 
+def key_descriptors(features: CoSegmentationFeatures, points: list[torch.Tensor], device: torch.device) -> np.ndarray:
+    """Step 10c: `(R, D)` float64, each clustered point's own key (rows in image order, `points` a list of `(P_i,)`
+    token indices). Per captured layer (and noise draw) the token's key with the heads concatenated (`H * d`), scaled
+    to unit length; the layers' keys concatenated, each weighted `1 / sqrt(layers)`, so rows have unit length and a
+    squared distance is the mean over layers of the squared distance of unit keys (with one layer, the descriptor of
+    the joint k-means baseline, `benchmarks/families.py` `joint_kmeans_parts`)."""
+    rows = []
+    for i, image_points in enumerate(points):
+        _, keys = _image_features(features, i, device)
+        index = image_points.to(device)
+        layers = [torch.nn.functional.normalize(k.float().permute(1, 0, 2).flatten(1)[index], dim=-1) for k in keys]
+        rows.append(torch.cat(layers, dim=1) / math.sqrt(len(keys)))  # (P_i, layers * H * d)
+    return torch.cat(rows).double().cpu().numpy()
+
+
+def refine_by_keys(descriptors: np.ndarray, regions: np.ndarray, iterations: int | None = None) -> np.ndarray:
+    """Step 10c: Lloyd (k-means) iterations on the points' keys (`descriptors` `(R, D)`, :func:`key_descriptors`)
+    started from the spectral parts `regions` `(R,)`: each part's centre is the mean key of its points, each point
+    goes to the nearest centre (squared Euclidean), until no point moves or after `iterations` steps (default
+    `KEY_ITERATIONS`; 0 keeps `regions`). A step that
+    would leave a part with fewer than `MIN_REGION_TOKENS` points (or fewer than it had, if it had fewer) is not
+    taken, so the count stays the one the clustering found (or `num_parts`). Returns the new `(R,)` parts.
+
+    Why: a token's attention row concentrates on the tokens most like it, so near a part boundary it reaches across
+    the boundary and its collection embedding lies between the two parts; the spectral clustering, which reads that
+    embedding, then puts some boundary points in the neighbouring part, and step 11 spreads the error (a part's
+    distribution is the mean of its points' attention rows). A key is linear in the token's own feature, so the part
+    under the token keeps its full weight there. The spectral clustering keeps what it does well (the count, and
+    parts tied across images through attention and correspondences); the keys only move points between its parts.
+    Measured on the design split (BENCHMARKS.md (l4)): where the method was below joint k-means, step 10 had put
+    1-3% of its points in the wrong part, all next to a part boundary, while k-means' labels of the same points were
+    exact; with this refinement the two agree there.
+    """
+    labels = np.asarray(regions, dtype=np.int64).copy()
+    x = np.asarray(descriptors, dtype=np.float64)
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
+        raise ValueError(f"`descriptors` {x.shape} must have one row per entry of `regions` {labels.shape}.")
+    if labels.size == 0:
+        return labels
+    num_parts = int(labels.max()) + 1
+    squared = (x * x).sum(1, keepdims=True)
+    for _ in range(KEY_ITERATIONS if iterations is None else int(iterations)):
+        counts = np.bincount(labels, minlength=num_parts)
+        present = counts > 0
+        centres = np.zeros((num_parts, x.shape[1]))
+        np.add.at(centres, labels, x)
+        centres[present] /= counts[present, None]
+        distance = squared - 2.0 * x @ centres.T + (centres * centres).sum(1)[None, :]
+        distance[:, ~present] = np.inf
+        moved = distance.argmin(1)
+        if (moved == labels).all():
+            break
+        if (np.bincount(moved, minlength=num_parts) < np.minimum(counts, MIN_REGION_TOKENS)).any():
+            break
+        labels = moved
+    return labels
+
+
 def cluster_collection(
     features: CoSegmentationFeatures,
     points: list[torch.Tensor],
@@ -1532,7 +1593,10 @@ def cluster_collection(
     Hit points attending little to the other points are dropped first (:func:`attached_points`). With
     `num_parts=None` the count is the largest eigengap of that joint affinity among 2..`MAX_PARTS`. A part of
     fewer than `MIN_REGION_TOKENS` points (over the collection) is noise: its points are dropped and the rest
-    clustered again; then points far from their part's typical point are dropped (:func:`typical_points`).
+    clustered again. The points then move between these parts by Lloyd iterations on their own keys
+    (:func:`refine_by_keys`, :func:`key_descriptors`): attention reaches across part boundaries, keys do not, so this
+    corrects the boundary points the embedding misplaces, without changing the count. Last, points far from their
+    part's typical point are dropped (:func:`typical_points`).
 
     No image is a reference: every point is described in the same coordinates (its attention over the anchor images'
     points), so the clustering sees all images at once and its ids are shared by construction, with no vote to carry
@@ -1555,6 +1619,7 @@ def cluster_collection(
         if not small.any() or small.all():
             break
         points, regions = _keep_points(points, regions, ~small)
+    regions = refine_by_keys(key_descriptors(features, points, device), regions)
     points, regions = _keep_points(points, regions, typical_points(embedding, regions))
     regions = np.unique(regions, return_inverse=True)[1].reshape(-1)
     offsets = np.cumsum([0] + [p.numel() for p in points])

@@ -12,7 +12,9 @@ from cosegment.analysis import (
     cluster_collection,
     cluster_hits,
     collection_embedding,
+    key_descriptors,
     link_by_correspondences,
+    refine_by_keys,
     typical_points,
 )
 from cosegment.benchmarks.families import make_family_case, oracle_output
@@ -240,6 +242,89 @@ class TestHiddenPartOnPlantedFamilies:
         on_host = labels[host].numpy()
         assert (on_host == winner).sum() <= 0.1 * (on_host > 0).sum()
         assert all((labels[i].numpy() == winner).any() for i in range(4) if i != host)
+
+
+class TestRefineByKeys:
+    def test_a_boundary_point_moves_to_the_part_its_key_belongs_to(self):
+        # keys: part 0 along e0, part 1 along e1; the spectral labels put the fourth point (a key of part 1, tilted
+        # a little towards part 0, as a token next to the boundary) in part 0
+        keys = np.array([[1.0, 0.0], [0.98, 0.2], [0.99, -0.1], [0.3, 0.95], [0.0, 1.0], [0.1, 0.99], [-0.1, 0.99]])
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        regions = np.array([0, 0, 0, 0, 1, 1, 1])
+        assert refine_by_keys(keys, regions).tolist() == [0, 0, 0, 1, 1, 1, 1]
+        # no step: the spectral labels as they are; labels are not renumbered
+        assert refine_by_keys(keys, regions, iterations=0).tolist() == regions.tolist()
+        assert refine_by_keys(keys, regions + 2).tolist() == [2, 2, 2, 3, 3, 3, 3]
+
+    def test_a_part_is_not_left_below_min_region_tokens(self):
+        # part 1 holds three points, the last of them a key of part 0: the Lloyd step would move it and leave part 1
+        # with two points (< MIN_REGION_TOKENS = 3), so the step is not taken and the count the clustering found stays
+        keys = np.array([[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [0.95, 0.0], [0.0, 1.0], [0.0, 1.0], [0.9, 0.1]])
+        regions = np.array([0, 0, 0, 0, 1, 1, 1])
+        centres = np.stack([keys[:4].mean(0), keys[4:].mean(0)])
+        plain = ((keys[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        assert plain.tolist() == [0, 0, 0, 0, 1, 1, 0]  # what an unguarded Lloyd step would do
+        assert refine_by_keys(keys, regions).tolist() == regions.tolist()
+        # with a fourth point in part 1 the same move leaves three: taken
+        keys4 = np.vstack([keys, [[0.0, 1.0]]])
+        assert refine_by_keys(keys4, np.append(regions, 1)).tolist() == [0, 0, 0, 0, 1, 1, 0, 1]
+
+    def test_edge_cases(self):
+        assert refine_by_keys(np.zeros((0, 3)), np.zeros(0, dtype=np.int64)).shape == (0,)
+        assert refine_by_keys(np.ones((2, 3)), np.array([0, 0])).tolist() == [0, 0]
+        with pytest.raises(ValueError, match="one row per entry"):
+            refine_by_keys(np.ones((3, 2)), np.array([0, 1]))
+
+    def test_key_descriptors_are_the_points_unit_keys(self):
+        grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+        features = _features(grids)
+        points = [torch.tensor([0, 30, 143]), torch.tensor([5])]
+        out = key_descriptors(features, points, "cpu")
+        keys = features.keys[0]  # (M, H, N, d)
+        expected = [keys[i].permute(1, 0, 2).reshape(-1, HEADS * DIM)[p] for i, p in enumerate(points)]
+        expected = torch.nn.functional.normalize(torch.cat(expected), dim=-1).double().numpy()
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+        # two layers: each layer's unit key, weighted 1 / sqrt(2): unit rows, the layers side by side
+        two = CoSegmentationFeatures(features.queries * 2, [keys, -keys], GRID, features.image_sizes)
+        both = key_descriptors(two, points, "cpu")
+        np.testing.assert_allclose(both, np.concatenate([expected, -expected], 1) / np.sqrt(2), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1.0, rtol=1e-6)
+
+    def test_boundary_points_of_a_planted_collection_are_relabelled(self, monkeypatch):
+        # the true correspondences of a planted collection (design split), so only step 10 is tested: the spectral
+        # clustering of the attention embedding puts 10 boundary points of 370 in a neighbouring part; with the
+        # keys' Lloyd iterations every part's points are pure
+        case = make_family_case("sectors", 2, 4, seed=21)
+        oracle = oracle_output(case)
+        density = torch.as_tensor(oracle.density_maps, dtype=torch.float32).reshape(2, -1)
+        links = [
+            PairCorrespondence(
+                p.source_index,
+                p.target_index,
+                None,
+                None,
+                None,
+                None,
+                torch.as_tensor(p.source_tokens),
+                torch.as_tensor(p.target_tokens),
+            )
+            for p in oracle.correspondences
+        ]
+
+        def misplaced(labels):
+            # points not in their true part's majority id
+            count = 0
+            for part in range(1, 5):
+                ids = np.concatenate([labels[i].numpy()[case.token_parts[i].reshape(-1) == part] for i in range(2)])
+                ids = ids[ids > 0]
+                count += int((ids != np.bincount(ids).argmax()).sum())
+            return count
+
+        labels, num_parts = cluster_hits(case.features, density, links, 4, None, "cpu")
+        assert num_parts == 4 and misplaced(labels) == 0
+        monkeypatch.setattr("cosegment.analysis.KEY_ITERATIONS", 0)  # the spectral labels alone
+        labels, num_parts = cluster_hits(case.features, density, links, 4, None, "cpu")
+        assert num_parts == 4 and misplaced(labels) >= 5
 
 
 class TestFactoredSpectralClusters:
