@@ -367,3 +367,19 @@ def test_embedding_blocks_kept_for_a_subset_give_the_same_embedding():
     torch.testing.assert_close(again, fresh, rtol=0, atol=1e-7)
     torch.testing.assert_close(again_mass, fresh_mass, rtol=0, atol=1e-7)
     assert again.shape == (6 + 11 + 5, 6 + 11 + 5)
+
+
+def test_step_11_masks_with_kept_rows_equal_the_masks_computed_each_round(monkeypatch):
+    """Step 11 keeps the images' self-attention rows for its rounds when they fit in `STEP11_ROWS_BYTES`; with no
+    room for them (rows computed again each round, the path of large grids) the part masks are the same, bit for
+    bit, and both are the masks of a design collection's analysis."""
+    from cosegment import analysis
+
+    case = make_family_case("sectors", 3, 3, seed=12)
+    kept = analyze_features(case.features)
+    assert analysis.STEP11_ROWS_BYTES >= 3 * (32 * 32) ** 2 * 4  # this collection's rows fit: kept
+    monkeypatch.setattr(analysis, "STEP11_ROWS_BYTES", 0)
+    again = analyze_features(case.features)
+    assert any((mask > 0).any() for mask in kept.part_masks)
+    for a, b in zip(kept.part_masks, again.part_masks):
+        assert np.array_equal(a, b)
