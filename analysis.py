@@ -1448,6 +1448,10 @@ def _embedding_and_mass(
         where = [
             torch.searchsorted(b, p.contiguous()) if b.numel() != p.numel() else None for b, p in zip(base, points)
         ]
+        for b, p, w in zip(base, points, where):
+            found = b if w is None else b[w.clamp_max(b.numel() - 1)] if b.numel() else b
+            if found.shape != p.shape or not torch.equal(found, p):
+                raise ValueError("`points` must be subsets of the points the kept `blocks` were computed for.")
     blocks_out, masses = [], []
     for s in range(features.num_images):
         queries = None

@@ -383,3 +383,17 @@ def test_step_11_masks_with_kept_rows_equal_the_masks_computed_each_round(monkey
     assert any((mask > 0).any() for mask in kept.part_masks)
     for a, b in zip(kept.part_masks, again.part_masks):
         assert np.array_equal(a, b)
+
+
+def test_embedding_blocks_refuse_points_they_were_not_computed_for():
+    from cosegment.analysis import _embedding_and_mass
+
+    grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+    features = _features(grids)
+    points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+    blocks = {}
+    _embedding_and_mass(features, [points[0][:6], points[1]], None, "cpu", blocks)
+    with pytest.raises(ValueError, match="subsets"):
+        _embedding_and_mass(features, points, None, "cpu", blocks)  # image 0 has points the blocks lack
+    with pytest.raises(ValueError, match="subsets"):
+        _embedding_and_mass(features, [points[0][:6] + 1, points[1]], None, "cpu", blocks)
