@@ -61,8 +61,7 @@ from .utils.segmentation import (
     background_threshold_from_kl,
     factored_spectral_clusters,
     grow_by_one_token,
-    kl_to_parts,
-    part_distributions,
+    parts_and_divergences,
     remove_isolated,
     upsample_assignment,
 )
@@ -83,6 +82,9 @@ MIN_REGION_TOKENS = 3
 # the first round drew its whole background region into the part). One round: no round lost 0.03-0.05 part NMI on
 # the design families, two or more were not measured.
 SEGMENTATION_REFINEMENTS = 1
+# Step 11 keeps every image's self-attention rows (`M N^2` float32) for its rounds when they fit in this many bytes
+# (M = 64 images of 32 x 32 tokens, or 4 of 64 x 64); else it computes them again in each round (same values).
+STEP11_ROWS_BYTES = 2**28
 # Below the grid (refine=True): the window soft-argmax around each argmax (5 x 5 window, weights p ** (1 / 0.5)),
 # then the local affine field of the kept matches over the 7 x 7 source window around each match. Chosen on the
 # planted DESIGN split (`benchmarks/planted.py --points`; README "Points below the token grid"): a 5 x 5 field gave
@@ -1433,25 +1435,53 @@ def _embedding_and_mass(
     points: list[torch.Tensor],
     chunk_size: int | None,
     device: torch.device,
+    blocks: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`collection_embedding` `(R, D)` and each point's attention mass on the anchors' points before the
-    renormalisation `(R, len(anchors))`."""
+    renormalisation `(R, len(anchors))`.
+
+    `blocks` (step 10 embeds the points, drops some and embeds the rest again): a dict kept between calls on the
+    same collection. The first call stores its `points` (`blocks["points"]`) and each attention block it computes,
+    image s's rows over anchor u's points (`blocks[(s, u)]`, `(P_s, P_u)` float32, before the renormalisation); a
+    later call whose `points` are subsets of those (per image, ascending token indices, as :func:`_keep_points`
+    leaves them) takes its blocks' rows and columns from there instead of computing them again. Each row is its own
+    softmax over every token of u, so the values are those a new computation gives (the matrix product of a block
+    of fewer than about 4 rows may take another BLAS path and differ in the last bit)."""
     sizes = [p.numel() for p in points]
     anchors = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_EMBEDDING_IMAGES].tolist())
     anchors = [u for u in anchors if sizes[u] > 0]
-    blocks, masses = [], []
+    if blocks is not None:
+        base = blocks.setdefault("points", points)
+        where = [
+            torch.searchsorted(b, p.contiguous()) if b.numel() != p.numel() else None for b, p in zip(base, points)
+        ]
+        for b, p, w in zip(base, points, where):
+            found = b if w is None else b[w.clamp_max(b.numel() - 1)] if b.numel() else b
+            if found.shape != p.shape or not torch.equal(found, p):
+                raise ValueError("`points` must be subsets of the points the kept `blocks` were computed for.")
+    blocks_out, masses = [], []
     for s in range(features.num_images):
-        queries, _ = _image_features(features, s, device)
+        queries = None
         row, mass = [], []
         for u in anchors:
-            _, keys = _image_features(features, u, device)
-            rows = attention_rows(queries, keys, points[s], points[u], chunk_size)
+            if blocks is None or (s, u) not in blocks:
+                if queries is None:
+                    queries, _ = _image_features(features, s, device)
+                _, keys = _image_features(features, u, device)
+                source = points if blocks is None else base
+                rows = attention_rows(queries, keys, source[s], source[u], chunk_size)
+                if blocks is not None:
+                    blocks[(s, u)] = rows
+            if blocks is not None:
+                rows = blocks[(s, u)]
+                rows = rows if where[s] is None else rows[where[s]]
+                rows = rows if where[u] is None else rows[:, where[u]]
             mass.append(rows.sum(dim=1))
             rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
             row.append(rows.sqrt() / math.sqrt(len(anchors)))
-        blocks.append(torch.cat(row, dim=1) if row else torch.zeros(sizes[s], 0, device=device))
+        blocks_out.append(torch.cat(row, dim=1) if row else torch.zeros(sizes[s], 0, device=device))
         masses.append(torch.stack(mass, dim=1) if mass else torch.zeros(sizes[s], 0, device=device))
-    return torch.cat(blocks), torch.cat(masses)
+    return torch.cat(blocks_out), torch.cat(masses)
 
 
 def attached_points(mass: np.ndarray) -> np.ndarray:
@@ -1607,11 +1637,13 @@ def cluster_collection(
     part in every image; a part may have no point in some image).
     """
     num_tokens = features.grid_size[0] * features.grid_size[1]
-    attached = attached_points(_embedding_and_mass(features, points, chunk_size, device)[1].double().cpu().numpy())
+    blocks = {}  # attention blocks of the first embedding, reused after points are dropped
+    mass = _embedding_and_mass(features, points, chunk_size, device, blocks)[1]
+    attached = attached_points(mass.double().cpu().numpy())
     if attached.sum() >= 2:
         points = _keep_points(points, np.zeros(attached.shape[0], dtype=np.int64), attached)[0]
     while True:
-        embedding = collection_embedding(features, points, chunk_size, device)
+        embedding = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
         embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
         total = embedding.shape[0]
         regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)))
@@ -1680,14 +1712,18 @@ def part_divergences(
     num_parts: int,
     chunk_size: int | None,
     device: torch.device,
+    rows: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Step 11a: per image, each part's distribution is the mean of its labelled tokens' self-attention rows; every
-    token gets its KL(token row || part) to each part, `(N, K)` per image (`inf` for a part absent there)."""
+    token gets its KL(token row || part) to each part, `(N, K)` per image (`inf` for a part absent there).
+
+    `rows`: per image its `(N, N)` self-attention rows (:func:`attention_rows`), when the caller keeps them for
+    several calls (:func:`segment_parts`); the same values, computed here otherwise."""
     divergences = []
     for i in range(features.num_images):
         queries, keys = _image_features(features, i, device)
-        distributions = part_distributions(queries, keys, labels[i], num_parts, chunk_size)
-        kl = kl_to_parts(queries, keys, distributions, chunk_size)
+        image_rows = None if rows is None else rows[i]
+        kl = parts_and_divergences(queries, keys, labels[i], num_parts, chunk_size, image_rows)[1]
         present = torch.bincount(labels[i], minlength=num_parts + 1)[1:] > 0
         divergences.append(kl.masked_fill(~present[None, :], math.inf))
     return divergences
@@ -1713,15 +1749,25 @@ def segment_parts(
     of half a token cell, `UPSAMPLE_SIGMA`, and resized bilinearly), so part boundaries lie midway between tokens of
     different parts, whatever the KL values.
 
+    The images' self-attention rows are computed once for every round when they fit in `STEP11_ROWS_BYTES` (`M N^2`
+    float32), else again in each round.
+
     Returns one `(H_i, W_i)` int64 part mask per image at its own size (0 = background).
     """
     grid = features.grid_size
+    num_tokens = grid[0] * grid[1]
     # without parts every token is background: no KL to compute
-    divergences = [torch.zeros(grid[0] * grid[1], 0, device=device) for _ in range(features.num_images)]
+    divergences = [torch.zeros(num_tokens, 0, device=device) for _ in range(features.num_images)]
     threshold = math.inf
+    rows = None
+    if num_parts > 0 and SEGMENTATION_REFINEMENTS > 0 and features.num_images * num_tokens**2 * 4 <= STEP11_ROWS_BYTES:
+        rows = [
+            attention_rows(*_image_features(features, i, device), chunk_size=chunk_size)
+            for i in range(features.num_images)
+        ]
     foreground = [None] * features.num_images
     for round_ in range(1 + SEGMENTATION_REFINEMENTS if num_parts > 0 else 0):
-        divergences = part_divergences(features, labels, num_parts, chunk_size, device)
+        divergences = part_divergences(features, labels, num_parts, chunk_size, device, rows)
         threshold = background_threshold
         if threshold is None:
             threshold = background_threshold_from_kl(torch.cat([kl.min(dim=1).values for kl in divergences]))

@@ -386,3 +386,99 @@ def test_top_left_singular_leaves_null_directions_at_zero():
     assert values[0] > values[1] > 1e-6 * values[0] and (values[2:] < 1e-9 * values[0]).all()
     np.testing.assert_allclose(np.linalg.norm(vectors[:, :2], axis=0), 1.0, rtol=1e-9)
     assert (vectors[:, 2:] == 0).all()
+
+
+def test_leading_eigenpairs_match_a_full_eigensolver():
+    """Step 10's block Krylov solver: the leading values and vectors of a PSD matrix with a clustered spectrum (four
+    values near 1, a slow tail, as the normalised affinity has) are numpy's `eigh`'s."""
+    from cosegment.utils.segmentation import _leading_eigenpairs
+
+    rng = np.random.default_rng(7)
+    size = 600
+    basis = np.linalg.qr(rng.standard_normal((size, size)))[0]
+    spectrum = np.concatenate([[1.0, 0.93, 0.9, 0.84], 0.45 * np.exp(-np.linspace(0.0, 12.0, size - 4))])
+    matrix = (basis * spectrum) @ basis.T
+    values, vectors = _leading_eigenpairs(lambda x: matrix @ x, size, 9)
+    expected_values, expected_vectors = np.linalg.eigh(matrix)
+    expected_values, expected_vectors = expected_values[::-1][:9], expected_vectors[:, ::-1][:, :9]
+    np.testing.assert_allclose(values, expected_values, atol=1e-12)
+    np.testing.assert_allclose(values[:4], [1.0, 0.93, 0.9, 0.84], atol=1e-12)
+    np.testing.assert_allclose(np.abs((vectors * expected_vectors).sum(0)), 1.0, atol=1e-9)  # up to sign
+    # no convergence within the basis allowed: None, for the caller's full eigensolver
+    assert _leading_eigenpairs(lambda x: matrix @ x, size, 9, max_basis=32) is None
+    assert _leading_eigenpairs(lambda x: matrix @ x, 20, 9) is None  # too small a matrix for a Krylov basis
+
+
+@pytest.mark.parametrize("shape", [(700, 400), (400, 700)])
+def test_top_left_singular_with_a_count_matches_the_full_solver(shape, monkeypatch):
+    """Above `KRYLOV_ABOVE` the first `count` values and vectors come from the Krylov solver; they match the full
+    Gram eigensolver's (vectors up to sign), on either side of the Gram matrix, and so do the clusters."""
+    from cosegment.utils import segmentation
+
+    rng = np.random.default_rng(8)
+    embedding = rng.random(shape) ** 8  # sparse-ish non-negative rows
+    embedding[: shape[0] // 3, : shape[1] // 3] += 0.5  # three blocks: well separated leading values
+    embedding[shape[0] // 3 : 2 * shape[0] // 3, shape[1] // 3 : 2 * shape[1] // 3] += 0.5
+    embedding[2 * shape[0] // 3 :, 2 * shape[1] // 3 :] += 0.5
+    degree = embedding @ embedding.sum(0)
+    b = embedding / np.sqrt(degree)[:, None]
+    assert min(shape) > segmentation.KRYLOV_ABOVE
+    values, vectors = segmentation._top_left_singular(b, 9)
+    assert values.shape == (9,) and vectors.shape == (shape[0], 9)
+    full_values, full_vectors = segmentation._top_left_singular(b)
+    np.testing.assert_allclose(values, full_values[:9], atol=1e-12)
+    np.testing.assert_allclose(values[0], 1.0, atol=1e-12)  # the normalised affinity's top value
+    np.testing.assert_allclose(np.abs((vectors * full_vectors[:, :9]).sum(0)), 1.0, atol=1e-9)
+    labels = factored_spectral_clusters(embedding, None, 8)
+    monkeypatch.setattr(segmentation, "KRYLOV_ABOVE", 10**9)  # the full eigensolver everywhere
+    assert np.array_equal(factored_spectral_clusters(embedding, None, 8), labels)
+    assert labels.max() + 1 == 3
+
+
+def test_embedding_blocks_kept_for_a_subset_give_the_same_embedding():
+    """Step 10 embeds its points, drops some and embeds the rest: the second embedding, read from the attention
+    blocks kept by the first, is the one computed afresh (the anchors change too: image 2 loses most points)."""
+    from cosegment.analysis import _embedding_and_mass
+
+    grids = [_blocks([1, 2]), _blocks([2, 1], top=7), _blocks([1, 2, 1], top=5, height=4)]
+    features = _features(grids)
+    points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+    blocks = {}
+    first, mass = _embedding_and_mass(features, points, None, "cpu", blocks)
+    assert torch.equal(first, collection_embedding(features, points, None, "cpu"))
+    subset = [points[0][::2], points[1][1:], points[2][:5]]
+    again, again_mass = _embedding_and_mass(features, subset, None, "cpu", blocks)
+    fresh, fresh_mass = _embedding_and_mass(features, subset, None, "cpu")
+    torch.testing.assert_close(again, fresh, rtol=0, atol=1e-7)
+    torch.testing.assert_close(again_mass, fresh_mass, rtol=0, atol=1e-7)
+    assert again.shape == (6 + 11 + 5, 6 + 11 + 5)
+
+
+def test_step_11_masks_with_kept_rows_equal_the_masks_computed_each_round(monkeypatch):
+    """Step 11 keeps the images' self-attention rows for its rounds when they fit in `STEP11_ROWS_BYTES`; with no
+    room for them (rows computed again each round, the path of large grids) the part masks are the same, bit for
+    bit, and both are the masks of a design collection's analysis."""
+    from cosegment import analysis
+
+    case = make_family_case("sectors", 3, 3, seed=12)
+    kept = analyze_features(case.features)
+    assert analysis.STEP11_ROWS_BYTES >= 3 * (32 * 32) ** 2 * 4  # this collection's rows fit: kept
+    monkeypatch.setattr(analysis, "STEP11_ROWS_BYTES", 0)
+    again = analyze_features(case.features)
+    assert any((mask > 0).any() for mask in kept.part_masks)
+    for a, b in zip(kept.part_masks, again.part_masks):
+        assert np.array_equal(a, b)
+
+
+def test_embedding_blocks_refuse_points_they_were_not_computed_for():
+    from cosegment.analysis import _embedding_and_mass
+
+    grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
+    features = _features(grids)
+    points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
+    blocks = {}
+    _embedding_and_mass(features, [points[0][:6], points[1]], None, "cpu", blocks)
+    with pytest.raises(ValueError, match="subsets"):
+        _embedding_and_mass(features, points, None, "cpu", blocks)  # image 0 has points the blocks lack
+    with pytest.raises(ValueError, match="subsets"):
+        _embedding_and_mass(features, [points[0][:6] + 1, points[1]], None, "cpu", blocks)

@@ -183,3 +183,42 @@ class TestRobustAffine:
     def test_bad_shapes(self):
         with pytest.raises(ValueError, match="weights"):
             robust_affine_at(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.zeros(3))
+
+
+def _loop_affine_field(coords, keep, grid_size, radius):
+    """The field as first written: one window offset at a time, each neighbour's terms added in the window's order."""
+    h, w = grid_size
+    target = coords.float().view(h, w, 2)
+    kept = keep.view(h, w).float()
+    gram = torch.zeros(h, w, 3, 3)
+    moment = torch.zeros(h, w, 3, 2)
+    for di, dj in window_offsets(radius).tolist():
+        if abs(di) >= h or abs(dj) >= w:
+            continue
+        centre = (slice(max(0, -di), h - max(0, di)), slice(max(0, -dj), w - max(0, dj)))
+        neighbour = (slice(max(0, di), h + min(0, di)), slice(max(0, dj), w + min(0, dj)))
+        x = torch.tensor([1.0, float(di), float(dj)])
+        weight = kept[neighbour][..., None, None]
+        gram[centre] += weight * torch.outer(x, x)
+        moment[centre] += weight * x[:, None] * target[neighbour][..., None, :]
+    defined = torch.linalg.det(gram).abs() > 0.5
+    eye = torch.eye(3).expand_as(gram)
+    beta = torch.linalg.solve(torch.where(defined[..., None, None], gram, eye), moment)
+    field = torch.where(defined[..., None], beta[..., 0, :], target)
+    return field.reshape(h * w, 2), defined.flatten()
+
+
+@pytest.mark.parametrize("grid_size", [(9, 7), (2, 3), (1, 5), (12, 12)])
+@pytest.mark.parametrize("radius", [0, 1, 3, 6])
+def test_local_affine_field_is_bitwise_the_offset_loop(grid_size, radius):
+    """All windows at once (unfold, one Gram product, an exact determinant, a solve of the determined fits only)
+    give bit for bit what the loop over window offsets gives, kept share low to full, wide windows included."""
+    g = torch.Generator().manual_seed(radius + 10 * grid_size[0])
+    h, w = grid_size
+    for share in (0.2, 0.6, 1.0):
+        coords = torch.rand(h * w, 2, generator=g) * torch.tensor([h + 3.0, w + 3.0]) - 1.5
+        keep = torch.rand(h * w, generator=g) < share
+        field, defined = local_affine_field(coords, keep, grid_size, radius)
+        expected_field, expected_defined = _loop_affine_field(coords, keep, grid_size, radius)
+        assert torch.equal(defined, expected_defined)
+        assert torch.equal(field.view(torch.int32), expected_field.view(torch.int32))  # same bits, signs of 0 too

@@ -16,6 +16,7 @@ from cosegment.utils.segmentation import (
     kmeans,
     minimum_error_threshold,
     part_distributions,
+    parts_and_divergences,
     remove_isolated,
     spectral_clusters,
     upsample_assignment,
@@ -239,7 +240,7 @@ class TestOutlineBound:
 
         rounds = []
 
-        def fake_divergences(features, labels, num_parts, chunk_size, device):
+        def fake_divergences(features, labels, num_parts, chunk_size, device, rows=None):
             near = 3 if not rounds else 7
             rounds.append([lab.clone() for lab in labels])
             kl = torch.full((8, 1), 9.0)
@@ -347,3 +348,24 @@ class TestMutationSurvivors:
         for size in ((0, 5), (5, 0), (5,)):
             with pytest.raises(ValueError, match="`size` must be two positive ints"):
                 upsample_assignment(torch.zeros(4, 1), (2, 2), 1.0, size)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 64])
+def test_parts_and_divergences_from_kept_rows_are_the_two_functions(chunk_size):
+    """Step 11 keeps each image's attention rows for its rounds: the distributions and KL from those rows are bit
+    for bit the ones `part_distributions` and `kl_to_parts` compute from the queries and keys."""
+    q, k = _qk(num_tokens=40, seed=3)
+    labels = torch.zeros(40, dtype=torch.long)
+    labels[[0, 1, 2, 7, 8]] = 1
+    labels[[20, 21, 22, 23]] = 3  # part 2 has no point: uniform
+    rows = attention_rows(q, k, chunk_size=chunk_size)
+    expected = part_distributions(q, k, labels, 3, chunk_size)
+    expected_kl = kl_to_parts(q, k, expected, chunk_size)
+    for kept in (None, rows):
+        distributions, kl = parts_and_divergences(q, k, labels, 3, chunk_size, rows=kept)
+        assert torch.equal(distributions, expected) and torch.equal(kl, expected_kl)
+    torch.testing.assert_close(distributions[1], torch.full((40,), 1 / 40))
+    with pytest.raises(ValueError, match="rows"):
+        parts_and_divergences(q, k, labels, 3, rows=rows[:10])
+    with pytest.raises(ValueError, match="labels"):
+        parts_and_divergences(q, k, labels, 2, rows=rows)

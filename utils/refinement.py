@@ -207,23 +207,32 @@ def local_affine_field(
         )
     device = coords.device
     target = coords.float().view(h, w, 2)
-    kept = keep.view(h, w).float()
-    gram = torch.zeros(h, w, 3, 3, device=device)
-    moment = torch.zeros(h, w, 3, 2, device=device)
-    for di, dj in window_offsets(radius).tolist():
-        if abs(di) >= h or abs(dj) >= w:  # a window wider than the grid: no token there
-            continue
-        centre = (slice(max(0, -di), h - max(0, di)), slice(max(0, -dj), w - max(0, dj)))
-        neighbour = (slice(max(0, di), h + min(0, di)), slice(max(0, dj), w + min(0, dj)))
-        x = torch.tensor([1.0, float(di), float(dj)], device=device)
-        weight = kept[neighbour][..., None, None]
-        gram[centre] += weight * torch.outer(x, x)
-        moment[centre] += weight * x[:, None] * target[neighbour][..., None, :]
-    defined = torch.linalg.det(gram).abs() > 0.5  # integer design points: a determined fit has |det| >= 1
-    eye = torch.eye(3, device=device).expand_as(gram)
-    beta = torch.linalg.solve(torch.where(defined[..., None, None], gram, eye), moment)
-    field = torch.where(defined[..., None], beta[..., 0, :], target)
-    return field.reshape(h * w, 2), defined.flatten()
+    # Every window position of every token at once, from the grids padded by `radius` (a neighbour off the grid has
+    # weight 0). The Gram sums are small integers, exact in any order; the moments are added offset by offset in
+    # the window's row-major order (as a loop over the offsets would), so the field does not depend on this layout.
+    offsets = window_offsets(radius, device).float()  # (S, 2)
+    size = 2 * radius + 1
+    grids = torch.cat([keep.view(1, h, w).float(), target.permute(2, 0, 1)])  # (3, h, w): kept, row, col
+    windows = torch.nn.functional.unfold(grids[None], size, padding=radius)[0].view(3, size * size, h * w)
+    weight, neighbour = windows[0], windows[1:].permute(1, 2, 0)  # (S, N), (S, N, 2)
+    x = torch.cat([torch.ones(offsets.shape[0], 1, device=device), offsets], dim=1)  # (S, 3): 1, di, dj
+    gram = (weight.T @ (x[:, :, None] * x[:, None, :]).view(-1, 9)).view(h * w, 3, 3)
+    terms = (weight[..., None, None] * x[:, None, :, None]) * neighbour[:, :, None, :]  # (S, N, 3, 2)
+    moment = torch.zeros(h * w, 3, 2, device=device)
+    for term in terms:
+        moment += term
+    # integer design points: a determined fit has |det| >= 1 (the cofactor expansion is exact in float64 here)
+    g = gram.double()
+    det = (
+        g[:, 0, 0] * (g[:, 1, 1] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 1])
+        - g[:, 0, 1] * (g[:, 1, 0] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 0])
+        + g[:, 0, 2] * (g[:, 1, 0] * g[:, 2, 1] - g[:, 1, 1] * g[:, 2, 0])
+    )
+    defined = det.abs() > 0.5
+    field = target.reshape(h * w, 2).clone()
+    if bool(defined.any()):
+        field[defined] = torch.linalg.solve(gram[defined], moment[defined])[:, 0, :]
+    return field, defined
 
 
 def robust_affine_at(

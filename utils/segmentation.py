@@ -31,6 +31,16 @@ PROBABILITY_FLOOR = 1e-12
 # Measured on the DESIGN split only (BENCHMARKS.md (l2)); wider kernels scored higher there (0.8: part NMI +0.04)
 # but erase lone tokens and one-token lines, which real objects have.
 UPSAMPLE_SIGMA = 0.5
+# Step 10's eigensolver (`_top_left_singular`): where the smaller side of the embedding has more than this many
+# entries, the leading eigenpairs come from a block Krylov subspace of this many vectors a step (started from a
+# fixed random block), until each pair's residual is at most this share of the largest eigenvalue, with a full
+# eigensolver past this many basis vectors. Set so that the pairs read by the clustering match a full `eigh` (to
+# 1e-14 on the design M = 16 collections checked; BENCHMARKS.md (k3)); under the size limit the full eigensolver is
+# cheap and used as before.
+KRYLOV_ABOVE = 256
+KRYLOV_BLOCK = 16
+KRYLOV_TOLERANCE = 1e-10
+KRYLOV_MAX_BASIS = 400
 
 
 def _head_list(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
@@ -136,18 +146,29 @@ def part_distributions(
         `(K, N)` float32, rows sum to 1; a part without points gets a uniform row.
     """
     qs, ks = _check_qk(queries, keys)
-    labels = torch.as_tensor(labels, device=qs[0].device).long().flatten()
-    if labels.shape[0] != qs[0].shape[1]:
-        raise ValueError(f"`labels` has {labels.shape[0]} entries for {qs[0].shape[1]} tokens.")
+    labels = _check_labels(labels, qs[0].shape[1], num_parts, qs[0].device)
+    return _distributions_from(
+        lambda index: _rows(qs, ks, index), labels, num_parts, ks[0].shape[1], _chunk(qs, ks, chunk_size)
+    )
+
+
+def _check_labels(labels, num_tokens: int, num_parts: int, device: torch.device) -> torch.Tensor:
+    labels = torch.as_tensor(labels, device=device).long().flatten()
+    if labels.shape[0] != num_tokens:
+        raise ValueError(f"`labels` has {labels.shape[0]} entries for {num_tokens} tokens.")
     if num_parts < 0 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > num_parts)):
         raise ValueError(f"`labels` must lie in [0, num_parts={num_parts}].")
-    num_keys = ks[0].shape[1]
-    sums = torch.zeros(num_parts + 1, num_keys, device=qs[0].device)
+    return labels
+
+
+def _distributions_from(rows_of, labels: torch.Tensor, num_parts: int, num_keys: int, step: int) -> torch.Tensor:
+    """:func:`part_distributions` from `rows_of(index)`, the `(len(index), N)` attention rows of the tokens `index`,
+    asked for `step` points at a time (the labels already checked)."""
+    sums = torch.zeros(num_parts + 1, num_keys, device=labels.device)
     points = torch.nonzero(labels > 0).flatten()
-    step = _chunk(qs, ks, chunk_size)
     for start in range(0, points.shape[0], step):
         index = points[start : start + step]
-        sums.index_add_(0, labels[index], _rows(qs, ks, index))
+        sums.index_add_(0, labels[index], rows_of(index))
     counts = torch.bincount(labels[points], minlength=num_parts + 1).float()[1:]
     dist = sums[1:] / counts.clamp_min(1)[:, None]
     empty = counts == 0
@@ -178,19 +199,65 @@ def kl_to_parts(
         raise ValueError(f"`parts` must have shape (K, {ks[0].shape[1]}), got {tuple(parts.shape)}.")
     if not floor > 0:
         raise ValueError(f"`floor` must be positive, got {floor!r}.")
-    log_parts = parts.clamp_min(floor).log()  # (K, N)
     num_q = qs[0].shape[1]
-    step = _chunk(qs, ks, chunk_size)
+    device = qs[0].device
+    return _kl_from(lambda index: _rows(qs, ks, index), num_q, parts, _chunk(qs, ks, chunk_size), floor, device)
+
+
+def _kl_from(rows_of, num_q: int, parts: torch.Tensor, step: int, floor: float, device) -> torch.Tensor:
+    """:func:`kl_to_parts` from `rows_of(index)`, the `(len(index), N)` attention rows of the tokens `index`, asked
+    for `step` consecutive tokens at a time (the arguments already checked)."""
+    log_parts = parts.clamp_min(floor).log()  # (K, N)
     out = []
     for start in range(0, num_q, step):
-        rows = _rows(qs, ks, torch.arange(start, min(start + step, num_q), device=qs[0].device))
+        rows = rows_of(torch.arange(start, min(start + step, num_q), device=device))
         rows = rows.clamp_min(floor)
         rows = rows / rows.sum(dim=-1, keepdim=True)
         self_term = (rows * rows.log()).sum(dim=-1, keepdim=True)  # (R, 1)
         out.append((self_term - rows @ log_parts.T).clamp_min(0.0))
     if not out:
-        return torch.zeros(0, parts.shape[0], device=qs[0].device)
+        return torch.zeros(0, parts.shape[0], device=device)
     return torch.cat(out)
+
+
+def parts_and_divergences(
+    queries: torch.Tensor | Sequence[torch.Tensor],
+    keys: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    num_parts: int,
+    chunk_size: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`part_distributions` and then :func:`kl_to_parts` of every token to them, for one image (DESIGN step 11).
+
+    Args:
+        queries, keys, labels, num_parts, chunk_size: as in :func:`part_distributions` (one image, `N` tokens).
+        rows: optional `(N, N)` float32 attention rows of the image, `attention_rows(queries, keys)`, computed
+            beforehand (step 11 keeps them for its rounds): then no row is computed again. They are read in the
+            chunks that the two functions compute rows in, so the values are theirs.
+
+    Returns:
+        `(distributions, kl)`: `(K, N)` float32 (rows sum to 1; uniform for a part without points) and `(N, K)`
+        float32 KL in nats.
+    """
+    qs, ks = _check_qk(queries, keys)
+    labels = _check_labels(labels, qs[0].shape[1], num_parts, qs[0].device)
+    num, num_keys = qs[0].shape[1], ks[0].shape[1]
+    if rows is None:
+
+        def rows_of(index: torch.Tensor) -> torch.Tensor:
+            return _rows(qs, ks, index)
+
+    else:
+        if not isinstance(rows, torch.Tensor) or tuple(rows.shape) != (num, num_keys):
+            raise ValueError(f"`rows` must be a ({num}, {num_keys}) tensor, got {getattr(rows, 'shape', rows)}.")
+
+        def rows_of(index: torch.Tensor) -> torch.Tensor:
+            return rows[index].float()
+
+    step = _chunk(qs, ks, chunk_size)
+    distributions = _distributions_from(rows_of, labels, num_parts, num_keys, step)
+    return distributions, _kl_from(rows_of, num, distributions, step, PROBABILITY_FLOOR, qs[0].device)
 
 
 def assign_parts(kl: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,29 +479,77 @@ def eigengap_count(values: np.ndarray, max_clusters: int) -> int:
     return int(np.argmax(gaps[1:]) + 2)
 
 
-def _top_left_singular(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`(values, vectors)` of `B B^T` for `b` `(R, D)`: its `R` eigenvalues in descending order (squared singular
-    values of `B`, zeros past its rank) and the left singular vectors `(R, min(R, D))` in the same order.
+def _leading_eigenpairs(
+    apply, size: int, count: int, block: int = KRYLOV_BLOCK, max_basis: int = KRYLOV_MAX_BASIS
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The `count` largest eigenvalues (descending) and their unit eigenvectors `(size, count)` of a symmetric
+    positive semi-definite `(size, size)` matrix given only through `apply(x)` (its product with an `(size, p)`
+    block), from a block Krylov subspace: a fixed Gaussian start block (seed 0, so the result is reproducible), each
+    new block orthogonalised twice against the basis, and the Rayleigh-Ritz pairs of the basis. Stops once every
+    one of the `count` Ritz pairs has a residual `|G v - theta v|` of at most `KRYLOV_TOLERANCE` times the largest
+    value (an eigenvector's error is then at most that over its gap to the other eigenvalues, and an eigenvalue's at
+    most its square over that gap); `None` when the basis would pass `max_basis` (or half of `size`) first, for the
+    caller to fall back on a full eigensolver."""
+    limit = min(max_basis, size // 2)
+    if count < 1 or block + count > limit:
+        return None
+    start = np.random.default_rng(0).standard_normal((size, max(block, count)))
+    basis = [np.linalg.qr(start)[0]]
+    images = [apply(basis[0])]
+    while True:
+        q, gq = np.hstack(basis), np.hstack(images)
+        small = q.T @ gq
+        theta, y = np.linalg.eigh(0.5 * (small + small.T))
+        theta, y = theta[::-1][:count], y[:, ::-1][:, :count]
+        vectors = q @ y
+        residual = np.linalg.norm(gq @ y - vectors * theta, axis=0)
+        if residual.max() <= KRYLOV_TOLERANCE * max(float(theta[0]), 1e-300):
+            return theta, vectors / np.linalg.norm(vectors, axis=0)
+        if q.shape[1] + basis[-1].shape[1] > limit:
+            return None
+        new = images[-1]
+        for _ in range(2):
+            new = new - q @ (q.T @ new)
+        basis.append(np.linalg.qr(new)[0])
+        images.append(apply(basis[-1]))
+
+
+def _top_left_singular(b: np.ndarray, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(values, vectors)` of `B B^T` for `b` `(R, D)`: its eigenvalues in descending order (squared singular values
+    of `B`, zeros past its rank), `R` of them, and the left singular vectors `(R, min(R, D))` in the same order; with
+    `count`, only the first `min(count, R)` values and `min(count, R, D)` vectors.
 
     From the eigendecomposition of the Gram matrix of the smaller side: `B^T B` `(D, D)` when `D <= R` (then
     `U = B V / s`), else `B B^T`. A matrix product and a symmetric eigensolver instead of an SVD: about 3x faster at
-    the sizes of step 10 (R = 2266 hit tokens, D = 1426, measured in BENCHMARKS.md (k2)). Squaring costs precision
-    only in the small singular values; the clustering reads the leading ones (values >= 1e-6 of the largest keep
-    their vectors; with `D <= R` a vector of a smaller value is set to zero rather than divided by a value near
-    zero)."""
+    the sizes of step 10 (R = 2266 hit tokens, D = 1426, measured in BENCHMARKS.md (k2)). With `count` and a
+    smaller side over `KRYLOV_ABOVE`, the leading pairs come from a block Krylov subspace of products with `B` and
+    `B^T` (:func:`_leading_eigenpairs`; the Gram matrix is never formed), about 3x faster again at those sizes
+    (BENCHMARKS.md (k3)); where it does not converge, the full eigensolver. Squaring costs precision only in the
+    small singular values; the clustering reads the leading ones (values >= 1e-6 of the largest keep their vectors;
+    with `D <= R` a vector of a smaller value is set to zero rather than divided by a value near zero)."""
     r, d = b.shape
+    pairs = None
+    if count is not None and min(r, d) > KRYLOV_ABOVE:
+        if d <= r:
+            pairs = _leading_eigenpairs(lambda x: b.T @ (b @ x), d, min(count, d))
+        else:
+            pairs = _leading_eigenpairs(lambda x: b @ (b.T @ x), r, min(count, r))
+    if pairs is None:
+        gram_values, gram_vectors = np.linalg.eigh(b.T @ b if d <= r else b @ b.T)
+        gram_values, gram_vectors = gram_values[::-1], gram_vectors[:, ::-1]
+    else:
+        gram_values, gram_vectors = pairs
     if d <= r:
-        gram_values, right = np.linalg.eigh(b.T @ b)
-        gram_values, right = gram_values[::-1], right[:, ::-1]
         singular = np.sqrt(np.clip(gram_values, 0.0, None))
         usable = singular > 1e-3 * max(float(singular[0]), 1e-300)
-        vectors = np.zeros((r, d))
-        vectors[:, usable] = (b @ right[:, usable]) / singular[usable]
+        vectors = np.zeros((r, gram_values.shape[0]))
+        vectors[:, usable] = (b @ gram_vectors[:, usable]) / singular[usable]
     else:
-        gram_values, vectors = np.linalg.eigh(b @ b.T)
-        gram_values, vectors = gram_values[::-1], vectors[:, ::-1]
+        vectors = gram_vectors
     values = np.zeros(r)
     values[: gram_values.shape[0]] = np.clip(gram_values, 0.0, None)
+    if count is not None:
+        values, vectors = values[:count], vectors[:, :count]
     return values, np.ascontiguousarray(vectors)
 
 
@@ -469,7 +584,8 @@ def factored_spectral_clusters(embedding: np.ndarray, num_clusters: int | None, 
         return np.zeros(0, dtype=np.int64)
     degree = e @ e.sum(0)
     b = e / np.sqrt(np.maximum(degree, 1e-12))[:, None]
-    values, vectors = _top_left_singular(b)
+    # the count reads the values up to max_clusters + 1, the clustering the first num_clusters vectors
+    values, vectors = _top_left_singular(b, max(int(max_clusters) + 1, int(num_clusters or 0)))
     if num_clusters is None:
         num_clusters = eigengap_count(values, max_clusters)
     k = min(int(num_clusters), r, vectors.shape[1])
