@@ -211,26 +211,33 @@ class TestAttachedPoints:
         assert stray not in kept[0].tolist() and [p.numel() for p in kept] == [12, 12]
 
 
+def _oracle_hits(case) -> tuple[torch.Tensor, list[PairCorrespondence]]:
+    """Hit counts `(M, N)` and correspondences of a planted collection's true matches (`oracle_output`), so that
+    only the clustering is tested."""
+    oracle = oracle_output(case)
+    density = torch.as_tensor(oracle.density_maps, dtype=torch.float32).reshape(case.features.num_images, -1)
+    links = [
+        PairCorrespondence(
+            p.source_index,
+            p.target_index,
+            None,
+            None,
+            None,
+            None,
+            torch.as_tensor(p.source_tokens),
+            torch.as_tensor(p.target_tokens),
+        )
+        for p in oracle.correspondences
+    ]
+    return density, links
+
+
 class TestHiddenPartOnPlantedFamilies:
     def test_a_part_hidden_in_one_image_keeps_its_id_elsewhere(self):
         # the true correspondences of a planted collection (oracle), so only the clustering is tested
         case = make_family_case("sectors", 4, 4, seed=7, hidden_images=1)
         host = int(np.flatnonzero(case.hidden)[0])
-        oracle = oracle_output(case)
-        density = torch.as_tensor(oracle.density_maps, dtype=torch.float32).reshape(4, -1)
-        links = [
-            PairCorrespondence(
-                p.source_index,
-                p.target_index,
-                None,
-                None,
-                None,
-                None,
-                torch.as_tensor(p.source_tokens),
-                torch.as_tensor(p.target_tokens),
-            )
-            for p in oracle.correspondences
-        ]
+        density, links = _oracle_hits(case)
         labels, num_parts = cluster_hits(case.features, density, links, 4, None, "cpu")
         assert num_parts == 4
         # the majority id of the hidden part's tokens in the other images is absent from the host's points
@@ -295,21 +302,7 @@ class TestRefineByKeys:
         # clustering of the attention embedding puts 10 boundary points of 370 in a neighbouring part; with the
         # keys' Lloyd iterations every part's points are pure
         case = make_family_case("sectors", 2, 4, seed=21)
-        oracle = oracle_output(case)
-        density = torch.as_tensor(oracle.density_maps, dtype=torch.float32).reshape(2, -1)
-        links = [
-            PairCorrespondence(
-                p.source_index,
-                p.target_index,
-                None,
-                None,
-                None,
-                None,
-                torch.as_tensor(p.source_tokens),
-                torch.as_tensor(p.target_tokens),
-            )
-            for p in oracle.correspondences
-        ]
+        density, links = _oracle_hits(case)
 
         def misplaced(labels):
             # points not in their true part's majority id
