@@ -1936,8 +1936,10 @@ def analyze_features(
             local affine field of the pass's kept matches); the query side stays at its token centre and
             `source_tokens` / `target_tokens` are unchanged. `False`: every point is a token centre.
         reference (`CoSegmentationFeatures`, *optional*): content-free captures of the same model with the same
-            layers, grid and timestep (:meth:`StableDiffusionCoSegmentationPipeline.capture_reference`: noise-only
-            latents). What they share position by position, their per-position mean centred over positions, is
+            layers, grid and timestep (:meth:`StableDiffusionCoSegmentationPipeline.capture_reference`: blank
+            mid-grey images). What they share position by position, their per-position mean centred over positions
+            and denoised (smoothed over the token grid as far as the reference's own split-half cross-validation
+            supports, then shrunk by its noise: :func:`~cosegment.utils.reference.positional_offsets`), is
             subtracted from every image's queries and keys before step 4: a positional embedding and corner tokens
             (Loos and Linhardt 2025) otherwise make "the same place in the other image" a confident, cycle-consistent
             match. Safe for the softmax: the offsets sum to zero over positions, so no row's mean logit moves, and
