@@ -54,6 +54,10 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["utils/segmentation.py"],
         ["tests/test_segmentation.py", "tests/test_device_follows_inputs.py", "tests/test_properties.py"],
     ),
+    "reference": (
+        ["utils/reference.py"],
+        ["tests/test_reference.py", "tests/test_device_follows_inputs.py"],
+    ),
     "analysis": (
         ["analysis.py"],
         [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cosegment.utils import correspondence as C
+from cosegment.utils import reference as R
 from cosegment.utils import segmentation as S
 
 FORWARD = torch.tensor([0, 1, 2, 3, 5, 5, 6, 7, 8])  # a 3 x 3 identity map with the centre one cell off
@@ -57,6 +58,12 @@ CALLS = {
     "kl_to_parts": lambda: S.kl_to_parts(Q, K, UNIFORM, chunk_size=4),
     "assign_parts": lambda: S.assign_parts(KL, 0.5),
     "assign_parts_no_part": lambda: S.assign_parts(KL[:, :0], 0.5),
+    "smooth_over_grid": lambda: R.smooth_over_grid(Q, (3, 3), 1.0),
+    "smooth_over_grid_squared": lambda: R.smooth_over_grid(Q, (3, 3), 0.5, squared=True),
+    "positional_offsets_on_the_grid": lambda: R.positional_offsets(torch.stack([Q, K, Q + K, Q - K]), (3, 3)),
+    "offset_smoothing": lambda: R.offset_smoothing(torch.stack([Q, K, Q + K, Q - K]), (3, 3)),
+    "remove_offsets": lambda: R.remove_offsets(torch.stack([Q, K]), K),
+    "clamp_high_norm_tokens": lambda: R.clamp_high_norm_tokens(torch.stack([Q, 10 * K]), 0.5),
     # not the histogram thresholds (otsu_threshold, auto_thresholds, minimum_error_threshold,
     # background_threshold_from_kl): their `torch.as_tensor(values)` moves the input to the default device (meta
     # here), which no GPU run does

@@ -139,6 +139,43 @@ class TestSmoothedOffsets:
         assert offsets.norm() < 0.25 * raw.norm()
         assert torch.allclose(offsets.sum(dim=1), torch.zeros(2, 8), atol=1e-4)
 
+    def test_the_width_is_the_one_whose_halves_predict_each_other_best(self):
+        # the documented rule, computed here by hand: even captures' smoothed offsets against the odd ones' and back
+        field = 0.5 * _smooth_field(self.grid)
+        gen = torch.Generator().manual_seed(9)
+        for scale in (0.5, 2.0, 8.0):
+            reference = field + scale * torch.randn(10, *field.shape, generator=gen)
+
+            def centred(x):
+                return x.mean(0) - x.mean(0).mean(dim=1, keepdim=True)
+
+            even, odd = centred(reference[0::2]), centred(reference[1::2])
+            errors = [
+                float(
+                    (smooth_over_grid(even, self.grid, s) - odd).pow(2).sum()
+                    + (smooth_over_grid(odd, self.grid, s) - even).pow(2).sum()
+                )
+                for s in OFFSET_SIGMAS
+            ]
+            assert offset_smoothing(reference, self.grid) == OFFSET_SIGMAS[int(np.argmin(errors))]
+        # and the noisier the captures, the wider: the last (noisiest) picks the widest width
+        assert offset_smoothing(reference, self.grid) == OFFSET_SIGMAS[-1]
+
+    def test_offsets_follow_the_tokens_device(self):
+        # the meta device stands in for a GPU: offsets computed on the CPU (the reference's device) are moved to the
+        # tokens' device, never mixed with them
+        tokens = torch.empty(2, 2, 16, 4, device="meta")
+        corrected = remove_offsets(tokens, torch.randn(2, 16, 4))
+        assert corrected.device == torch.device("meta") and corrected.shape == tokens.shape
+
+    def test_low_precision_tokens_keep_their_dtype(self):
+        tokens = torch.randn(2, 2, 16, 4).to(torch.bfloat16)
+        offsets = positional_offsets(torch.randn(4, 2, 16, 4), (4, 4))  # float32
+        assert remove_offsets(tokens, offsets).dtype == torch.bfloat16
+        tokens[0, :, 3] *= 50.0  # one high-norm token: the clamp rescales it in the tokens' own dtype
+        clamped = clamp_high_norm_tokens(tokens, 5.0)
+        assert clamped.dtype == torch.bfloat16 and not torch.equal(clamped, tokens)
+
     def test_smoothing_keeps_a_constant_up_to_the_border(self):
         constant = torch.full((1, 12 * 10, 3), 2.5)
         for sigma in OFFSET_SIGMAS[1:]:
