@@ -59,7 +59,6 @@ CALLS = {
     "assign_parts": lambda: S.assign_parts(KL, 0.5),
     "assign_parts_no_part": lambda: S.assign_parts(KL[:, :0], 0.5),
     "smooth_over_grid": lambda: R.smooth_over_grid(Q, (3, 3), 1.0),
-    "smooth_over_grid_squared": lambda: R.smooth_over_grid(Q, (3, 3), 0.5, squared=True),
     "positional_offsets_on_the_grid": lambda: R.positional_offsets(torch.stack([Q, K, Q + K, Q - K]), (3, 3)),
     "offset_smoothing": lambda: R.offset_smoothing(torch.stack([Q, K, Q + K, Q - K]), (3, 3)),
     "remove_offsets": lambda: R.remove_offsets(torch.stack([Q, K]), K),

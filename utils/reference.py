@@ -64,30 +64,25 @@ def _centred_mean(reference: torch.Tensor) -> torch.Tensor:
     return mean - mean.mean(dim=1, keepdim=True)
 
 
-def _smoothing_matrix(length: int, sigma: float, squared: bool, device: torch.device) -> torch.Tensor:
+def _smoothing_matrix(length: int, sigma: float, device: torch.device) -> torch.Tensor:
     """`(length, length)` 1-D Gaussian smoothing of `sigma` cells, each row renormalised over the positions inside
-    the grid (row `i`: `k(i - j) / sum_j k(i - j)`, squared entries with `squared`)."""
+    the grid (row `i`: `k(i - j) / sum_j k(i - j)`)."""
     taps = torch.arange(length, dtype=torch.float32, device=device)
     kernel = torch.exp(-0.5 * ((taps[:, None] - taps[None, :]) / sigma) ** 2)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    return kernel * kernel if squared else kernel
+    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def smooth_over_grid(
-    values: torch.Tensor, grid_size: tuple[int, int], sigma: float, squared: bool = False
-) -> torch.Tensor:
+def smooth_over_grid(values: torch.Tensor, grid_size: tuple[int, int], sigma: float) -> torch.Tensor:
     """`values` `(H, N, d)` smoothed over the `(h, w)` token grid by a Gaussian of `sigma` cells (normalised
     convolution: each position's weights are renormalised over the positions inside the grid, so the border is not
-    pulled towards zero; the 2-D kernel is the product of a row and a column smoothing). `squared=True` gives what
-    the smoother does to a variance: weights `k^2 / (sum k)^2`, so that for independent errors of variance `values`
-    at each position it returns the variance of the smoothed error. `sigma = 0` returns `values` unchanged. Returns
-    `(H, N, d)` float32."""
+    pulled towards zero; the 2-D kernel is the product of a row and a column smoothing). `sigma = 0` returns `values`
+    unchanged. Returns `(H, N, d)` float32."""
     if sigma == 0:
         return values
     heads, tokens, dim = values.shape
     h, w = int(grid_size[0]), int(grid_size[1])
-    rows = _smoothing_matrix(h, sigma, squared, values.device)
-    cols = _smoothing_matrix(w, sigma, squared, values.device)
+    rows = _smoothing_matrix(h, sigma, values.device)
+    cols = _smoothing_matrix(w, sigma, values.device)
     grid = values.float().reshape(heads, h, w, dim)
     out = torch.einsum("ia,hawd->hiwd", rows, grid)
     out = torch.einsum("jb,hibd->hijd", cols, out)
