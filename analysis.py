@@ -79,8 +79,8 @@ MIN_REGION_TOKENS = 3
 # Step 11 re-estimates the part distributions from the tokens assigned to them this many times: the clustered points
 # are mostly inner tokens, so the first distributions under-weight the object's outline. Each round may move the
 # foreground's outline by one token at most (BENCHMARKS.md (o): without that bound one background token assigned in
-# the first round drew its whole background region into the part). One round: no round lost 0.03-0.05 part NMI on
-# the design families, two or more were not measured.
+# the first round drew its whole background region into the part). One round: without it design part NMI fell by up
+# to 0.016 (parts rows) and 0.052 (SD rows); two or more were not measured.
 SEGMENTATION_REFINEMENTS = 1
 # Step 11 keeps every image's self-attention rows (`M N^2` float32) for its rounds when they fit in this many bytes
 # (M = 64 images of 32 x 32 tokens, or 4 of 64 x 64); else it computes them again in each round (same values).
