@@ -44,7 +44,7 @@ from .utils.correspondence import (
 )
 from .utils.files import save_safetensors
 from .utils.images import describe as _describe
-from .utils.reference import clamp_high_norm_tokens, positional_offsets, remove_offsets
+from .utils.reference import inpaint_high_norm_tokens, reference_offsets, remove_offsets
 from .utils.refinement import (
     bilinear_weights,
     grid_to_pixels,
@@ -99,9 +99,13 @@ REFINE_FIELD_RADIUS = 3
 TRANSFER_FIELD_RADIUS = 3
 TRANSFER_FIELD_SIGMA = 2.0
 # High-norm tokens (correct_features): a token whose query or key norm exceeds its image's median token norm by more
-# than this many robust standard deviations (1.4826 MAD) is rescaled to that bound. Fixed before measuring (a normal
-# sample almost never reaches 5 robust SDs); BENCHMARKS.md (j): it leaves every clean planted cell unchanged.
+# than this many robust standard deviations (1.4826 MAD) is replaced by its ordinary neighbours' mean. Fixed before
+# measuring (a normal sample almost never reaches 5 robust SDs); BENCHMARKS.md (j), (n4): it leaves every clean
+# planted cell unchanged.
 HIGH_NORM_MADS = 5.0
+# The rule applied to them, recorded in the pair analyses' settings (`"neighbours"`: the mean of the ordinary
+# 8-neighbours, :func:`~cosegment.utils.reference.inpaint_high_norm_tokens`; it replaced a rescaling to the bound).
+HIGH_NORM_RULE = "neighbours"
 # Step 10: the columns of the collection embedding are the hit tokens of at most this many images (those with most
 # hits), so its width, and the cost of the clustering, stop growing with M beyond them.
 MAX_EMBEDDING_IMAGES = 8
@@ -435,7 +439,8 @@ class AnalysisSettings:
         output_type (`str`): `"np"` or `"pt"`.
         segment (`bool`): run steps 10-11 (clustering and co-segmentation).
         refine (`bool`): refine each match's landing point below the token grid (:func:`refine_correspondences`).
-        clamp_high_norm (`bool`): rescale high-norm tokens before step 4 (:func:`correct_features`).
+        clamp_high_norm (`bool`): replace high-norm tokens by their neighbours' mean before step 4
+            (:func:`correct_features`).
         reference ([`CoSegmentationFeatures`] or `None`): content-free captures whose positional offsets are removed
             before step 4 (:func:`correct_features`); `reference_digest` fingerprints it (SHA-256 of its tensors), so
             pair analyses made elsewhere can be checked to have used the same one.
@@ -461,6 +466,8 @@ class AnalysisSettings:
         """What the per-pair steps depend on: `selection`, the threshold overrides and the feature corrections (see
         [`PairAnalysis`])."""
         corrections = {"clamp_high_norm": self.clamp_high_norm, "reference": self.reference_digest}
+        if self.clamp_high_norm:  # the rule, so that pairs made by the earlier one (a rescaling) are not mixed in
+            corrections["high_norm_rule"] = HIGH_NORM_RULE
         return {"selection": self.selection, **self.thresholds, **corrections}
 
 
@@ -590,12 +597,13 @@ def correct_features(features: CoSegmentationFeatures, settings: AnalysisSetting
     """The feature corrections applied before step 4, so that every later step (pairs, clustering, co-segmentation)
     sees corrected queries and keys. Per entry (layer, noise draw), queries and keys alike:
 
-    1. with `settings.clamp_high_norm`, high-norm tokens are rescaled to their image's bound `median + 5 * 1.4826 *
-       MAD` of its token norms (:func:`clamp_high_norm_tokens`, `HIGH_NORM_MADS`);
+    1. with `settings.clamp_high_norm`, each high-norm token (norm over its heads above its image's bound `median +
+       5 * 1.4826 * MAD` of its token norms, `HIGH_NORM_MADS`) is replaced by the mean of its ordinary 8-neighbours
+       on the token grid, or rescaled to the bound where it has none (:func:`inpaint_high_norm_tokens`);
     2. with `settings.reference`, the reference's per-position mean, centred over positions and denoised (smoothed
        over the token grid as far as the reference's own split-half cross-validation supports, each position shrunk
        by its noise), is subtracted at every image (:func:`positional_offsets`, :func:`remove_offsets`, which
-       explains why the softmax allows it); the reference's own high-norm tokens are rescaled first (step 1) when
+       explains why the softmax allows it); the reference's own high-norm tokens are replaced first (step 1) when
        `clamp_high_norm` is on, so its anomalies, at random places, do not leak into the mean.
 
     Returns `features` itself when nothing changes (no reference, and no token above its bound or the clamp off), so
@@ -605,15 +613,18 @@ def correct_features(features: CoSegmentationFeatures, settings: AnalysisSetting
     reference = settings.reference
     entries = check_reference(features, reference)
 
+    grid = features.grid_size
+
     def clamp(tokens: torch.Tensor) -> torch.Tensor:
-        return clamp_high_norm_tokens(tokens, HIGH_NORM_MADS) if settings.clamp_high_norm else tokens
+        return inpaint_high_norm_tokens(tokens, HIGH_NORM_MADS, grid) if settings.clamp_high_norm else tokens
 
     queries, keys = [], []
     for i, (q, k) in enumerate(zip(features.queries, features.keys)):
         q, k = clamp(q), clamp(k)
         if entries is not None:
-            q = remove_offsets(q, positional_offsets(clamp(reference.queries[entries[i]]), features.grid_size))
-            k = remove_offsets(k, positional_offsets(clamp(reference.keys[entries[i]]), features.grid_size))
+            num_mads = HIGH_NORM_MADS if settings.clamp_high_norm else None
+            q = remove_offsets(q, reference_offsets(reference.queries[entries[i]], grid, num_mads))
+            k = remove_offsets(k, reference_offsets(reference.keys[entries[i]], grid, num_mads))
         queries.append(q)
         keys.append(k)
     unchanged = all(a is b for a, b in zip(queries + keys, features.queries + features.keys))

@@ -8,9 +8,12 @@ Prints, in one run:
 2. a reference made without SD-like components (`make_reference` of a clean collection): `analyze_features` with
    and without it on the families' clean cells, every metric and the largest change;
 3. the tiny random pipeline: seconds of `capture_reference(num_images=16)` against a normal capture of 2 and 4
-   images, a cached second call, and the split-half agreement of the offsets (blank images vs noise-only latents).
+   images, a cached second call, and the split-half agreement of the offsets (blank images vs noise-only latents);
+4. the reference's offsets at full size (a `(16, 5, 4096, 64)` reference per query or key tensor, a 64 x 64 grid,
+   one layer, random values): seconds of `correct_features` for two images the first time (offsets computed) and
+   the second time (offsets kept with the reference, `reference_offsets`), and their ratio.
 
-Run `python benchmarks/bench_reference.py [--seeds 3] [--skip-planted] [--skip-pipeline]`.
+Run `python benchmarks/bench_reference.py [--seeds 3] [--skip-planted] [--skip-pipeline] [--skip-offsets]`.
 """
 
 from __future__ import annotations
@@ -149,13 +152,48 @@ def pipeline_rows() -> tuple[list[dict], list[dict]]:
     return rows, agreement
 
 
+def offsets_rows(repeats: int = 3) -> list[dict]:
+    """Section 4: `correct_features` with a full-size reference, first and later calls (best of `repeats` each, a
+    fresh reference for every first call)."""
+    from cosegment import CoSegmentationFeatures
+    from cosegment.analysis import check_analysis_settings, correct_features
+
+    gen = torch.Generator().manual_seed(0)
+    grid, shape = (64, 64), (5, 4096, 64)
+
+    def features(count: int) -> CoSegmentationFeatures:
+        q, k = torch.randn(count, *shape, generator=gen), torch.randn(count, *shape, generator=gen)
+        return CoSegmentationFeatures([q], [k], grid, [(512, 512)] * count)
+
+    images = features(2)
+    first, again = float("inf"), float("inf")
+    for _ in range(repeats):
+        settings = check_analysis_settings(reference=features(16))
+        start = time.perf_counter()
+        one = correct_features(images, settings)
+        middle = time.perf_counter()
+        two = correct_features(images, settings)
+        end = time.perf_counter()
+        assert all(torch.equal(a, b) for a, b in zip(one.queries + one.keys, two.queries + two.keys))
+        first, again = min(first, middle - start), min(again, end - middle)
+    return [
+        {"what": "correct_features, offsets computed (first use of the reference)", "seconds": first, "ratio": 1.0},
+        {"what": "correct_features, offsets kept with the reference", "seconds": again, "ratio": again / first},
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="collections per cell")
     parser.add_argument("--skip-planted", action="store_true", help="skip the planted.py and families cells")
     parser.add_argument("--skip-pipeline", action="store_true", help="skip the tiny pipeline timings")
+    parser.add_argument("--skip-offsets", action="store_true", help="skip the full-size offsets timing")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if not args.skip_offsets:
+        print(f"reference offsets, 64 x 64 grid, one layer, {torch.get_num_threads()} thread(s)\n")
+        print(markdown(offsets_rows()), flush=True)
+        print()
     if not args.skip_pipeline:
         print("tiny random pipeline (256 px, N = 256)\n")
         timing, agreement = pipeline_rows()

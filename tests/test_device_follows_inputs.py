@@ -18,6 +18,8 @@ KEEP = torch.tensor([True, True, True, True, True, True, True, False, True])
 G = torch.Generator().manual_seed(0)
 Q, K = torch.randn(2, 9, 4, generator=G), torch.randn(2, 9, 4, generator=G)
 RAND9 = torch.rand(9, generator=G)
+HIGH = torch.stack([Q, K])
+HIGH[0, :, 4] *= 20.0  # one high-norm token
 STATS = C.PassStatistics(FORWARD, RAND9, torch.tensor([0.0] * 4 + [1.2] + [0.0] * 4), RAND9 * 3, RAND9 / 2)
 THRESHOLDS = C.SelectionThresholds(1.0, 2.0, 0.5, 1.0)
 VALUES = torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0, 9.0])
@@ -63,6 +65,8 @@ CALLS = {
     "offset_smoothing": lambda: R.offset_smoothing(torch.stack([Q, K, Q + K, Q - K]), (3, 3)),
     "remove_offsets": lambda: R.remove_offsets(torch.stack([Q, K]), K),
     "clamp_high_norm_tokens": lambda: R.clamp_high_norm_tokens(torch.stack([Q, 10 * K]), 0.5),
+    "inpaint_high_norm_tokens": lambda: R.inpaint_high_norm_tokens(HIGH, 5.0, (3, 3)),
+    "reference_offsets": lambda: R.reference_offsets(torch.cat([HIGH, HIGH + 1.0]), (3, 3), 5.0),
     # not the histogram thresholds (otsu_threshold, auto_thresholds, minimum_error_threshold,
     # background_threshold_from_kl): their `torch.as_tensor(values)` moves the input to the default device (meta
     # here), which no GPU run does

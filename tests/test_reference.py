@@ -1,6 +1,7 @@
 """Reference captures and high-norm tokens (issue 16): the corrections of `utils/reference.py` on hand-made features,
 `analyze_features(reference=, clamp_high_norm=)`, the pipeline's `capture_reference` cache, save/load, the CLI flag."""
 
+import gc
 import math
 
 import numpy as np
@@ -14,8 +15,10 @@ from cosegment.benchmarks.planted import make_planted_features
 from cosegment.utils.reference import (
     OFFSET_SIGMAS,
     clamp_high_norm_tokens,
+    inpaint_high_norm_tokens,
     offset_smoothing,
     positional_offsets,
+    reference_offsets,
     remove_offsets,
     smooth_over_grid,
     token_norm_bounds,
@@ -183,6 +186,79 @@ class TestSmoothedOffsets:
         assert smooth_over_grid(constant, (12, 10), 0.0) is constant
 
 
+inpaint = inpaint_high_norm_tokens
+
+
+class TestOffsetsCache:
+    """`reference_offsets`: the smoothed offsets of a reference tensor computed once while it lives."""
+
+    def _reference(self, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        field = 4.0 * smooth_over_grid(torch.randn(2, 36, 4, generator=gen), (6, 6), 1.5)  # smooth on a 6 x 6 grid
+        captures = field + 0.5 * torch.randn(8, 2, 36, 4, generator=gen)
+        captures[3, :, 7] *= 40.0  # one high-norm token, so the clamp matters
+        return captures
+
+    def test_same_as_computed_directly_and_kept_per_grid_and_rule(self):
+        reference = self._reference()
+        cases = [((6, 6), None), ((6, 6), 5.0), ((4, 9), 5.0), (None, 5.0)]
+        assert offset_smoothing(reference, (6, 6)) > 0  # smoothed, so the grid matters
+        first = {}
+        for grid, mads in cases:  # the reference's high-norm tokens replaced as the analysis does (no grid: rescaled)
+            if mads is None:
+                tokens = reference
+            else:
+                tokens = clamp_high_norm_tokens(reference, mads) if grid is None else inpaint(reference, mads, grid)
+            first[grid, mads] = reference_offsets(reference, grid, mads)
+            assert torch.equal(first[grid, mads], positional_offsets(tokens, grid))
+        for grid, mads in cases:  # the second time, the very same tensors
+            assert reference_offsets(reference, grid, mads) is first[grid, mads]
+        assert not torch.equal(first[(6, 6), None], first[(6, 6), 5.0])
+        assert not torch.equal(first[(6, 6), 5.0], first[(4, 9), 5.0])
+
+    def test_an_in_place_change_computes_them_again(self):
+        reference = self._reference()
+        before = reference_offsets(reference, (6, 6), 5.0)
+        reference[:, :, :6] += 3.0  # the first row of the grid moves
+        after = reference_offsets(reference, (6, 6), 5.0)
+        assert torch.equal(after, positional_offsets(inpaint(reference, 5.0, (6, 6)), (6, 6)))
+        assert not torch.equal(after, before)
+
+    def test_equal_values_in_another_tensor_are_not_a_hit_and_entries_go_with_their_tensor(self, monkeypatch):
+        import cosegment.utils.reference as R
+
+        calls = []
+        direct = R.positional_offsets
+        monkeypatch.setattr(R, "positional_offsets", lambda *a: calls.append(1) or direct(*a))
+        reference = self._reference()
+        copy = reference.clone()
+        a, b = R.reference_offsets(reference, (6, 6)), R.reference_offsets(copy, (6, 6))
+        assert len(calls) == 2 and a is not b and torch.equal(a, b)
+        ident = id(copy)
+        assert ident in R._OFFSETS_CACHE
+        del copy, b
+        gc.collect()
+        assert ident not in R._OFFSETS_CACHE and id(reference) in R._OFFSETS_CACHE
+
+    def test_the_analysis_computes_a_references_offsets_once(self, planted, monkeypatch):
+        import cosegment.utils.reference as R
+
+        calls = []
+        direct = R.positional_offsets
+        monkeypatch.setattr(R, "positional_offsets", lambda *a: calls.append(1) or direct(*a))
+        f = planted.features
+        gen = torch.Generator().manual_seed(5)
+        reference = _features([torch.randn(6, *q.shape[1:], generator=gen) for q in f.queries], grid=f.grid_size)
+        settings = check_analysis_settings(reference=reference)
+        first = correct_features(f, settings)
+        assert len(calls) == 2 * len(f.queries)  # queries and keys of every layer
+        second = correct_features(f, settings)
+        assert len(calls) == 2 * len(f.queries)  # none again
+        assert all(torch.equal(x, y) for x, y in zip(first.queries + first.keys, second.queries + second.keys))
+        correct_features(f, check_analysis_settings(reference=reference, clamp_high_norm=False))
+        assert len(calls) == 4 * len(f.queries)  # another rule for the reference's own high-norm tokens
+
+
 class TestHighNorm:
     def test_hand_made_case(self):
         # 2 images, 1 head, 9 tokens of norm 1, 1.1, ..., and one of norm 10 in image 0
@@ -211,6 +287,74 @@ class TestHighNorm:
         tokens[0, 0, 3] = 10.0
         norms, _ = token_norm_bounds(tokens, 5.0)
         assert norms[0, 3].item() == pytest.approx(math.sqrt(101.0))
+
+
+class TestInpaint:
+    """`inpaint_high_norm_tokens`: each high-norm token replaced by the mean of its ordinary 8-neighbours."""
+
+    def _grid(self, seed=0, images=2, grid=(5, 6)):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(images, 2, grid[0] * grid[1], 3, generator=gen) + 2.0  # norms about 5 +- 1
+
+    def _by_hand(self, tokens, high, grid):
+        h, w = grid
+        out = tokens.clone()
+        for m, n in high:
+            r, c = divmod(n, w)
+            near = [
+                (r + a) * w + c + b
+                for a in (-1, 0, 1)
+                for b in (-1, 0, 1)
+                if (a, b) != (0, 0) and 0 <= r + a < h and 0 <= c + b < w and (m, (r + a) * w + c + b) not in high
+            ]
+            out[m, :, n] = tokens[m, :, near].mean(dim=1)
+        return out
+
+    def test_the_mean_of_the_ordinary_neighbours_inside_corners_and_edges(self):
+        grid = (5, 6)
+        tokens = self._grid()
+        high = {(0, 8), (0, 9), (0, 0), (1, 29), (1, 17)}  # two adjacent, a corner, the last corner, an edge
+        for m, n in high:
+            tokens[m, :, n] *= 20.0
+        out = inpaint_high_norm_tokens(tokens, 5.0, grid)
+        assert torch.allclose(out, self._by_hand(tokens, high, grid), atol=1e-6)
+        moved = {(m, n) for m, n in (out != tokens).any(dim=3).any(dim=1).nonzero().tolist()}
+        assert moved == high  # no other token moves
+
+    def test_a_token_without_ordinary_neighbours_is_rescaled_instead(self):
+        grid = (5, 5)
+        tokens = self._grid(1, images=1, grid=grid)
+        block = [r * 5 + c for r in (1, 2, 3) for c in (1, 2, 3)]  # a 3 x 3 block: its centre (12) sees only highs
+        tokens[0, :, block] *= 20.0
+        out = inpaint_high_norm_tokens(tokens, 5.0, grid)
+        assert torch.equal(out[0, :, 12], clamp_high_norm_tokens(tokens, 5.0)[0, :, 12])
+        others = {(0, n) for n in block}
+        expected = self._by_hand(
+            tokens, others, grid
+        )  # (the centre, which has no ordinary neighbour, is not compared)
+        for n in set(block) - {12}:
+            assert torch.allclose(out[0, :, n], expected[0, :, n], atol=1e-6)
+
+    def test_nothing_high_returns_same_object_and_dtype_is_kept(self):
+        tokens = torch.ones(2, 2, 12, 4)
+        assert inpaint_high_norm_tokens(tokens, 5.0, (3, 4)) is tokens
+        tokens = self._grid().to(torch.bfloat16)
+        tokens[0, :, 7] *= 20.0
+        out = inpaint_high_norm_tokens(tokens, 5.0, (5, 6))
+        assert out.dtype == torch.bfloat16 and not torch.equal(out, tokens)
+
+    def test_closer_to_the_content_than_rescaling_on_planted_anomalies(self):
+        # the planted anomalies replace a token's content; its neighbours tell more of it than its rescaled self
+        clean = make_planted_features(2, noise=0.15, seed=2003, grid_size=(16, 16))
+        case = make_planted_features(2, noise=0.15, seed=2003, grid_size=(16, 16), anomalies=6)
+        truth, tokens, where = clean.features.keys[0], case.features.keys[0], torch.from_numpy(case.high_norm)
+        inpainted = inpaint_high_norm_tokens(tokens, 5.0, (16, 16))
+        rescaled = clamp_high_norm_tokens(tokens, 5.0)
+
+        def error(x):
+            return (x - truth).pow(2).sum(dim=(1, 3))[where].mean().item()
+
+        assert error(inpainted) < 0.5 * error(rescaled)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ ICLR 2025 DeLTa workshop), and the two corrections the analysis applies to the q
 Pure functions on `(M, H, N, d)` tensors (`M` images, `H` heads, `N` tokens, head size `d`); no pipeline, no files.
 """
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -51,6 +53,53 @@ def clamp_high_norm_tokens(tokens: torch.Tensor, num_mads: float) -> torch.Tenso
         return tokens
     scale = torch.where(high, bounds / norms.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(norms))
     return tokens * scale[:, None, :, None].to(tokens.dtype)
+
+
+# The 8 neighbours of a token on the grid, as (row, column) steps.
+_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def inpaint_high_norm_tokens(tokens: torch.Tensor, num_mads: float, grid_size: tuple[int, int]) -> torch.Tensor:
+    """High-norm (anomaly) tokens replaced by the mean of their ordinary 8-neighbours on the token grid; a high-norm
+    token whose neighbours are all high-norm too is rescaled to its image's bound instead
+    (:func:`clamp_high_norm_tokens`). Every other token unchanged.
+
+    What a high-norm token shows of its own patch is little: in vision transformers such tokens arise in redundant
+    patches and carry global rather than local information (Darcet et al., "Vision Transformers Need Registers",
+    ICLR 2024), and in the U-Net they sit at places unrelated to the image's content (Loos and Linhardt). Rescaling
+    keeps its direction, which such tokens share across images: they then match one another, and their own place
+    stays unmatched. Its neighbours show the same patch's surroundings, and an object's features vary smoothly over
+    it, so their mean is the better guess of what the token would have carried (BENCHMARKS.md (n4)).
+
+    Args:
+        tokens (`torch.Tensor`): `(M, H, N, d)` queries or keys.
+        num_mads (`float`): the bound, in robust standard deviations above the median norm
+            (:func:`token_norm_bounds`).
+        grid_size (`tuple[int, int]`): the `(h, w)` token grid, `h * w == N`.
+
+    Returns:
+        `(M, H, N, d)`, same dtype and device; `tokens` itself (the same object) when no token exceeds its bound.
+    """
+    norms, bounds = token_norm_bounds(tokens, num_mads)
+    high = norms > bounds  # [M,N]
+    if not bool(high.any()):
+        return tokens
+    h, w = int(grid_size[0]), int(grid_size[1])
+    image, token = high.nonzero(as_tuple=True)  # [K] each
+    steps = torch.tensor(_NEIGHBOURS, device=tokens.device)  # [8,2]
+    rows = (token // w)[:, None] + steps[None, :, 0]  # [K,8]
+    cols = (token % w)[:, None] + steps[None, :, 1]
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    neighbour = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).long()
+    ordinary = inside & ~high[image[:, None], neighbour]  # [K,8]
+    values = tokens[image[:, None], :, neighbour, :].float()  # [K,8,H,d]
+    count = ordinary.sum(dim=1)  # [K]
+    mean = (values * ordinary[:, :, None, None]).sum(dim=1) / count.clamp_min(1)[:, None, None]
+    scale = (bounds[image, 0] / norms[image, token].clamp_min(torch.finfo(torch.float32).tiny))[:, None, None]
+    rescaled = tokens[image, :, token, :].float() * scale  # [K,H,d]
+    out = tokens.clone()
+    out[image, :, token, :] = torch.where(count[:, None, None] > 0, mean, rescaled).to(tokens.dtype)
+    return out
 
 
 # Gaussian widths (in token cells) among which each reference chooses how much to smooth its offsets over the token
@@ -165,6 +214,54 @@ def positional_offsets(reference: torch.Tensor, grid_size: tuple[int, int] | Non
         trend = _shrink(_centred_mean(smoothed), smoothed.var(dim=0).sum(dim=(0, 2)) / count)
         offsets = trend + _shrink(_centred_mean(residual), residual.var(dim=0).sum(dim=(0, 2)) / count)
     return offsets - offsets.mean(dim=1, keepdim=True)
+
+
+# Offsets already computed (:func:`reference_offsets`), per reference tensor while it lives: `id(tensor)` ->
+# (weak reference to it, {(grid, num_mads, tensor version): offsets}).
+_OFFSETS_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def reference_offsets(
+    reference: torch.Tensor, grid_size: tuple[int, int] | None = None, num_mads: float | None = None
+) -> torch.Tensor:
+    """:func:`positional_offsets` of `reference`, computed once per reference tensor. With `num_mads`, its high-norm
+    tokens are first replaced as the analysis replaces them (:func:`inpaint_high_norm_tokens`; rescaled by
+    :func:`clamp_high_norm_tokens` when `grid_size` is `None`), so its anomalies, at random places, stay out of the
+    mean.
+
+    A reference is made once and used for many collections (`pipe.capture_reference` caches it on the pipeline), and
+    its smoothed offsets cost far more than their use (about 2 s per layer and query or key for a 64 x 64 grid on a
+    CPU, BENCHMARKS.md (n3)). They are kept for as long as `reference` itself lives, keyed by `grid_size`,
+    `num_mads` and the tensor's version counter, so an in-place change of `reference` computes them again. The
+    returned tensor is shared between callers: do not modify it in place.
+
+    Args:
+        reference (`torch.Tensor`): `(R, H, N, d)` content-free captures, as for :func:`positional_offsets`.
+        grid_size (`tuple[int, int]`, *optional*): the `(h, w)` token grid.
+        num_mads (`float`, *optional*): the high-norm rule's width (`HIGH_NORM_MADS` in the analysis); `None`: no
+            replacement.
+
+    Returns:
+        `(H, N, d)` float32 offsets on `reference`'s device.
+    """
+    key = (None if grid_size is None else (int(grid_size[0]), int(grid_size[1])), num_mads, reference._version)
+    ident = id(reference)
+    held = _OFFSETS_CACHE.get(ident)
+    if held is None or held[0]() is not reference:
+        held = (weakref.ref(reference, lambda _, ident=ident: _OFFSETS_CACHE.pop(ident, None)), {})
+        _OFFSETS_CACHE[ident] = held
+    entries = held[1]
+    if key not in entries:
+        for stale in [k for k in entries if k[2] != reference._version]:
+            del entries[stale]
+        if num_mads is None:
+            tokens = reference
+        elif grid_size is None:
+            tokens = clamp_high_norm_tokens(reference, num_mads)
+        else:
+            tokens = inpaint_high_norm_tokens(reference, num_mads, grid_size)
+        entries[key] = positional_offsets(tokens, grid_size)
+    return entries[key]
 
 
 def remove_offsets(tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
