@@ -313,13 +313,16 @@ class TestInpaint:
     def test_the_mean_of_the_ordinary_neighbours_inside_corners_and_edges(self):
         grid = (5, 6)
         tokens = self._grid()
-        high = {(0, 8), (0, 9), (0, 0), (1, 29), (1, 17)}  # two adjacent, a corner, the last corner, an edge
+        # two adjacent, a corner, the last corner, an edge; and in image 1 a corner whose only ordinary neighbour is
+        # its diagonal one (0 with 1 and 6 high: the mean of one token)
+        high = {(0, 8), (0, 9), (0, 0), (1, 29), (1, 17), (1, 0), (1, 1), (1, 6)}
         for m, n in high:
             tokens[m, :, n] *= 20.0
         out = inpaint_high_norm_tokens(tokens, 5.0, grid)
         assert torch.allclose(out, self._by_hand(tokens, high, grid), atol=1e-6)
         moved = {(m, n) for m, n in (out != tokens).any(dim=3).any(dim=1).nonzero().tolist()}
         assert moved == high  # no other token moves
+        assert torch.equal(out[1, :, 0], tokens[1, :, 7])
 
     def test_a_token_without_ordinary_neighbours_is_rescaled_instead(self):
         grid = (5, 5)
