@@ -179,6 +179,16 @@ class TestSmoothedOffsets:
         clamped = clamp_high_norm_tokens(tokens, 5.0)
         assert clamped.dtype == torch.bfloat16 and not torch.equal(clamped, tokens)
 
+    def test_smoothing_kernel_is_the_documented_gaussian(self):
+        # a spike in the middle of a 31 x 31 grid (the border far enough not to renormalise the rows measurably):
+        # a token at (dr, dc) from it gets exp(-0.5 (dr^2 + dc^2) / sigma^2) of what the spike keeps
+        spike = torch.zeros(1, 31 * 31, 1)
+        spike[0, 15 * 31 + 15] = 1.0
+        for sigma in (1.0, 2.0):
+            out = smooth_over_grid(spike, (31, 31), sigma)[0, :, 0].reshape(31, 31)
+            assert out[15, 16] / out[15, 15] == pytest.approx(math.exp(-0.5 / sigma**2), rel=1e-5)
+            assert out[17, 18] / out[15, 15] == pytest.approx(math.exp(-0.5 * (4 + 9) / sigma**2), rel=1e-4)
+
     def test_smoothing_keeps_a_constant_up_to_the_border(self):
         constant = torch.full((1, 12 * 10, 3), 2.5)
         for sigma in OFFSET_SIGMAS[1:]:
