@@ -304,7 +304,28 @@ class TestMutationSurvivors:
         # after bin 1 (first class variance 3/64): 0.8 ln(3/64) + 0.2 ln(1/48) - 2 (0.8 ln 0.8 + 0.2 ln 0.2) = -2.222,
         # the smaller, so the cut is lo + 2 * 0.5 = -2.0. (A floor of 0.5^3 / 12 would make it -2.5.)
         values = torch.tensor([-3.0, -3.0, -3.0, -2.25, -1.5])
-        assert minimum_error_threshold(values, bins=3) == pytest.approx(-2.0)
+        assert minimum_error_threshold(values, bins=3, margin=0.0) == pytest.approx(-2.0)
+        # with 5 values the two cuts differ by 5 / 2 * 0.136 = 0.34 nats of log-likelihood, under the margin: the
+        # sample does not tell them apart, and the cut is their middle
+        assert minimum_error_threshold(values, bins=3) == pytest.approx(-2.25)
+
+    def test_minimum_error_takes_the_middle_of_the_cuts_alike(self):
+        # two classes, and two stray values at 3.0 and 4.5 in the sparse stretch between them: the best bin lies
+        # in the first part of the stretch (below 3.0), but the cuts up to 4.5 fit within the margin, so the cut is
+        # the middle of the stretch from the low class's top to 4.5
+        g = torch.Generator().manual_seed(3)
+        low = 1.0 + 0.3 * torch.randn(400, generator=g).clamp(-3, 3)
+        high = 7.0 + 0.6 * torch.randn(400, generator=g).clamp(-3, 3)
+        values = torch.cat([low, high, torch.tensor([3.0, 4.5])])
+        bin_width = float(values.max() - values.min()) / 256
+        exact = minimum_error_threshold(values, margin=0.0)
+        assert float(low.max()) < exact < 3.0
+        cut = minimum_error_threshold(values)
+        assert abs(cut - 0.5 * (float(low.max()) + 4.5)) < 2 * bin_width
+        # an empty stretch: every cut in it is tied, and either rule takes its middle
+        plain = torch.cat([low, high])
+        middle = 0.5 * (float(low.max()) + float(high.min()))
+        assert abs(minimum_error_threshold(plain, margin=0.0) - middle) < 2 * bin_width
 
     def test_maximin_seeds_and_exact_kmeans_labels(self):
         from cosegment.utils.segmentation import _maximin_init

@@ -295,14 +295,28 @@ def _finite_sample(values: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     return values, float(values.min()), float(values.max())
 
 
-def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
+# Step 11's cut: cuts whose two-class fit is within this many nats of the best one's log-likelihood count as equally
+# good, and the middle of them is taken (half the 95 % quantile of chi-square with one degree of freedom, 3.84 / 2).
+CUT_LIKELIHOOD_MARGIN = 1.92
+
+
+def minimum_error_threshold(values: torch.Tensor, bins: int = 256, margin: float = CUT_LIKELIHOOD_MARGIN) -> float:
     """Kittler and Illingworth's minimum-error threshold of a 1-D sample: the cut that best explains the sample as
     two Gaussian classes (unlike Otsu's cut it is not dragged into the larger class when the classes differ much in
-    size or spread).
+    size or spread), taken in the middle of the cuts that explain it as well.
+
+    The criterion is, per value, twice the negative log-likelihood of the two fitted classes (up to a constant), so
+    `K / 2` times a difference of criteria is a difference of log-likelihoods. Across a sparse stretch between two
+    classes the criterion is nearly flat (a cut moves a handful of values at most), and the best bin there is decided
+    by differences far below what the sample supports: a small change of the features (a reference's estimation
+    noise) then moves the cut from one end of the stretch to the other, and a band of background with it
+    (BENCHMARKS.md (n4)). So the cut is the middle of the run of cuts around the best one whose log-likelihood is
+    within `margin` nats of it; `margin = 0` gives the middle of the bins tied for the best (an empty stretch).
 
     Args:
         values: `(K,)` values; non-finite ones are ignored.
         bins: histogram bins.
+        margin: nats of log-likelihood (:data:`CUT_LIKELIHOOD_MARGIN`).
 
     Returns:
         The threshold, between the sample's min and max; `inf` when the sample is empty, constant or cannot be split
@@ -334,7 +348,13 @@ def minimum_error_threshold(values: torch.Tensor, bins: int = 256) -> float:
     )
     cost = torch.where(valid, cost, torch.full_like(cost, math.inf))
     k = int(cost.argmin())
-    return lo + (k + 1) * (hi - lo) / bins
+    alike = (0.5 * values.numel() * (cost - cost[k]) <= margin).cpu().tolist()  # log-likelihood within `margin`
+    first = last = k
+    while first > 0 and alike[first - 1]:
+        first -= 1
+    while last < len(alike) - 1 and alike[last + 1]:
+        last += 1
+    return lo + (0.5 * (first + last) + 1) * (hi - lo) / bins
 
 
 def background_threshold_from_kl(min_kl: torch.Tensor) -> float:
