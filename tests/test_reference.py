@@ -438,6 +438,19 @@ class TestAnalysis:
         with pytest.raises(ValueError, match="pair_analyses"):
             analyze_features(f, pair_analyses=pairs, reference=reference, clamp_high_norm=False)
 
+    def test_pairs_made_by_the_earlier_high_norm_rule_are_refused(self, planted):
+        # a pair analysis saved before the neighbours rule records only `clamp_high_norm`: it is not mixed in
+        from dataclasses import replace
+
+        f = planted.features
+        assert check_analysis_settings().pair_settings["high_norm_rule"] == "neighbours"
+        assert "high_norm_rule" not in check_analysis_settings(clamp_high_norm=False).pair_settings
+        pairs = analyze_pairs(f)
+        assert _outputs_equal(analyze_features(f, pair_analyses=pairs), analyze_features(f))
+        earlier = {k: v for k, v in pairs[0].settings.items() if k != "high_norm_rule"}
+        with pytest.raises(ValueError, match="pair_analyses"):
+            analyze_features(f, pair_analyses=[replace(pairs[0], settings=earlier)])
+
 
 class TestSaveLoad:
     def test_reference_survives_save_and_load(self, planted, tmp_path):
