@@ -250,6 +250,20 @@ class TestOffsetsCache:
         gc.collect()
         assert ident not in R._OFFSETS_CACHE and id(reference) in R._OFFSETS_CACHE
 
+    def test_an_inference_mode_reference_is_computed_each_time(self, monkeypatch):
+        # inference tensors track no version counter, so nothing is kept for them; the offsets are still right
+        import cosegment.utils.reference as R
+
+        calls = []
+        direct = R.positional_offsets
+        monkeypatch.setattr(R, "positional_offsets", lambda *a: calls.append(1) or direct(*a))
+        plain = self._reference()
+        with torch.inference_mode():
+            frozen = plain.clone()
+        first, again = R.reference_offsets(frozen, (6, 6), 5.0), R.reference_offsets(frozen, (6, 6), 5.0)
+        assert len(calls) == 2 and id(frozen) not in R._OFFSETS_CACHE
+        assert torch.equal(first, again) and torch.equal(first, R.reference_offsets(plain, (6, 6), 5.0))
+
     def test_the_analysis_computes_a_references_offsets_once(self, planted, monkeypatch):
         import cosegment.utils.reference as R
 

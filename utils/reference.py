@@ -232,8 +232,9 @@ def reference_offsets(
     A reference is made once and used for many collections (`pipe.capture_reference` caches it on the pipeline), and
     its smoothed offsets cost far more than their use (about 2 s per layer and query or key for a 64 x 64 grid on a
     CPU, BENCHMARKS.md (n3)). They are kept for as long as `reference` itself lives, keyed by `grid_size`,
-    `num_mads` and the tensor's version counter, so an in-place change of `reference` computes them again. The
-    returned tensor is shared between callers: do not modify it in place.
+    `num_mads` and the tensor's version counter, so an in-place change of `reference` computes them again. A tensor
+    made under `torch.inference_mode()` has no version counter: its offsets are computed on every call. The returned
+    tensor is shared between callers: do not modify it in place.
 
     Args:
         reference (`torch.Tensor`): `(R, H, N, d)` content-free captures, as for :func:`positional_offsets`.
@@ -244,6 +245,8 @@ def reference_offsets(
     Returns:
         `(H, N, d)` float32 offsets on `reference`'s device.
     """
+    if reference.is_inference():  # no version counter to tell an in-place change: computed each time
+        return _offsets_after_high_norm_rule(reference, grid_size, num_mads)
     key = (None if grid_size is None else (int(grid_size[0]), int(grid_size[1])), num_mads, reference._version)
     ident = id(reference)
     held = _OFFSETS_CACHE.get(ident)
@@ -254,14 +257,21 @@ def reference_offsets(
     if key not in entries:
         for stale in [k for k in entries if k[2] != reference._version]:
             del entries[stale]
-        if num_mads is None:
-            tokens = reference
-        elif grid_size is None:
-            tokens = clamp_high_norm_tokens(reference, num_mads)
-        else:
-            tokens = inpaint_high_norm_tokens(reference, num_mads, grid_size)
-        entries[key] = positional_offsets(tokens, grid_size)
+        entries[key] = _offsets_after_high_norm_rule(reference, grid_size, num_mads)
     return entries[key]
+
+
+def _offsets_after_high_norm_rule(
+    reference: torch.Tensor, grid_size: tuple[int, int] | None, num_mads: float | None
+) -> torch.Tensor:
+    """What :func:`reference_offsets` keeps: the offsets of `reference` after the high-norm rule."""
+    if num_mads is None:
+        tokens = reference
+    elif grid_size is None:
+        tokens = clamp_high_norm_tokens(reference, num_mads)
+    else:
+        tokens = inpaint_high_norm_tokens(reference, num_mads, grid_size)
+    return positional_offsets(tokens, grid_size)
 
 
 def remove_offsets(tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
