@@ -142,6 +142,25 @@ class TestSmoothedOffsets:
         assert offsets.norm() < 0.25 * raw.norm()
         assert torch.allclose(offsets.sum(dim=1), torch.zeros(2, 8), atol=1e-4)
 
+    def test_a_reference_whose_halves_do_not_agree_subtracts_nothing(self):
+        # captures with their own smooth content and nothing shared (a model without positional components): what
+        # the even half estimates does not predict the odd half's mean better than zero, so the offsets are zero
+        noise_only = torch.stack([3.0 * _smooth_field(self.grid, seed=100 + r) for r in range(16)])
+        first, second = noise_only[0::2], noise_only[1::2]
+        raw = [second.mean(0) - second.mean(0).mean(1, keepdim=True), first.mean(0) - first.mean(0).mean(1, True)]
+        from cosegment.utils.reference import _denoised_offsets  # the estimate before the test
+
+        by_half = [_denoised_offsets(first, self.grid), _denoised_offsets(second, self.grid)]
+        assert by_half[0].abs().sum() > 0  # each half alone keeps some of its noise
+        errors = sum(float((e - r).pow(2).sum()) for e, r in zip(by_half, raw))
+        assert errors >= sum(float(r.pow(2).sum()) for r in raw)  # the documented test fails
+        assert torch.equal(positional_offsets(noise_only, self.grid), torch.zeros(2, 256, 8))
+        # the same captures sharing a smooth field: the halves agree, and the offsets find it
+        shared = noise_only + 2.0 * _smooth_field(self.grid, seed=99)
+        estimate = positional_offsets(shared, self.grid)
+        truth = 2.0 * _smooth_field(self.grid, seed=99)
+        assert (estimate - truth).norm() < 0.5 * truth.norm()
+
     def test_the_width_is_the_one_whose_halves_predict_each_other_best(self):
         # the documented rule, computed here by hand: even captures' smoothed offsets against the odd ones' and back
         field = 0.5 * _smooth_field(self.grid)
@@ -451,6 +470,13 @@ class TestAnalysis:
             analyze_features(f, pair_analyses=pairs)
         with pytest.raises(ValueError, match="pair_analyses"):
             analyze_features(f, pair_analyses=pairs, reference=reference, clamp_high_norm=False)
+
+    def test_a_reference_without_positional_structure_changes_nothing(self, planted):
+        # content-free captures with no shared component: the analysis with them is the analysis without them
+        f = planted.features
+        gen = torch.Generator().manual_seed(8)
+        reference = _features([torch.randn(16, *q.shape[1:], generator=gen) for q in f.queries], grid=f.grid_size)
+        assert _outputs_equal(analyze_features(f, reference=reference), analyze_features(f))
 
     def test_pairs_made_by_the_earlier_high_norm_rule_are_refused(self, planted):
         # a pair analysis saved before the neighbours rule records only `clamp_high_norm`: it is not mixed in

@@ -191,6 +191,13 @@ def positional_offsets(reference: torch.Tensor, grid_size: tuple[int, int] | Non
       from `v_p` as if each token's were independent). A smooth positional embedding is then estimated from many
       positions' captures instead of one's (BENCHMARKS.md (n3)).
 
+    With `grid_size` and `R >= 4`, the offsets must also show that they are reproducible: the offsets estimated as
+    above from the even-numbered captures, and from the odd-numbered ones, must predict the other half's centred mean
+    better (summed squared error over both directions) than no offsets at all. A reference whose halves do not agree
+    carries no positional structure its captures can tell from noise (a model without such components), and its
+    offsets are exactly zero, so that the analysis with it is the analysis without it; what shrinkage leaves of
+    pure noise is itself a small shared perturbation, to which step 11's cut can be sensitive (BENCHMARKS.md (n4)).
+
     Args:
         reference (`torch.Tensor`): `(R, H, N, d)` queries or keys of `R >= 2` content-free captures (no object, the
             same model, layer, grid and timestep).
@@ -201,6 +208,23 @@ def positional_offsets(reference: torch.Tensor, grid_size: tuple[int, int] | Non
         `(H, N, d)` float32 offsets, which sum to zero over positions.
     """
     reference = reference.float()
+    if grid_size is not None and reference.shape[0] >= 4 and not _halves_agree(reference, grid_size):
+        return torch.zeros_like(reference[0])
+    return _denoised_offsets(reference, grid_size)
+
+
+def _halves_agree(reference: torch.Tensor, grid_size: tuple[int, int]) -> bool:
+    """Whether the offsets estimated from the even captures (:func:`_denoised_offsets`) predict the odd captures'
+    centred mean better than no offsets do, and the other way round (squared errors summed over both)."""
+    first, second = reference[0::2], reference[1::2]
+    estimated = [_denoised_offsets(first, grid_size), _denoised_offsets(second, grid_size)]
+    raw = [_centred_mean(second), _centred_mean(first)]
+    error = sum(float((e - r).pow(2).sum()) for e, r in zip(estimated, raw))
+    return error < sum(float(r.pow(2).sum()) for r in raw)
+
+
+def _denoised_offsets(reference: torch.Tensor, grid_size: tuple[int, int] | None) -> torch.Tensor:
+    """:func:`positional_offsets` without the test of :func:`_halves_agree`."""
     count = reference.shape[0]
     sigma = 0.0 if grid_size is None else offset_smoothing(reference, grid_size)
     if sigma == 0:
