@@ -161,6 +161,30 @@ class TestSmoothedOffsets:
         truth = 2.0 * _smooth_field(self.grid, seed=99)
         assert (estimate - truth).norm() < 0.5 * truth.norm()
 
+    def test_a_weak_smooth_field_is_kept_when_the_grid_estimate_reproduces_it(self):
+        # a shared field of 0.12 of the noise per entry: each half's grid estimate predicts the other half (the
+        # field is kept, and estimated better than by zero) where per-position estimates would not
+        from cosegment.utils.reference import _centred_mean, _denoised_offsets
+
+        truth = 0.12 * _smooth_field(self.grid, seed=99)
+        reference = truth + torch.randn(16, 2, 256, 8, generator=torch.Generator().manual_seed(1))
+        first, second = reference[0::2], reference[1::2]
+
+        def halves_error(grid):
+            estimates = [_denoised_offsets(first, grid), _denoised_offsets(second, grid)]
+            return sum(
+                float((e - r).pow(2).sum()) for e, r in zip(estimates, [_centred_mean(second), _centred_mean(first)])
+            )
+
+        zero = float(_centred_mean(second).pow(2).sum() + _centred_mean(first).pow(2).sum())
+        assert halves_error(self.grid) < zero <= halves_error(None)
+        offsets = positional_offsets(reference, self.grid)
+        assert (offsets - truth).norm() < truth.norm()
+
+    def test_four_captures_are_enough_for_the_halves_test(self):
+        noise_only = torch.stack([3.0 * _smooth_field(self.grid, seed=100 + r) for r in range(4)])
+        assert torch.equal(positional_offsets(noise_only, self.grid), torch.zeros(2, 256, 8))
+
     def test_the_width_is_the_one_whose_halves_predict_each_other_best(self):
         # the documented rule, computed here by hand: even captures' smoothed offsets against the odd ones' and back
         field = 0.5 * _smooth_field(self.grid)
