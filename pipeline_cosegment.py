@@ -71,6 +71,7 @@ from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text
 from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
+from .utils.joining import merge_passes  # noqa: F401
 from .utils.reference import positional_offsets  # noqa: F401
 from .utils.refinement import window_soft_argmax  # noqa: F401
 from .utils.segmentation import upsample_assignment  # noqa: F401
