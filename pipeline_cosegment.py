@@ -55,6 +55,13 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     settings_with_reference,
     transfer_points,
 )
+
+# `.features` to `.transfer` (the processors aside) are named for the loader only: `analysis.py` imports these modules
+# of its steps, and diffusers copies a root module into its cache only when this file imports it (DESIGN section 3).
+from .features import REFERENCE_PREFIX  # noqa: F401
+from .matches import pair_correspondences  # noqa: F401
+from .pairs import join_pair_analyses  # noqa: F401
+from .parts import segment_parts  # noqa: F401
 from .processors.cross_self_attention import (
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
@@ -64,6 +71,8 @@ from .processors.cross_self_attention import (
     finish_interrupted_forward,
     self_attention_layer_levels,
 )
+from .settings import THRESHOLD_NAMES  # noqa: F401
+from .transfer import refine_correspondences  # noqa: F401
 
 # Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
 # cache only when this file imports it (DESIGN section 3).
@@ -71,6 +80,7 @@ from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text
 from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
+from .utils.joining import merge_passes  # noqa: F401
 from .utils.reference import positional_offsets  # noqa: F401
 from .utils.refinement import window_soft_argmax  # noqa: F401
 from .utils.segmentation import upsample_assignment  # noqa: F401

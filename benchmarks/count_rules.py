@@ -1,10 +1,10 @@
 """Part-count rules for step 10 compared on DESIGN collections only (issue 10; BENCHMARKS.md (l3)).
 
-With `num_parts=None`, step 10 (`analysis.cluster_collection`) takes the part count as the largest eigengap of the
+With `num_parts=None`, step 10 (`parts.cluster_collection`) takes the part count as the largest eigengap of the
 joint normalised affinity (`utils.segmentation.eigengap_count`). This script runs `analyze_features` on planted design
 collections (`families.py`, families sectors and blobs, seeds 0-999 only), records the true count, the found count,
 part NMI, mask Jaccard and the spectrum of step 10's first clustering, and reruns the analysis with a candidate rule
-patched in (`analysis.factored_spectral_clusters` wrapped so that its count comes from the rule):
+patched in (`parts.factored_spectral_clusters` wrapped so that its count comes from the rule):
 
 - `gap`: today's largest eigengap;
 - `stability`: the k whose k-means labels agree best (adjusted Rand) between the two interleaved halves of the points
@@ -31,12 +31,12 @@ if __package__ in (None, ""):
     if os.path.basename(_ROOT) == "cosegment" and os.path.dirname(_ROOT) not in sys.path:
         sys.path.insert(0, os.path.dirname(_ROOT))
 
-import cosegment.analysis as analysis  # noqa: E402
+import cosegment.parts as parts_module  # noqa: E402
 from cosegment.benchmarks.families import SPLITS, _analyze, _cell_seeds, make_family_case, score_case  # noqa: E402
 from cosegment.utils.segmentation import _top_left_singular, eigengap_count, kmeans  # noqa: E402
 
 TIE_MARGIN = 0.25
-_ORIGINAL = analysis.factored_spectral_clusters
+_ORIGINAL = parts_module.factored_spectral_clusters
 
 
 def cases(batch: int) -> list[tuple[str, int, int, int]]:
@@ -193,13 +193,13 @@ def run(case_list, rule=None) -> list[dict]:
                 num_clusters = rule(values, vectors, degree, top)
             return _ORIGINAL(embedding, num_clusters, max_clusters)
 
-        analysis.factored_spectral_clusters = patched
+        parts_module.factored_spectral_clusters = patched
         try:
             start = time.perf_counter()
             output = _analyze(case.features)
             seconds = time.perf_counter() - start
         finally:
-            analysis.factored_spectral_clusters = _ORIGINAL
+            parts_module.factored_spectral_clusters = _ORIGINAL
         score = score_case(case, output)
         records.append(
             {

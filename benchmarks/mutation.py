@@ -9,7 +9,7 @@ runs, per mutant, only those tests.
     pip install mutmut            # 3.x
     python benchmarks/mutation.py                     # every group
     python benchmarks/mutation.py processors          # one group
-    python benchmarks/mutation.py analysis --sample 0.03   # analysis.py: a small seeded sample (slow tests)
+    python benchmarks/mutation.py analysis --sample 0.03   # analysis.py and its step modules: a small sample
     python benchmarks/mutation.py --report-only       # score the last run again, list the survivors
 
     python benchmarks/mutation.py correspondence --sample 0.15      # all selection-function mutants, 15% of the rest
@@ -42,7 +42,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_processor.py", "tests/test_capture_check.py"],
     ),
     "correspondence": (
-        ["utils/correspondence.py"],
+        ["utils/correspondence.py", "utils/joining.py"],
         [
             "tests/test_correspondence.py",
             "tests/test_selection.py",
@@ -59,7 +59,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["tests/test_reference.py", "tests/test_device_follows_inputs.py"],
     ),
     "analysis": (
-        ["analysis.py"],
+        ["analysis.py", "features.py", "settings.py", "pairs.py", "matches.py", "transfer.py", "parts.py"],
         [
             "tests/test_validation.py",
             "tests/test_faults.py",
@@ -122,7 +122,7 @@ ALWAYS = re.compile(
     r"CrossSelfAttentionCaptureProcessor|AttentionStore|self_attention_layer_levels"  # processors/
     r"|select_matches|pass_statistics|auto_thresholds|supported_spread|grow_matches|match_scores|kept_map"
     r"|confirm_matches|reverse_consistent|affine_residual|field_consistent|merge_passes|paper_thresholds"
-    r"|otsu_threshold|SelectionThresholds"  # the selection functions of utils/correspondence.py
+    r"|otsu_threshold|SelectionThresholds"  # the selection functions of utils/correspondence.py and joining.py
 )
 
 

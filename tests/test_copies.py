@@ -46,6 +46,8 @@ def test_the_known_copies_are_marked():
     marked = {(file, name) for file, name, _, _ in _copies()}
     assert ("utils/segmentation.py", "_finite_sample") in marked
     assert ("utils/segmentation.py", "_CHUNK_ELEMENTS") in marked
+    for name in ("_check_grid", "token_coordinates", "_NEIGHBOUR_OFFSETS", "_neighbour_slices"):
+        assert ("utils/joining.py", name) in marked
 
 
 @pytest.mark.parametrize(("file", "name", "module", "original"), _copies(), ids=lambda v: str(v))

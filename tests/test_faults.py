@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import NO_FILTER
 
-import cosegment.analysis as analysis_module
+import cosegment.matches as matches_module
+import cosegment.pairs as pairs_module
 import cosegment.pipeline_cosegment as pipeline_module
 from cosegment import CoSegmentationFeatures, analyze_features
 
@@ -139,7 +140,7 @@ class TwoArgumentError(Exception):
 )
 def test_failure_on_one_pair_names_the_pair(monkeypatch, error, expected_type):
     calls = []
-    original = analysis_module.pass_statistics
+    original = pairs_module.pass_statistics
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -148,7 +149,7 @@ def test_failure_on_one_pair_names_the_pair(monkeypatch, error, expected_type):
             raise error
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(analysis_module, "pass_statistics", failing)
+    monkeypatch.setattr(pairs_module, "pass_statistics", failing)
     with pytest.raises(expected_type) as info:
         analyze_features(_features(), **NO_FILTER)
     assert "pair (1, 2)" in str(info.value)
@@ -163,7 +164,7 @@ def test_interrupt_during_analysis_is_not_wrapped(monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(analysis_module, "merge_passes", interrupted)
+    monkeypatch.setattr(matches_module, "merge_passes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         analyze_features(_features(), **NO_FILTER)
 
@@ -172,7 +173,7 @@ def test_analysis_failure_after_capture_leaves_the_pipeline_usable(tiny_pipe, re
     def failing(*args, **kwargs):
         raise Boom("selection failed")
 
-    monkeypatch.setattr(analysis_module, "select_matches", failing)
+    monkeypatch.setattr(pairs_module, "select_matches", failing)
     with pytest.raises(Boom, match=r"pair \(0, 1\).*selection failed"):
         _run(tiny_pipe)
     monkeypatch.undo()

@@ -222,7 +222,7 @@ def test_cli_partners_argument_error(image_files, tmp_path, capsys):  # noqa: F8
 
 def test_longer_paths_vote_only_in_a_sparse_graph(case, monkeypatch):
     """`longer_paths`: paths s -> u -> v -> t along analysed pairs vote too (counted here by hand for one graph)."""
-    import cosegment.analysis as analysis_module
+    import cosegment.matches as matches_module
     from cosegment.utils.correspondence import kept_map
 
     features = case.features
@@ -231,13 +231,13 @@ def test_longer_paths_vote_only_in_a_sparse_graph(case, monkeypatch):
     analyses = analyze_pairs(features, pairs)
     passes = join_pair_analyses(analyses, features, analyses[0].settings, torch.device("cpu"), pairs)
     seen = {}
-    real = analysis_module.confirm_matches
+    real = matches_module.confirm_matches
 
     def spy(forward, keep, predictions, grid_size, tolerance):
         seen[len(seen)] = (forward, predictions)
         return real(forward, keep, predictions, grid_size, tolerance)
 
-    monkeypatch.setattr(analysis_module, "confirm_matches", spy)
+    monkeypatch.setattr(matches_module, "confirm_matches", spy)
     short = confirm_by_third_images(passes, 6, features.grid_size)
     assert torch.equal(short[(0, 1)].keep, passes[(0, 1)].keep) and torch.equal(
         short[(1, 0)].keep, passes[(1, 0)].keep
@@ -254,7 +254,7 @@ def test_longer_paths_vote_only_in_a_sparse_graph(case, monkeypatch):
     voted = [p for f, p in seen.values() if torch.equal(f, passes[(0, 1)].statistics.forward)]
     assert len(voted) == 1 and voted[0].shape[0] == 2
     expected = [
-        analysis_module._compose(analysis_module._compose(kept(0, u), kept(u, v)), kept(v, 1))
+        matches_module._compose(matches_module._compose(kept(0, u), kept(u, v)), kept(v, 1))
         for u, v in ((2, 3), (4, 5))
     ]
     assert torch.equal(voted[0], torch.stack(expected))

@@ -315,7 +315,7 @@ class TestRefineByKeys:
 
         labels, num_parts = cluster_hits(case.features, density, links, 4, None, "cpu")
         assert num_parts == 4 and misplaced(labels) == 0
-        monkeypatch.setattr("cosegment.analysis.KEY_ITERATIONS", 0)  # the spectral labels alone
+        monkeypatch.setattr("cosegment.parts.KEY_ITERATIONS", 0)  # the spectral labels alone
         labels, num_parts = cluster_hits(case.features, density, links, 4, None, "cpu")
         assert num_parts == 4 and misplaced(labels) >= 5
 
@@ -451,12 +451,12 @@ def test_step_11_masks_with_kept_rows_equal_the_masks_computed_each_round(monkey
     """Step 11 keeps the images' self-attention rows for its rounds when they fit in `STEP11_ROWS_BYTES`; with no
     room for them (rows computed again each round, the path of large grids) the part masks are the same, bit for
     bit, and both are the masks of a design collection's analysis."""
-    from cosegment import analysis
+    from cosegment import parts
 
     case = make_family_case("sectors", 3, 3, seed=12)
     kept = analyze_features(case.features)
-    assert analysis.STEP11_ROWS_BYTES >= 3 * (32 * 32) ** 2 * 4  # this collection's rows fit: kept
-    monkeypatch.setattr(analysis, "STEP11_ROWS_BYTES", 0)
+    assert parts.STEP11_ROWS_BYTES >= 3 * (32 * 32) ** 2 * 4  # this collection's rows fit: kept
+    monkeypatch.setattr(parts, "STEP11_ROWS_BYTES", 0)
     again = analyze_features(case.features)
     assert any((mask > 0).any() for mask in kept.part_masks)
     for a, b in zip(kept.part_masks, again.part_masks):

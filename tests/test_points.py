@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import NO_FILTER
 
-import cosegment.analysis
+import cosegment.transfer
 from cosegment import analyze_features, transfer_points
 from cosegment.benchmarks.planted import (
     correspondence_point_errors,
@@ -118,13 +118,13 @@ def test_transfer_points_is_chunked_and_chunk_independent(planted, monkeypatch):
     points = torch.tensor([[10.0, 20.0], [100.5, 80.25], [200.0, 150.0]])
     expected = transfer_points(planted.features, 0, 2, points)
     rows_seen = []
-    original = cosegment.analysis.cross_attention_probs
+    original = cosegment.transfer.cross_attention_probs
 
     def recording(queries, keys, *args, **kwargs):
         rows_seen.append(queries[0].shape[-2])
         return original(queries, keys, *args, **kwargs)
 
-    monkeypatch.setattr(cosegment.analysis, "cross_attention_probs", recording)
+    monkeypatch.setattr(cosegment.transfer, "cross_attention_probs", recording)
     landed, scores = transfer_points(planted.features, 0, 2, points, chunk_size=4)
     assert rows_seen and max(rows_seen) <= 4
     np.testing.assert_allclose(landed, expected[0], atol=1e-3)

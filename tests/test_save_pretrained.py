@@ -41,10 +41,16 @@ def test_pipeline_code_files_follows_relative_imports(tmp_path):
 
 def test_pipeline_file_names_every_module_the_analysis_imports():
     """diffusers copies only the modules the pipeline file imports (DESIGN section 3): every relative import of
-    `analysis.py` must also be one of `pipeline_cosegment.py`, or `custom_pipeline=` loading breaks."""
+    `analysis.py` and of each root-level module the pipeline file imports (the analysis' steps) must also be one of
+    `pipeline_cosegment.py`, or `custom_pipeline=` loading breaks."""
     names_of_pipeline = pipeline_code_files(os.path.join(PACKAGE_DIR, "pipeline_cosegment.py"))
     names_of_analysis = pipeline_code_files(os.path.join(PACKAGE_DIR, "analysis.py"))[1:]
     assert names_of_analysis and set(names_of_analysis) <= set(names_of_pipeline)
+    root_modules = [name for name in names_of_pipeline[1:] if "/" not in name]
+    assert {"analysis.py", "features.py", "pairs.py", "parts.py"} <= set(root_modules)
+    for name in root_modules:
+        imported = pipeline_code_files(os.path.join(PACKAGE_DIR, name))[1:]
+        assert set(imported) <= set(names_of_pipeline), f"{name} imports {set(imported) - set(names_of_pipeline)}"
 
 
 @pytest.fixture(scope="module")

@@ -236,7 +236,7 @@ class TestOutlineBound:
         # 1 x 8 tokens, one part. Round 0 (from the clustered points 0-1): tokens 0-2 within the threshold. Round 1
         # (from the assigned tokens, 2 among them): the part's distribution now covers 2's region, so tokens 0-6 are
         # within it; the bound keeps 0-3 (the round-0 foreground and its neighbour 3), not the whole region
-        import cosegment.analysis as analysis
+        import cosegment.parts as parts
 
         rounds = []
 
@@ -247,11 +247,11 @@ class TestOutlineBound:
             kl[:near] = 0.1
             return [kl, torch.full((8, 1), 9.0)]  # the second image: background everywhere
 
-        monkeypatch.setattr(analysis, "part_divergences", fake_divergences)
+        monkeypatch.setattr(parts, "part_divergences", fake_divergences)
         tokens = [torch.zeros(2, 1, 8, 2)]
         features = CoSegmentationFeatures(tokens, [t.clone() for t in tokens], (1, 8), [(1, 8), (1, 8)])
         points = [torch.tensor([1, 1, 0, 0, 0, 0, 0, 0]), torch.zeros(8, dtype=torch.long)]
-        masks = analysis.segment_parts(features, points, 1, 1.0, None, torch.device("cpu"))
+        masks = parts.segment_parts(features, points, 1, 1.0, None, torch.device("cpu"))
         assert len(rounds) == 2
         assert rounds[1][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # round 1 starts from round 0's assignment
         assert masks[0].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]]

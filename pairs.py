@@ -1,0 +1,286 @@
+# Copyright 2026 The cosegment authors. Licensed under the Apache License, Version 2.0.
+"""The pair graph and the per-pair steps (DESIGN steps 4-8a): which pairs are analysed (:func:`partner_pairs`), the
+two passes of one pair (:func:`analyze_pair`: cross self-attention, maps, neighbourhood check, selection, growth),
+the pairs of a collection (:func:`analyze_pairs`, the part to split between processes) and the join of pair analyses
+made elsewhere (:func:`join_pair_analyses`). This is where the time goes.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .features import CoSegmentationFeatures, PairAnalysis, PassResult, _is_int
+from .settings import THRESHOLD_NAMES, AnalysisSettings, _check_features, check_analysis_settings, correct_features
+from .transfer import _peak_hook
+from .utils.correspondence import (
+    PassStatistics,
+    SelectionThresholds,
+    attention_row_statistics,
+    auto_thresholds,
+    grow_matches,
+    paper_thresholds,
+    pass_statistics,
+    select_matches,
+)
+from .utils.images import describe as _describe
+
+
+def _every_pair(num_images: int) -> list[tuple[int, int]]:
+    """Every unordered pair `(s, t)`, `s < t`, in order."""
+    return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
+
+
+def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
+    """A cheap global descriptor per image, `(M, D)` float32 with unit rows (zero rows when every image is alike).
+
+    Per captured layer: each token's query (heads concatenated, `H * d`) scaled to unit length, averaged over the
+    image's tokens, minus the mean of that over the collection (what every image has alike, e.g. a positional
+    component, cancels), scaled to unit length; the layers' descriptors concatenated, each weighted
+    `1 / sqrt(layers)`, and the whole scaled to unit length. Two images' cosine similarity is the dot product of their
+    rows. Cost: one pass over the features, `O(M N H d)`, next to the `O(N^2 H d)` of one pair's attention.
+    """
+    parts = []
+    for queries in features.queries:
+        tokens = queries.detach().float().permute(0, 2, 1, 3).flatten(2)  # (M, N, H * d)
+        mean = torch.nn.functional.normalize(tokens, dim=-1).mean(dim=1)
+        mean = mean - mean.mean(dim=0, keepdim=True)
+        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(len(features.queries)))
+    return torch.nn.functional.normalize(torch.cat(parts, dim=1).cpu(), dim=-1)
+
+
+def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
+    """The pair graph: each image with its `partners` most similar images (cosine similarity of
+    :func:`image_descriptors`; ties to the lower index), then *bridges* that join the groups this leaves apart: while
+    the graph has several connected components, the most similar pair of images in two different components is
+    added (Kruskal's rule; ties to the lower indices). The union as `(s, t)`, `s < t`, in order.
+
+    Why bridges: nearest neighbours alone can split a collection into groups that share no pair (every design
+    M = 16 collection checked split in two), and then no correspondence ties one group's parts to the other's. A
+    component holds at least `partners + 1` images, so at most `M / (partners + 1) - 1` bridges are added: at most
+    `M * partners + M / (partners + 1)` pairs, and the analysis grows as `M * K`. (An earlier graph joined every image
+    to a hub image instead: up to `M - 1` more pairs, about 1/4 more analysis at M = 16, BENCHMARKS.md (k2).) `None`,
+    or `partners >= M - 1`: every pair. Computed from the features as captured, before the corrections of
+    :func:`correct_features` (the analysis and the CLI's split between processes use the same graph)."""
+    num_images = features.num_images
+    if partners is None or partners >= num_images - 1:
+        return _every_pair(num_images)
+    descriptors = image_descriptors(features).double()
+    similarity = descriptors @ descriptors.T
+    similarity.fill_diagonal_(-math.inf)
+    pairs = set()
+    for i in range(num_images):
+        order = sorted(range(num_images), key=lambda j: (-float(similarity[i, j]), j))
+        pairs.update((min(i, j), max(i, j)) for j in order[:partners])
+    component = list(range(num_images))  # union-find: each image's representative
+
+    def root(i: int) -> int:
+        while component[i] != i:
+            component[i] = component[component[i]]
+            i = component[i]
+        return i
+
+    for s, t in pairs:
+        component[root(s)] = root(t)
+    candidates = sorted((-float(similarity[s, t]), s, t) for s, t in _every_pair(num_images) if root(s) != root(t))
+    for _, s, t in candidates:
+        if root(s) != root(t):
+            component[root(s)] = root(t)
+            pairs.add((s, t))
+    return sorted(pairs)
+
+
+def _check_pair_list(pairs, num_images: int) -> list[tuple[int, int]]:
+    """`pairs` (or `None`: every pair) -> a list of distinct `(s, t)` int pairs, `0 <= s < t < num_images`."""
+    if pairs is None:
+        return _every_pair(num_images)
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"`pairs` must be a list of (s, t) image index pairs or None, got {_describe(pairs)}.")
+    checked = []
+    for pair in pairs:
+        if (
+            not isinstance(pair, Sequence)
+            or len(pair) != 2
+            or not all(_is_int(i) for i in pair)
+            or not 0 <= pair[0] < pair[1] < num_images
+        ):
+            raise ValueError(
+                f"`pairs` must hold (s, t) with 0 <= s < t < {num_images} (the number of images), got {pair!r}."
+            )
+        checked.append((int(pair[0]), int(pair[1])))
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"`pairs` must not repeat a pair, got {checked}.")
+    return checked
+
+
+def _pass_thresholds(settings: AnalysisSettings, stats: PassStatistics, num_tokens: int) -> SelectionThresholds:
+    """Step 7: the preset's thresholds for one pass, with the user's overrides."""
+    base = paper_thresholds(num_tokens) if settings.selection == "paper" else auto_thresholds(stats)
+    values = {name: getattr(base, name) for name in THRESHOLD_NAMES}
+    values.update({name: value for name, value in settings.thresholds.items() if value is not None})
+    return SelectionThresholds(**values)
+
+
+def _in_pair(error: Exception, source: int, target: int) -> Exception:
+    """`error` re-made with "pair (s, t)" in front of its message: the same type when it takes a message, else a
+    `RuntimeError` (raise it `from error`)."""
+    message = f"pair ({source}, {target}): {type(error).__name__}: {error}"
+    try:
+        wrapped = type(error)(message)
+    except Exception:
+        return RuntimeError(message)
+    return wrapped if str(wrapped) == message else RuntimeError(message)
+
+
+def analyze_pair(
+    features: CoSegmentationFeatures, source: int, target: int, settings: AnalysisSettings, device: torch.device
+) -> PairAnalysis:
+    """Steps 4-8a for one pair `source < target` of checked features and settings: both passes."""
+    grid = tuple(features.grid_size)
+    num_tokens = grid[0] * grid[1]
+    queries_s, keys_s = features.image(source)
+    queries_t, keys_t = features.image(target)
+    queries_s, keys_s = [q.to(device) for q in queries_s], [k.to(device) for k in keys_s]
+    queries_t, keys_t = [q.to(device) for q in queries_t], [k.to(device) for k in keys_t]
+    # 4. Cross self-attention, row statistics of A_st and A_ts (Eq. 2.4-2.6), and each row's sub-token peak
+    peaks_st = peaks_ts = None
+    if settings.refine:
+        peaks_st, peaks_ts = torch.zeros(num_tokens, 2, device=device), torch.zeros(num_tokens, 2, device=device)
+    rows_st = attention_row_statistics(queries_s, keys_t, None, settings.chunk_size, _peak_hook(peaks_st, grid))
+    rows_ts = attention_row_statistics(queries_t, keys_s, None, settings.chunk_size, _peak_hook(peaks_ts, grid))
+    # 5-8a. Maps, neighbourhood check, selection (and growth under "auto"), both passes
+    passes = []
+    directions = ((rows_st, rows_ts, peaks_st, source, target), (rows_ts, rows_st, peaks_ts, target, source))
+    for forward_rows, backward_rows, peaks, s, t in directions:
+        stats = pass_statistics(forward_rows, backward_rows, grid)
+        limits = _pass_thresholds(settings, stats, num_tokens)
+        keep = select_matches(stats, limits)
+        if settings.selection == "auto":
+            keep = grow_matches(stats, keep, limits, grid)
+        passes.append(PassResult(s, t, stats, keep, forward_rows.max_prob, backward_rows.entropy, limits, peaks))
+    return PairAnalysis(source, target, tuple(passes), grid, settings.pair_settings)
+
+
+def _analyze_pair_list(
+    features: CoSegmentationFeatures,
+    pairs: list[tuple[int, int]],
+    settings: AnalysisSettings,
+    device: torch.device,
+    progress: Callable[[int], Any] | None,
+) -> list[PairAnalysis]:
+    """:func:`analyze_pair` for each of `pairs` (checked), naming the pair in any error."""
+    analyses = []
+    for s, t in pairs:
+        try:
+            analyses.append(analyze_pair(features, s, t, settings, device))
+        except Exception as error:  # name the pair; keep the type where it can take a message
+            raise _in_pair(error, s, t) from error
+        if progress is not None:
+            progress(1)
+    return analyses
+
+
+def analyze_pairs(
+    features: CoSegmentationFeatures,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    selection: str = "auto",
+    max_entropy: float | None = None,
+    max_spread: float | None = None,
+    max_collapse: float | None = None,
+    max_inverse_error: float | None = None,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+    progress: Callable[[int], Any] | None = None,
+    refine: bool = True,
+    reference: CoSegmentationFeatures | None = None,
+    clamp_high_norm: bool = True,
+    partners: int | None = None,
+) -> list[PairAnalysis]:
+    r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
+    both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
+
+    This is where the time goes (two `(N, N)` attention matrices per pair, in row chunks), so it is the part to
+    split between processes: give each process its share of `pairs`, gather the results (`.to("cpu")` first) and
+    pass them all to `analyze_features(features, pair_analyses=...)` with the same `selection` and thresholds.
+
+    Args:
+        features (`CoSegmentationFeatures`): captured queries and keys of `M >= 2` images.
+        pairs (`list[tuple[int, int]]`, *optional*): the pairs `(s, t)`, `0 <= s < t < M`, to analyse; every pair
+            by default.
+        selection, max_entropy, max_spread, max_collapse, max_inverse_error, chunk_size, device, progress,
+            reference, clamp_high_norm: as in :func:`analyze_features` (pass the same to both).
+        refine (`bool`, *optional*, defaults to `True`): also keep each row's sub-token peak for `refine=True` in
+            :func:`analyze_features` (without them it computes the kept matches' rows again).
+        partners (`int`, *optional*): with `pairs=None`, the pairs of the partner graph (:func:`partner_pairs`: each
+            image with its `partners` most similar images, plus bridges), as `analyze_features(partners=...)` analyses
+            them. Give `pairs` or `partners`, not both (to split the graph between processes, split
+            `partner_pairs(features, K)` and pass each share as `pairs`).
+
+    Returns:
+        `list[PairAnalysis]`, one per pair, in the order of `pairs`.
+    """
+    settings = check_analysis_settings(
+        selection,
+        max_entropy,
+        max_spread,
+        max_collapse,
+        max_inverse_error,
+        chunk_size=chunk_size,
+        refine=refine,
+        reference=reference,
+        clamp_high_norm=clamp_high_norm,
+        partners=partners,
+    )
+    device = _check_features(features, settings, device, progress)
+    if pairs is not None and partners is not None:
+        raise ValueError(f"Give `pairs` or `partners`, not both; got `partners`={partners!r} and a list of pairs.")
+    pairs = partner_pairs(features, partners) if pairs is None else _check_pair_list(pairs, features.num_images)
+    return _analyze_pair_list(correct_features(features, settings), pairs, settings, device, progress)
+
+
+def join_pair_analyses(
+    pair_analyses: Sequence[PairAnalysis],
+    features: CoSegmentationFeatures,
+    settings: dict,
+    device: torch.device,
+    pairs: Sequence[tuple[int, int]] | None = None,
+) -> dict[tuple[int, int], PassResult]:
+    """Checks that `pair_analyses` cover `pairs` (default: every pair of `features`; see :func:`partner_pairs`) once,
+    made with `settings` (`selection` and the threshold overrides); returns their passes by `(source, target)` on
+    `device`, in pair order (`(s, t)` then `(t, s)` for each `s < t`)."""
+    if isinstance(pair_analyses, (str, bytes)) or not isinstance(pair_analyses, Sequence):
+        raise TypeError(f"`pair_analyses` must be a list of PairAnalysis or None, got {_describe(pair_analyses)}.")
+    num_images, grid = features.num_images, tuple(features.grid_size)
+    by_pair = {}
+    for analysis in pair_analyses:
+        if not isinstance(analysis, PairAnalysis):
+            raise TypeError(f"`pair_analyses` must hold PairAnalysis objects, got {type(analysis).__name__}.")
+        pair = (analysis.source_index, analysis.target_index)
+        if pair in by_pair:
+            raise ValueError(f"`pair_analyses` holds pair {pair} twice.")
+        if tuple(analysis.grid_size) != grid:
+            raise ValueError(f"`pair_analyses` pair {pair} has grid {analysis.grid_size}, the features {grid}.")
+        if analysis.settings != settings:
+            raise ValueError(
+                f"`pair_analyses` pair {pair} was made with {analysis.settings}, this call asks for {settings}: "
+                "pass the same `selection` and thresholds to analyze_pairs and analyze_features."
+            )
+        by_pair[pair] = analysis.to(device)
+    pairs = _every_pair(num_images) if pairs is None else sorted(pairs)
+    expected = set(pairs)
+    if set(by_pair) != expected:
+        missing, extra = sorted(expected - set(by_pair)), sorted(set(by_pair) - expected)
+        graph = "every pair" if len(pairs) == num_images * (num_images - 1) // 2 else "each pair of the partner graph"
+        outside = [pair for pair in extra if max(pair) >= num_images]
+        beside = [pair for pair in extra if max(pair) < num_images]
+        raise ValueError(
+            f"`pair_analyses` must hold {graph} of the {num_images} images once: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, not in the collection {outside[:5]}, not in the pair graph "
+            f"{beside[:5]}."
+        )
+    passes = {}
+    for pair in pairs:
+        for result in by_pair[pair].passes:
+            passes[(result.source_index, result.target_index)] = result
+    return passes
