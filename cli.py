@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--points", default=None, help="'x1,y1;x2,y2' or a JSON file: points of the first image to transfer"
     )
     parser.add_argument("--no-refine", action="store_true", help="points at token centres (no sub-token refinement)")
+    # --export and --category (issue 28): annotations.json for labelling tools, see cosegment/export.py
+    parser.add_argument("--export", choices=("coco",), default=None, help="also write annotations.json (COCO)")
+    parser.add_argument("--category", default="object", help="category name in --export (default object)")
     add_common_arguments(parser)
     return parser
 
@@ -526,6 +529,10 @@ def check_arguments(args: argparse.Namespace) -> list[np.ndarray]:
     resolve_device(args.device)
     check_output_folder(args.out)
     check_capture_arguments(args.model, args.height, args.width, args.timestep, args.attention_layers)
+    if args.export is not None:  # --export (issue 28)
+        from cosegment.export import check_export_options
+
+        check_export_options(args.export, args.category, segment=not args.no_segment)
     return [load_image(path) for path in args.images]
 
 
@@ -690,6 +697,10 @@ def run(args: argparse.Namespace) -> dict:
             if not args.no_figures:
                 document["figures"].append(write_points_figure(images, points, transfers, args.out, args.figure_size))
         write_text(os.path.join(args.out, "results.json"), dumps_results(document))
+        if args.export == "coco":  # --export (issue 28): after results.json, main process only
+            from cosegment.export import export_coco
+
+            export_coco(output, args.images, os.path.join(args.out, "annotations.json"), category=args.category)
         logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
     state.wait_for_everyone()
     return document

@@ -112,3 +112,53 @@ def test_cosegment_pair_warns_when_nothing_is_kept(tiny_sd_path, photos, tmp_pat
     # the tiny random UNet keeps nothing under the note's thresholds at a 4 x 4 grid
     assert result.stderr.count("warning: every pair kept 0 matches") == 1, result.stderr
     assert "`--no-filter`" in result.stderr
+
+
+# --- examples/repaint_background.py (issue 28): co-segment, then repaint with the same weights ----------------------
+
+
+@pytest.fixture(scope="module")
+def repaint_images(photos, tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("repaint-images")
+    paths = []
+    for name, photo in zip(("cat", "coffee", "astronaut"), photos):
+        paths.append(str(folder / f"{name}.png"))
+        PIL.Image.fromarray(photo[:90, :121]).save(paths[-1])
+    return paths
+
+
+def test_repaint_background_skips_empty_masks_or_repaints_all(tiny_sd_path, repaint_images, tmp_path, capsys):
+    example = load_example("repaint_background")
+    common = ["--prompt", "a beach", "--model", tiny_sd_path, "--steps", "2", "--size", "64", "--quiet"]
+    # the tiny random model finds no common object at its default size: every image is skipped, saying why
+    assert example.main(repaint_images + common + ["--out", str(tmp_path / "skip")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("the co-segmentation found no common object in it") == 3 and "wrote" not in out
+    assert os.listdir(tmp_path / "skip") == []
+    # the explicit fallback repaints every image whole, at its own size
+    assert example.main(repaint_images + common + ["--out", str(tmp_path / "all"), "--if-empty", "whole"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(100% repainted)") == 3
+    for index, path in enumerate(repaint_images):
+        stem = f"{index}_{os.path.splitext(os.path.basename(path))[0]}"
+        painted = np.asarray(PIL.Image.open(tmp_path / "all" / f"{stem}_repainted.png"))
+        original = np.asarray(PIL.Image.open(path))
+        assert painted.shape == original.shape == (90, 121, 3) and not np.array_equal(painted, original)
+        assert (np.asarray(PIL.Image.open(tmp_path / "all" / f"{stem}_mask.png")) == 255).all()
+
+
+def test_repaint_background_mistakes_are_one_line_before_loading(repaint_images, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COSEGMENT_DEBUG", raising=False)
+    example = load_example("repaint_background")
+    missing_model = str(tmp_path / "no-such-model")
+    for args, named in (
+        ([repaint_images[0]], "`IMAGE` must name 2 or more files, got 1"),
+        ([repaint_images[0], str(tmp_path / "nope.png")], "no such file"),
+        (repaint_images[:2] + ["--repaint", "sky"], "argument --repaint: invalid choice: 'sky'"),
+        (repaint_images[:2] + ["--grow", "-1"], "argument --grow: must be an int >= 0"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            example.main(args + ["--prompt", "x", "--model", missing_model, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and err.count("\n") == 1 and named in err and missing_model not in err, err
+    assert not (tmp_path / "out").exists()
