@@ -59,13 +59,35 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
     """
     if version not in ("1", "2"):
         raise ValueError(f"`version` must be '1' or '2', got {version!r}.")
-    import tempfile
-
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    # the random weights are drawn in this order: UNet, VAE, text encoder, safety checker
+    unet = _tiny_unet(sample_size, version)
+    vae = _tiny_vae(sample_size)
+    text_encoder = _tiny_text_encoder()
+    safety_checker, feature_extractor = _tiny_safety_checker() if version == "1" else (None, None)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=_tiny_scheduler(),
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=version == "1",
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe
+
+
+def _tiny_unet(sample_size: int, version: str):
+    """An SD-shaped `UNet2DConditionModel` (four levels, widths 32-64), random weights from torch's global RNG."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -78,7 +100,13 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
         use_linear_projection=version == "2",
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
+
+
+def _tiny_vae(sample_size: int):
+    """An `AutoencoderKL` with scale factor 8 (four levels) and 4 latent channels, random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(16, 16, 32, 32),
         in_channels=3,
         out_channels=3,
@@ -89,7 +117,13 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
         norm_num_groups=8,
         sample_size=sample_size * 8,
     )
-    text_encoder = CLIPTextModel(
+
+
+def _tiny_text_encoder():
+    """A 2-layer CLIP text encoder of width 32 with 77 positions, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=0,
             eos_token_id=2,
@@ -105,10 +139,24 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
             hidden_act="gelu",
         )
     )
+
+
+def _tiny_tokenizer():
+    """A `CLIPTokenizer` over the byte-level vocabulary of :func:`_write_tokenizer_files`, `model_max_length=77`."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = _write_tokenizer_files(tmp)
-        tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
-    scheduler = PNDMScheduler(
+        return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+
+
+def _tiny_scheduler():
+    """SD's `PNDMScheduler` configuration (scaled-linear betas over 1000 training steps)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -117,29 +165,18 @@ def make_tiny_stable_diffusion(folder: str | None = None, sample_size: int = 32,
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    safety_checker = feature_extractor = None
-    if version == "1":
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import CLIPConfig, CLIPImageProcessor
 
-        vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
-        vision.update({"image_size": 32, "patch_size": 8})
-        text = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
-        safety_checker = StableDiffusionSafetyChecker(
-            CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-        )
-        feature_extractor = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=safety_checker,
-        feature_extractor=feature_extractor,
-        requires_safety_checker=version == "1",
+
+def _tiny_safety_checker():
+    """SD 1.x's optional components, tiny: a `StableDiffusionSafetyChecker` (random weights) and its
+    `CLIPImageProcessor`."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    vision.update({"image_size": 32, "patch_size": 8})
+    text = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2}
+    safety_checker = StableDiffusionSafetyChecker(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     )
-    pipe.set_progress_bar_config(disable=True)
-    if folder is not None:
-        pipe.save_pretrained(folder)
-    return pipe
+    return safety_checker, CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
