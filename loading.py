@@ -9,6 +9,10 @@ diffusers' custom-pipeline loader copies both.
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from diffusers.utils import logging
 
 from .utils.files import copy_file, write_text
 
@@ -87,3 +91,15 @@ def drop_empty_fp32_notice(record) -> bool:
     printed once per model (UNet, VAE) says nothing. A real list of float32 modules is still reported.
     """
     return "should be kept in float32: []." not in record.getMessage()
+
+
+@contextmanager
+def without_empty_fp32_notice() -> Iterator[None]:
+    """While the block runs, diffusers' model logger drops its empty float32-modules notice
+    (:func:`drop_empty_fp32_notice`); the filter is removed afterwards, whatever happens."""
+    model_logger = logging.get_logger("diffusers.models.modeling_utils")
+    model_logger.addFilter(drop_empty_fp32_notice)
+    try:
+        yield
+    finally:
+        model_logger.removeFilter(drop_empty_fp32_notice)

@@ -65,8 +65,9 @@ from .checks import check_prompt as _check_prompt
 # imports these modules of its steps, and diffusers copies a root module into its cache only when this file imports
 # it (DESIGN section 3).
 from .features import REFERENCE_PREFIX  # noqa: F401
-from .loading import HUB_ARGUMENTS, pipeline_code_files, plain_class_name, push_folder, write_code_files  # noqa: F401
-from .loading import drop_empty_fp32_notice as _drop_empty_fp32_notice
+from .loading import HUB_ARGUMENTS, plain_class_name, push_folder, without_empty_fp32_notice, write_code_files
+from .loading import drop_empty_fp32_notice as _drop_empty_fp32_notice  # noqa: F401 (importable as before)
+from .loading import pipeline_code_files as pipeline_code_files  # re-exported: importable from this file as before
 from .matches import pair_correspondences  # noqa: F401
 from .pairs import join_pair_analyses  # noqa: F401
 from .parts import segment_parts  # noqa: F401
@@ -208,12 +209,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs) -> "StableDiffusionCoSegmentationPipeline":
         r"""[`DiffusionPipeline.from_pipe`], without diffusers' notice about float32 modules for models that have none
         (:func:`~cosegment.loading.drop_empty_fp32_notice`, on diffusers' model logger, only while this call runs)."""
-        model_logger = logging.get_logger("diffusers.models.modeling_utils")
-        model_logger.addFilter(_drop_empty_fp32_notice)
-        try:
+        with without_empty_fp32_notice():
             return super().from_pipe(pipeline, **kwargs)
-        finally:
-            model_logger.removeFilter(_drop_empty_fp32_notice)
 
     @property
     def size_multiple(self) -> int:
