@@ -32,11 +32,21 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 # Named for diffusers' loader: it copies into its module cache only the modules this file imports relatively.
 from .analysis import CoSegmentationPipelineOutput
+from .capture import encoder_latents  # noqa: F401
+from .checks import CheckedInputs  # noqa: F401
+from .features import REFERENCE_PREFIX  # noqa: F401
+from .loading import write_code_files  # noqa: F401
+from .matches import pair_correspondences  # noqa: F401
+from .pairs import join_pair_analyses  # noqa: F401
+from .parts import segment_parts  # noqa: F401
 from .pipeline_cosegment import StableDiffusionCoSegmentationPipeline, pipeline_code_files
 from .processors.cross_self_attention import AttentionStore  # noqa: F401
+from .settings import THRESHOLD_NAMES  # noqa: F401
+from .transfer import refine_correspondences  # noqa: F401
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file
 from .utils.images import collect_images  # noqa: F401
+from .utils.joining import merge_passes  # noqa: F401
 from .utils.reference import positional_offsets  # noqa: F401
 from .utils.refinement import window_soft_argmax  # noqa: F401
 from .utils.segmentation import upsample_assignment  # noqa: F401

@@ -249,7 +249,7 @@ def test_block_folder_loads_without_cosegment(block_folder, tiny_sd_path, tiny_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     arrays = load_file(out)
-    assert bytes(arrays["module"]).decode() == "diffusers_modules.local.analysis"  # the folder's copy of the code
+    assert bytes(arrays["module"]).decode() == "diffusers_modules.local.features"  # the folder's copy of the code
     theirs = tiny_pipe(
         image=small_photos, height=128, width=128, generator=torch.Generator().manual_seed(4), **NO_FILTER
     )
