@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -563,7 +564,8 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
 def main(argv: Sequence[str] | None = None) -> int:
     """The `cosegment` command. A bad option or image file, or a model that cannot be loaded, is one line on stderr
     (exit status 2 or 1); `--debug` or `COSEGMENT_DEBUG=1` adds the traceback. SIGINT or SIGTERM stops it cleanly:
-    one line saying what was kept for `--resume`, exit status 130 or 143."""
+    one line saying what was kept for `--resume`, exit status 130 or 143; SIGINT while the arguments are parsed is
+    one line too, exit status 130. `--help` and every input check import no torch, diffusers or transformers."""
     return run_command(build_parser(), _run_until_stopped, argv)
 
 
@@ -576,6 +578,7 @@ def _run_until_stopped(args: argparse.Namespace) -> dict | None:
         with stop_on_signals():  # SIGINT, SIGTERM -> RunInterrupted: writers clean up, no partial file
             return run(args)
     except RunInterrupted as stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a second Ctrl-C adds no line (main restores)
         _say(f"{stop}: kept {describe_kept(args.out)}; run the same command with --resume to continue")
         raise SystemExit(stop.exit_code) from None
     except Exception as error:
