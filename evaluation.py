@@ -27,9 +27,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads with the model, so that `cosegment-eval --help` and the dataset checks stay quick
+    import torch
 
 EVAL_FORMAT = "cosegment.evaluation/1"
 SPAIR_SPLITS = ("trn", "val", "test")
@@ -373,6 +376,8 @@ def evaluate_cosegmentation(cub: dict, segment: SegmentFn, progress: Callable | 
 
 def keypoint_tokens(keypoints, image_size: Sequence[int], grid_size: Sequence[int]) -> torch.Tensor:
     """`(K, 2)` x, y pixels of an image of `(H, W)` -> `(K,)` long index of the token (row-major) holding each."""
+    import torch
+
     keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
     height, width = image_size
     h, w = grid_size
@@ -419,6 +424,11 @@ class PipelinePredictor:
         self.refine = refine
         self.capture = capture
 
+    def _generator(self) -> torch.Generator:
+        import torch
+
+        return torch.Generator().manual_seed(self.seed)
+
     @staticmethod
     def _load(path: str) -> np.ndarray:
         import PIL.Image
@@ -428,14 +438,12 @@ class PipelinePredictor:
 
     def transfer(self, pair: KeypointPair) -> np.ndarray:
         images = [self._load(pair.source_image), self._load(pair.target_image)]
-        features = self.pipe.capture_features(
-            images, generator=torch.Generator().manual_seed(self.seed), **self.capture
-        )
+        features = self.pipe.capture_features(images, generator=self._generator(), **self.capture)
         return transfer_keypoints(features, 0, 1, pair.source_keypoints, refine=self.refine)
 
     def segment(self, paths: list[str]) -> list[np.ndarray] | None:
         images = [self._load(path) for path in paths]
-        output = self.pipe(image=images, generator=torch.Generator().manual_seed(self.seed), **self.capture)
+        output = self.pipe(image=images, generator=self._generator(), **self.capture)
         return None if output.masks is None else [np.asarray(mask, dtype=bool) for mask in output.masks]
 
 
@@ -445,9 +453,9 @@ class PipelinePredictor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cosegment import DEFAULT_MODEL_ID
     from cosegment.utils.command_line import (
-        DTYPES,
+        DEFAULT_MODEL_ID,
+        DTYPE_NAMES,
         TINY_PIPELINE_HINT,
         ArgumentParser,
         add_common_arguments,
@@ -477,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=positive_int, default=None, help="processing height (default: the model's)")
     parser.add_argument("--width", type=positive_int, default=None, help="processing width (default: the model's)")
     parser.add_argument("--timestep", type=int, default=261, help="diffusion timestep of the noise (default 261)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), default="float32", help="model dtype (default float32)"
+    )
     parser.add_argument("--no-segmentation", action="store_true", help="CUB: skip the co-segmentation Jaccard")
     parser.add_argument("--out", default=None, help="write the results JSON to this file (default: print only)")
     parser.add_argument(
@@ -520,11 +530,11 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         pairs = cub_pairs(cub)
     _check_image_files(pairs, cub)
     if predictor is None:
-        from cosegment.utils.command_line import DTYPES, load_pipeline
+        from cosegment.utils.command_line import load_pipeline
 
         device = resolve_device(getattr(args, "device", "auto"))
         check_capture_arguments(args.model, args.height, args.width, args.timestep)
-        pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=quiet)
+        pipe = load_pipeline(args.model, device, args.dtype, quiet=quiet)
         pipe.set_progress_bar_config(disable=True)
         capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
         predictor = PipelinePredictor(pipe, seed=args.seed, refine=not getattr(args, "no_refine", False), **capture)

