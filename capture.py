@@ -6,11 +6,13 @@ A root module beside `pipeline_cosegment.py`, which imports it (and `.checks`, `
 `.processors.cross_self_attention`, which it uses) so that diffusers' custom-pipeline loader copies them.
 """
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import unwrap_module
 
 from .checks import CheckedInputs
@@ -23,6 +25,49 @@ from .processors.cross_self_attention import (
     compiled_prefix,
     finish_interrupted_forward,
 )
+
+NO_TEXT_ENCODER = (
+    "This pipeline has no `text_encoder` or `tokenizer` (it was made with `text_encoder=None`): pass `prompt_embeds` "
+    "(`(1, L, C)`, e.g. from another pipeline's `encode_prompt`) instead of a prompt."
+)
+
+
+def encode_text(
+    tokenizer, text_encoder, prompt: str | list[str], device, clip_skip: int | None = None
+) -> torch.Tensor:
+    """`prompt` (one str or a list) -> `(B, L, C)` CLIP text embeddings, padded to the tokenizer's maximum length, as
+    diffusers' Stable Diffusion pipelines compute them (`clip_skip`: the hidden state that many layers before the last,
+    through the final layer norm). `ValueError` naming `prompt_embeds` when the pipeline has no text encoder."""
+    if tokenizer is None or text_encoder is None:
+        raise ValueError(NO_TEXT_ENCODER)
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        raise ValueError(f"`clip_skip` must be a non-negative int or None, got {clip_skip!r}.")
+    tokens = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    attention_mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = tokens.attention_mask.to(device)
+    ids = tokens.input_ids.to(device)
+    if clip_skip is None:
+        return text_encoder(ids, attention_mask=attention_mask)[0]
+    hidden = text_encoder(ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    text_model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests it; 5 does not
+    return text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+
+
+@contextlib.contextmanager
+def lora_scaled(text_encoder, lora_scale: float | None):
+    """LoRA layers of `text_encoder` scaled by `lora_scale` inside the block (PEFT backend, as diffusers does), back to
+    their scale on leaving it; nothing without a scale or without PEFT."""
+    scaled = lora_scale is not None and USE_PEFT_BACKEND and text_encoder is not None
+    if scaled:
+        scale_lora_layers(text_encoder, lora_scale)
+    try:
+        yield
+    finally:
+        if scaled:
+            unscale_lora_layers(text_encoder, lora_scale)
 
 
 def resize_images(images: list[torch.Tensor], height: int, width: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:

@@ -43,12 +43,21 @@ class CheckedInputs:
     batch_size: int
 
 
-def check_prompt(prompt: str | None, prompt_embeds: torch.Tensor | None, embedding_dim: int) -> None:
+def check_prompt(
+    prompt: str | None, prompt_embeds: torch.Tensor | None, embedding_dim: int, has_text_encoder: bool = True
+) -> None:
     """`prompt` (a str or None) and `prompt_embeds` (None or a finite float `(1, L, embedding_dim)` tensor) are
-    exclusive, as in diffusers' pipelines; `TypeError`/`ValueError` naming the argument otherwise."""
+    exclusive, as in diffusers' pipelines, and a pipeline without a text encoder needs `prompt_embeds`;
+    `TypeError`/`ValueError` naming the argument otherwise."""
     if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"`prompt` must be a str or None, got {type(prompt).__name__}: {_describe(prompt)}.")
     if prompt_embeds is None:
+        if not has_text_encoder:
+            raise ValueError(
+                "`prompt_embeds` is required: this pipeline has no `text_encoder` (it was made with "
+                "`text_encoder=None`), so it cannot encode a prompt. Pass `prompt_embeds` (`(1, L, C)`, e.g. from "
+                "another pipeline's `encode_prompt`)."
+            )
         return
     if prompt is not None:
         raise ValueError(

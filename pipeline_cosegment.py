@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
@@ -48,7 +49,15 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
     settings_with_reference,
     transfer_points,
 )
-from .capture import capture_queries_keys, encode_pixels, features_from_capture, noise_latents, resize_images
+from .capture import (
+    capture_queries_keys,
+    encode_pixels,
+    encode_text,
+    features_from_capture,
+    lora_scaled,
+    noise_latents,
+    resize_images,
+)
 from .capture import encoder_latents as _encoder_latents  # noqa: F401 (importable from this file as before)
 from .checks import (
     CheckedInputs,
@@ -61,9 +70,7 @@ from .checks import (
 )
 from .checks import check_prompt as _check_prompt
 
-# `.features`, `.matches`, `.pairs`, `.parts`, `.settings` and `.transfer` are named for the loader only: `analysis.py`
-# imports these modules of its steps, and diffusers copies a root module into its cache only when this file imports
-# it (DESIGN section 3).
+# Named for the loader only (`analysis.py` imports them; diffusers copies only what this file imports: DESIGN sec. 3)
 from .features import REFERENCE_PREFIX  # noqa: F401
 from .loading import HUB_ARGUMENTS, plain_class_name, push_folder, without_empty_fp32_notice, write_code_files
 from .loading import drop_empty_fp32_notice as _drop_empty_fp32_notice  # noqa: F401 (importable as before)
@@ -83,8 +90,7 @@ from .processors.cross_self_attention import (  # noqa: F401 (re-exported: impor
 from .settings import THRESHOLD_NAMES  # noqa: F401
 from .transfer import refine_correspondences  # noqa: F401
 
-# Named for the loader only: the root modules import these modules, and diffusers copies a helper module into its
-# cache only when this file imports it (DESIGN section 3).
+# Named for the loader only, likewise (the root modules import them)
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text  # noqa: F401
 from .utils.images import collect_images, preferred_memory_format
@@ -120,12 +126,12 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
+class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMixin):
     r"""Semantic correspondences, confidence maps and co-segmentation of an image collection from the
     self-attention queries and keys of one Stable Diffusion UNet pass (cross self-attention).
 
-    This model inherits from [`DiffusionPipeline`]; see the superclass documentation for the generic methods
-    (downloading, saving, running on a device, `from_pipe`).
+    This model inherits from [`DiffusionPipeline`] (downloading, saving, devices, `from_pipe`) and
+    [`StableDiffusionMixin`] (`fuse_qkv_projections`, `enable_freeu`, VAE slicing and tiling, as in Stable Diffusion).
 
     Args:
         vae ([`AutoencoderKL`] or [`AutoencoderTiny`]): encodes the images to latents.
@@ -139,12 +145,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "vae->text_encoder->unet"
     _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
-    # Not `["safety_checker"]` as in Stable Diffusion: it never runs here, so model CPU offload leaves it on the CPU
-    # (under an offload hook) instead of parking it on the accelerator.
+    # Not `["safety_checker"]` as in SD: it never runs here, so model CPU offload leaves it on the CPU (under a hook)
     _exclude_from_cpu_offload = []
-    # Memory format of the images handed to the VAE encoder; `None` picks the fastest for the execution device
-    # (`channels_last` on CPU and CUDA, see `utils.images.preferred_memory_format`). Only the input tensor is laid
-    # out so: the VAE module, which `from_pipe` siblings share, is left as it is.
+    # Memory format of the images handed to the VAE encoder; `None`: the fastest for the device (`channels_last` on
+    # CPU and CUDA, `utils.images.preferred_memory_format`); only the input is laid out so, not the shared VAE.
     vae_input_memory_format: torch.memory_format | None = None
 
     def __init__(
@@ -279,7 +283,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
             tensors in [0, 1], the processing size, the layer names, their token grid, the checked analysis
             settings), which the capture and the analysis use without checking or resolving them again.
         """
-        _check_prompt(prompt, prompt_embeds, int(self.unet.config.cross_attention_dim))
+        _check_prompt(prompt, prompt_embeds, int(self.unet.config.cross_attention_dim), self.text_encoder is not None)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
@@ -315,21 +319,39 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         """
         return resize_images(collect_images(image), height, width)
 
-    def encode_prompt(self, prompt: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """`prompt` -> `(1, L, C)` text embeddings (the prompt conditions the UNet; `""` by default), on `device`
-        (defaults to the execution device, as in diffusers' pipelines)."""
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None = "",
+        device: torch.device | str | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = False,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""Text embeddings with the signature and return convention of `StableDiffusionPipeline.encode_prompt`
+        (the same arguments and meaning). The co-segmentation conditions the UNet on one `(1, L, C)` embedding (`""`
+        by default) without guidance: :meth:`__call__` takes only `prompt_embeds` (e.g. on a pipeline made with
+        `text_encoder=None`).
+
+        Returns:
+            `(prompt_embeds, negative_prompt_embeds)`, each `(B * num_images_per_prompt, L, C)`;
+            `negative_prompt_embeds` is None unless `do_classifier_free_guidance`.
+        """
         device = self._execution_device if device is None else device
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = tokens.attention_mask.to(device)
-        return self.text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)[0]
+        with lora_scaled(self.text_encoder, lora_scale):
+            if prompt_embeds is None:
+                prompt_embeds = encode_text(self.tokenizer, self.text_encoder, prompt, device, clip_skip)
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                negative = "" if negative_prompt is None else negative_prompt
+                negative = [negative] * prompt_embeds.shape[0] if isinstance(negative, str) else negative
+                negative_prompt_embeds = encode_text(self.tokenizer, self.text_encoder, negative, device, clip_skip)
+        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
 
     def prepare_noise(
         self,
@@ -457,7 +479,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
         noisy, timesteps = noise_latents(self.scheduler.config, latents, noise, timestep, device, self.unet.dtype)
         if prompt_embeds is None:
             prompt = "" if prompt is None else prompt
-            prompt_embeds = self.encode_prompt(prompt, device)
+            prompt_embeds, _ = self.encode_prompt(prompt, device)
         prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)  # [1,L,C]
 
         # 3. Capture the queries and keys of the chosen layers: [M*E,H,N,d] per layer -> one [M,H,N,d] per (layer, draw)
@@ -479,11 +501,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     ) -> CoSegmentationFeatures:
         """Content-free captures for `analyze_features(..., reference=...)`: `num_images` blank (mid-grey) images,
         each with its own noise draw at `timestep`, through the same encode, noise and capture steps as real images
-        (prompt `""`).
-
-        A uniform image has no content that depends on position, so whatever its features share position by position
-        is the model's own (a positional embedding, corner tokens); its own features are the same at every position
-        and cancel in the centring. The noise draws differ, so their mean estimates that share.
+        (prompt `""`): what they share position by position is the model's own (docs/METHOD.md, the reference).
 
         Cached on the pipeline per processing size, timestep, layers, `num_images` and model (the UNet object, its
         dtype, the execution device): a second call with the same arguments returns the same object without running

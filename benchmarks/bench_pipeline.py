@@ -153,7 +153,7 @@ def dift_equivalent(
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device, latents.dtype)
     t = torch.full((latents.shape[0],), 261, device=device)
     noisy = pipe.scheduler.add_noise(latents, noise, t)
-    text = pipe.encode_prompt("", device).expand(latents.shape[0], -1, -1)
+    text = pipe.encode_prompt("", device)[0].expand(latents.shape[0], -1, -1)
 
     def stop(module, args, output):
         raise StopForward()
@@ -173,7 +173,7 @@ def full_forward(pipe, batch: list[np.ndarray], size: int) -> None:
     pixels, _ = pipe.prepare_images(batch, size, size)
     latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
     t = torch.full((latents.shape[0],), 261, device=device)
-    text = pipe.encode_prompt("", device).expand(latents.shape[0], -1, -1)
+    text = pipe.encode_prompt("", device)[0].expand(latents.shape[0], -1, -1)
     pipe.unet(latents, t, encoder_hidden_states=text)
 
 
@@ -429,7 +429,7 @@ def main() -> None:
         # (a2) the UNet alone, inputs prepared once: what the early exit saves, without VAE and noise in the timing
         latents = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
         t = torch.full((2,), 261, device=device)
-        text = pipe.encode_prompt("", device).expand(2, -1, -1)
+        text = pipe.encode_prompt("", device)[0].expand(2, -1, -1)
         names = pipe.resolve_attention_layers()
         from cosegment.processors.cross_self_attention import AttentionStore, CrossSelfAttentionCaptureProcessor
 

@@ -141,7 +141,7 @@ def pipeline_rows() -> tuple[list[dict], list[dict]]:
     size = blank.metadata["height"] // pipe.vae_scale_factor
     latents = torch.randn(16, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.full((16,), 261, dtype=torch.long)
-    queries, _ = pipe._run_unet(latents, timesteps, pipe.encode_prompt(""), layers, 8, True)
+    queries, _ = pipe._run_unet(latents, timesteps, pipe.encode_prompt("")[0], layers, 8, True)
     agreement = [
         {
             "captures": "16 blank images (capture_reference)",

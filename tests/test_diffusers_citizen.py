@@ -87,9 +87,9 @@ def test_tiny_vae_runs_end_to_end(fresh_pipe):
 
 def test_prompt_embeds_equal_the_encoded_prompt(tiny_pipe):
     images = _images()
-    embeds = tiny_pipe.encode_prompt("a cat")  # device defaults to the execution device
+    embeds = tiny_pipe.encode_prompt("a cat")[0]  # device defaults to the execution device
     assert embeds.shape == (1, 77, 32) and embeds.device == tiny_pipe._execution_device
-    torch.testing.assert_close(embeds, tiny_pipe.encode_prompt("a cat", "cpu"), rtol=0, atol=0)
+    torch.testing.assert_close(embeds, tiny_pipe.encode_prompt("a cat", "cpu")[0], rtol=0, atol=0)
     by_text = tiny_pipe.capture_features(images, prompt="a cat", generator=torch.Generator().manual_seed(2), **CALL)
     by_embeds = tiny_pipe.capture_features(
         images, prompt_embeds=embeds, generator=torch.Generator().manual_seed(2), **CALL
@@ -107,7 +107,7 @@ def test_prompt_embeds_on_call_condition_the_unet(tiny_pipe):
     kwargs = dict(generator=torch.Generator().manual_seed(5), return_features=True, **CALL, **NO_FILTER)
     text = tiny_pipe(images, prompt="a dog", **kwargs)
     kwargs["generator"] = torch.Generator().manual_seed(5)
-    embeds = tiny_pipe(images, prompt_embeds=tiny_pipe.encode_prompt("a dog"), **kwargs)
+    embeds = tiny_pipe(images, prompt_embeds=tiny_pipe.encode_prompt("a dog")[0], **kwargs)
     np.testing.assert_array_equal(text.density_maps, embeds.density_maps)
     assert torch.equal(text.features.keys[0], embeds.features.keys[0])
     # other embeddings (a shorter sequence, in float64: cast to the UNet's dtype) give other features
@@ -191,7 +191,7 @@ def test_no_group_is_left_onloaded_after_a_call(fresh_pipe, onloaded, mode):
         _install_lazy_prefetch(pipe.unet)
     if mode.endswith("chained"):
         # a whole forward first (a sibling pipeline's): the prefetch chain runs on past the exit, up_blocks.2 -> .3
-        pipe.unet(latents, 10, encoder_hidden_states=pipe.encode_prompt(""), return_dict=False)
+        pipe.unet(latents, 10, encoder_hidden_states=pipe.encode_prompt("")[0], return_dict=False)
     names = _group_names(pipe.unet)
     for seed in range(3):
         before = calls["onload"]
@@ -214,7 +214,7 @@ def test_no_group_is_left_onloaded_after_a_call(fresh_pipe, onloaded, mode):
         assert tracked == ["up_blocks.3"]
         assert registry.get_hook("group_offloading").next_group is not None
     # the shared UNet still runs whole forwards (e.g. a sibling pipeline made with from_pipe), offloading everything
-    pipe.unet(latents, 10, encoder_hidden_states=pipe.encode_prompt(""), return_dict=False)
+    pipe.unet(latents, 10, encoder_hidden_states=pipe.encode_prompt("")[0], return_dict=False)
     assert not state
 
 
