@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DiffusionPi
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor, unwrap_module
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import is_torchvision_available
 
@@ -63,6 +64,7 @@ from .processors.cross_self_attention import (
     compiled_prefix,
     finish_interrupted_forward,
     self_attention_layer_levels,
+    unwrap_module,
 )
 
 # Named for the loader only: `analysis.py` imports these modules, and diffusers copies a helper module into its
@@ -197,16 +199,17 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline):
     # out so: the VAE module, which `from_pipe` siblings share, is left as it is.
     vae_input_memory_format: torch.memory_format | None = None
 
+    # `Union`/`Optional`, not `X | Y`: diffusers < 0.37 reads these hints for `from_pipe` and knows only `typing.Union`
     def __init__(
         self,
-        vae: AutoencoderKL | AutoencoderTiny,
+        vae: Union[AutoencoderKL, AutoencoderTiny],
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        safety_checker: StableDiffusionSafetyChecker | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
+        safety_checker: Optional[StableDiffusionSafetyChecker] = None,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
         requires_safety_checker: bool = False,
     ):
         super().__init__()
