@@ -325,7 +325,14 @@ def test_every_hook_that_saw_a_forward_start_sees_it_end(fresh_pipe):
     assert posts == ["layer", "block", "unet", "unet-accelerate"] * 2
 
 
-@pytest.mark.parametrize("mode", ["attention_slicing", "layerwise_casting_fp8", "bfloat16"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "attention_slicing",
+        pytest.param("layerwise_casting_fp8", marks=needs_diffusers("0.33", "enable_layerwise_casting")),
+        "bfloat16",
+    ],
+)
 def test_other_memory_saving_modes_keep_working(fresh_pipe, mode):
     pipe = fresh_pipe()
     kwargs = dict(generator=torch.Generator().manual_seed(0), **CALL)
