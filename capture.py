@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
-from diffusers.utils.torch_utils import unwrap_module
 
 from .checks import CheckedInputs
 from .features import CoSegmentationFeatures
@@ -24,6 +23,7 @@ from .processors.cross_self_attention import (
     capture_stops_early,
     compiled_prefix,
     finish_interrupted_forward,
+    unwrap_module,
 )
 
 NO_TEXT_ENCODER = (

@@ -1,15 +1,12 @@
 # Copyright 2026 The cosegment authors. Licensed under the Apache License, Version 2.0.
-"""`StableDiffusionCoSegmentationPipeline`: correspondences, confidence maps and co-segmentation of an image
-collection from the self-attention of one Stable Diffusion UNet pass (cross self-attention, seed Eq. 2.4-2.13).
-
-This file is the diffusers glue: loading and saving (`loading.py`), the checks (`checks.py`), noise, the capture of
-queries and keys (DESIGN steps 1-3, `capture.py`), then one call into `analysis.py` (steps 4-11). The maths lives in
-`utils/`, the attention hook in `processors/`. diffusers' custom-pipeline loader copies only the modules this file
-imports relatively (not recursively): it imports every root module and `.utils.x` module they use (DESIGN section 3).
+"""`StableDiffusionCoSegmentationPipeline`, the diffusers glue (cross self-attention, seed Eq. 2.4-2.13): loading
+(`loading.py`), checks (`checks.py`), noise and capture (steps 1-3, `capture.py`), then `analysis.py` (steps 4-11).
+diffusers' loader copies only the modules this file imports relatively: it imports every module they use (DESIGN 3).
 """
 
 import os
 from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -86,6 +83,7 @@ from .processors.cross_self_attention import (  # noqa: F401 (re-exported: impor
     compiled_prefix,
     finish_interrupted_forward,
     self_attention_layer_levels,
+    unwrap_module,
 )
 from .settings import THRESHOLD_NAMES  # noqa: F401
 from .transfer import refine_correspondences  # noqa: F401
@@ -151,16 +149,17 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
     # CPU and CUDA, `utils.images.preferred_memory_format`); only the input is laid out so, not the shared VAE.
     vae_input_memory_format: torch.memory_format | None = None
 
+    # `Union`/`Optional`, not `X | Y`: diffusers < 0.37 reads these hints for `from_pipe` and knows only `typing.Union`
     def __init__(
         self,
-        vae: AutoencoderKL | AutoencoderTiny,
+        vae: Union[AutoencoderKL, AutoencoderTiny],
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        safety_checker: StableDiffusionSafetyChecker | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
-        image_encoder: CLIPVisionModelWithProjection | None = None,
+        safety_checker: Optional[StableDiffusionSafetyChecker] = None,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
         requires_safety_checker: bool = False,
     ):
         super().__init__()

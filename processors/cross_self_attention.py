@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
+from diffusers.utils.torch_utils import is_compiled_module
+
+try:
+    from diffusers.utils.torch_utils import unwrap_module
+except ImportError:  # diffusers < 0.35 has no `unwrap_module`: the same two lines
+
+    def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
+        """The module inside a `torch.compile` wrapper, or the module itself."""
+        return module._orig_mod if is_compiled_module(module) else module
 
 
 class StopForward(Exception):
@@ -188,8 +196,10 @@ def finish_interrupted_forward(model: torch.nn.Module, stopped_at: str) -> None:
 
 def offloading_groups(model: torch.nn.Module) -> list:
     """The distinct `ModuleGroup`s of diffusers' group offloading under `model`, in module order (empty without it)."""
-    from diffusers.hooks.group_offloading import GroupOffloadingHook
-
+    try:
+        from diffusers.hooks.group_offloading import GroupOffloadingHook
+    except ImportError:  # diffusers < 0.33 has no group offloading
+        return []
     groups = {}
     for module in model.modules():
         registry = getattr(module, "_diffusers_hook", None)

@@ -1,9 +1,11 @@
 import os
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 from hypothesis import settings
+from packaging.version import Version
 
 from cosegment.testing import make_tiny_stable_diffusion
 
@@ -32,6 +34,14 @@ try:
 except ImportError:
     pass
 """
+
+
+def needs_diffusers(minimum: str, feature: str):
+    """Skip a test of `feature` where the installed diffusers predates it (CI's minimum environment runs older ones)."""
+    return pytest.mark.skipif(
+        Version(diffusers.__version__) < Version(minimum),
+        reason=f"{feature} needs diffusers >= {minimum}; this is {diffusers.__version__}",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -99,8 +99,9 @@ def test_capture_features_image_indices_match_full_run(tiny_pipe, photos, small_
 
 
 def test_prepare_noise_slice_is_the_full_draw(tiny_pipe):
-    full = tiny_pipe.prepare_noise(4, 2, (4, 8, 8), torch.Generator().manual_seed(1), "cpu", torch.float32)
-    part = tiny_pipe.prepare_noise(4, 2, (4, 8, 8), torch.Generator().manual_seed(1), "cpu", torch.float32, [1, 3])
+    cpu = torch.device("cpu")  # older diffusers' `randn_tensor` needs a `torch.device`, not a string
+    full = tiny_pipe.prepare_noise(4, 2, (4, 8, 8), torch.Generator().manual_seed(1), cpu, torch.float32)
+    part = tiny_pipe.prepare_noise(4, 2, (4, 8, 8), torch.Generator().manual_seed(1), cpu, torch.float32, [1, 3])
     assert part.shape == (4, 4, 8, 8)
     assert torch.equal(part[:2], full[2:4]) and torch.equal(part[2:], full[6:8])
 

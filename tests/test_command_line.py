@@ -241,7 +241,8 @@ def test_save_safetensors_follows_the_umask(tmp_path, umask):
     finally:
         os.umask(previous)
     mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
-    assert mode("plain.safetensors") == 0o600  # what safetensors itself writes: the reason for the helper
+    # what safetensors itself writes, the reason for the helper: 0o600 (older safetensors followed the umask)
+    assert mode("plain.safetensors") in (0o600, 0o666 & ~umask)
     assert mode("ours.safetensors") == mode("text.json") == 0o666 & ~umask
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from diffusers.utils.torch_utils import unwrap_module
 from torch._dynamo.utils import counters
 
 from cosegment import StableDiffusionCoSegmentationPipeline
@@ -21,6 +20,7 @@ from cosegment.processors.cross_self_attention import (
     prefix_stop,
     runs_compiled,
     unet_prefix_forward,
+    unwrap_module,
 )
 
 SIZE = {"height": 64, "width": 64}

@@ -71,8 +71,9 @@ def test_pairs_are_streamed_memory_does_not_depend_on_pair_count(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pipelines_run_with_float32_maths(tiny_sd_path, photos, dtype):
     from cosegment import StableDiffusionCoSegmentationPipeline
+    from cosegment.utils.command_line import dtype_keyword
 
-    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd_path, dtype=dtype)
+    pipe = StableDiffusionCoSegmentationPipeline.from_pretrained(tiny_sd_path, **dtype_keyword(dtype))
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         image=photos[:2],
