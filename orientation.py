@@ -144,8 +144,7 @@ def orientation_evidence(
         chunk_size: attention rows computed at once (`None`: automatic).
         device: where to compute (default: the features').
         both_ways: weigh all four captures of a pair (8 attention row passes); `False`: `(i, j)` against
-            `(i, flip j)` only (4 passes; on design collections right for 0.96 of pairs against 1.0,
-            docs/FLIP_NOTES.md).
+            `(i, flip j)` only (4 passes; on 120 design pairs right for 118 against 120, docs/FLIP_NOTES.md).
 
     Returns:
         `(M, M)` float64, symmetric, 0 on the diagonal and for pairs not weighed.

@@ -102,6 +102,22 @@ class TestPlantedEvidence:
         np.testing.assert_array_equal(decision.pair_flipped.numpy(), truth)
         assert int(decision.flipped.sum()) == 1  # one of three mirrored: the majority stays as it is
 
+    def test_the_collection_corrects_planted_pairs(self):
+        """A weak object-side term (0.1, picture side 0.4; design seed 503): two of the six pairs of this collection
+        of four, alone, would pick the wrong orientation; the collection's decision gets every pair right and says
+        which pairs it overruled."""
+        case = make_family_case(
+            "sectors", 4, 3, seed=503, mirror="half", symmetric=True, object_side=0.1, picture_side=0.4, num_heads=2
+        )
+        evidence = orientation_evidence(case.features, make_mirrored(case).features).numpy()
+        truth = case.mirrors[:, None] != case.mirrors[None, :]
+        alone_wrong = ((evidence < 0) != truth) & ~np.eye(4, dtype=bool)
+        assert alone_wrong.sum() == 4  # two pairs, both entries
+        decision = decide_orientations(evidence)
+        np.testing.assert_array_equal(decision.pair_flipped.numpy(), truth)
+        np.testing.assert_array_equal(decision.overruled.numpy(), alone_wrong)
+        assert int(decision.flipped.sum()) == 2 and not decision.flipped[0]
+
     def test_pairs_subset_and_checks(self, mixed_three):
         case, mirrored = mixed_three
         some = orientation_evidence(case.features, mirrored.features, pairs=[(0, 2)])
