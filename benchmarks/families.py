@@ -33,6 +33,16 @@ for its reference captures; each is added to `x` before the projections, so it r
 - `anomalies` high-norm tokens per image at random non-corner positions, `anomaly_norm` x the mean content norm,
   along one direction shared by the model (plus a little per-token variation); their content is replaced.
 
+**Symmetric objects** (issue 27; off unless `symmetric=True`): the family's layout is folded into a bilaterally
+symmetric object (:func:`symmetric_layout`: the layout on the right of the object's axis `u_col = 0`, its mirror image
+on the left); part `k` on the right has the mirror twin `k + P` on the left, and the two share everything (part
+embedding, detail field read at `(u_row, |u_col|)`) but two terms: a "which side of the object" term
+`object_side * sign(u_col) * v_obj` (object coordinates: it moves with the object's mirror) and a "which side of the
+picture" term `picture_side * sign(col - centre col) * v_pic` (picture coordinates: it does not follow the object's
+mirror, as diffusion features carry position and viewpoint cues). `mirror="half"` mirrors half of the images (`"none"`:
+none, the collection is the same way round). :func:`make_mirrored` makes the *mirrored capture* of a case: the same
+images flipped left-right (see there for what is reflected and what is not).
+
 :func:`make_reference` makes `R` content-free captures of the same model: background statistics only (a per-image
 smooth field and noise, no object and none of the collection's shared stuff), the same components, projections,
 grid and heads.
@@ -61,6 +71,7 @@ if __package__ in (None, ""):  # run as a script from a checkout named `cosegmen
 
 from cosegment import CoSegmentationFeatures, analyze_features  # noqa: E402
 from cosegment.benchmarks.planted import _to_numpy, _unit, normalized_mutual_information  # noqa: E402
+from cosegment.orientation import decide_orientations, orientation_evidence  # noqa: E402
 from cosegment.utils.segmentation import upsample_assignment  # noqa: E402
 
 FAMILIES = ("sectors", "blobs", "bands", "chain")
@@ -102,15 +113,32 @@ class Layout:
         num_parts: parts, labelled 1..num_parts.
         radius: nominal radius `R`.
         params: the family's random parameters (see :func:`make_layout`).
+        fold: `None`, or `(scale, shift)` of a symmetric object (:func:`symmetric_layout`): the point `u` shows the
+            family's layout at `(u_row / scale, |u_col| / scale - shift)`, labelled `k` where `u_col >= 0` and
+            `k + num_parts` (its mirror twin) where `u_col < 0`.
     """
 
     family: str
     num_parts: int
     radius: float
     params: dict
+    fold: tuple[float, float] | None = None
+
+    @property
+    def num_labels(self) -> int:
+        """Part labels: `num_parts`, or `2 num_parts` for a symmetric object (each part and its twin)."""
+        return self.num_parts if self.fold is None else 2 * self.num_parts
 
     def parts_at(self, u_row: np.ndarray, u_col: np.ndarray) -> np.ndarray:
-        """Part (1..P, 0 outside) at canonical coordinates of any shape."""
+        """Part (1..`num_labels`, 0 outside) at canonical coordinates of any shape."""
+        if self.fold is None:
+            return self._unfolded_parts(u_row, u_col)
+        scale, shift = self.fold
+        u_row, u_col = np.asarray(u_row, dtype=float), np.asarray(u_col, dtype=float)
+        base = self._unfolded_parts(u_row / scale, np.abs(u_col) / scale - shift)
+        return np.where((u_col < 0) & (base > 0), base + self.num_parts, base)
+
+    def _unfolded_parts(self, u_row: np.ndarray, u_col: np.ndarray) -> np.ndarray:
         p, r = self.params, self.radius
         if self.family == "sectors":
             theta = np.arctan2(u_row, u_col)
@@ -144,6 +172,21 @@ class Layout:
         rr, cc = np.meshgrid(g, g, indexing="ij")
         inside = self.parts_at(rr, cc) > 0
         return float(np.hypot(rr[inside], cc[inside]).max())
+
+
+def symmetric_layout(layout: Layout, keep: float = 0.85) -> Layout:
+    """A bilaterally symmetric object made from `layout` (no randomness): the layout moved right until only the share
+    `1 - keep` of its extent left of its centre lies left of the axis `u_col = 0`, that part cut off, and the rest
+    mirrored onto the left (part `k` there is `k + P`, the twin); scaled so its area is that of a disc of radius `R`,
+    like every family's."""
+    if layout.fold is not None:
+        raise ValueError("`layout` is already symmetric.")
+    g = np.linspace(-4.0 * layout.radius, 4.0 * layout.radius, 321)
+    rr, cc = np.meshgrid(g, g, indexing="ij")
+    shift = -keep * float(cc[layout.parts_at(rr, cc) > 0].min())
+    folded = Layout(layout.family, layout.num_parts, layout.radius, layout.params, fold=(1.0, shift))
+    folded.fold = (math.sqrt(np.pi * layout.radius**2 / folded.area()), shift)
+    return folded
 
 
 def _cuts(rng: np.random.Generator, num_parts: int, total: float) -> np.ndarray:
@@ -260,13 +303,20 @@ class PlantedModel:
                 high[i, where] = True
         return x, high
 
-    def project(self, x: np.ndarray, rng: np.random.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Queries and keys, one `(M, H, N, d)` float32 tensor per layer, of features `x` `(M, N, C)`."""
+    def project(
+        self, x: np.ndarray, rng: np.random.Generator, flip_noise: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Queries and keys, one `(M, H, N, d)` float32 tensor per layer, of features `x` `(M, N, C)`; with
+        `flip_noise` the key noise (the same draws) is flipped left-right on the grid (a mirrored capture)."""
         queries, keys = [], []
+        h, w = self.grid_size
         for w_q, w_k in zip(self.w_q, self.w_k):
             q = self.amp * np.einsum("hdc,mnc->mhnd", w_q, x)
             k = self.amp * np.einsum("hdc,mnc->mhnd", w_k, x)
-            k = k + self.noise * self.amp * rng.normal(0.0, 1.0 / math.sqrt(w_q.shape[1]), size=k.shape)
+            key_noise = rng.normal(0.0, 1.0 / math.sqrt(w_q.shape[1]), size=k.shape)
+            if flip_noise:
+                key_noise = key_noise.reshape(k.shape[:2] + (h, w, -1))[:, :, :, ::-1].reshape(k.shape)
+            k = k + self.noise * self.amp * key_noise
             queries.append(torch.from_numpy(q.astype(np.float32)))
             keys.append(torch.from_numpy(k.astype(np.float32)))
         return queries, keys
@@ -354,7 +404,10 @@ class FamilyCase:
         high_norm: `(M, N)` bool, the high-norm anomaly tokens.
         model: the :class:`PlantedModel` (for :func:`make_reference`).
         seed: the seed the collection was made from.
-        part_embeddings: `(P + 1, C)` unit part embeddings of the object features (row 0 unused).
+        part_embeddings: `(L + 1, C)` unit part embeddings of the object features, one per label (row 0 unused; a
+            symmetric object's twins share theirs).
+        options: the arguments of :func:`make_family_case` (for :func:`make_mirrored`).
+        kept: `(M,)` the images of the original collection this case keeps (after :meth:`without`), or `None`.
     """
 
     features: CoSegmentationFeatures
@@ -371,10 +424,13 @@ class FamilyCase:
     model: PlantedModel
     seed: int
     part_embeddings: np.ndarray | None = None
+    options: dict | None = None
+    kept: np.ndarray | None = None
 
     @property
     def num_parts(self) -> int:
-        return self.layout.num_parts
+        """Planted part labels (a symmetric object: each part and its mirror twin)."""
+        return self.layout.num_labels
 
     @property
     def object_masks(self) -> np.ndarray:
@@ -439,6 +495,8 @@ class FamilyCase:
             model=self.model,
             seed=self.seed,
             part_embeddings=self.part_embeddings,
+            options=self.options,
+            kept=(np.arange(f.num_images) if self.kept is None else self.kept)[keep],
             **pick,
         )
 
@@ -453,6 +511,9 @@ def _background(rng, coords, channels, stuff) -> np.ndarray:
     weight = 0.5 + 0.5 * np.tanh(2.0 * _smooth(rng, coords, 1, 6.0)[..., 0])  # in (0, 1), smooth
     which = stuff[rng.integers(len(stuff))]
     return np.sqrt(1.0 - 0.6 * weight)[..., None] * base + np.sqrt(0.6 * weight)[..., None] * which
+
+
+MIRRORS = ("random", "half", "none")
 
 
 def make_family_case(
@@ -478,6 +539,10 @@ def make_family_case(
     appearance: float = 0.15,
     detail_length: float = 1.5,
     positional_length: float = 5.0,
+    symmetric: bool = False,
+    object_side: float = 0.0,
+    picture_side: float = 0.0,
+    mirror: str = "random",
 ) -> FamilyCase:
     """A planted collection of `family` (see the module docstring); everything random comes from
     `numpy.random.default_rng(seed)`.
@@ -501,61 +566,158 @@ def make_family_case(
         appearance: share of an object feature's energy in a per-image appearance shift (lighting, colour).
         detail_length: correlation length of the object's detail field, canonical cells.
         positional_length: correlation length of the positional component, grid cells.
+        symmetric: a bilaterally symmetric object (:func:`symmetric_layout`): `2 P` part labels, each part with a
+            mirror twin that shares its features but for the two side terms.
+        object_side: amplitude of the "which side of the object" term, `sign(u_col) v_obj` (symmetric only).
+        picture_side: amplitude of the "which side of the picture" term, `sign(col - centre col) v_pic` (symmetric
+            only). The rest of an object feature is scaled by `sqrt(1 - object_side^2 - picture_side^2)`; `v_obj`,
+            `v_pic` are unit vectors drawn from the detail field's stream after it, so every other draw is unchanged.
+        mirror: which images are mirrored: `"random"` (each with probability 1/2, the default), `"half"` (exactly
+            `M // 2`, the images of the smallest draws), `"none"` (no image: the collection is the same way round).
+            The same draws in every case, so only the mirrors differ between the three.
 
     Returns:
         A :class:`FamilyCase`.
     """
+    options = dict(locals())
+    _check_options(options)
+    return _build_case(options)
+
+
+def _check_options(o: dict) -> None:
+    """Checks the arguments of :func:`make_family_case`."""
+    num_images = o["num_images"]
     if not isinstance(num_images, int) or num_images < 2:
         raise ValueError(f"`num_images` must be an int >= 2, got {num_images!r}.")
-    if not 0 <= outlier_images <= num_images - 2:
-        raise ValueError(f"`outlier_images` must be in [0, num_images - 2], got {outlier_images!r}.")
-    if not 0 <= hidden_images <= num_images - outlier_images:
-        raise ValueError(f"`hidden_images` must be in [0, images with the object], got {hidden_images!r}.")
-    if not 0.0 <= corners <= 1.0:
-        raise ValueError(f"`corners` must be in [0, 1], got {corners!r}.")
-    if positional < 0 or anomalies < 0 or anomaly_norm < 0:
+    if not 0 <= o["outlier_images"] <= num_images - 2:
+        raise ValueError(f"`outlier_images` must be in [0, num_images - 2], got {o['outlier_images']!r}.")
+    if not 0 <= o["hidden_images"] <= num_images - o["outlier_images"]:
+        raise ValueError(f"`hidden_images` must be in [0, images with the object], got {o['hidden_images']!r}.")
+    if not 0.0 <= o["corners"] <= 1.0:
+        raise ValueError(f"`corners` must be in [0, 1], got {o['corners']!r}.")
+    if o["positional"] < 0 or o["anomalies"] < 0 or o["anomaly_norm"] < 0:
         raise ValueError(
-            f"`positional`, `anomalies` and `anomaly_norm` must be >= 0, got {positional!r}, {anomalies!r}, "
-            f"{anomaly_norm!r}."
+            f"`positional`, `anomalies` and `anomaly_norm` must be >= 0, got {o['positional']!r}, "
+            f"{o['anomalies']!r}, {o['anomaly_norm']!r}."
         )
-    rng = np.random.default_rng(seed)
-    h, w = grid_size
-    layout = make_layout(family, num_parts, rng, radius)
+    if o["mirror"] not in MIRRORS:
+        raise ValueError(f"`mirror` must be one of {MIRRORS}, got {o['mirror']!r}.")
+    sides = (o["object_side"], o["picture_side"])
+    if min(sides) < 0 or o["object_side"] ** 2 + o["picture_side"] ** 2 >= 1:
+        raise ValueError(
+            f"`object_side` and `picture_side` must be >= 0 with squares summing below 1, got {sides[0]!r}, "
+            f"{sides[1]!r}."
+        )
+    if any(sides) and not o["symmetric"]:
+        raise ValueError(
+            f"`object_side` and `picture_side` need `symmetric`=True, got `symmetric`={o['symmetric']!r}."
+        )
+
+
+def _draw_warps(rng: np.random.Generator, o: dict, extent: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's scale (0.7-1.3x, capped so the whole object fits on the grid), angle and mirror."""
+    h, w = o["grid_size"]
+    num_images = o["num_images"]
+    scales = np.minimum(rng.uniform(0.7, 1.3, size=num_images), ((min(h, w) - 1) / 2 - 0.5) / extent)
+    angles = rng.uniform(-np.pi / 6, np.pi / 6, size=num_images)
+    draws = rng.random(num_images)
+    if o["mirror"] == "half":
+        return scales, angles, np.argsort(np.argsort(draws)) < num_images // 2
+    if o["mirror"] == "none":
+        return scales, angles, np.zeros(num_images, dtype=bool)
+    return scales, angles, draws < 0.5
+
+
+def _object_features(case: FamilyCase, i: int, coords: np.ndarray, look: np.ndarray, o: dict, streams: dict):
+    """Image `i`'s part label `(h, w)` and object feature `(h, w, C)` at every token (wherever the object is)."""
+    layout = case.layout
+    u = np.stack(case.to_canonical(i, coords[..., 0], coords[..., 1]), -1)
+    full = layout.parts_at(u[..., 0], u[..., 1])
+    freqs, phases, amps = streams["detail"]
+    if layout.fold is None:
+        detail = math.sqrt(2.0 / 64) * np.cos(u @ freqs.T + phases) @ amps
+        part = full
+    else:  # symmetric: the twins share the part embedding and the detail field, read at (u_row, |u_col|)
+        part = np.where(full > layout.num_parts, full - layout.num_parts, full)
+        u = np.stack([u[..., 0], np.abs(u[..., 1])], -1)
+        detail = math.sqrt(2.0 / 64) * np.cos(u @ freqs.T + phases) @ amps
+    part_share, appearance = o["part_share"], o["appearance"]
+    obj = (
+        math.sqrt(part_share) * streams["parts"][part]
+        + math.sqrt(1.0 - part_share - appearance) * detail
+        + math.sqrt(appearance) * look
+    )
+    if layout.fold is not None:
+        a, b = o["object_side"], o["picture_side"]
+        object_side = np.where(full > layout.num_parts, -1.0, 1.0)[..., None]
+        picture_side = np.sign(coords[..., 1] - case.centres[i][1])[..., None]
+        v_obj, v_pic = streams["sides"]
+        obj = math.sqrt(1.0 - a**2 - b**2) * obj + a * object_side * v_obj + b * picture_side * v_pic
+    return full, obj
+
+
+def _draw_images(case: FamilyCase, rng: np.random.Generator, o: dict, streams: dict, reflect: bool) -> np.ndarray:
+    """Every image's centre, background and appearance draws and its content features `(M, h, w, C)` (fills the
+    case's centres and part maps). `reflect`: the mirrored capture (centre column and background reflected)."""
+    h, w = o["grid_size"]
+    rows, cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
+    coords = np.stack([rows, cols], -1)
+    extent = case.layout.extent()
+    feats = np.empty((o["num_images"], h, w, o["channels"]))
+    for i in range(o["num_images"]):
+        reach = extent * case.scales[i] + 0.5
+        case.centres[i] = [
+            rng.uniform(reach, h - 1 - reach) if h - 1 > 2 * reach else (h - 1) / 2,
+            rng.uniform(reach, w - 1 - reach) if w - 1 > 2 * reach else (w - 1) / 2,
+        ]
+        bg = _background(rng, coords, o["channels"], streams["stuff"])
+        look = _unit(rng.normal(size=o["channels"]))
+        if reflect:
+            case.centres[i][1] = w - 1 - case.centres[i][1]
+            bg = bg[:, ::-1]
+        if case.outliers[i]:
+            full = np.zeros((h, w), dtype=np.int64)
+        else:
+            full, obj = _object_features(case, i, coords, look, o, streams)
+        hidden = case.hidden[i]
+        visible = np.where(full == hidden, 0, full) if hidden else full
+        case.full_token_parts[i], case.token_parts[i] = full, visible
+        feats[i] = np.where((visible > 0)[..., None], obj, bg) if visible.any() else bg
+    return feats
+
+
+def _build_case(o: dict, reflect: bool = False, content_norm: float | None = None) -> FamilyCase:
+    """The collection of checked options `o`; `reflect`: its mirrored capture (see :func:`make_mirrored`), with the
+    model's content norm `content_norm` (the original capture's)."""
+    rng = np.random.default_rng(o["seed"])
+    h, w = o["grid_size"]
+    num_images, num_parts, channels = o["num_images"], o["num_parts"], o["channels"]
+    layout = make_layout(o["family"], num_parts, rng, o["radius"])
+    if o["symmetric"]:
+        layout = symmetric_layout(layout)
+    model_args = ("num_heads", "head_dim", "num_layers", "sharpness", "noise", "positional", "corners", "anomalies")
     model = _make_model(
-        rng,
-        grid_size,
-        channels,
-        num_heads,
-        head_dim,
-        num_layers,
-        sharpness,
-        noise,
-        positional,
-        corners,
-        anomalies,
-        anomaly_norm,
-        positional_length,
+        rng, o["grid_size"], channels, *(o[k] for k in model_args), o["anomaly_norm"], o["positional_length"]
     )
     part_embed = _unit(rng.normal(size=(num_parts + 1, channels)))
     detail_rng = np.random.default_rng(rng.integers(2**63))  # the detail field: one draw, read in every image
-    detail_freqs = detail_rng.normal(0.0, 1.0 / detail_length, size=(64, 2))
+    detail_freqs = detail_rng.normal(0.0, 1.0 / o["detail_length"], size=(64, 2))
     detail_phases = detail_rng.uniform(0.0, 2 * np.pi, size=64)
     detail_amps = detail_rng.normal(0.0, 1.0 / math.sqrt(channels), size=(64, channels))
-    stuff = _unit(rng.normal(size=(2, channels)))
+    streams = {"detail": (detail_freqs, detail_phases, detail_amps), "stuff": _unit(rng.normal(size=(2, channels)))}
+    if o["symmetric"]:  # the twins' shared embeddings, and the two side directions (after the detail draws)
+        part_embed = np.concatenate([part_embed, part_embed[1:]])
+        streams["sides"] = _unit(detail_rng.normal(size=(2, channels)))
+    streams["parts"] = part_embed
 
     outliers = np.zeros(num_images, dtype=bool)
-    outliers[rng.choice(num_images, size=outlier_images, replace=False)] = True
+    outliers[rng.choice(num_images, size=o["outlier_images"], replace=False)] = True
     hidden = np.zeros(num_images, dtype=np.int64)
-    hosts = rng.choice(np.flatnonzero(~outliers), size=hidden_images, replace=False)
-    hidden[hosts] = rng.integers(1, num_parts + 1, size=hidden_images)
-
-    rows, cols = np.meshgrid(np.arange(h, dtype=float), np.arange(w, dtype=float), indexing="ij")
-    coords = np.stack([rows, cols], -1)
-    extent = layout.extent()
-    # scale 0.7-1.3x, capped so the whole object fits on the grid
-    scales = np.minimum(rng.uniform(0.7, 1.3, size=num_images), ((min(h, w) - 1) / 2 - 0.5) / extent)
-    angles = rng.uniform(-np.pi / 6, np.pi / 6, size=num_images)
-    mirrors = rng.random(num_images) < 0.5
+    hosts = rng.choice(np.flatnonzero(~outliers), size=o["hidden_images"], replace=False)
+    hidden[hosts] = rng.integers(1, layout.num_labels + 1, size=o["hidden_images"])
+    scales, angles, mirrors = _draw_warps(rng, o, layout.extent())
+    if reflect:  # flipped left-right: Flip Rot(a) diag(1, m) = Rot(-a) diag(1, -m) Flip
+        angles, mirrors = -angles, ~mirrors
     case = FamilyCase(
         features=None,
         layout=layout,
@@ -569,41 +731,43 @@ def make_family_case(
         outliers=outliers,
         high_norm=None,
         model=model,
-        seed=seed,
+        seed=o["seed"],
         part_embeddings=part_embed,
+        options=dict(o),
     )
-    feats = np.empty((num_images, h, w, channels))
-    for i in range(num_images):
-        reach = extent * scales[i] + 0.5
-        case.centres[i] = [
-            rng.uniform(reach, h - 1 - reach) if h - 1 > 2 * reach else (h - 1) / 2,
-            rng.uniform(reach, w - 1 - reach) if w - 1 > 2 * reach else (w - 1) / 2,
-        ]
-        bg = _background(rng, coords, channels, stuff)
-        look = _unit(rng.normal(size=channels))
-        if outliers[i]:
-            full = np.zeros((h, w), dtype=np.int64)
-        else:
-            u = np.stack(case.to_canonical(i, rows, cols), -1)
-            full = layout.parts_at(u[..., 0], u[..., 1])
-            detail = math.sqrt(2.0 / 64) * np.cos(u @ detail_freqs.T + detail_phases) @ detail_amps
-            obj = (
-                math.sqrt(part_share) * part_embed[full]
-                + math.sqrt(1.0 - part_share - appearance) * detail
-                + math.sqrt(appearance) * look
-            )
-        visible = np.where(full == hidden[i], 0, full) if hidden[i] else full
-        case.full_token_parts[i], case.token_parts[i] = full, visible
-        feats[i] = np.where((visible > 0)[..., None], obj, bg) if visible.any() else bg
-    feats = feats + noise * _unit(rng.normal(size=feats.shape))
-    model.content_norm = float(np.linalg.norm(feats, axis=-1).mean())
+    feats = _draw_images(case, rng, o, streams, reflect)
+    observation = _unit(rng.normal(size=feats.shape))
+    feats = feats + o["noise"] * (observation[:, :, ::-1] if reflect else observation)
+    model.content_norm = float(np.linalg.norm(feats, axis=-1).mean()) if content_norm is None else content_norm
     model.positional = model.positional * model.content_norm
     x, case.high_norm = model.add_components(feats.reshape(num_images, h * w, channels), rng)
-    queries, keys = model.project(x, rng)
+    queries, keys = model.project(x, rng, flip_noise=reflect)
     image_sizes = [(int(h * rng.choice([6, 8, 10])), int(w * rng.choice([6, 8, 10]))) for _ in range(num_images)]
-    meta = {"family": family, "seed": int(seed), "planted": "families"}
-    case.features = CoSegmentationFeatures(queries, keys, grid_size, image_sizes, metadata=meta)
+    meta = {"family": o["family"], "seed": int(o["seed"]), "planted": "families"}
+    if reflect:
+        meta["mirrored"] = True
+    case.features = CoSegmentationFeatures(queries, keys, o["grid_size"], image_sizes, metadata=meta)
     return case
+
+
+def make_mirrored(case: FamilyCase) -> FamilyCase:
+    """The mirrored capture of `case`: the same images flipped left-right, as the pipeline's `flip=True` captures them.
+
+    Everything the *image* holds is reflected: the object (its mirror toggled, its angle negated, its centre column
+    `c -> w - 1 - c`, so the token at column `w - 1 - c` shows what column `c` showed), the background fields, the
+    observation noise and the key noise (the same draws, flipped: the pipeline's flipped capture reuses the original
+    image's noise flipped left-right, so it draws nothing new and the original capture is unchanged). The "which side
+    of the picture" term follows the new picture, so it changes sign. What belongs to the *model's grid* is not
+    reflected: the positional component, the corner tokens and the high-norm tokens' positions and values. Returns a
+    :class:`FamilyCase` with the mirrored geometry (its `token_parts` are `case.token_parts` flipped left-right) and
+    `metadata["mirrored"] = True`.
+    """
+    if case.options is None:
+        raise ValueError("`case` has no `options`: make it with make_family_case.")
+    mirrored = _build_case(case.options, reflect=True, content_norm=case.model.content_norm)
+    if case.kept is not None:
+        mirrored = mirrored.without(np.setdiff1d(np.arange(case.options["num_images"]), case.kept))
+    return mirrored
 
 
 def make_reference(case: FamilyCase, num_images: int = 16, seed: int = 0) -> CoSegmentationFeatures:
@@ -840,6 +1004,129 @@ def joint_kmeans_parts(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Mirrored captures: which way round each image is (issue 27)
+# ---------------------------------------------------------------------------------------------------------------
+
+# The symmetric-object knobs of the orientation table, chosen on design seeds only (docs/FLIP_NOTES.md): with them
+# today's analysis keeps mostly twin matches on a mixed pair, in the regime the issue measured.
+SYMMETRIC = {"symmetric": True, "object_side": 0.2, "picture_side": 0.4}
+
+
+def twin_correct(case: FamilyCase, s: int, t: int, source_tokens, target_tokens, pck: float = 0.1) -> np.ndarray:
+    """`(K,)` bool: the match lands within `pck` times the object's size of where the warp sends the source point's
+    mirror twin `(u_row, -u_col)`, and not within it of the right place (:func:`match_correct`): a twin match."""
+    if case.outliers[s] or case.outliers[t]:
+        return np.zeros(len(_to_numpy(source_tokens)), dtype=bool)
+    w = case.features.grid_size[1]
+    src, tgt = _to_numpy(source_tokens).astype(int), _to_numpy(target_tokens).astype(int)
+    u_row, u_col = case.to_canonical(s, (src // w).astype(float), (src % w).astype(float))
+    er, ec = case.from_canonical(t, u_row, -u_col)
+    twin = np.hypot(tgt // w - er, tgt % w - ec) <= pck * case.object_size(t)
+    return twin & ~match_correct(case, s, t, src, tgt, pck)
+
+
+def twin_share(case: FamilyCase, output, pck: float = 0.1) -> float:
+    """Share of `output`'s kept matches that are twin matches (:func:`twin_correct`); NaN when none is kept."""
+    twins, kept = 0, 0
+    for pair in output.correspondences:
+        s, t = pair.source_index, pair.target_index
+        twins += int(twin_correct(case, s, t, pair.source_tokens, pair.target_tokens, pck).sum())
+        kept += len(_to_numpy(pair.source_tokens))
+    return twins / kept if kept else float("nan")
+
+
+def oriented_features(case: FamilyCase, mirrored: FamilyCase, flipped) -> CoSegmentationFeatures:
+    """`case`'s features with each image `i` where `flipped[i]` replaced by its mirrored capture (`mirrored`, from
+    :func:`make_mirrored`): the collection as it is analysed once its orientations are decided."""
+    flipped = torch.as_tensor(np.asarray(flipped, dtype=bool))
+    f, g = case.features, mirrored.features
+    pick = flipped[:, None, None, None]
+    return CoSegmentationFeatures(
+        [torch.where(pick, b, a) for a, b in zip(f.queries, g.queries)],
+        [torch.where(pick, b, a) for a, b in zip(f.keys, g.keys)],
+        f.grid_size,
+        list(f.image_sizes),
+        list(f.layer_names),
+        {**f.metadata, "flipped": [bool(v) for v in flipped]},
+    )
+
+
+def unflip_output(output, flipped, grid_size: tuple[int, int]) -> PartsOutput:
+    """An analysis of :func:`oriented_features` mapped back to the original images: every token of a flipped image
+    `(row, col) -> (row, w - 1 - col)`, its masks and density map flipped left-right."""
+    flipped = np.asarray(flipped, dtype=bool)
+    w = grid_size[1]
+
+    def back(tokens, image: int) -> np.ndarray:
+        tokens = _to_numpy(tokens).astype(np.int64)
+        return (tokens // w) * w + (w - 1 - tokens % w) if flipped[image] else tokens
+
+    pairs = []
+    for pair in output.correspondences:
+        s, t = pair.source_index, pair.target_index
+        pairs.append(OracleCorrespondence(s, t, back(pair.source_tokens, s), back(pair.target_tokens, t)))
+
+    def images(values):
+        if values is None:
+            return None
+        return [np.fliplr(_to_numpy(v)) if flipped[i] else _to_numpy(v) for i, v in enumerate(values)]
+
+    density = None if output.density_maps is None else np.array(images(list(output.density_maps)))
+    return PartsOutput(pairs, images(output.masks), images(output.part_masks), density)
+
+
+def flip_scores(case: FamilyCase, mirrored: FamilyCase, segment: bool = False) -> dict[str, float]:
+    """Today's analysis of `case` against the oriented one: the evidence of every pair
+    (:func:`~cosegment.orientation.orientation_evidence`), the collection's decision
+    (:func:`~cosegment.orientation.decide_orientations`), `analyze_features` of :func:`oriented_features` mapped back
+    by :func:`unflip_output`. Keys: `precision`, `coverage`, `twins` (today), the same with `flip `, `decided right`
+    (1 when every pair's choice matches the truth, images mirrored differently), `pairs right alone` (share of pairs
+    whose own evidence has the right sign), `flipped` (images flipped)."""
+    plain = _analyze(case.features, segment=segment)
+    evidence = orientation_evidence(case.features, mirrored.features)
+    decision = decide_orientations(evidence)
+    oriented = _analyze(oriented_features(case, mirrored, decision.flipped), segment=segment)
+    mapped = unflip_output(oriented, decision.flipped.numpy(), case.features.grid_size)
+    truth = case.mirrors[:, None] != case.mirrors[None, :]
+    upper = np.triu(np.ones_like(truth), 1)
+    alone = ((evidence.numpy() < 0) == truth)[upper]
+    result = {}
+    for prefix, output in (("", plain), ("flip ", mapped)):
+        score = score_case(case, output)
+        result.update({prefix + "precision": score["precision"], prefix + "coverage": score["coverage"]})
+        result[prefix + "twins"] = twin_share(case, output)
+    result["decided right"] = float((decision.pair_flipped.numpy() == truth).all())
+    result["pairs right alone"] = float(alone.mean())
+    result["flipped"] = float(decision.flipped.sum())
+    return result
+
+
+def flip_rows(split: Split, families, sizes, seeds: int, parts=(3, 4, 5)) -> list[dict]:
+    """Per (family, M): symmetric objects (:data:`SYMMETRIC`), half of the images mirrored (`mixed`) and the same
+    collections with none mirrored (`same way round`, the same draws otherwise); today's analysis and the oriented
+    one (:func:`flip_scores`). `coverage, same-way level` of a mixed row: today's coverage of its same-way-round
+    twins, what the oriented analysis can hope for."""
+    rows = []
+    for family in families:
+        for m in sizes:
+            cells = {"half": [], "none": []}
+            for i, seed in enumerate(_cell_seeds(split, seeds, 900 + 10 * m)):
+                for mode in cells:
+                    case = make_family_case(family, m, parts[i % len(parts)], seed=seed, mirror=mode, **SYMMETRIC)
+                    cells[mode].append(flip_scores(case, make_mirrored(case)))
+            for mode, name in (("half", "mixed"), ("none", "same way round")):
+                scores = cells[mode]
+                row = {"cell": f"{family}, M = {m}, {name}"}
+                for key in ("precision", "flip precision", "coverage", "flip coverage"):
+                    row[key] = _mean(scores, key)
+                row["coverage, same-way level"] = _mean(cells["none"], "coverage")
+                for key in ("twins", "flip twins", "decided right", "pairs right alone", "flipped"):
+                    row[key] = _mean(scores, key)
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Table
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -969,8 +1256,10 @@ def run_table(
     `parts`: M = 2, 4, 8 (quick: 2, 4) for each of the split's families (or `families`, which must belong to the
     split), part counts 3, 4, 5 in turn over the seeds. `outlier`: one background-only image among 5. `hidden`: one image of 4 lacks one part. `sd`: clean,
     positional 0.3 / 0.5 and all three components (positional 0.5, corners 0.9, 6 high-norm tokens at 3x) at M = 2
-    and 4. `seeds` collections per cell (default 3, quick 1), taken in order from the split's seed range; the
-    outlier, hidden and SD cells take the split's families in turn.
+    and 4. `flip` (not among the defaults): symmetric objects, mixed and same-way-round collections of M = 2, 3, 4
+    per family, today's analysis against the oriented one (:func:`flip_rows`). `seeds` collections per cell (default
+    3, quick 1), taken in order from the split's seed range; the outlier, hidden and SD cells take the split's
+    families in turn.
     """
     split = SPLITS[split_name]
     families = split.families if families is None else tuple(families)
@@ -983,6 +1272,7 @@ def run_table(
         "outlier": lambda: outlier_rows(split, seeds),
         "hidden": lambda: hidden_rows(split, seeds),
         "sd": lambda: sd_rows(split, (2, 4), seeds),
+        "flip": lambda: flip_rows(split, families, (2, 3, 4), seeds),
     }
     unknown = set(tables) - set(makers)
     if unknown:
@@ -999,9 +1289,11 @@ def main(argv: list[str] | None = None) -> None:
         "--tables",
         nargs="+",
         default=["parts", "outlier", "hidden", "sd"],
-        choices=["parts", "outlier", "hidden", "sd"],
+        choices=["parts", "outlier", "hidden", "sd", "flip"],
     )
-    parser.add_argument("--families", nargs="+", default=None, help="parts table: these families of the split only")
+    parser.add_argument(
+        "--families", nargs="+", default=None, help="parts and flip tables: these families of the split only"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     split = SPLITS[args.split]

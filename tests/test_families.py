@@ -1,5 +1,6 @@
 """The planted generator families of `benchmarks/families.py`: shapes, ground truth, determinism, SD-like components
-at the requested strength, content-free reference captures, the metrics and the joint k-means baseline."""
+at the requested strength, content-free reference captures, the metrics and the joint k-means baseline; symmetric
+objects, mirrored captures and the orientation metrics (issue 27)."""
 
 import math
 import re
@@ -11,15 +12,26 @@ import torch
 
 from cosegment.benchmarks.families import (
     FAMILIES,
+    MIRRORS,
     SPLITS,
+    SYMMETRIC,
+    FamilyCase,
     OracleCorrespondence,
     PartsOutput,
+    flip_scores,
     joint_kmeans_parts,
     make_family_case,
     make_layout,
+    make_mirrored,
     make_reference,
+    match_correct,
     oracle_output,
+    oriented_features,
     score_case,
+    symmetric_layout,
+    twin_correct,
+    twin_share,
+    unflip_output,
 )
 
 
@@ -301,3 +313,187 @@ def test_run_table_checks_its_arguments():
         run_table("heldout", tables=("speed",))
     table = markdown([{"cell": "a", "nmi": 0.5}, {"cell": "b", "nmi": float("nan")}])
     assert table.splitlines() == ["| cell | nmi |", "|---|---|", "| a | 0.500 |", "| b | nan |"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Symmetric objects and mirrored captures (issue 27)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_recorded_default_case_is_unchanged():
+    """Values of the generator before symmetric objects existed (commit 5a57450): the new knobs, off, change none of
+    the main stream's draws (the tolerance allows another CPU's last bits)."""
+    case = make_family_case(
+        "chain", 3, 4, seed=21, outlier_images=1, hidden_images=1, positional=0.3, corners=0.5, anomalies=2,
+        grid_size=(12, 12), num_heads=2, head_dim=4, channels=8,
+    )  # fmt: skip
+    q, k = case.features.queries[0], case.features.keys[0]
+    np.testing.assert_allclose(q[0, 0, :3, 0].numpy(), [0.9093862771987915, 3.6531331539154053, 4.6292548179626465],
+                               rtol=1e-5)  # fmt: skip
+    assert q[2, 1, 50, 2].item() == pytest.approx(0.3516840934753418, rel=1e-5)
+    assert k[1, 0, 7, 3].item() == pytest.approx(0.00930176954716444, rel=1e-4, abs=1e-6)
+    assert int(case.token_parts.sum()) == 98 and case.mirrors.tolist() == [True, True, False]
+    assert case.features.image_sizes == [(72, 120), (96, 72), (96, 120)]
+    assert case.hidden.tolist() == [2, 0, 0] and case.outliers.tolist() == [False, False, True]
+
+
+def test_the_new_knobs_off_are_the_default_bitwise():
+    plain = make_family_case("blobs", 3, 4, seed=8, positional=0.3)
+    explicit = make_family_case(
+        "blobs", 3, 4, seed=8, positional=0.3, symmetric=False, object_side=0.0, picture_side=0.0, mirror="random"
+    )
+    assert torch.equal(plain.features.queries[0], explicit.features.queries[0])
+    assert torch.equal(plain.features.keys[0], explicit.features.keys[0])
+    np.testing.assert_array_equal(plain.token_parts, explicit.token_parts)
+
+
+class TestSymmetric:
+    @pytest.mark.parametrize("family", FAMILIES)
+    def test_layout_is_mirror_symmetric_with_twin_labels(self, family):
+        layout = symmetric_layout(make_layout(family, 4, np.random.default_rng(5)))
+        assert layout.num_labels == 8 and layout.area() == pytest.approx(np.pi * 49, rel=0.02)
+        g = np.linspace(-20, 20, 161)
+        rr, cc = np.meshgrid(g, g, indexing="ij")
+        right, left = layout.parts_at(rr, cc), layout.parts_at(rr, -cc)
+        on = cc > 0
+        np.testing.assert_array_equal(left[on], np.where(right[on] > 0, right[on] + 4, 0))
+        assert set(np.unique(right[on])) - {0} <= {1, 2, 3, 4} and len(set(np.unique(right[on])) - {0}) >= 3
+        with pytest.raises(ValueError, match="symmetric"):
+            symmetric_layout(layout)
+
+    def test_twins_differ_by_the_two_side_terms_only(self):
+        """Noise-free: the same draws with and without the side terms. On the object, `x - sqrt(1 - a^2 - b^2) x0`
+        is `a v_obj` times the side of the object (labels 1..P: +1, twins: -1) plus `b v_pic` times the side of the
+        picture (column against the object's centre column): four values, pairwise opposite."""
+        a, b = 0.2, 0.4
+        args = {"family": "sectors", "num_images": 2, "num_parts": 3, "seed": 4, "noise": 0.0, "mirror": "half"}
+        case = make_family_case(**args, symmetric=True, object_side=a, picture_side=b)
+        base = make_family_case(**args, symmetric=True)
+        residual = content(case) - math.sqrt(1 - a * a - b * b) * content(base)  # (M, N, C)
+        groups = {}
+        for i in range(2):
+            parts = case.token_parts[i].ravel()
+            cols = np.tile(np.arange(32), 32)
+            picture = np.sign(cols - case.centres[i][1])
+            obj = np.where(parts > 3, -1, 1)
+            for token in np.flatnonzero((parts > 0) & (picture != 0)):
+                groups.setdefault((obj[token], picture[token]), []).append(residual[i, token])
+        assert set(groups) == {(1, 1), (1, -1), (-1, 1), (-1, -1)}  # a mirrored image puts twins on either side
+        mean = {key: np.mean(value, 0) for key, value in groups.items()}
+        for key, value in groups.items():
+            np.testing.assert_allclose(value, np.broadcast_to(mean[key], np.shape(value)), atol=1e-4)
+        np.testing.assert_allclose(mean[1, 1], -mean[-1, -1], atol=1e-4)
+        np.testing.assert_allclose(mean[1, -1], -mean[-1, 1], atol=1e-4)
+        v_obj, v_pic = (mean[1, 1] + mean[1, -1]) / (2 * a), (mean[1, 1] - mean[1, -1]) / (2 * b)
+        assert np.linalg.norm(v_obj) == pytest.approx(1.0, rel=1e-3)  # unit directions, amplitudes a and b
+        assert np.linalg.norm(v_pic) == pytest.approx(1.0, rel=1e-3)
+
+    def test_mirror_modes_change_only_the_mirrors(self):
+        cases = {mode: make_family_case("bands", 5, 3, seed=9, mirror=mode, **SYMMETRIC) for mode in MIRRORS}
+        assert cases["half"].mirrors.sum() == 2 and not cases["none"].mirrors.any()
+        for mode in ("half", "none"):
+            np.testing.assert_array_equal(cases[mode].scales, cases["random"].scales)
+            np.testing.assert_array_equal(cases[mode].centres, cases["random"].centres)
+            same = cases[mode].mirrors == cases["random"].mirrors
+            q, q0 = cases[mode].features.queries[0], cases["random"].features.queries[0]
+            assert torch.equal(q[same], q0[same]) and not torch.equal(q[~same], q0[~same])
+
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            ({"mirror": "left"}, "mirror"),
+            ({"object_side": 0.2}, "symmetric"),
+            ({"symmetric": True, "object_side": 0.8, "picture_side": 0.7}, "object_side"),
+            ({"symmetric": True, "picture_side": -0.1}, "picture_side"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs, name):
+        with pytest.raises(ValueError, match=name):
+            make_family_case("sectors", 3, 3, **kwargs)
+
+
+class TestMirrored:
+    def test_without_side_terms_or_components_it_is_the_flipped_capture(self):
+        case = make_family_case("blobs", 3, 3, seed=5, symmetric=True, mirror="half")
+        mirrored = make_mirrored(case)
+        flip = lambda t: t.reshape(t.shape[:2] + (32, 32, -1)).flip(3).reshape(t.shape)  # noqa: E731
+        np.testing.assert_allclose(flip(mirrored.features.queries[0]), case.features.queries[0], atol=1e-5)
+        np.testing.assert_allclose(flip(mirrored.features.keys[0]), case.features.keys[0], atol=1e-5)
+        np.testing.assert_array_equal(mirrored.token_parts, case.token_parts[:, :, ::-1])
+        np.testing.assert_array_equal(mirrored.mirrors, ~case.mirrors)
+        np.testing.assert_array_equal(mirrored.angles, -case.angles)
+        np.testing.assert_allclose(mirrored.centres[:, 1], 31 - case.centres[:, 1])
+        assert mirrored.features.metadata["mirrored"] and mirrored.features.image_sizes == case.features.image_sizes
+
+    def test_the_picture_side_changes_sign_and_the_model_grid_stays(self):
+        """With the picture-side term and the SD-like components: flipped back, the mirrored capture's features differ
+        from the original's by `-2 b v_pic sign` on the object, and by the positional field's own reflection minus
+        itself on the background; the high-norm tokens stay where the model puts them."""
+        knobs = {"positional": 0.3, "anomalies": 3, "noise": 0.0, "mirror": "half"}
+        case = make_family_case("sectors", 2, 3, seed=6, **SYMMETRIC, **knobs)
+        mirrored = make_mirrored(case)
+        x, xm = content(case), content(mirrored)
+        back = xm.reshape(2, 32, 32, -1)[:, :, ::-1].reshape(x.shape)
+        np.testing.assert_array_equal(mirrored.high_norm, case.high_norm)
+        pos = case.model.positional
+        pos_flipped = pos.reshape(32, 32, -1)[:, ::-1].reshape(pos.shape)
+        ordinary = ~case.high_norm & ~case.high_norm.reshape(2, 32, 32)[:, :, ::-1].reshape(2, -1)
+        background = (case.token_parts.reshape(2, -1) == 0) & ordinary
+        np.testing.assert_allclose((back - x)[background], (pos_flipped - pos)[np.nonzero(background)[1]], atol=1e-3)
+        obj = (case.token_parts.reshape(2, -1) > 0) & ordinary
+        diff = (back - x - (pos_flipped - pos)[None])[obj]
+        cols = np.tile(np.arange(32), 32)
+        picture = np.sign(cols[None] - case.centres[:, 1:2])[obj]
+        v = diff[picture > 0].mean(0)
+        np.testing.assert_allclose(diff[picture > 0], np.broadcast_to(v, diff[picture > 0].shape), atol=1e-3)
+        np.testing.assert_allclose(diff[picture < 0], np.broadcast_to(-v, diff[picture < 0].shape), atol=1e-3)
+
+    def test_after_without_and_checked(self):
+        case = make_family_case("chain", 4, 3, seed=3, **SYMMETRIC)
+        rest = case.without(1)
+        assert torch.equal(make_mirrored(rest).features.queries[0], make_mirrored(case).without(1).features.queries[0])
+        bare = FamilyCase(**{**case.__dict__, "options": None})
+        with pytest.raises(ValueError, match="options"):
+            make_mirrored(bare)
+
+
+class TestOrientationMetrics:
+    def test_twin_matches_are_wrong_and_counted(self):
+        case = make_family_case("blobs", 2, 3, seed=2, **SYMMETRIC)
+        w = 32
+        src = np.flatnonzero(case.token_parts[0].ravel() > 0)
+        ur, uc = case.to_canonical(0, (src // w).astype(float), (src % w).astype(float))
+        er, ec = case.from_canonical(1, ur, -uc)
+        er, ec = np.rint(er).astype(int), np.rint(ec).astype(int)
+        inside = (er >= 0) & (er < 32) & (ec >= 0) & (ec < 32)
+        src, tgt = src[inside], (er * w + ec)[inside]
+        twin = twin_correct(case, 0, 1, src, tgt)
+        right = match_correct(case, 0, 1, src, tgt)
+        assert not (twin & right).any() and twin.mean() > 0.7  # near the axis the twin is the right place
+        output = PartsOutput([OracleCorrespondence(0, 1, src, tgt)], None, None)
+        assert twin_share(case, output) == pytest.approx(twin.mean())
+        assert score_case(case, output)["precision"] == pytest.approx(right.mean())
+
+    def test_oriented_features_and_mapping_back(self):
+        case = make_family_case("sectors", 3, 3, seed=1, **SYMMETRIC)
+        mirrored = make_mirrored(case)
+        oriented = oriented_features(case, mirrored, [False, True, False])
+        assert torch.equal(oriented.queries[0][1], mirrored.features.queries[0][1])
+        assert torch.equal(oriented.keys[0][0], case.features.keys[0][0])
+        assert oriented.metadata["flipped"] == [False, True, False]
+        mask = np.zeros((4, 6), dtype=bool)
+        mask[:, :2] = True
+        output = PartsOutput([OracleCorrespondence(0, 1, np.array([0, 31]), np.array([0, 33]))], [mask] * 3, None)
+        back = unflip_output(output, [False, True, False], (32, 32))
+        pair = back.correspondences[0]
+        assert pair.source_tokens.tolist() == [0, 31] and pair.target_tokens.tolist() == [31, 62]
+        assert back.masks[1][:, 4:].all() and not back.masks[1][:, :4].any() and back.masks[0][:, :2].all()
+
+    def test_flip_scores_on_a_mixed_pair(self):
+        """Today's analysis keeps mostly twin matches of a mixed pair; the oriented one keeps right ones."""
+        case = make_family_case("sectors", 2, 3, seed=3, mirror="half", **SYMMETRIC)
+        scores = flip_scores(case, make_mirrored(case))
+        assert scores["decided right"] == 1.0 and scores["flipped"] == 1.0
+        assert scores["precision"] < 0.4 < 0.9 < scores["flip precision"]
+        assert scores["twins"] > 0.5 > 0.1 > scores["flip twins"]
+        assert scores["flip coverage"] > scores["coverage"] + 0.3
