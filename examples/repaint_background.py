@@ -30,7 +30,7 @@ import torch
 
 from cosegment import DEFAULT_MODEL_ID
 from cosegment.utils.command_line import (
-    DTYPES,
+    DTYPE_NAMES,
     TINY_PIPELINE_HINT,
     ArgumentParser,
     add_common_arguments,
@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--if-empty", choices=("skip", "whole"), default="skip", help="images whose mask is empty: skip or repaint all"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype (default float32)")
     add_common_arguments(parser)
     return parser
 
@@ -143,7 +143,7 @@ def run(args) -> None:
     device = resolve_device(args.device)
     check_output_folder(args.out)
 
-    pipe = load_pipeline(args.model, device, DTYPES[args.dtype], quiet=args.quiet)
+    pipe = load_pipeline(args.model, device, args.dtype, quiet=args.quiet)
     pipe.set_progress_bar_config(disable=args.quiet)
     output = pipe(image=images, generator=torch.Generator().manual_seed(args.seed))
     inpaint = inpainting_pipeline(pipe)
