@@ -60,7 +60,6 @@ from cosegment.utils.command_line import (
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
     from cosegment import CoSegmentationFeatures
 
