@@ -634,10 +634,11 @@ def _log_outliers(output, paths: Sequence[str]) -> None:
     if outliers is None or not any(bool(flag) for flag in outliers):
         return
     named = [f"{os.path.basename(paths[i])} ({i})" for i, flag in enumerate(outliers) if bool(flag)]
+    verb = "shares" if len(named) == 1 else "share"
     logger.warning(
-        "outliers: %s share(s) nothing with the other images: their matches are dropped (their pictures say "
-        "'outlier')",
+        "outliers: %s %s nothing with the other images: their matches are dropped (their pictures say 'outlier')",
         _listed(named),
+        verb,
     )
 
 

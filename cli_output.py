@@ -381,8 +381,8 @@ def write_figures(
         )
         shown = min(len(pair), top_k)
         found = f"top {shown} of {len(pair)} matches" if len(pair) else "no match kept"
-        picture = add_title(picture, f"{s}: {names[s]}  |  {t}: {names[t]}")
         picture = add_title(picture, found + (" (colour = position in the left image)" if len(pair) else ""))
+        picture = add_title(picture, f"{s}: {names[s]}  |  {t}: {names[t]}")  # on top: which files
         relative = f"pairs/pair_{s:03d}_{t:03d}.png"
         _write_png(os.path.join(out_dir, relative), picture)
         written.append(relative)

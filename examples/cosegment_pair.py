@@ -103,7 +103,7 @@ def run(args) -> None:
     lines = draw_correspondences(images[0], images[1], pair.source_points, pair.target_points, pair.scores, args.top_k)
     title = f"{len(pair)} matches ({int(pair.mutual.sum())} mutual), top {min(args.top_k, len(pair))} drawn"
     labels = [f"A: {os.path.basename(args.image_a)}", f"B: {os.path.basename(args.image_b)}"]
-    lines = add_title(add_title(lines, f"{labels[0]}  |  {labels[1]}"), title + " (colour = position in A)")
+    lines = add_title(add_title(lines, title + " (colour = position in A)"), f"{labels[0]}  |  {labels[1]}")
     written = {"correspondences.png": lines}
 
     panels = [image_panels(out, i, image) for i, image in enumerate(images)]

@@ -196,7 +196,7 @@ def test_outliers_are_logged_by_file_name_and_labelled_in_pictures(caplog):
     paths = ["photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "photos/d.jpg"]
     with caplog.at_level(logging.INFO, logger="cosegment.cli"):
         _log_outliers(Output(), paths)
-    assert "outliers: c.jpg (2), d.jpg (3) share(s) nothing with the other images" in caplog.text
+    assert "outliers: c.jpg (2), d.jpg (3) share nothing with the other images" in caplog.text
     document = {"images": [{"path": "../" + p} for p in paths], "outliers": [False, False, True, True]}
     assert _image_names(document) == ["a.jpg", "b.jpg", "c.jpg (outlier)", "d.jpg (outlier)"]
     assert _image_names({"images": [{"path": "x/a.png"}], "outliers": None}) == ["a.png"]
