@@ -141,10 +141,13 @@ def test_folders_globs_and_list_files(photo_folder, tmp_path):
     listing.write_text(
         f"# my photos\n\n{os.path.relpath(photo_folder / 'rocket.jpg', tmp_path)}\n  {photo_folder / 'coffee.jpg'}  \n"
     )
-    paths, notes = expand_images([str(listing), str(photo_folder / "coffee.jpg")])  # relative to the list's folder
-    assert [os.path.basename(p) for p in paths] == ["rocket.jpg", "coffee.jpg"]
-    assert notes[-1] == "1 image(s) named twice, used once"
-    assert os.path.samefile(paths[0], photo_folder / "rocket.jpg")
+    paths, notes = expand_images([str(photo_folder / "coffee.jpg"), str(listing)])  # relative to the list's folder
+    assert [os.path.basename(p) for p in paths] == ["coffee.jpg", "rocket.jpg"]
+    assert notes[-1] == "1 image(s) already named, not added again"
+    assert expand_images([str(listing)] * 2)[0] == paths[::-1]  # a list given twice adds its images once
+    same = str(photo_folder / "coffee.jpg")
+    assert expand_images([same, same])[0] == [same, same]  # a file named twice: twice, as asked
+    assert os.path.samefile(paths[1], photo_folder / "rocket.jpg")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.csv").write_text("1")

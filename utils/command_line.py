@@ -316,8 +316,9 @@ def expand_images(arguments: Sequence[str], name: str = "IMAGE") -> tuple[list[s
     """The image files `arguments` name, in order: an image file as itself, a folder as its image files (not
     recursive, sorted by name), a glob (`"photos/*.jpg"`, quoted so the shell leaves it) as its matches (sorted), and
     a text file (`.txt`, `.lst`, `.list`) as the paths it lists, one a line, relative to its folder (`#` comments
-    and blank lines skipped). Files that are not images by extension in a folder or glob are skipped and named; a
-    path given twice counts once. Reads no image (see :func:`check_image_headers`).
+    and blank lines skipped). Files that are not images by extension in a folder or glob are skipped and named; an
+    image a folder, glob or list gives that is already in the collection is not added again (a file named
+    explicitly always is). Reads no image (see :func:`check_image_headers`).
 
     Returns:
         the image paths and the notes to log (what each folder, glob or list gave, what was skipped).
@@ -327,7 +328,7 @@ def expand_images(arguments: Sequence[str], name: str = "IMAGE") -> tuple[list[s
     """
     import glob
 
-    paths, notes = [], []
+    paths, notes, seen, repeated = [], [], set(), 0
     for argument in arguments:
         if os.path.isdir(argument):
             names = sorted(entry.name for entry in os.scandir(argument) if entry.is_file())
@@ -346,6 +347,7 @@ def expand_images(arguments: Sequence[str], name: str = "IMAGE") -> tuple[list[s
         else:
             check_image_file(argument, name)
             paths.append(argument)
+            seen.add(os.path.normpath(argument))
             continue
         if not found:
             raise ValueError(
@@ -355,11 +357,15 @@ def expand_images(arguments: Sequence[str], name: str = "IMAGE") -> tuple[list[s
         notes.append(
             f"{kind} {argument!r}: {len(found)} image(s)" + (f", skipped {_named(skipped)}" if skipped else "")
         )
-        paths.extend(found)
-    unique = list(dict.fromkeys(os.path.normpath(path) for path in paths))
-    if len(unique) < len(paths):
-        notes.append(f"{len(paths) - len(unique)} image(s) named twice, used once")
-    return unique, notes
+        for path in found:
+            if os.path.normpath(path) in seen:
+                repeated += 1
+                continue
+            paths.append(path)
+            seen.add(os.path.normpath(path))
+    if repeated:
+        notes.append(f"{repeated} image(s) already named, not added again")
+    return paths, notes
 
 
 def _named(names: Sequence[str], shown: int = 5) -> str:
