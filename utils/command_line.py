@@ -603,7 +603,7 @@ def model_load_message(model: str, error: BaseException) -> str:
         where = f"there is no folder {model!r}"
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = f"there is no folder {model!r}, and the Hub model is not in the local cache and could not be "
+        where = "it is no folder here, and the Hub model is not in the local cache and could not be "
         where += "downloaded (HF_HUB_OFFLINE is set)" if offline else "downloaded"
     reason = " ".join(str(error).split())
     return (
