@@ -43,9 +43,11 @@ from cosegment.utils.command_line import (
     ArgumentParser,
     add_common_arguments,
     check_capture_arguments,
-    check_image_file,
+    check_image_headers,
     check_output_folder,
+    checking_inputs,
     empty_results_warning,
+    expand_images,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -58,7 +60,6 @@ from cosegment.utils.command_line import (
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
     from cosegment import CoSegmentationFeatures
 
@@ -164,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Diffusion self-attention. Every option and image is checked before the model loads. Run under "
         "`accelerate launch` to use several processes / GPUs.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="two or more image files")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="two or more images in all: image files, folders (their image files, sorted by name), quoted globs "
+        'such as "photos/*.jpg" (sorted), or text files (.txt, .lst) listing image paths, one a line, relative to '
+        "the list's folder (# comments)",
+    )
     _add_capture_arguments(parser.add_argument_group("model and capture"))
     _add_selection_arguments(parser.add_argument_group("correspondences (pair analysis)"))
     segmentation = parser.add_argument_group("segmentation")
@@ -202,8 +210,12 @@ def _add_capture_arguments(group) -> None:
     group.add_argument("--width", type=positive_int, default=None, help="processing width (default: the model's)")
     group.add_argument("--seed", type=int, default=0, help="seed of the noise (the only randomness; default 0)")
     group.add_argument("--timestep", type=int, default=261, help="diffusion timestep of the noise (default 261)")
-    group.add_argument("--ensemble-size", type=positive_int, default=1, help="noise draws averaged per image")
-    group.add_argument("--attention-layers", default=None, help="regex of the self-attention layers to read")
+    group.add_argument(
+        "--ensemble-size", type=positive_int, default=1, help="noise draws averaged per image (default 1)"
+    )
+    group.add_argument(
+        "--attention-layers", default=None, help="regex of the self-attention layers to read (default: the model's)"
+    )
     group.add_argument("--prompt", default="", help="text conditioning (default empty)")
     group.add_argument(
         "--reference",
@@ -245,9 +257,18 @@ def _add_selection_arguments(group) -> None:
 
 def _add_output_arguments(group) -> None:
     """What is written into `--out`."""
-    group.add_argument("--out", required=True, help="output folder (created)")
-    group.add_argument("--top-k", type=non_negative_int, default=50, help="matches drawn per pair picture")
-    group.add_argument("--figure-size", type=positive_int, default=384, help="longer side of pictured images")
+    group.add_argument(
+        "--out",
+        default=None,
+        help="output folder (required; created). A run owns the files it writes there: those an earlier run left "
+        "that this one does not write are removed (other files are left alone and named)",
+    )
+    group.add_argument(
+        "--top-k", type=non_negative_int, default=50, help="matches drawn per pair picture (default 50)"
+    )
+    group.add_argument(
+        "--figure-size", type=positive_int, default=384, help="longer side of pictured images, px (default 384)"
+    )
     group.add_argument("--no-figures", action="store_true", help="write no PNG pictures")
     group.add_argument(  # --points (issue 11)
         "--points", default=None, help="'x1,y1;x2,y2' or a JSON file: points of the first image to transfer"
@@ -295,27 +316,32 @@ def load_image(path: str) -> np.ndarray:
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Every check that needs no model: options, the output folder, every image file, `--points` and the device
-    (last: only it may need torch, for `--device auto`/`cuda`/`mps`).
+    """Every check that needs no model, the most specific first: the images (folders, globs and lists expanded into
+    `args.images`, what they gave in `args.image_notes`; each file's header, then its pixels), `--out`, the options,
+    `--points` and the device (last: only it may need torch, for `--device auto`/`cuda`/`mps`). Its errors are
+    input errors (:func:`checking_inputs`: one line, no `--debug` advice).
 
     Returns:
         the images, `(H, W, 3)` uint8 RGB, and the `--points` (`(K, 2)` x, y) or None.
     """
-    if len(args.images) < 2:
-        raise ValueError(f"`IMAGE` must name 2 or more files, got {len(args.images)}: {args.images}.")
-    check_output_folder(args.out)
-    for path in args.images:
-        check_image_file(path, "IMAGE")
-    check_capture_arguments(args.model, args.height, args.width, args.timestep, args.attention_layers)
-    if args.export is not None:  # --export (issue 28)
-        from cosegment.export import check_export_options
+    with checking_inputs():
+        args.images, args.image_notes = expand_images(args.images, "IMAGE")
+        if len(args.images) < 2:
+            raise ValueError(f"`IMAGE` must name 2 or more files, got {len(args.images)}: {args.images}.")
+        check_image_headers(args.images, "IMAGE")
+        if args.out is None:
+            raise ValueError("`--out` is required: the folder to write the results into (created).")
+        check_output_folder(args.out)
+        check_capture_arguments(args.model, args.height, args.width, args.timestep, args.attention_layers)
+        if args.export is not None:  # --export (issue 28)
+            from cosegment.export import check_export_options
 
-        check_export_options(args.export, args.category, segment=not args.no_segment)
-    images = [load_image(path) for path in args.images]
-    points = None if args.points is None else parse_points(args.points)  # --points (issue 11)
-    if points is not None:
-        check_points(points, images[0])
-    resolve_device(args.device)
+            check_export_options(args.export, args.category, segment=not args.no_segment)
+        images = [load_image(path) for path in args.images]
+        points = None if args.points is None else parse_points(args.points)  # --points (issue 11)
+        if points is not None:
+            check_points(points, images[0])
+        resolve_device(args.device)
     return images, points
 
 
@@ -361,10 +387,12 @@ class _RankFilter(logging.Filter):
 def run(args: argparse.Namespace) -> dict:
     """Runs the tool for parsed arguments; returns the results document (on every process).
 
-    Every argument and image file is checked before torch, accelerate or the model loads.
+    Every argument and image file is checked before torch, accelerate or the model loads, and the model loads before
+    anything is written: a run that fails or is stopped before it keeps anything leaves `--out` as it was (see
+    :func:`cosegment.runstate.forget_empty_state`).
     """
     images, points = check_arguments(args)
-    from cosegment.runstate import RunState, record_settings
+    from cosegment.runstate import RunState, forget_empty_state, record_settings
 
     state, device = _accelerate_state(args.device)
     rank, world = state.process_index, state.num_processes
@@ -373,6 +401,8 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     if main and (warning := process_count_warning(world)):
         logger.warning(warning)
+    for note in args.image_notes:
+        logger.info("images: %s", note)
     logger.info("device %s, %d images, %d process(es)", device, len(images), world)
     analysis = _analysis_settings(args)
     bars = not (args.quiet or not main)
@@ -380,20 +410,28 @@ def run(args: argparse.Namespace) -> dict:
     # What an earlier run kept in --out/resume that this one may reuse (see runstate.py)
     kept = RunState(args.out, record_settings({**vars(args), **analysis}), resume=args.resume)
     kept.check()  # every process: the one-line refusal when settings differ
-    if main:
-        kept.start()
-        for change in kept.changes:
-            logger.info("resume: %s", change)
-    state.wait_for_everyone()
-
-    features = kept.load_features()
-    if features is not None:
-        logger.info("resume: reused the features of %d images from %s", features.num_images, kept.features_path)
-    else:
-        features = _capture(args, images, state, device, bars)
+    pipe = None if kept.has_features() else _load_pipeline(args, state, device, bars)  # fails before any write
+    created = not os.path.exists(args.out)
+    try:
         if main:
-            kept.save_features(features)
-    pair_analyses = _analyse_pairs(args, features, kept, state, device, analysis, bars)
+            kept.start()
+            for change in kept.changes:
+                logger.info("resume: %s", change)
+        state.wait_for_everyone()
+
+        features = kept.load_features()
+        if features is not None:
+            logger.info("resume: reused the features of %d images from %s", features.num_images, kept.features_path)
+        else:
+            pipe = pipe or _load_pipeline(args, state, device, bars)
+            features = _capture(args, pipe, images, state)
+            if main:
+                kept.save_features(features)
+        pair_analyses = _analyse_pairs(args, features, kept, state, device, analysis, bars)
+    except BaseException:
+        if main:  # nothing kept: no resume/settings.json or empty folders left behind
+            forget_empty_state(args.out, remove_out=created)
+        raise
 
     document = None
     if main:
@@ -401,6 +439,15 @@ def run(args: argparse.Namespace) -> dict:
         logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
     state.wait_for_everyone()
     return document
+
+
+def _load_pipeline(args: argparse.Namespace, state, device, bars: bool):
+    """The pipeline of `--model` on `device` (a one-line `ModelLoadError` when it cannot be loaded)."""
+    from cosegment.utils.command_line import load_pipeline
+
+    pipe = load_pipeline(args.model, device, args.dtype, quiet=args.quiet or not state.is_main_process)
+    pipe.set_progress_bar_config(disable=not bars, desc="capture (UNet batches)")
+    return pipe
 
 
 def _analysis_settings(args: argparse.Namespace) -> dict:
@@ -411,20 +458,15 @@ def _analysis_settings(args: argparse.Namespace) -> dict:
     return analysis
 
 
-def _capture(
-    args: argparse.Namespace, images: list[np.ndarray], state, device: torch.device, bars: bool
-) -> "CoSegmentationFeatures":
+def _capture(args: argparse.Namespace, pipe, images: list[np.ndarray], state) -> "CoSegmentationFeatures":
     """1-3. Capture: each process its share of whole batches, with the noise of a one-process run; the features of
     every image, gathered to every process."""
     import torch
     from accelerate.utils import gather_object
 
     from cosegment import CoSegmentationFeatures
-    from cosegment.utils.command_line import load_pipeline
 
     rank, world = state.process_index, state.num_processes
-    pipe = load_pipeline(args.model, device, args.dtype, quiet=args.quiet or not state.is_main_process)
-    pipe.set_progress_bar_config(disable=not bars, desc="capture (UNet batches)")
     shares = capture_shares(len(images), args.batch_size, world)
     mine = shares[rank]
     payload = []
@@ -530,8 +572,9 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
         reference=features.reference,
     )
     filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
-    if warning := empty_results_warning(output, filtered=filtered):
+    if warning := empty_results_warning(output, filtered=filtered, selection=analysis.get("selection", "auto")):
         logger.warning("warning: %s", warning)
+    _log_outliers(output, args.images)
     settings = {
         "height": features.metadata.get("height"),
         "width": features.metadata.get("width"),
@@ -547,8 +590,9 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
         "refine": not args.no_refine,
         "reference": args.reference,
     }
-    document = results_document(output, args.images, features.image_sizes, features.grid_size, settings, args.model)
-    write_results(
+    paths = [_relative_to(path, args.out) for path in args.images]  # results.json's paths: from --out
+    document = results_document(output, paths, features.image_sizes, features.grid_size, settings, args.model)
+    removed, foreign = write_results(
         args.out,
         document,
         output,
@@ -559,12 +603,43 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
         points=points,
         features=features,
         refine=not args.no_refine,
+        also_written=["annotations.json"] if args.export == "coco" else [],
     )
+    if removed:
+        logger.info("removed %d file(s) an earlier run left in %s: %s", len(removed), args.out, _listed(removed))
+    if foreign:
+        logger.info("left %d file(s) in %s that cosegment did not write: %s", len(foreign), args.out, _listed(foreign))
     if args.export == "coco":  # --export (issue 28): after results.json, main process only
         from cosegment.export import export_coco
 
         export_coco(output, args.images, os.path.join(args.out, "annotations.json"), category=args.category)
     return document
+
+
+def _relative_to(path: str, folder: str) -> str:
+    """`path` relative to `folder` (`/`-separated), or absolute where it cannot be (another drive)."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(folder)).replace(os.sep, "/")
+    except ValueError:
+        return os.path.abspath(path)
+
+
+def _listed(names: Sequence[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _log_outliers(output, paths: Sequence[str]) -> None:
+    """One warning naming the images the run found to share nothing with the others (by file name and index)."""
+    outliers = getattr(output, "outliers", None)
+    if outliers is None or not any(bool(flag) for flag in outliers):
+        return
+    named = [f"{os.path.basename(paths[i])} ({i})" for i, flag in enumerate(outliers) if bool(flag)]
+    verb = "shares" if len(named) == 1 else "share"
+    logger.warning(
+        "outliers: %s %s nothing with the other images: their matches are dropped (their pictures say 'outlier')",
+        _listed(named),
+        verb,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,19 +658,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_until_stopped(args: argparse.Namespace) -> dict | None:
     """`run`, with SIGINT/SIGTERM turned into a clean stop (`SystemExit(128 + signal)` after one line), and under
     `accelerate launch` a failing process named before its error."""
-    from cosegment.runstate import RunInterrupted, describe_kept, stop_on_signals
+    from cosegment.runstate import RunInterrupted, stop_on_signals
 
     try:
         with stop_on_signals():  # SIGINT, SIGTERM -> RunInterrupted: writers clean up, no partial file
             return run(args)
     except RunInterrupted as stop:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a second Ctrl-C adds no line (main restores)
-        _say(f"{stop}: kept {describe_kept(args.out)}; run the same command with --resume to continue")
+        _say(interrupt_message(stop, args.out))
         raise SystemExit(stop.exit_code) from None
     except Exception as error:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: name the failing process
             _say(f"failed: {type(error).__name__}: {error}")
         raise
+
+
+def interrupt_message(stop, out_dir: str) -> str:
+    """The line a stopped run ends with: what it kept for `--resume`, or that it kept nothing."""
+    from cosegment.runstate import describe_kept
+
+    kept = describe_kept(out_dir)
+    if kept == "nothing kept yet":
+        return f"{stop} before anything was kept for --resume; run the same command to start again"
+    return f"{stop}: kept {kept}; run the same command with --resume to continue"
 
 
 def _say(line: str) -> None:

@@ -7,6 +7,7 @@ that the command's `--help` and input checks need none of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,64 @@ import numpy as np
 import torch
 
 RESULTS_FORMAT = "cosegment.results/1"
+
+# The files a `cosegment` run writes into `--out` (relative paths, `/`-separated, as regular expressions): a run owns
+# these names. Before `results.json` comes back, a run removes every file matching one of them that it did not write
+# itself (what an earlier run into the same folder left), and never touches any other file. `resume/` is not listed:
+# `--resume` reuses it (see `runstate.py`). Adding a kind of output file is one line here.
+OWNED_FILES = (
+    r"results\.json",
+    r"results\.safetensors",
+    r"points\.png",
+    r"annotations\.json",  # --export coco (issue 28)
+    r"pairs/pair_\d{3,}_\d{3,}\.png",
+    r"images/image_\d{3,}\.png",
+    r"masks/mask_\d{3,}\.png",
+    r"masks/parts_\d{3,}\.png",
+)
+_OWNED = re.compile("|".join(f"(?:{pattern})" for pattern in OWNED_FILES))
+
+
+def is_owned_file(relative: str) -> bool:
+    """Whether `relative` (a path inside `--out`, `/`-separated) is a name a `cosegment` run writes (:data:`OWNED_FILES`)."""
+    return _OWNED.fullmatch(relative.replace(os.sep, "/")) is not None
+
+
+def _files_in(out_dir: str) -> list[str]:
+    """Every file in `out_dir` and its sub-folders except `resume/`, as sorted `/`-separated relative paths."""
+    found = []
+    for folder, subfolders, names in os.walk(out_dir):
+        relative_folder = os.path.relpath(folder, out_dir)
+        if relative_folder == ".":
+            subfolders[:] = [name for name in subfolders if name != "resume"]
+        for name in names:
+            found.append(os.path.normpath(os.path.join(relative_folder, name)).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def remove_stale_outputs(out_dir: str, written: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Removes the files an earlier run left in `out_dir` that this run did not write (`written`: relative paths):
+    only names of :data:`OWNED_FILES`; a sub-folder left empty by it goes too.
+
+    Returns:
+        the removed files and the other files in `out_dir` that are not this run's (left alone), relative paths.
+    """
+    from cosegment.utils.files import is_temporary
+
+    mine = {path.replace(os.sep, "/") for path in written}
+    removed, foreign = [], []
+    for relative in _files_in(out_dir):
+        if relative in mine or is_temporary(relative):
+            continue
+        if is_owned_file(relative):
+            os.remove(os.path.join(out_dir, relative))
+            removed.append(relative)
+        else:
+            foreign.append(relative)
+    for folder in {os.path.dirname(path) for path in removed if "/" in path}:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(out_dir, folder))  # only when empty
+    return removed, foreign
 
 
 def _floats(array) -> list:
@@ -35,6 +94,12 @@ def _part_summary(part_mask: np.ndarray) -> list[dict]:
             {"id": int(part), "area": int(rows.size), "centroid": [float(cols.mean() + 0.5), float(rows.mean() + 0.5)]}
         )
     return parts
+
+
+def _pass_thresholds(entry: dict) -> dict:
+    """A pass's thresholds for results.json: its images as `source_index`/`target_index` (as in `correspondences`)."""
+    renamed = {"source": "source_index", "target": "target_index"}
+    return {renamed.get(key, key): value for key, value in entry.items()}
 
 
 def results_document(
@@ -75,7 +140,7 @@ def results_document(
             }
             for pair in output.correspondences
         ],
-        "thresholds": output.thresholds,
+        "thresholds": [_pass_thresholds(entry) for entry in output.thresholds],
         "masks": None,
         "parts": None,
         "keypoints": None,
@@ -99,6 +164,74 @@ def results_document(
     return document
 
 
+# `results.safetensors` holds each mask and part mask at full resolution up to this many pixels (4 MP, 2048 x 2048);
+# a larger image's are stored scaled down (nearest neighbour) to fit, so that the file stays small (a 6000 x 4000
+# photo: about 6 MB instead of 120 MB). The full-resolution masks are always in `masks/` as PNGs (1-bit masks,
+# palette part labels), which results.json names.
+MAX_ARRAY_MASK_PIXELS = 1 << 22
+
+
+def mask_array_size(height: int, width: int) -> tuple[int, int]:
+    """`(h, w)` of a mask of an image `height x width` in `results.safetensors` (see :data:`MAX_ARRAY_MASK_PIXELS`)."""
+    if height * width <= MAX_ARRAY_MASK_PIXELS:
+        return height, width
+    scale = math.sqrt(MAX_ARRAY_MASK_PIXELS / (height * width))
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
+def bounded_mask(mask, parts: bool) -> np.ndarray:
+    """A mask (bool) or part mask (uint8 ids, int32 past 255) as `results.safetensors` stores it: full resolution
+    up to :data:`MAX_ARRAY_MASK_PIXELS`, else scaled down (nearest)."""
+    mask = np.asarray(mask)
+    mask = mask.astype(np.uint8 if mask.max(initial=0) <= 255 else np.int32) if parts else mask.astype(bool)
+    size = mask_array_size(*mask.shape[:2])
+    if size == mask.shape[:2]:
+        return mask
+    resized = _resize_labels(mask.astype(np.uint8) if mask.dtype == bool else mask, (size[1], size[0]))
+    return resized.astype(mask.dtype)
+
+
+def _listed(output, field: str) -> list:
+    values = getattr(output, field, None)
+    return [] if values is None else list(values)
+
+
+def write_mask_files(output, out_dir: str, document: dict) -> list[str]:
+    """Full-resolution PNGs of the masks (`masks/mask_III.png`, 1-bit) and part masks (`masks/parts_III.png`,
+    palette: pixel value = part id), named in `document["masks"][i]["file"]` and `document["parts_files"]`.
+
+    Returns:
+        the written paths relative to `out_dir`.
+    """
+    import PIL.Image
+
+    from cosegment.utils.files import atomic_open
+    from cosegment.utils.visualization import part_colors
+
+    written = []
+    for field, name in (("masks", "mask"), ("part_masks", "parts")):
+        for i, value in enumerate(_listed(output, field)):
+            value = np.asarray(value)
+            if field == "masks":
+                picture = PIL.Image.fromarray(value.astype(bool))
+            else:
+                picture = PIL.Image.frombytes("P", value.shape[::-1], np.ascontiguousarray(value, np.uint8).tobytes())
+                palette = part_colors(max(int(value.max(initial=0)), 1)).astype(np.uint8)
+                picture.putpalette(palette.reshape(-1).tolist())
+            relative = f"masks/{name}_{i:03d}.png"
+            os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
+            with atomic_open(os.path.join(out_dir, relative), "wb") as handle:
+                picture.save(handle, format="PNG", optimize=False)
+            written.append(relative)
+    if document.get("masks") is not None:
+        for i, entry in enumerate(document["masks"]):
+            entry["file"] = f"masks/mask_{i:03d}.png"
+            entry["array_size"] = list(mask_array_size(*np.asarray(output.masks[i]).shape[:2]))
+    if document.get("parts") is not None:
+        document["parts_files"] = [f"masks/parts_{i:03d}.png" for i in range(len(document["parts"]))]
+    return written
+
+
 def results_arrays(output) -> dict[str, torch.Tensor]:
     """Every array of the output as named CPU tensors for `results.safetensors`."""
     arrays = {
@@ -112,12 +245,10 @@ def results_arrays(output) -> dict[str, torch.Tensor]:
         arrays[f"{prefix}.mutual"] = torch.as_tensor(np.asarray(pair.mutual, dtype=bool))
         for name in ("source_tokens", "target_tokens"):
             arrays[f"{prefix}.{name}"] = torch.as_tensor(np.asarray(getattr(pair, name), dtype=np.int64))
-    for field, dtype in (
-        ("masks", bool),
-        ("part_masks", np.int32),
-        ("keypoints", np.float32),
-        ("keypoint_parts", np.int64),
-    ):
+    for field in ("masks", "part_masks"):
+        for i, value in enumerate(_listed(output, field)):
+            arrays[f"{field}.{i}"] = torch.as_tensor(np.ascontiguousarray(bounded_mask(value, field == "part_masks")))
+    for field, dtype in (("keypoints", np.float32), ("keypoint_parts", np.int64)):
         values = getattr(output, field, None)
         if values is None:
             continue
@@ -207,23 +338,39 @@ def image_panels(output, index: int, image: np.ndarray, scale: float = 1.0) -> l
     return panels
 
 
+def _image_names(document: dict) -> list[str]:
+    """Each image's label in the pictures: its file name, and "outlier" when the run found it to share nothing."""
+    outliers = document.get("outliers") or [False] * len(document["images"])
+    return [
+        os.path.basename(entry["path"]) + (" (outlier)" if outlier else "")
+        for entry, outlier in zip(document["images"], outliers)
+    ]
+
+
 def write_figures(
-    output, images: Sequence[np.ndarray], out_dir: str, top_k: int = 50, max_side: int = 384
+    output,
+    images: Sequence[np.ndarray],
+    out_dir: str,
+    top_k: int = 50,
+    max_side: int = 384,
+    names: Sequence[str] | None = None,
 ) -> list[str]:
     """PNG pictures: `pairs/pair_SSS_TTT.png` (top matches) and `images/image_III.png` (maps, mask, parts), numbers
-    zero-padded to 3 digits.
+    zero-padded to 3 digits; `names` labels each image in the titles (default: its index).
 
     Returns:
         the written paths relative to `out_dir`.
     """
     from cosegment.utils.visualization import add_title, draw_correspondences, side_by_side
 
+    names = [f"image {i}" for i in range(len(images))] if names is None else list(names)
     written = []
     os.makedirs(os.path.join(out_dir, "pairs"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     fitted = [_fit(image, max_side) for image in images]
     for pair in output.correspondences:
-        (a, scale_a), (b, scale_b) = fitted[pair.source_index], fitted[pair.target_index]
+        s, t = pair.source_index, pair.target_index
+        (a, scale_a), (b, scale_b) = fitted[s], fitted[t]
         picture = draw_correspondences(
             a,
             b,
@@ -233,13 +380,15 @@ def write_figures(
             top_k=top_k,
         )
         shown = min(len(pair), top_k)
-        title = f"images {pair.source_index} - {pair.target_index}: top {shown} of {len(pair)} matches"
-        picture = add_title(picture, title + " (colour = position in the left image)")
-        relative = f"pairs/pair_{pair.source_index:03d}_{pair.target_index:03d}.png"
+        found = f"top {shown} of {len(pair)} matches" if len(pair) else "no match kept"
+        picture = add_title(picture, found + (" (colour = position in the left image)" if len(pair) else ""))
+        picture = add_title(picture, f"{s}: {names[s]}  |  {t}: {names[t]}")  # on top: which files
+        relative = f"pairs/pair_{s:03d}_{t:03d}.png"
         _write_png(os.path.join(out_dir, relative), picture)
         written.append(relative)
     for i, (image, scale) in enumerate(fitted):
         picture, _ = side_by_side(image_panels(output, i, image, scale))
+        picture = add_title(picture, f"image {i}: {names[i]}")
         relative = f"images/image_{i:03d}.png"
         _write_png(os.path.join(out_dir, relative), picture)
         written.append(relative)
@@ -306,14 +455,14 @@ _NUMBER = re.compile(r"-?[0-9.]+(?:[eE][+\-]?[0-9]+)?")
 
 
 def _json_safe(value):
-    """Infinite thresholds -> the string "inf" (JSON has no infinity); numpy scalars -> Python numbers."""
+    """A disabled (infinite) threshold -> `null` (JSON has no infinity); numpy scalars -> Python numbers."""
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(item) for item in value]
     if isinstance(value, (np.floating, float)):
         value = float(value)
-        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
+        return value if math.isfinite(value) else (None if value > 0 else "-inf" if value < 0 else "nan")
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.bool_):
@@ -333,13 +482,20 @@ def write_results(
     points: np.ndarray | None = None,
     features=None,
     refine: bool = True,
-) -> None:
+    also_written: Sequence[str] = (),
+) -> tuple[list[str], list[str]]:
     """Writes the files of a run into `out_dir`: `results.safetensors`, the pictures (`figures`), the transfers of
-    `points` (image 0's pixels, transferred with `features`) and `results.json`, adding `figures` and `points` to
+    `points` (image 0's pixels, transferred with `features`) and `results.json`, adding `figures`, `points` and
+    `files` (every file of the run, `results.json` and `also_written` included: what the caller writes after) to
     `document`.
 
     Each file is written atomically (a complete file or none). `results.json`, which names the others, goes first and
-    comes back last: whenever it exists, the files it names are from the same run.
+    comes back last: whenever it exists, the files it names are from the same run. Just before it comes back, the
+    files an earlier run left that this run does not write are removed (:func:`remove_stale_outputs`: only names a
+    run writes, :data:`OWNED_FILES`).
+
+    Returns:
+        the files removed, and the files of `out_dir` that are not a run's (left alone), relative paths.
     """
     from cosegment.utils.files import save_safetensors, write_text
 
@@ -349,11 +505,18 @@ def write_results(
         os.remove(results_json)
     arrays = results_arrays(output)
     save_safetensors(arrays, os.path.join(out_dir, "results.safetensors"), metadata={"format": RESULTS_FORMAT})
+    written = ["results.json", "results.safetensors", *write_mask_files(output, out_dir, document)]
     if figures:
-        document["figures"] = write_figures(output, images, out_dir, top_k=top_k, max_side=figure_size)
+        document["figures"] = write_figures(
+            output, images, out_dir, top_k=top_k, max_side=figure_size, names=_image_names(document)
+        )
     if points is not None:  # --points (issue 11)
         transfers = point_transfers(features, points, refine)
         document["points"] = {"source_index": 0, "points": _floats(points), "transfers": transfers}
         if figures:
             document["figures"].append(write_points_figure(images, points, transfers, out_dir, figure_size))
+    written += document.get("figures", []) + list(also_written)
+    document["files"] = sorted(set(written))
+    stale = remove_stale_outputs(out_dir, document["files"])
     write_text(results_json, dumps_results(document))
+    return stale

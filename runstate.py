@@ -270,6 +270,10 @@ class RunState:
         os.makedirs(os.path.join(self.folder, "pairs"), exist_ok=True)
         write_json(self.settings_path, {"format": RUN_FORMAT, "settings": self.settings}, indent=1)
 
+    def has_features(self) -> bool:
+        """Whether kept features will be reused (:meth:`load_features` may still find them unreadable)."""
+        return "features" not in self.stale and os.path.isfile(self.features_path)
+
     def load_features(self, device: torch.device | str = "cpu"):
         """The kept features, or `None` when there are none to reuse."""
         from cosegment import CoSegmentationFeatures
@@ -361,6 +365,30 @@ def describe_kept(out_dir: str | os.PathLike) -> str:
     if pairs:
         kept.append(f"{pairs} pair analys{'is' if pairs == 1 else 'es'}")
     return f"{' and '.join(kept)} in {folder}"
+
+
+def forget_empty_state(out_dir: str | os.PathLike, remove_out: bool = False) -> list[str]:
+    """After a run failed or was stopped: when `out_dir/resume/` keeps nothing to resume (no features, no pair
+    analysis), removes its `settings.json` and the folders left empty, and `out_dir` itself when `remove_out` (the run
+    created it) and it is empty; so a run that kept nothing leaves the folder as it was. Kept files are never removed.
+
+    Returns:
+        the removed paths.
+    """
+    out_dir = os.fspath(out_dir)
+    folder = os.path.join(out_dir, STATE_FOLDER)
+    if describe_kept(out_dir) != "nothing kept yet":
+        return []
+    removed = []
+    settings = os.path.join(folder, "settings.json")
+    if os.path.isfile(settings):
+        os.remove(settings)
+        removed.append(settings)
+    for path in (os.path.join(folder, "pairs"), folder, *([out_dir] if remove_out else [])):
+        with contextlib.suppress(OSError):  # only an empty folder goes
+            os.rmdir(path)
+            removed.append(path)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------------------------

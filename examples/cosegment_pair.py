@@ -5,9 +5,9 @@
 
 Writes to --out:
     correspondences.png   the top matches as lines between the two images (colour = position in A)
-    maps.png              per image (rows): hit counts, inverse-mapping entropy, inverse-mapping error (columns),
+    maps.png              per image (rows, titled A and B with the file names): hit counts, inverse-mapping entropy, inverse-mapping error (columns),
                           each with a colour bar giving its range and unit
-    segmentation.png      per image: the common-foreground mask and the part labels (same colour = same part),
+    segmentation.png      per image (rows A and B): the common-foreground mask and the part labels (same colour = same part),
                           with legends
 
 Every option and both images are checked before the model loads; a mistake, or a model that cannot be loaded, is one
@@ -102,13 +102,16 @@ def run(args) -> None:
     pair = out.correspondences[0]
     lines = draw_correspondences(images[0], images[1], pair.source_points, pair.target_points, pair.scores, args.top_k)
     title = f"{len(pair)} matches ({int(pair.mutual.sum())} mutual), top {min(args.top_k, len(pair))} drawn"
-    written = {"correspondences.png": add_title(lines, title + " (colour = position in A)")}
+    labels = [f"A: {os.path.basename(args.image_a)}", f"B: {os.path.basename(args.image_b)}"]
+    lines = add_title(add_title(lines, title + " (colour = position in A)"), f"{labels[0]}  |  {labels[1]}")
+    written = {"correspondences.png": lines}
 
     panels = [image_panels(out, i, image) for i, image in enumerate(images)]
     maps = len(MAP_PANELS)
-    written["maps.png"] = _stack([side_by_side(row[:maps])[0] for row in panels])
+    written["maps.png"] = _stack([add_title(side_by_side(row[:maps])[0], label) for row, label in zip(panels, labels)])
     if out.masks is not None:
-        written["segmentation.png"] = _stack([side_by_side(row[maps:])[0] for row in panels])
+        rows = [add_title(side_by_side(row[maps:])[0], label) for row, label in zip(panels, labels)]
+        written["segmentation.png"] = _stack(rows)
 
     for name, picture in written.items():
         save_png(os.path.join(args.out, name), picture)  # atomic: a complete file or none

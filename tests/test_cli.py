@@ -175,24 +175,29 @@ def test_cli_pictures(cli_run, photos):
     scale = [min(1.0, 384 / max(p.shape[:2])) for p in photos[:2]]
     widths = [round(p.shape[1] * s) for p, s in zip(photos[:2], scale)]
     heights = [round(p.shape[0] * s) for p, s in zip(photos[:2], scale)]
-    assert pair.shape == (max(heights) + 18, widths[0] + 8 + widths[1], 3)
+    # two title bands (18 px each: the files, then the matches) + the images side by side
+    assert pair.shape == (max(heights) + 36, widths[0] + 8 + widths[1], 3)
     panel = np.asarray(PIL.Image.open(os.path.join(out, figures[3])))
-    # title band (18 px) + image + colour bar under each heat-map (a 10 px bar and two 15 px text lines, 44 px)
-    assert panel.shape[0] == heights[0] + 18 + 44 and panel.shape[1] >= 3 * widths[0]
+    # the image's title band (18 px: index and file) + each panel's title band (18 px) + image + colour bar under
+    # each heat-map (a 10 px bar and two 15 px text lines, 44 px)
+    assert panel.shape[0] == heights[0] + 36 + 44 and panel.shape[1] >= 3 * widths[0]
     # the hit-count colour bar spans the colour map, blue on the left to red on the right
-    bar_row = panel[18 + heights[0] + 2 + 5, : widths[0]]
+    bar_row = panel[36 + heights[0] + 2 + 5, : widths[0]]
     left, right = bar_row[6].astype(int), bar_row[widths[0] - 6].astype(int)
     assert left[2] > 100 and left[0] < 60 and right[0] > 100 and right[2] < 60
 
 
 def test_cli_is_deterministic(cli_run, tmp_path):
     out, args = cli_run
-    again = str(tmp_path / "again")
+    again = str(tmp_path)  # as deep as `out`: results.json's image paths are relative to --out
     args = [again if a == out else a for a in args]
     assert main(args + NO_FILTER_FLAGS + ["--top-k", "5", "--no-figures"]) == 0
     with open(os.path.join(out, "results.json")) as a, open(os.path.join(again, "results.json")) as b:
         first, second = json.load(a), json.load(b)
     first.pop("figures")
+    assert [
+        name for name in first.pop("files") if not name.endswith(".png") or name.startswith("masks/")
+    ] == second.pop("files")
     assert first == second
     with (
         open(os.path.join(out, "results.safetensors"), "rb") as a,
@@ -255,8 +260,9 @@ def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, 
     assert "[rank 1/2] analysed 3 pairs" in result.stderr
     files = sorted(os.path.relpath(os.path.join(r, f), one) for r, _, fs in os.walk(one) for f in fs)
     assert "results.json" in files and "pairs/pair_002_003.png" in files
-    # results, pictures of 6 pairs and 4 images, and what a resumed run reuses: settings, features, 6 pair analyses
-    assert len(files) == 2 + 6 + 4 + 2 + 6 and "resume/pairs/pair_002_003.safetensors" in files
+    # results, pictures of 6 pairs and 4 images, 4 masks and 4 part masks, and what a resumed run reuses: settings,
+    # features, 6 pair analyses
+    assert len(files) == 2 + 6 + 4 + 8 + 2 + 6 and "resume/pairs/pair_002_003.safetensors" in files
     assert files == sorted(os.path.relpath(os.path.join(r, f), two) for r, _, fs in os.walk(two) for f in fs)
     for name in files:
         assert_same_contents(os.path.join(one, name), os.path.join(two, name))
@@ -333,8 +339,8 @@ def test_bad_image_files_are_named_before_the_model_loads(image_files, text_file
     cases = [
         ([image_files[0]], "`IMAGE` must name 2 or more files, got 1"),
         ([image_files[0], str(tmp_path / "missing.jpg")], "missing.jpg': no such file"),
-        ([image_files[0], text_file], "notes.jpg' cannot be read as an image"),
-        ([image_files[0], str(tmp_path)], "is a folder, not an image file"),
+        ([image_files[0], text_file], "1 file(s) cannot be read as images: '" + text_file + "' (Unidentified"),
+        ([image_files[0], str(tmp_path)], f"`IMAGE` '{tmp_path}': the folder holds no image file"),
     ]
     for images, named in cases:
         with pytest.raises(SystemExit) as error:
@@ -378,13 +384,14 @@ def test_every_option_has_help():
 
 def test_no_filter_is_the_four_inf_flags(cli_run, tmp_path):
     out, args = cli_run
-    again = str(tmp_path / "no-filter")
+    again = str(tmp_path)  # as deep as `out`: results.json's image paths are relative to --out
     args = [again if a == out else a for a in args]
     assert main(args + ["--no-filter", "--top-k", "5", "--no-figures", "--quiet"]) == 0
     with open(os.path.join(out, "results.json")) as a, open(os.path.join(again, "results.json")) as b:
         first, second = json.load(a), json.load(b)
     first.pop("figures")
-    assert first == second and first["settings"]["analysis"]["max_entropy"] == "inf"
+    assert set(second.pop("files")) < set(first.pop("files"))  # without the pictures
+    assert first == second and first["settings"]["analysis"]["max_entropy"] is None
 
 
 def test_output_files_follow_the_umask(cli_run):

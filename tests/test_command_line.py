@@ -130,8 +130,25 @@ def test_model_load_message_names_the_model_and_the_ways_out(tmp_path, monkeypat
     assert "could not be downloaded" not in model_load_message("/no/such/folder", ValueError("x"))
     folder = model_load_message(str(tmp_path), OSError("no model_index.json"))
     assert "is not a diffusers pipeline" in folder and "[OSError: no model_index.json]" in folder
-    long = model_load_message("x", OSError("y" * 1000))
-    assert len(long) < 700
+    long = model_load_message("x", OSError("y" * 1000))  # the reason comes last: the line is cut there
+    assert long.index("--model FOLDER") < long.index("[OSError")
+
+
+def test_long_errors_are_cut_at_a_word_boundary_and_debug_shows_all():
+    from cosegment.utils.command_line import MAX_ERROR_LENGTH, error_line, shorten
+
+    assert shorten("a  b\n c") == "a b c"
+    text = " ".join(f"word{i:03d}" for i in range(200))  # 1599 characters
+    short = shorten(text, 50, " ...")
+    assert short == "word000 word001 word002 word003 word004 ..." and len(short) <= 50
+    line = error_line(ModelLoadError(text), debug=False)
+    assert line.endswith(" ... (--debug shows the full message)") and len(line) < MAX_ERROR_LENGTH + 40
+    assert line.split(" ... ")[0] in text and line.split(" ... ")[0].split()[-1] in text.split()  # whole words
+    assert error_line(ModelLoadError(text), debug=True) == text
+    usage = ValueError("`--x` must be positive, got -1.")
+    usage.input_error = True
+    assert error_line(usage, debug=False) == "`--x` must be positive, got -1."  # no --debug for input mistakes
+    assert error_line(ValueError("deep"), debug=False) == "deep (--debug shows the traceback)"  # unexpected
 
 
 def _parser() -> ArgumentParser:
@@ -159,7 +176,7 @@ def test_run_command_prints_one_line_and_traceback_on_request(capsys, monkeypatc
         assert error.value.code == status
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("tool: error: ") and "Traceback" not in err
-        assert "--debug shows the traceback" in err
+        assert ("--debug shows the traceback" in err) == (fail == "value")  # an unexpected ValueError only
     with pytest.raises(SystemExit):
         run_command(_parser(), _failing_run, ["--fail", "value", "--debug"])
     err = capsys.readouterr().err

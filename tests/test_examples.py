@@ -36,14 +36,16 @@ def test_cosegment_pair_writes_pictures(tiny_sd_path, photos, tmp_path):
     band = lines[-max(h0, h1) :, w0 : w0 + 8]
     assert (band != 255).any()
     maps = np.asarray(PIL.Image.open(out / "maps.png"))
-    # per image a row: title (18 px), the image, its colour bars (44 px), then 8 px of white
-    assert maps.shape[0] == (18 + h0 + 44 + 8) + (18 + h1 + 44 + 8) and maps.shape[1] >= 3 * max(w0, w1)
-    bar = maps[18 + h0 + 2 + 5, 4 : w0 - 4].astype(int)  # the first image's hit-count colour bar: blue to red
+    # per image a row: its label (A or B and the file name, 18 px), the panel titles (18 px), the image, its colour
+    # bars (44 px), then 8 px of white
+    assert maps.shape[0] == (36 + h0 + 44 + 8) + (36 + h1 + 44 + 8) and maps.shape[1] >= 3 * max(w0, w1)
+    assert (maps[:18, :120] < 100).any() and (maps[:18, 120:] == 255).all()  # row A's label band: "A: A.jpg" only
+    bar = maps[36 + h0 + 2 + 5, 4 : w0 - 4].astype(int)  # the first image's hit-count colour bar: blue to red
     assert bar[0, 2] > 100 and bar[0, 0] < 60 and bar[-1, 0] > 100 and bar[-1, 2] < 60
     segmentation = np.asarray(PIL.Image.open(out / "segmentation.png"))
     # mask and parts panels with their legends (one 20 px row each at these widths)
-    assert segmentation.shape[0] == (18 + h0 + 20 + 8) + (18 + h1 + 20 + 8)
-    legend = segmentation[18 + h0 + 3 : 18 + h0 + 13, 3:13].reshape(-1, 3)  # the mask legend's first swatch
+    assert segmentation.shape[0] == (36 + h0 + 20 + 8) + (36 + h1 + 20 + 8)
+    legend = segmentation[36 + h0 + 3 : 36 + h0 + 13, 3:13].reshape(-1, 3)  # the mask legend's first swatch
     assert (legend == [0, 200, 0]).all(axis=1).mean() > 0.5
     assert result.stdout.count("wrote") == 3
     assert "requires torchvision" not in result.stderr and "float32" not in result.stderr

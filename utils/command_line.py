@@ -105,11 +105,53 @@ def interrupt_as_one_line() -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+# Error lines longer than this are cut at a word boundary; `--debug` shows the whole message.
+MAX_ERROR_LENGTH = 400
+
+
+def shorten(text: str, limit: int = MAX_ERROR_LENGTH, suffix: str = "...") -> str:
+    """`text` on one line (runs of white space -> one space), cut at the last word boundary before `limit`
+    characters with `suffix` added when longer."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    cut = text[: max(1, limit - len(suffix))]
+    if " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:") + suffix
+
+
+@contextlib.contextmanager
+def checking_inputs() -> Iterator[None]:
+    """Marks a `ValueError`/`TypeError` raised in the block as a mistake in the command's input (an option, a file):
+    :func:`run_command` prints it as one line without suggesting `--debug` (its traceback shows nothing useful)."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        error.input_error = True
+        raise
+
+
+def error_line(error: BaseException, debug: bool) -> str:
+    """The one line of an error: the message (cut at :data:`MAX_ERROR_LENGTH` unless `debug`), and a pointer to
+    `--debug` only where it shows more: the full message, or the traceback of an unexpected error."""
+    message = " ".join(str(error).split())
+    if debug:
+        return message
+    short = shorten(message, MAX_ERROR_LENGTH, " ...")
+    if short != message:
+        return f"{short} (--debug shows the full message)"
+    if getattr(error, "input_error", False) or isinstance(error, ModelLoadError):
+        return message
+    return f"{message} (--debug shows the traceback)"
+
+
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object], argv=None) -> int:
     """Parses `argv`, calls `run(args)` and turns the errors a user can fix into one line on stderr.
 
     `ValueError`/`TypeError` (a bad argument or input file: exit status 2) and :class:`ModelLoadError` (exit status 1)
-    print `prog: error: message`; with `--debug` (or `COSEGMENT_DEBUG=1`) the traceback comes first. Any other
+    print `prog: error: message` (:func:`error_line`: long messages cut at a word boundary; `--debug` suggested only
+    where it shows more); with `--debug` (or `COSEGMENT_DEBUG=1`) the traceback and the full message. Any other
     exception propagates with its traceback. SIGINT (Ctrl-C) is one line, `prog: interrupted by SIGINT`, and exit
     status 130 (`run` may handle it itself in its later stages, see :func:`interrupt_as_one_line`).
 
@@ -125,8 +167,7 @@ def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
                 status = 1 if isinstance(error, ModelLoadError) else 2
                 if debug_requested(args):
                     traceback.print_exc()
-                    parser.exit(status, f"{parser.prog}: error: {error}\n")
-                parser.exit(status, f"{parser.prog}: error: {error} (--debug shows the traceback)\n")
+                parser.exit(status, f"{parser.prog}: error: {error_line(error, debug_requested(args))}\n")
         except CommandInterrupted:
             parser.exit(128 + signal.SIGINT, f"{parser.prog}: interrupted by SIGINT\n")
     return 0
@@ -227,7 +268,8 @@ def resolve_device(device: str) -> str:
 
 def read_image(path: str, name: str = "image") -> np.ndarray:
     """An image file -> `(H, W, 3)` uint8 RGB; a missing file, a folder or a non-image is a one-line `ValueError`."""
-    check_image_file(path, name)
+    with checking_inputs():
+        check_image_file(path, name)
     import numpy as np
     import PIL.Image
 
@@ -244,6 +286,116 @@ def check_image_file(path: str, name: str = "image") -> None:
         raise ValueError(f"`{name}` {path!r}: no such file.")
     if os.path.isdir(path):
         raise ValueError(f"`{name}` {path!r} is a folder, not an image file.")
+
+
+# File name extensions of the images a folder or a glob contributes (lower case; others are named and skipped).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jxl")
+# A file with one of these extensions given as an image lists image paths, one a line (see :func:`expand_images`).
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+_GLOB_CHARACTERS = re.compile(r"[*?\[]")
+
+
+def _is_image_name(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _read_list_file(path: str, name: str) -> list[str]:
+    """The paths a list file names: one a line, relative to the list file's folder, `#` comments and blank lines
+    skipped."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"`{name}` {path!r}: cannot read the list of images: {error}") from error
+    folder = os.path.dirname(path)
+    entries = [line.strip() for line in lines]
+    return [os.path.join(folder, entry) for entry in entries if entry and not entry.startswith("#")]
+
+
+def expand_images(arguments: Sequence[str], name: str = "IMAGE") -> tuple[list[str], list[str]]:
+    """The image files `arguments` name, in order: an image file as itself, a folder as its image files (not
+    recursive, sorted by name), a glob (`"photos/*.jpg"`, quoted so the shell leaves it) as its matches (sorted), and
+    a text file (`.txt`, `.lst`, `.list`) as the paths it lists, one a line, relative to its folder (`#` comments
+    and blank lines skipped). Files that are not images by extension in a folder or glob are skipped and named; an
+    image a folder, glob or list gives that is already in the collection is not added again (a file named
+    explicitly always is). Reads no image (see :func:`check_image_headers`).
+
+    Returns:
+        the image paths and the notes to log (what each folder, glob or list gave, what was skipped).
+
+    Raises:
+        ValueError: naming the argument when a path does not exist, or a folder, glob or list gives no image.
+    """
+    import glob
+
+    paths, notes, seen, repeated = [], [], set(), 0
+    for argument in arguments:
+        if os.path.isdir(argument):
+            names = sorted(entry.name for entry in os.scandir(argument) if entry.is_file())
+            found = [os.path.join(argument, entry) for entry in names if _is_image_name(entry)]
+            skipped = [entry for entry in names if not _is_image_name(entry) and not entry.startswith(".")]
+            kind = "folder"
+        elif not os.path.exists(argument) and _GLOB_CHARACTERS.search(argument):
+            matches = sorted(path for path in glob.glob(argument) if os.path.isfile(path))
+            found = [path for path in matches if _is_image_name(path)]
+            skipped = [os.path.basename(path) for path in matches if not _is_image_name(path)]
+            kind = "glob"
+        elif os.path.isfile(argument) and os.path.splitext(argument)[1].lower() in LIST_EXTENSIONS:
+            found, skipped, kind = _read_list_file(argument, name), [], "list"
+            for path in found:
+                check_image_file(path, f"{name} (listed in {argument!r})")
+        else:
+            check_image_file(argument, name)
+            paths.append(argument)
+            seen.add(os.path.normpath(argument))
+            continue
+        if not found:
+            raise ValueError(
+                f"`{name}` {argument!r}: the {kind} holds no image file ({', '.join(IMAGE_EXTENSIONS)})"
+                + (f"; it holds {_named(skipped)}." if skipped else ".")
+            )
+        notes.append(
+            f"{kind} {argument!r}: {len(found)} image(s)" + (f", skipped {_named(skipped)}" if skipped else "")
+        )
+        for path in found:
+            if os.path.normpath(path) in seen:
+                repeated += 1
+                continue
+            paths.append(path)
+            seen.add(os.path.normpath(path))
+    if repeated:
+        notes.append(f"{repeated} image(s) already named, not added again")
+    return paths, notes
+
+
+def _named(names: Sequence[str], shown: int = 5) -> str:
+    """`'a.txt', 'b.csv' and 3 more`."""
+    listed = ", ".join(repr(name) for name in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_image_headers(paths: Sequence[str], name: str = "IMAGE") -> list[tuple[int, int]]:
+    """Opens each file's header only (PIL reads the size and format, not the pixels: cheap for thousands of files).
+
+    Returns:
+        `(height, width)` of each image.
+
+    Raises:
+        ValueError: naming every file (up to 5, then a count) that is not a readable image.
+    """
+    import PIL.Image
+
+    sizes, bad = [], []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as image:
+                sizes.append((image.height, image.width))
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+            bad.append(f"{path!r} ({type(error).__name__}: {shorten(str(error), 80)})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"`{name}`: {len(bad)} file(s) cannot be read as images: {shown}.")
+    return sizes
 
 
 def check_output_folder(path: str, name: str = "--out") -> None:
@@ -451,16 +603,13 @@ def model_load_message(model: str, error: BaseException) -> str:
         where = f"there is no folder {model!r}"
     else:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = (
-            f"there is no folder {model!r}, and the Hub model {model!r} is not in the local cache and could not be "
-        )
+        where = "it is no folder here, and the Hub model is not in the local cache and could not be "
         where += "downloaded (HF_HUB_OFFLINE is set)" if offline else "downloaded"
     reason = " ".join(str(error).split())
-    if len(reason) > 120:
-        reason = reason[:117] + "..."
     return (
-        f"could not load the model {model!r}: {where} [{type(error).__name__}: {reason}]. Pass `--model FOLDER` "
-        f"(a saved Stable Diffusion pipeline) or a Hub id you can download; {TINY_PIPELINE_HINT}."
+        f"could not load the model {model!r}: {where}. Pass `--model FOLDER` (a saved Stable Diffusion pipeline) or "
+        "a Hub id you can download; offline, `python examples/make_tiny_pipeline.py tiny-sd/` makes a tiny random "
+        f"one for `--model tiny-sd/`. [{type(error).__name__}: {reason}]"
     )
 
 
@@ -469,12 +618,13 @@ def model_load_message(model: str, error: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def empty_results_warning(output, filtered: bool = True) -> str | None:
+def empty_results_warning(output, filtered: bool = True, selection: str = "auto") -> str | None:
     """The warning to log when every pair kept no match or every mask is empty; `None` when something was found.
 
     Args:
         output: a `CoSegmentationPipelineOutput` (numpy or torch fields).
         filtered: whether any threshold was active (with `--no-filter` the advice differs).
+        selection: the preset the run used (the advice names the other one).
     """
     import numpy as np
 
@@ -492,9 +642,10 @@ def empty_results_warning(output, filtered: bool = True) -> str | None:
         "a few cells"
     )
     if filtered:
+        other = "paper" if selection == "auto" else "auto"
         advice = (
-            "try `--no-filter` to see the raw matches, `--selection paper` or `--selection auto` for the other "
-            "preset, or raise a single limit such as `--max-entropy`"
+            f"try `--no-filter` to see the raw matches, `--selection {other}` for the other preset, or raise a "
+            "single limit such as `--max-entropy`"
         )
     else:
         advice = "check the images and the model (`--model`), and try a larger `--height`/`--width`"

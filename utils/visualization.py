@@ -18,10 +18,30 @@ import numpy as np
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """`(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` uint8 or float in [0, 1] -> `(H, W, 3)` uint8 (a copy)."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"`{name}` must be a numpy array, got {type(image).__name__}.")
+def _pixels(image, name: str) -> np.ndarray:
+    """What the pipeline takes as an image -> a numpy array: a PIL image (RGB, or its 16-bit / float grayscale
+    pixels), a torch tensor (HW or CHW, moved to the CPU; bool -> float) or a numpy array (as it is)."""
+    if isinstance(image, np.ndarray):
+        return image
+    if hasattr(image, "getbands") and hasattr(image, "convert"):  # a PIL image (PIL is not imported for the check)
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"`{name}` is an empty image of size {image.size}.")
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            array = np.asarray(image)
+            return array.astype(np.uint16) if image.mode != "F" else array
+        return np.asarray(image.convert("RGB"))
+    if type(image).__module__.split(".")[0] == "torch" and hasattr(image, "detach"):
+        array = image.detach().cpu().numpy()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # CHW, as the pipeline takes tensors
+        return array.astype(np.float32) if array.dtype == bool else array
+    raise TypeError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
+
+
+def as_rgb_uint8(image, name: str = "image") -> np.ndarray:
+    """An image as the pipeline takes it (PIL; numpy `(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)`; torch HW or
+    CHW), uint8, uint16 or float in [0, 1] -> `(H, W, 3)` uint8 (a copy)."""
+    image = _pixels(image, name)
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or image.shape[0] == 0 or image.shape[1] == 0:
@@ -347,10 +367,13 @@ def overlay_mask(
 
 
 def add_title(image: np.ndarray, title: str, height: int = 18) -> np.ndarray:
-    """The image with a white band of `height` pixels on top holding `title` in black."""
+    """The image with a white band of `height` pixels on top holding `title` in black (in smaller type when it would
+    not fit the width, down to a legible minimum)."""
     rgb = as_rgb_uint8(image)
     band = np.full((height, rgb.shape[1], 3), 255, dtype=np.uint8)
     scale = max(0.3, (height - 6) / 22.0)
+    while scale > 0.3 and _text_width(title, scale) + 6 > rgb.shape[1]:
+        scale = max(0.3, scale - 0.05)
     cv2.putText(band, title, (3, height - 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([band, rgb], axis=0)
 
