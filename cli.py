@@ -488,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=non_negative_int, default=50, help="matches drawn per pair picture")
     parser.add_argument("--figure-size", type=positive_int, default=384, help="longer side of pictured images")
     parser.add_argument("--no-figures", action="store_true", help="write no PNG pictures")
+    parser.add_argument("--no-viewer", action="store_true", help="write no index.html viewer (see `cosegment view`)")
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -689,6 +690,12 @@ def run(args: argparse.Namespace) -> dict:
             document["points"] = {"source_index": 0, "points": _floats(points), "transfers": transfers}
             if not args.no_figures:
                 document["figures"].append(write_points_figure(images, points, transfers, args.out, args.figure_size))
+        if not args.no_viewer:  # OUT/index.html and OUT/viewer/ (issue 24)
+            from cosegment.viewer import write_viewer
+
+            logger.info("viewer: transfers of every token centre, %d ordered pairs", 2 * len(output.correspondences))
+            names = [os.path.basename(path) for path in args.images]
+            write_viewer(args.out, images, output, features, not args.no_refine, args.figure_size, names)
         write_text(os.path.join(args.out, "results.json"), dumps_results(document))
         logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
     state.wait_for_everyone()
@@ -802,6 +809,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     one line saying what was kept for `--resume`, exit status 130 or 143."""
     from cosegment.utils.command_line import run_command
 
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["view"]:  # `cosegment view OUT`: the path of OUT/index.html, opened where a browser is
+        from cosegment.viewer import view_main
+
+        return view_main(arguments[1:])
     return run_command(build_parser(), _run_until_stopped, argv)
 
 
