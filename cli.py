@@ -693,9 +693,10 @@ def run(args: argparse.Namespace) -> dict:
         if not args.no_viewer:  # OUT/index.html and OUT/viewer/ (issue 24)
             from cosegment.viewer import write_viewer
 
-            logger.info("viewer: transfers of every token centre, %d ordered pairs", 2 * len(output.correspondences))
             names = [os.path.basename(path) for path in args.images]
-            write_viewer(args.out, images, output, features, not args.no_refine, args.figure_size, names)
+            with tqdm(total=2 * len(output.correspondences), desc="viewer (ordered pairs)", disable=not bars) as bar:
+                refine, size = not args.no_refine, args.figure_size
+                write_viewer(args.out, images, output, features, refine, size, names, progress=bar.update)
         write_text(os.path.join(args.out, "results.json"), dumps_results(document))
         logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
     state.wait_for_everyone()

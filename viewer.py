@@ -303,8 +303,9 @@ def _pair_record(pair) -> dict:
 
 
 def _part_ids(output) -> list[int]:
+    """The part ids found anywhere in the collection (masks and keypoints), ascending, background left out."""
     found = set()
-    for labels in (output.part_masks or []) + (output.keypoint_parts or []):
+    for labels in list(output.part_masks or []) + list(output.keypoint_parts or []):
         found.update(int(p) for p in np.unique(_numpy(labels)) if int(p) != 0)
     return sorted(found)
 
@@ -318,8 +319,9 @@ def build_viewer(
     names: Sequence[str] | None = None,
     title: str | None = None,
     progress: Callable[[int], object] | None = None,
+    transfers: dict | None = None,
 ) -> ViewerData:
-    """The viewer's data (see :func:`write_viewer` for the arguments); computes the transfers."""
+    """The viewer's data (see :func:`write_viewer` for the arguments); computes the transfers unless given."""
     from cosegment.utils.visualization import part_colors
 
     features = features if features is not None else getattr(output, "features", None)
@@ -331,7 +333,8 @@ def build_viewer(
         raise ValueError(f"`names` must hold {len(rgb)} names, got {len(names)}.")
     pairs = analysed_pairs(output)
     partners = partner_lists(len(rgb), pairs)
-    transfers = {} if features is None else precompute_transfers(features, pairs, refine, progress)
+    if transfers is None:
+        transfers = {} if features is None else precompute_transfers(features, pairs, refine, progress)
     part_ids = _part_ids(output)
     colors = part_colors(max(part_ids, default=0))
     grid = list(_numpy(output.density_maps).shape[1:3])
@@ -341,7 +344,7 @@ def build_viewer(
         "title": title or f"cosegment: {len(rgb)} images",
         "grid": grid,
         "refine": bool(refine),
-        "transfers": features is not None,
+        "transfers": bool(transfers),
         "all_pairs": len(pairs) == len(rgb) * (len(rgb) - 1) // 2,
         "images": entries,
         "pairs": [
@@ -422,6 +425,7 @@ def write_viewer(
     names: Sequence[str] | None = None,
     title: str | None = None,
     progress: Callable[[int], object] | None = None,
+    transfers: dict | None = None,
 ) -> str:
     """Writes `out_dir/index.html` and its data scripts `out_dir/viewer/image_III.js`, `pair_SSS_TTT.js`.
 
@@ -437,13 +441,15 @@ def write_viewer(
         names (`list[str]`, *optional*): a name per image (e.g. file names).
         title (`str`, *optional*): the page's title.
         progress (*optional*): called with 1 after each ordered pair's transfers.
+        transfers (`dict`, *optional*): what :func:`precompute_transfers` returned for these features, pairs and
+            `refine` (to write the page again, e.g. at another figure size, without recomputing them).
 
     Returns:
         the path of `index.html`. Every file is written atomically, `index.html` last.
     """
     from cosegment.utils.files import write_text
 
-    data = build_viewer(images, output, features, refine, figure_size, names, title, progress)
+    data = build_viewer(images, output, features, refine, figure_size, names, title, progress, transfers)
     folder = os.path.join(os.fspath(out_dir), VIEWER_FILES)
     os.makedirs(folder, exist_ok=True)
     written = set()

@@ -134,6 +134,16 @@ def test_manifest_describes_the_collection(planted):
     )
 
 
+def test_outliers_and_sharing_reach_the_page(planted):
+    from dataclasses import replace
+
+    images, output, features = planted
+    flagged = replace(output, sharing=np.linspace(1, 0, 6), outliers=np.array([0, 0, 0, 0, 0, 1], dtype=bool))
+    entries = build_viewer(images, flagged, None, figure_size=32).manifest["images"]
+    assert [e["outlier"] for e in entries] == [False] * 5 + [True]
+    assert [e["sharing"] for e in entries] == pytest.approx([1, 0.8, 0.6, 0.4, 0.2, 0])
+
+
 def test_written_viewer_is_offline_and_lazy(planted, tmp_path):
     images, output, features = planted
     path = write_viewer(tmp_path, images, output, features, figure_size=64)

@@ -170,6 +170,10 @@
       item("(one id = the same part in every image)");
     } else {
       var m = M.maps.filter(function (x) { return x.key === overlay; })[0];
+      if (m.range[0] === m.range[1]) {
+        item(m.title + ": every value is " + num(m.range[0]) + " (" + m.unit + ")");
+        return;
+      }
       var bar = el("span", { "class": "colorbar" });
       var canvas = el("canvas", { width: 256, height: 1 });
       var ctx = canvas.getContext("2d"), img = ctx.createImageData(256, 1);
@@ -385,7 +389,9 @@
     if (view.hidden || Number(view.getAttribute("data-source-index")) !== s || Number(view.getAttribute("data-target-index")) !== t) return;
     var a = M.images[s], b = M.images[t], entry = pairEntry(s, t), record = raw.pairs[s + "-" + t];
     var table = floats(record.matches), count = entry.matches, gap = 16;
-    var height = Math.min(480, Math.max(a.display[1], b.display[1]));
+    var room = Math.max(320, window.innerWidth - 120) - gap; // the two images side by side at one height
+    var height = Math.round(Math.min(1.5 * Math.max(a.display[1], b.display[1]), 0.8 * window.innerHeight,
+      room / (a.width / a.height + b.width / b.height)));
     var sa = height / a.height, sb = height / b.height, offset = a.width * sa + gap;
     var width = offset + b.width * sb;
     var svg = svgEl("svg", { width: width, height: height, viewBox: "0 0 " + width + " " + height });
