@@ -273,6 +273,7 @@ def _add_output_arguments(group) -> None:
     group.add_argument(  # --points (issue 11)
         "--points", default=None, help="'x1,y1;x2,y2' or a JSON file: points of the first image to transfer"
     )
+    group.add_argument("--no-viewer", action="store_true", help="write no index.html viewer (see `cosegment view`)")
     # --export and --category (issue 28): annotations.json for labelling tools, see cosegment/export.py
     group.add_argument("--export", choices=("coco",), default=None, help="also write annotations.json (COCO)")
     group.add_argument("--category", default="object", help="category name in --export (default object)")
@@ -592,6 +593,7 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
     }
     paths = [_relative_to(path, args.out) for path in args.images]  # results.json's paths: from --out
     document = results_document(output, paths, features.image_sizes, features.grid_size, settings, args.model)
+    extra = _write_viewer(args, images, output, features) + (["annotations.json"] if args.export == "coco" else [])
     removed, foreign = write_results(
         args.out,
         document,
@@ -603,7 +605,7 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
         points=points,
         features=features,
         refine=not args.no_refine,
-        also_written=["annotations.json"] if args.export == "coco" else [],
+        also_written=extra,
     )
     if removed:
         logger.info("removed %d file(s) an earlier run left in %s: %s", len(removed), args.out, _listed(removed))
@@ -614,6 +616,26 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
 
         export_coco(output, args.images, os.path.join(args.out, "annotations.json"), category=args.category)
     return document
+
+
+def _write_viewer(args, images, output, features) -> list[str]:
+    """`OUT/index.html` and `OUT/viewer/` (issue 24) unless `--no-viewer`; returns the files it wrote (relative)."""
+    if args.no_viewer:
+        return []
+    from tqdm.auto import tqdm
+
+    from cosegment.viewer import write_viewer
+
+    names = [os.path.basename(path) for path in args.images]
+    pairs = [(c.source_index, c.target_index) for c in output.correspondences]
+    with tqdm(total=2 * len(pairs), desc="viewer (ordered pairs)", disable=args.quiet) as bar:
+        refine, size = not args.no_refine, args.figure_size
+        write_viewer(args.out, images, output, features, refine, size, names, progress=bar.update)
+    return (
+        ["index.html"]
+        + [f"viewer/image_{i:03d}.js" for i in range(len(images))]
+        + [f"viewer/pair_{s:03d}_{t:03d}.js" for s, t in pairs]
+    )
 
 
 def _relative_to(path: str, folder: str) -> str:
@@ -651,7 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The `cosegment` command. A bad option or image file, or a model that cannot be loaded, is one line on stderr
     (exit status 2 or 1); `--debug` or `COSEGMENT_DEBUG=1` adds the traceback. SIGINT or SIGTERM stops it cleanly:
     one line saying what was kept for `--resume`, exit status 130 or 143; SIGINT while the arguments are parsed is
-    one line too, exit status 130. `--help` and every input check import no torch, diffusers or transformers."""
+    one line too, exit status 130. `--help` and every input check import no torch, diffusers or transformers.
+    `cosegment view OUT` prints the path of a run's viewer and opens it where a browser is available."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["view"]:
+        from cosegment.viewer import view_main
+
+        return view_main(arguments[1:])
     return run_command(build_parser(), _run_until_stopped, argv)
 
 

@@ -32,6 +32,8 @@ OWNED_FILES = (
     r"images/image_\d{3,}\.png",
     r"masks/mask_\d{3,}\.png",
     r"masks/parts_\d{3,}\.png",
+    r"index\.html",  # the viewer (issue 24)
+    r"viewer/(?:image_\d{3,}|pair_\d{3,}_\d{3,})\.js",
 )
 _OWNED = re.compile("|".join(f"(?:{pattern})" for pattern in OWNED_FILES))
 
