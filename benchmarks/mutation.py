@@ -14,6 +14,7 @@ runs, per mutant, only those tests.
 
     python benchmarks/mutation.py correspondence --sample 0.15      # all selection-function mutants, 15% of the rest
     python benchmarks/mutation.py processors --workdir /tmp/rerun --mutants NAME...   # rerun chosen mutants
+    python benchmarks/mutation.py runstate --without tests/test_bite_resume.py     # the score without a test file
 
 Score = killed / run, over the mutants that were run; a timeout counts as killed, "no tests" as survived (mutmut's
 convention). The survivors are listed and written to `<workdir>/<group>/survivors.txt`; `mutmut show NAME` there prints a diff.
@@ -169,10 +170,11 @@ def existing(tests: list[str]) -> list[str]:
     return [t for t in tests if t.startswith("-") or (ROOT / t.split("::")[0].split("=")[-1]).is_file()]
 
 
-def prepare(group: str, workdir: Path) -> Path:
+def prepare(group: str, workdir: Path, without: tuple[str, ...] = ()) -> Path:
     """A fresh scratch folder `workdir/group` holding `cosegment/` (the checkout's tracked and new files, tests
     excluded), `tests/` and a `pyproject.toml` with the pytest options and this group's mutmut settings."""
     targets, tests = GROUPS[group]
+    tests = [t for t in tests if t.split("::")[0] not in without]
     changed = subprocess.run(
         ["git", "-C", str(ROOT), "diff", "--name-only", "HEAD", "--", *targets], capture_output=True, text=True
     ).stdout.split()
@@ -271,8 +273,10 @@ def mutmut_env() -> dict[str, str]:
     return env
 
 
-def run_group(group: str, workdir: Path, timeout: float, fraction: float, mutants: list[str]) -> None:
-    scratch = prepare(group, workdir)
+def run_group(
+    group: str, workdir: Path, timeout: float, fraction: float, mutants: list[str], without: tuple[str, ...] = ()
+) -> None:
+    scratch = prepare(group, workdir, without)
     start = time.time()
     names = list(mutants) or (sample_mutants(scratch, fraction) if fraction < 1 or group in FUNCTIONS else [])
     result = subprocess.run(
@@ -333,6 +337,9 @@ def main() -> None:
     )
     parser.add_argument("--mutants", nargs="+", default=[], help="run only these mutants (fnmatch patterns)")
     parser.add_argument("--report-only", action="store_true", help="score the last run without running mutmut")
+    parser.add_argument(
+        "--without", nargs="+", default=[], help="leave these test files out (the score before they were written)"
+    )
     args = parser.parse_args()
     groups = args.groups or list(GROUPS)
     unknown = [group for group in groups if group not in GROUPS]
@@ -341,7 +348,7 @@ def main() -> None:
     total_killed = total_run = 0
     for group in groups:
         if not args.report_only:
-            run_group(group, args.workdir, args.timeout, args.sample, args.mutants)
+            run_group(group, args.workdir, args.timeout, args.sample, args.mutants, tuple(args.without))
         result = report(group, args.workdir)
         killed, scored = len(result["killed"]), len(result["killed"]) + len(result["survivors"])
         total_killed, total_run = total_killed + killed, total_run + scored
