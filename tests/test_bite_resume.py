@@ -1,0 +1,442 @@
+"""What `--resume` may reuse (runstate.py): cases written for the mutation run of issue 29.
+
+Every recorded setting, changed on the command line, makes a resumed run refuse (`--resume`) or recompute
+(`--resume=overwrite`) exactly what it invalidates, and nothing more; the rest of the kept state (unreadable
+records, damaged files, what a killed writer left) is handled as documented. These run `RunState` on real kept
+files (tiny random features and their pair analyses), never the model.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from cosegment import CoSegmentationFeatures, analyze_pairs
+from cosegment.cli import build_parser
+from cosegment.runstate import (
+    RECORDED_SETTINGS,
+    RunInterrupted,
+    RunState,
+    describe_kept,
+    file_digest,
+    load_pair_analysis,
+    record_settings,
+    save_pair_analysis,
+    setting_differences,
+    stop_on_signals,
+)
+from cosegment.utils.command_line import threshold_overrides
+from cosegment.utils.files import temporary_path, write_text
+
+# What each recorded setting makes stale, and why. "features": it changes what is captured (or how the captured
+# features are corrected: the reference is kept with them), so the features and every pair analysis made from them
+# are stale; "pairs": it changes the per-pair analysis only (selection, thresholds, the kept sub-token peaks);
+# "results": only the collection-level steps and the result files, which every run computes again.
+INVALIDATES = {
+    "model": "features",
+    "images": "features",
+    "height": "features",
+    "width": "features",
+    "seed": "features",
+    "timestep": "features",
+    "ensemble_size": "features",
+    "attention_layers": "features",
+    "prompt": "features",
+    "dtype": "features",
+    "batch_size": "features",  # the UNet batch: SD's attention is not bitwise batch-invariant
+    "reference": "features",
+    "selection": "pairs",
+    "max_entropy": "pairs",
+    "max_spread": "pairs",
+    "max_collapse": "pairs",
+    "max_inverse_error": "pairs",
+    "no_refine": "pairs",  # a pair file keeps the sub-token peaks only when refined
+    "num_parts": "results",
+    "partners": "results",  # which pairs are analysed; an analysed pair is the same in any graph
+    "points": "results",
+    "no_segment": "results",
+}
+# Options that are not recorded, because no kept file depends on them.
+NOT_RECORDED = {
+    "out",  # where the kept files are
+    "resume",
+    "top_k",  # pictures only
+    "figure_size",
+    "no_figures",
+    "export",  # annotations.json, written from the results
+    "category",
+    "no_filter",  # recorded through the thresholds it sets (max_* = inf)
+    "device",  # where the same computation runs
+    "debug",
+    "quiet",
+}
+# A command-line change of each recorded setting.
+CHANGES = {
+    "model": ["--model", "someone/other-model"],
+    "height": ["--height", "256"],
+    "width": ["--width", "320"],
+    "seed": ["--seed", "1"],
+    "timestep": ["--timestep", "500"],
+    "ensemble_size": ["--ensemble-size", "2"],
+    "attention_layers": ["--attention-layers", "up_blocks"],
+    "prompt": ["--prompt", "a photo"],
+    "dtype": ["--dtype", "float16"],
+    "batch_size": ["--batch-size", "4"],
+    "reference": ["--reference", "auto"],
+    "selection": ["--selection", "paper"],
+    "max_entropy": ["--max-entropy", "2.0"],
+    "max_spread": ["--max-spread", "3.0"],
+    "max_collapse": ["--max-collapse", "0.5"],
+    "max_inverse_error": ["--max-inverse-error", "1.5"],
+    "no_refine": ["--no-refine"],
+    "num_parts": ["--num-parts", "3"],
+    "partners": ["--partners", "2"],
+    "points": ["--points", "1,2"],
+    "no_segment": ["--no-segment"],
+}
+PAIRS = [(0, 1), (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Two image files and the tiny features of three images (what the run captured)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    paths = []
+    for i in range(3):
+        paths.append(str(folder / f"image_{i}.png"))
+        PIL.Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(paths[-1])
+    generator = torch.Generator().manual_seed(0)
+    queries = [torch.randn(3, 2, 16, 4, generator=generator)]
+    keys = [q + 0.3 * torch.randn(q.shape, generator=generator) for q in queries]
+    features = CoSegmentationFeatures(queries, keys, (4, 4), [(32, 32)] * 3)
+    return paths, features
+
+
+def _record(paths, *extra) -> dict:
+    """The settings record of `cosegment IMAGES --out x EXTRA`, as the command makes it."""
+    args = build_parser().parse_args([*paths, "--out", "x", *extra])
+    return record_settings({**vars(args), **threshold_overrides(args)})
+
+
+@contextlib.contextmanager
+def _logged():
+    """The lines `cosegment.runstate` logs within the block, INFO and above (the CLI's logger may not propagate)."""
+    lines, logger = [], logging.getLogger("cosegment.cli")
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _same_analysis(a, b) -> bool:
+    if (a.source_index, a.target_index, a.grid_size, a.settings) != (
+        b.source_index,
+        b.target_index,
+        b.grid_size,
+        b.settings,
+    ):
+        return False
+    return all(torch.equal(x.keep, y.keep) and torch.equal(x.max_prob, y.max_prob) for x, y in zip(a.passes, b.passes))
+
+
+@pytest.fixture(scope="module")
+def kept_run(inputs, tmp_path_factory):
+    """The folder a finished run with default settings leaves: its settings, features and two pair analyses."""
+    paths, features = inputs
+    out = tmp_path_factory.mktemp("kept") / "out"
+    state = RunState(out, _record(paths[:2]))
+    state.check()
+    state.start()
+    assert state.load_features() is None  # a fresh run reuses nothing
+    state.save_features(features)
+    analyses, reused = state.pair_analyses(features, PAIRS, analyze_pairs)
+    assert reused == [] and len(analyses) == 2
+    return out, analyses
+
+
+def _copy(kept_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(kept_run[0], out)
+    return out
+
+
+def test_every_option_is_recorded_or_changes_no_kept_file():
+    options = {action.dest for action in build_parser()._actions} - {"help", "images"}
+    assert set(RECORDED_SETTINGS) == set(INVALIDATES) == set(CHANGES) | {"images"}
+    assert options - set(RECORDED_SETTINGS) == NOT_RECORDED
+
+
+@pytest.mark.parametrize("name", sorted(INVALIDATES))
+def test_a_changed_setting_invalidates_exactly_what_depends_on_it(name, inputs, kept_run, tmp_path):
+    paths, features = inputs
+    out = _copy(kept_run, tmp_path)
+    base = _record(paths[:2])
+    changed = _record(paths[1::-1]) if name == "images" else _record(paths[:2], *CHANGES[name])
+    stale = INVALIDATES[name]
+    differences = setting_differences(base, changed)
+    assert {group: len(found) for group, found in differences.items()} == {
+        group: int(group == stale) for group in ("features", "pairs", "results")
+    }
+    assert differences[stale][0].startswith(f"{name} was ")
+
+    # --resume: refused, naming the setting, when kept files depend on it
+    reuse = RunState(out, changed, resume="reuse")
+    if stale == "results":
+        reuse.check()
+        assert reuse.stale == () and reuse.changes == differences["results"]
+    else:
+        with pytest.raises(ValueError, match=f"`--resume`: .*{name} was ") as refusal:
+            reuse.check()
+        assert "\n" not in str(refusal.value) and "--resume=overwrite" in str(refusal.value)
+
+    # --resume=overwrite: recomputes what it invalidates and reuses the rest
+    overwrite = RunState(out, changed, resume="overwrite")
+    overwrite.check()
+    overwrite.start()
+    loaded = overwrite.load_features()
+    if stale == "features":
+        assert loaded is None and not os.path.exists(overwrite.features_path)
+    else:
+        assert torch.equal(loaded.queries[0], features.queries[0]) and loaded.image_sizes == features.image_sizes
+    for (s, t), made in zip(PAIRS, kept_run[1]):
+        pair = overwrite.load_pair(s, t)
+        if stale == "results":
+            assert _same_analysis(pair, made)
+        else:
+            assert pair is None and not os.path.exists(overwrite.pair_path(s, t))
+    # the folder now belongs to the new settings: the same run resumed again reuses what is left, refuses nothing
+    with open(overwrite.settings_path, encoding="utf-8") as handle:
+        assert json.load(handle) == {"format": "cosegment.run/1", "settings": changed}
+    again = RunState(out, changed, resume="reuse")
+    again.check()
+    assert again.stale == () and again.changes == []
+
+
+def test_no_filter_is_a_change_of_every_threshold(inputs):
+    paths, _ = inputs
+    differences = setting_differences(_record(paths[:2]), _record(paths[:2], "--no-filter"))
+    assert differences["features"] == differences["results"] == []
+    assert sorted(differences["pairs"]) == [
+        f"{name} was null, now Infinity" for name in ("max_collapse", "max_entropy", "max_inverse_error", "max_spread")
+    ]
+
+
+def test_images_are_recorded_by_content_and_order(inputs, tmp_path):
+    paths, _ = inputs
+    record = _record(paths[:2])
+    assert record["images"] == [hashlib.sha256(open(path, "rb").read()).hexdigest() for path in paths[:2]]
+    copy = tmp_path / "renamed.png"
+    shutil.copyfile(paths[0], copy)  # another name, the same content: nothing changed
+    assert setting_differences(record, _record([str(copy), paths[1]])) == {"features": [], "pairs": [], "results": []}
+    for other in ([paths[1], paths[0]], [paths[0], paths[2]], paths):
+        found = setting_differences(record, _record(other))
+        assert found["pairs"] == found["results"] == []
+        assert found["features"] == [f"images was 2 files, now {len(other)} files of other content or order"]
+
+
+def test_a_reference_file_is_recorded_by_name_and_content(tmp_path):
+    reference = tmp_path / "blank.safetensors"
+    reference.write_bytes(b"x" * 10)
+    record = record_settings({"reference": str(reference)})
+    assert record["reference"] == {"file": "blank.safetensors", "sha256": hashlib.sha256(b"x" * 10).hexdigest()}
+    assert set(record) == set(RECORDED_SETTINGS) and record["model"] is None  # a missing argument: None
+    assert record_settings({"reference": "none"})["reference"] == "none"
+    assert record_settings({"max_spread": float("inf")})["max_spread"] == float("inf")
+
+
+def test_file_digest_of_a_file_larger_than_one_block(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (1 << 20) + 12345, dtype=np.uint8).tobytes()
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert file_digest(tmp_path / "empty.bin") == hashlib.sha256(b"").hexdigest()
+
+
+def test_long_values_are_shortened_in_messages():
+    long = "a" * 100
+    found = setting_differences({**record_settings({}), "prompt": long}, record_settings({"prompt": "b"}))
+    (line,) = found["features"]
+    was = line.removeprefix("prompt was ").split(", now ")[0]
+    assert was == json.dumps(long)[:37] + "..." and len(was) == 40
+    assert line.endswith(', now "b"')
+    exact = "c" * 38  # 40 characters with its quotes: shown whole
+    (line,) = setting_differences(record_settings({"prompt": exact}), record_settings({}))["features"]
+    assert line == f'prompt was "{exact}", now null'
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (None, "nothing kept in"),
+        ("{not json", "is unreadable"),
+        ('{"format": "cosegment.run/0", "settings": {}}', "nothing kept in"),
+        ('{"format": "cosegment.run/1", "settings": [1, 2]}', "nothing kept in"),
+        ('{"format": "cosegment.run/1"}', "is unreadable"),
+        ("[1, 2]", "is unreadable"),
+    ],
+)
+def test_a_missing_or_unreadable_record_reuses_nothing(inputs, kept_run, tmp_path, content, why):
+    paths, _ = inputs
+    out = _copy(kept_run, tmp_path)
+    settings = out / "resume" / "settings.json"
+    if content is None:
+        settings.unlink()
+    else:
+        settings.write_text(content)
+    for mode in ("reuse", "overwrite"):
+        state = RunState(out, _record(paths[:2]), resume=mode)
+        state.check()  # no record to compare: nothing refused, nothing reused
+        assert state.stale == ("features", "pairs")
+        assert len(state.changes) == 1 and why in state.changes[0]
+    state.start()
+    assert state.load_features() is None and state.load_pair(0, 1) is None
+    assert describe_kept(out) == "nothing kept yet"
+
+
+def test_a_fresh_run_removes_what_an_earlier_run_kept(inputs, kept_run, tmp_path):
+    paths, _ = inputs
+    out = _copy(kept_run, tmp_path)
+    assert describe_kept(out) == f"the features and 2 pair analyses in {out / 'resume'}"
+    state = RunState(out, _record(paths[:2]))  # no --resume, the same settings
+    state.check()
+    assert state.stale == ("features", "pairs")
+    state.start()
+    assert describe_kept(out) == "nothing kept yet"
+    assert state.load_features() is None and state.load_pair(0, 1) is None
+
+
+def test_start_removes_what_a_killed_writer_left_and_only_that(inputs, kept_run, tmp_path):
+    paths, _ = inputs
+    out = _copy(kept_run, tmp_path)
+    left = [
+        temporary_path(out / "results.json"),
+        temporary_path(out / "resume" / "pairs" / "pair_000_002.safetensors"),
+    ]
+    for path in left:
+        write_text(path, "half")
+    write_text(out / "notes.txt", "mine")
+    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state.check()
+    with _logged() as lines:
+        state.start()
+    assert not any(os.path.exists(path) for path in left)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert all(any(path in line for line in lines) for path in left)
+    assert state.load_features() is not None and state.load_pair(0, 1) is not None
+
+
+def test_kept_pairs_are_reused_and_missing_ones_analysed(inputs, kept_run, tmp_path):
+    paths, features = inputs
+    out = _copy(kept_run, tmp_path)
+    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state.check()
+    state.start()
+    calls, progress = [], []
+
+    def analyze(two, pairs, **analysis):
+        calls.append((two.num_images, pairs, analysis))
+        return analyze_pairs(two, pairs, **analysis)
+
+    pairs = [(0, 2), (0, 1), (1, 2)]
+    analyses, reused = state.pair_analyses(features, pairs, analyze, progress=progress.append, max_spread=9.0)
+    assert reused == [(0, 1), (1, 2)] and progress == [1, 1, 1]
+    assert calls == [(2, [(0, 1)], {"max_spread": 9.0})]  # only the missing pair, on its two images
+    assert [(a.source_index, a.target_index) for a in analyses] == pairs
+    assert _same_analysis(analyses[0], analyze_pairs(features, [(0, 2)], max_spread=9.0)[0])
+    assert _same_analysis(analyses[1], kept_run[1][0])
+    assert _same_analysis(load_pair_analysis(state.pair_path(0, 2)), analyses[0])  # kept as it finished
+    assert describe_kept(out) == f"the features and 3 pair analyses in {out / 'resume'}"
+
+
+def test_damaged_kept_files_are_computed_again(inputs, kept_run, tmp_path):
+    paths, _ = inputs
+    out = _copy(kept_run, tmp_path)
+    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state.check()
+    state.start()
+    write_text(state.features_path, "not features")
+    write_text(state.pair_path(0, 1), "not a pair")
+    with _logged() as lines:
+        assert state.load_features() is None
+        assert state.load_pair(0, 1) is None
+    assert len(lines) == 2 and state.features_path in lines[0] and state.pair_path(0, 1) in lines[1]
+    assert state.load_pair(1, 2) is not None and state.load_pair(0, 2) is None  # kept / never made
+
+
+def test_describe_kept_counts_pair_files_only(tmp_path):
+    pairs = tmp_path / "resume" / "pairs"
+    pairs.mkdir(parents=True)
+    assert describe_kept(tmp_path) == "nothing kept yet"
+    write_text(pairs / "pair_000_001.safetensors", "x")
+    write_text(pairs / "notes.txt", "x")
+    write_text(temporary_path(pairs / "pair_000_002.safetensors"), "x")
+    assert describe_kept(tmp_path) == f"1 pair analysis in {tmp_path / 'resume'}"
+    write_text(tmp_path / "resume" / "features.safetensors", "x")
+    assert describe_kept(tmp_path) == f"the features and 1 pair analysis in {tmp_path / 'resume'}"
+    (pairs / "pair_000_001.safetensors").unlink()
+    assert describe_kept(tmp_path) == f"the features in {tmp_path / 'resume'}"
+
+
+def test_pair_files_are_named_by_their_pair(tmp_path):
+    state = RunState(tmp_path, {})
+    assert state.pair_path(3, 12) == os.path.join(tmp_path, "resume", "pairs", "pair_003_012.safetensors")
+    assert state.features_path == os.path.join(tmp_path, "resume", "features.safetensors")
+    assert state.settings_path == os.path.join(tmp_path, "resume", "settings.json")
+
+
+def test_a_pair_file_keeps_indices_grid_settings_and_thresholds(inputs, tmp_path):
+    _, features = inputs
+    analysis = analyze_pairs(features, [(1, 2)], max_entropy=float("inf"), refine=False)[0]
+    save_pair_analysis(analysis, tmp_path / "pair.safetensors")
+    loaded = load_pair_analysis(tmp_path / "pair.safetensors")
+    assert (loaded.source_index, loaded.target_index, loaded.grid_size) == (1, 2, (4, 4))
+    assert loaded.settings == analysis.settings
+    assert [(p.source_index, p.target_index) for p in loaded.passes] == [(1, 2), (2, 1)]
+    assert [p.thresholds for p in loaded.passes] == [p.thresholds for p in analysis.passes]
+    assert all(p.peak_points is None for p in loaded.passes)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_the_run_with_the_shells_exit_code(signum, code):
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(RunInterrupted) as stop:
+        with stop_on_signals():
+            signal.raise_signal(signum)
+    assert stop.value.signum == signum and stop.value.exit_code == code
+    assert not isinstance(stop.value, Exception)  # no `except Exception` takes it
+    assert {number: signal.getsignal(number) for number in before} == before
+    # only the signals asked for are handled
+    other = signal.SIGTERM if signum == signal.SIGINT else signal.SIGINT
+    with stop_on_signals([signum]):
+        assert signal.getsignal(other) == before[other] and signal.getsignal(signum) != before[signum]
+    assert {number: signal.getsignal(number) for number in before} == before
+
+
+def test_stop_on_signals_outside_the_main_thread_does_nothing():
+    seen = []
+
+    def body():
+        with stop_on_signals():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before] and signal.getsignal(signal.SIGTERM) == before
