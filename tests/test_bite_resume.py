@@ -72,6 +72,7 @@ NOT_RECORDED = {
     "top_k",  # pictures only
     "figure_size",
     "no_figures",
+    "no_viewer",  # index.html and viewer/, written from the results
     "export",  # annotations.json, written from the results
     "category",
     "no_filter",  # recorded through the thresholds it sets (max_* = inf)
