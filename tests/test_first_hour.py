@@ -95,6 +95,10 @@ def test_second_run_into_the_same_folder_leaves_only_its_files(photo_folder, tin
             "masks/mask_001.png",
             "masks/parts_000.png",
             "masks/parts_001.png",
+            "index.html",  # the viewer (issue 24)
+            "viewer/image_000.js",
+            "viewer/image_001.js",
+            "viewer/pair_000_001.js",
         ]
     )
     assert set(document["figures"]) <= set(document["files"])
