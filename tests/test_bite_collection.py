@@ -426,6 +426,12 @@ def test_keys_move_points_by_squared_distance_to_each_parts_mean_key():
     keys = np.array([[1.0], [1.1], [0.9], [2.6], [3.0], [3.1], [2.9]])
     regions = np.array([0, 0, 0, 0, 1, 1, 1])
     assert refine_by_keys(keys, regions).tolist() == [0, 0, 0, 1, 1, 1, 1]
+    # nearer part 0's mean (1.125) than part 1's (3.0): the point at 1.5 stays
+    keys = np.array([[0.9], [1.0], [1.1], [1.5], [2.9], [3.0], [3.1]])
+    assert refine_by_keys(keys, regions).tolist() == regions.tolist()
+    # a step that would leave the last part empty is not taken (its point sits on part 0's mean)
+    keys = np.array([[1.0], [1.1], [0.9], [1.0], [3.0], [3.1], [2.9], [1.0]])
+    assert refine_by_keys(keys, np.array([0, 0, 0, 0, 1, 1, 1, 2])).tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
     # a part of one point keeps it and may take others: the point at 9 joins the lone point at 10
     keys = np.array([[1.0], [1.1], [0.9], [3.0], [3.1], [2.9], [3.05], [9.0], [10.0]])
     assert refine_by_keys(keys, np.array([0, 0, 0, 1, 1, 1, 1, 1, 2])).tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2]
@@ -532,3 +538,27 @@ def test_longer_paths_go_through_two_other_images_and_never_back():
     keeps = {(0, 1): [], (1, 0): [2], (4, 5): [], (5, 4): []}
     confirmed = confirm_by_third_images(_identity_passes(graph, keeps), 6, (1, 4), longer_paths=True)
     assert _kept_tokens(confirmed, (0, 1)) == []
+
+
+def test_longer_paths_add_to_the_paths_through_one_image():
+    from cosegment.analysis import confirm_by_third_images
+
+    # (0, 1): one path through image 2 and one through images 3 and 4: two votes only together
+    graph = [(0, 1), (0, 2), (1, 2), (0, 3), (3, 4), (1, 4)]
+    passes = _identity_passes(graph, {(0, 1): [], (1, 0): []})
+    assert _kept_tokens(confirm_by_third_images(passes, 5, (1, 4)), (0, 1)) == []
+    assert _kept_tokens(confirm_by_third_images(passes, 5, (1, 4), longer_paths=True), (0, 1)) == [0, 1, 2, 3]
+
+
+def test_typical_points_compare_directions_not_lengths():
+    from cosegment.analysis import typical_points
+
+    # one part, every point in the same direction but of very different lengths: all typical
+    embedding = np.array([[1.0, 0.0], [0.1, 0.0], [3.0, 0.0], [1e-3, 0.0], [0.5, 0.01]])
+    assert typical_points(embedding, np.zeros(5, dtype=np.int64)).all()
+    # cosines 2/3 (four points) and exactly 1/3, half their median: kept at the cut
+    vectors = np.array([[2, 1, 2], [2, -1, -2], [2, 2, 1], [2, -2, -1], [1, 2, 2], [1, -2, -2]], dtype=np.float64)
+    assert typical_points(vectors, np.zeros(6, dtype=np.int64)).all()
+    # just under it: dropped
+    vectors[4:, 0] = 0.99
+    assert typical_points(vectors, np.zeros(6, dtype=np.int64)).tolist() == [True] * 4 + [False] * 2
