@@ -489,6 +489,10 @@ def _assert_every_file_complete(out) -> None:
         elif name.endswith(".png"):
             with PIL.Image.open(path) as image:
                 image.load()
+        elif name == "index.html" or (name.startswith("viewer/") and name.endswith(".js")):  # the viewer (issue 24)
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            assert text.rstrip().endswith("</html>" if name == "index.html" else ");"), name
         else:
             raise AssertionError(f"unexpected file {name}")
 
