@@ -562,3 +562,117 @@ def test_typical_points_compare_directions_not_lengths():
     # just under it: dropped
     vectors[4:, 0] = 0.99
     assert typical_points(vectors, np.zeros(6, dtype=np.int64)).tolist() == [True] * 4 + [False] * 2
+
+
+def test_sharing_with_a_typical_best_partner_of_one_match():
+    # best partner counts 1, 1, 0: the median is one match, and the image with none shares nothing
+    sharing = sharing_scores(_kept({(0, 1): 1, (1, 0): 0, (0, 2): 0, (2, 0): 0, (1, 2): 0, (2, 1): 0}), 3)
+    assert sharing.tolist() == [1.0, 1.0, 0.0]
+    nothing = sharing_scores(_kept({(0, 1): 0, (1, 0): 0}), 2)
+    assert nothing.dtype == torch.float64 and nothing.tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pair graph and the join of pair analyses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _constant_features(directions, grid=(4, 4)) -> CoSegmentationFeatures:
+    """Every token of image i has the query (and key) `directions[i]` (as in tests/test_partners.py)."""
+    base = torch.tensor(directions, dtype=torch.float32)
+    tensor = base[:, None, None, :].expand(len(directions), 1, grid[0] * grid[1], base.shape[1]).contiguous()
+    return CoSegmentationFeatures([tensor], [tensor.clone()], grid, [(8, 8)] * len(directions))
+
+
+def test_m_minus_two_partners_can_leave_a_pair_out():
+    from cosegment.analysis import partner_pairs
+
+    # a chain e0 - (e0 + e1) - (e1 + e2) - e2; centred over the collection, images 0 and 2 point in opposite
+    # directions (cosine -0.99), and so do 1 and 3: with M - 2 = 2 partners each leaves out its opposite
+    features = _constant_features([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    assert partner_pairs(features, 2) == [(0, 1), (0, 3), (1, 2), (2, 3)]
+    every = [(s, t) for s in range(4) for t in range(s + 1, 4)]
+    assert partner_pairs(features, 3) == partner_pairs(features, 4) == partner_pairs(features, None) == every
+    five = _constant_features([[float(i in (j, j - 1)) for i in range(4)] for j in range(5)])
+    assert (1, 3) not in partner_pairs(five, 3) and len(partner_pairs(five, 3)) == 9
+
+
+@pytest.fixture(scope="module")
+def small_pairs():
+    generator = torch.Generator().manual_seed(0)
+    queries = [torch.randn(4, 2, 16, 4, generator=generator)]
+    keys = [q + 0.3 * torch.randn(q.shape, generator=generator) for q in queries]
+    features = CoSegmentationFeatures(queries, keys, (4, 4), [(32, 32)] * 4)
+    from cosegment import analyze_pairs
+
+    return features, analyze_pairs(features, refine=False)
+
+
+def _join(analyses, features, pairs=None):
+    from cosegment.analysis import join_pair_analyses
+
+    settings = analyze_pairs_settings()
+    return join_pair_analyses(analyses, features, settings, torch.device("cpu"), pairs)
+
+
+def analyze_pairs_settings() -> dict:
+    """The settings a default `analyze_pairs(refine=False)` records in each pair analysis."""
+    from cosegment.settings import check_analysis_settings
+
+    return check_analysis_settings(refine=False).pair_settings
+
+
+def test_join_gives_both_passes_of_each_pair_in_pair_order(small_pairs):
+    features, analyses = small_pairs
+    passes = _join(analyses[::-1], features)
+    order = [(s, t) for s in range(4) for t in range(s + 1, 4)]
+    assert list(passes) == [p for s, t in order for p in ((s, t), (t, s))]
+    for analysis in analyses:
+        for result in analysis.passes:
+            assert passes[(result.source_index, result.target_index)] is not result  # moved to the device
+            assert torch.equal(passes[(result.source_index, result.target_index)].keep, result.keep)
+    graph = [(0, 2), (1, 3), (0, 1)]
+    chosen = [a for a in analyses if (a.source_index, a.target_index) in graph]
+    assert list(_join(chosen, features, graph)) == [(0, 1), (1, 0), (0, 2), (2, 0), (1, 3), (3, 1)]
+
+
+def test_join_messages_name_what_is_wrong(small_pairs):
+    from dataclasses import replace
+
+    features, analyses = small_pairs
+    with pytest.raises(TypeError, match=r"^`pair_analyses` must be a list of PairAnalysis or None, got "):
+        _join(iter(analyses), features)  # an iterator, not a list
+    with pytest.raises(TypeError, match=r"^`pair_analyses` must hold PairAnalysis objects, got str\.$"):
+        _join([analyses[0], "pair"], features)
+    with pytest.raises(ValueError, match=r"^`pair_analyses` holds pair \(0, 1\) twice\.$"):
+        _join([analyses[0], analyses[0]], features)
+    other_grid = replace(analyses[1], grid_size=(2, 8))
+    with pytest.raises(
+        ValueError, match=r"^`pair_analyses` pair \(0, 2\) has grid \(2, 8\), the features \(4, 4\)\.$"
+    ):
+        _join([analyses[0], other_grid], features)
+    other = replace(analyses[1], settings={**analyses[1].settings, "max_spread": 3.0})
+    with pytest.raises(ValueError, match=r"^`pair_analyses` pair \(0, 2\) was made with \{.*'max_spread': 3\.0.*\}, "):
+        _join([analyses[0], other], features)
+    # missing pairs: the first five, then " ..."
+    with pytest.raises(ValueError) as error:
+        _join(analyses[:1], features)
+    assert str(error.value) == (
+        "`pair_analyses` must hold every pair of the 4 images once: missing [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], "
+        "not in the collection [], not in the pair graph []."
+    )
+    with pytest.raises(ValueError) as error:
+        _join(analyses[:1], _constant_features([[float(i == j) for j in range(8)] for i in range(8)]))
+    assert "missing [(0, 2), (0, 3), (0, 4), (0, 5), (0, 6)] ..., " in str(error.value)
+    # pairs outside the collection and outside the graph
+    outside = replace(analyses[0], source_index=3, target_index=7)
+    with pytest.raises(ValueError) as error:
+        _join([analyses[0], analyses[5], outside], features, [(0, 1), (2, 3), (0, 2)])
+    assert str(error.value) == (
+        "`pair_analyses` must hold each pair of the partner graph of the 4 images once: missing [(0, 2)], not in the "
+        "collection [(3, 7)], not in the pair graph []."
+    )
+    with pytest.raises(
+        ValueError, match=r"missing \[\], not in the collection \[\], not in the pair graph \[\(1, 2\)\]"
+    ):
+        _join(analyses, features, [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)])

@@ -164,3 +164,39 @@ def test_umask_is_read_and_put_back():
         assert files._umask() == 0o037  # reading it did not change it
     finally:
         os.umask(previous)
+
+
+def test_a_file_named_without_a_folder_flushes_the_current_folder(tmp_path, synced, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_text("notes.txt", "x")
+    assert (tmp_path / "notes.txt").read_text() == "x"
+    assert synced[-1] == ("fsync", os.stat(tmp_path).st_ino, True)
+
+
+def test_a_temporary_removed_by_someone_else_meanwhile_is_skipped(tmp_path, monkeypatch):
+    left = [temporary_path(tmp_path / "a.json"), temporary_path(tmp_path / "b.json")]
+    for path in left:
+        open(path, "w").close()
+    real_remove = os.remove
+
+    def remove(path):
+        if path == min(left):
+            real_remove(path)  # another process got there first
+            raise FileNotFoundError(path)
+        real_remove(path)
+
+    monkeypatch.setattr(files.os, "remove", remove)
+    assert remove_temporaries(tmp_path) == [max(left)]
+    assert os.listdir(tmp_path) == []
+
+
+def test_png_whatever_the_name_and_a_pil_image_as_it_is(tmp_path):
+    save_png(tmp_path / "picture.bin", np.zeros((2, 3, 3), np.uint8))  # not a .png name: still a PNG file
+    assert (tmp_path / "picture.bin").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    palette = PIL.Image.new("P", (3, 2))
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    palette.putdata([0, 1, 2, 2, 1, 0])
+    save_png(tmp_path / "palette.png", palette)
+    again = PIL.Image.open(tmp_path / "palette.png")
+    assert again.mode == "P" and np.asarray(again).tolist() == [[0, 1, 2], [2, 1, 0]]
+    assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(palette.convert("RGB")))

@@ -279,6 +279,8 @@ def test_long_values_are_shortened_in_messages():
     exact = "c" * 38  # 40 characters with its quotes: shown whole
     (line,) = setting_differences(record_settings({"prompt": exact}), record_settings({}))["features"]
     assert line == f'prompt was "{exact}", now null'
+    (line,) = setting_differences(record_settings({"prompt": exact + "c"}), record_settings({}))["features"]
+    assert line == f'prompt was "{exact[:36]}..., now null'  # 41: shortened to 40
 
 
 @pytest.mark.parametrize(
@@ -316,7 +318,7 @@ def test_a_fresh_run_removes_what_an_earlier_run_kept(inputs, kept_run, tmp_path
     assert describe_kept(out) == f"the features and 2 pair analyses in {out / 'resume'}"
     state = RunState(out, _record(paths[:2]))  # no --resume, the same settings
     state.check()
-    assert state.stale == ("features", "pairs")
+    assert state.stale == ("features", "pairs") and state.changes == []  # nothing to report either
     state.start()
     assert describe_kept(out) == "nothing kept yet"
     assert state.load_features() is None and state.load_pair(0, 1) is None
@@ -338,7 +340,7 @@ def test_start_removes_what_a_killed_writer_left_and_only_that(inputs, kept_run,
         state.start()
     assert not any(os.path.exists(path) for path in left)
     assert (out / "notes.txt").read_text() == "mine"
-    assert all(any(path in line for line in lines) for path in left)
+    assert sorted(lines) == sorted(f"removed {path}, left by an interrupted writer" for path in left)
     assert state.load_features() is not None and state.load_pair(0, 1) is not None
 
 
@@ -376,11 +378,20 @@ def test_damaged_kept_files_are_computed_again(inputs, kept_run, tmp_path):
     with _logged() as lines:
         assert state.load_features() is None
         assert state.load_pair(0, 1) is None
-    assert len(lines) == 2 and state.features_path in lines[0] and state.pair_path(0, 1) in lines[1]
+    assert len(lines) == 2
+    assert lines[0].startswith(f"cannot reuse {state.features_path} (`{state.features_path}` is ")
+    assert lines[0].endswith("): capturing again")
+    assert lines[1].startswith(f"cannot reuse {state.pair_path(0, 1)} (`{state.pair_path(0, 1)}` is not a complete ")
+    assert lines[1].endswith("): analysing the pair again")
     assert state.load_pair(1, 2) is not None and state.load_pair(0, 2) is None  # kept / never made
 
 
 def test_describe_kept_counts_pair_files_only(tmp_path):
+    assert describe_kept(tmp_path) == "nothing kept yet"  # no resume folder at all
+    (tmp_path / "resume").mkdir()
+    write_text(tmp_path / "resume" / "features.safetensors", "x")
+    assert describe_kept(tmp_path) == f"the features in {tmp_path / 'resume'}"  # no pairs folder
+    (tmp_path / "resume" / "features.safetensors").unlink()
     pairs = tmp_path / "resume" / "pairs"
     pairs.mkdir(parents=True)
     assert describe_kept(tmp_path) == "nothing kept yet"
@@ -441,3 +452,64 @@ def test_stop_on_signals_outside_the_main_thread_does_nothing():
     thread.start()
     thread.join()
     assert seen == [before] and signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("name", ["seed", "max_entropy"])
+def test_stale_files_are_not_reused_even_before_they_are_removed(name, inputs, kept_run, tmp_path):
+    # every process decides what is stale (check); only the main one removes it (start): the others must not load it
+    paths, _ = inputs
+    out = _copy(kept_run, tmp_path)
+    state = RunState(out, _record(paths[:2], *CHANGES[name]), resume="overwrite")
+    state.check()
+    assert os.path.exists(state.features_path) and os.path.exists(state.pair_path(0, 1))
+    assert (state.load_features() is None) == (INVALIDATES[name] == "features")
+    assert state.load_pair(0, 1) is None and state.load_pair(1, 2) is None
+
+
+def test_the_refusal_names_every_setting_and_what_to_do(inputs, kept_run, tmp_path):
+    paths, _ = inputs
+    out = _copy(kept_run, tmp_path)
+    state = RunState(out, _record(paths[:2], "--seed", "5", "--max-entropy", "2", "--num-parts", "3"), resume="reuse")
+    with pytest.raises(ValueError) as refusal:
+        state.check()
+    assert str(refusal.value) == (
+        f"`--resume`: {out / 'resume'} was made with other settings: seed was 0, now 5; max_entropy was null, now "
+        "2.0. Run with the same settings, or with --resume=overwrite to recompute what they change, or choose "
+        "another --out."
+    )
+
+
+def test_kept_features_are_loaded_onto_the_runs_device(inputs, kept_run, tmp_path, monkeypatch):
+    paths, features = inputs
+    out = _copy(kept_run, tmp_path)
+    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state.check()
+    devices = []
+    real = CoSegmentationFeatures.load.__func__
+
+    def load(cls, path, device="cpu"):
+        devices.append(device)
+        return real(cls, path, device="cpu")
+
+    monkeypatch.setattr(CoSegmentationFeatures, "load", classmethod(load))
+    assert state.load_features(device="cuda:1") is not None and devices == ["cuda:1"]
+
+
+def test_one_pair_keeps_the_layer_names_the_reference_is_matched_by(inputs):
+    from cosegment.runstate import analyze_one_pair
+
+    _, features = inputs
+    g = torch.Generator().manual_seed(5)
+    named = CoSegmentationFeatures(
+        features.queries * 2, features.keys * 2, (4, 4), features.image_sizes, ["down.attn1", "up.attn1"]
+    )
+    # the reference holds the layers in the other order, with other content: matched by name, not position
+    captures = [torch.randn(6, 2, 16, 4, generator=g) + 2.0 * torch.randn(1, 2, 16, 4, generator=g) for _ in range(2)]
+    reference = CoSegmentationFeatures(
+        captures, [c.clone() for c in captures], (4, 4), [(32, 32)] * 6, ["up.attn1", "down.attn1"]
+    )
+    expected = analyze_pairs(named, [(0, 2)], reference=reference)[0]
+    mine = analyze_one_pair(named, 0, 2, analyze_pairs, reference=reference)
+    assert (mine.source_index, mine.target_index) == (0, 2) and mine.settings == expected.settings
+    for a, b in zip(mine.passes, expected.passes):
+        assert torch.equal(a.keep, b.keep) and torch.equal(a.max_prob, b.max_prob)
