@@ -170,6 +170,24 @@ def existing(tests: list[str]) -> list[str]:
     return [t for t in tests if t.startswith("-") or (ROOT / t.split("::")[0].split("=")[-1]).is_file()]
 
 
+CONTEXT_MANAGER = re.compile(r"^@(?:contextlib\.)?contextmanager\ndef (\w+)\(", re.MULTILINE)
+
+
+def undecorate_context_managers(path: Path) -> list[str]:
+    """mutmut 3 never mutates a decorated function, which left the atomic writers (`atomic_path`, `atomic_open`) and
+    `stop_on_signals` unmutated. In the scratch copy, each top-level `@contextmanager def f(...)` becomes a plain
+    `def f(...)` wrapped after the module's last line (`f = contextlib.contextmanager(f)`): the same objects at run
+    time, and its body mutated. Returns the names rewritten."""
+    text = path.read_text()
+    names = CONTEXT_MANAGER.findall(text)
+    if names:
+        text = CONTEXT_MANAGER.sub(r"def \1(", text)
+        text += "\n\nimport contextlib as _contextlib_for_mutmut  # noqa: E402\n\n"
+        text += "".join(f"{name} = _contextlib_for_mutmut.contextmanager({name})\n" for name in names)
+        path.write_text(text)
+    return names
+
+
 def prepare(group: str, workdir: Path, without: tuple[str, ...] = ()) -> Path:
     """A fresh scratch folder `workdir/group` holding `cosegment/` (the checkout's tracked and new files, tests
     excluded), `tests/` and a `pyproject.toml` with the pytest options and this group's mutmut settings."""
@@ -195,6 +213,8 @@ def prepare(group: str, workdir: Path, without: tuple[str, ...] = ()) -> Path:
         target = scratch / ("tests" if name.startswith("tests/") else "cosegment") / name.removeprefix("tests/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    for target in targets:
+        undecorate_context_managers(scratch / "cosegment" / target)
     # tests that run the README's snippets read `tests/../README.md`
     shutil.copy2(ROOT / "README.md", scratch / "README.md")
     (scratch / "pyproject.toml").write_text(

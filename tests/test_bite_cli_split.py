@@ -74,3 +74,20 @@ def test_parse_points_returns_float64_from_json_integers(tmp_path):
     points = parse_points(str(listed))
     assert points.dtype == np.float64 and points.tolist() == [[1.0, 2.0], [3.0, 4.0]]
     assert parse_points("1,2").dtype == np.float64
+
+
+def test_a_points_file_with_other_text_reads_whatever_the_locale(tmp_path, monkeypatch):
+    import builtins
+
+    import cosegment.cli
+
+    def ascii_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        """`open` where the locale's encoding is ASCII (a C locale without Python's UTF-8 mode)."""
+        if "b" not in mode and encoding is None:
+            encoding = "ascii"
+        return builtins.open(file, mode, buffering, encoding, *args, **kwargs)
+
+    monkeypatch.setattr(cosegment.cli, "open", ascii_open, raising=False)
+    listed = tmp_path / "points.json"
+    listed.write_text(json.dumps({"label": "Ångström's café", "points": [[1, 2]]}, ensure_ascii=False), "utf-8")
+    assert parse_points(str(listed)).tolist() == [[1.0, 2.0]]

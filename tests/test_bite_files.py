@@ -200,3 +200,18 @@ def test_png_whatever_the_name_and_a_pil_image_as_it_is(tmp_path):
     again = PIL.Image.open(tmp_path / "palette.png")
     assert again.mode == "P" and np.asarray(again).tolist() == [[0, 1, 2], [2, 1, 0]]
     assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(palette.convert("RGB")))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_written_files_are_never_executable(tmp_path, mask):
+    # a new file's usual permissions: read and write as the umask allows, no execute bit for anyone
+    previous = os.umask(mask)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        write_bytes(tmp_path / "b.bin", b"1")
+        save_png(tmp_path / "c.png", np.zeros((2, 2), np.uint8))
+        copy_file(tmp_path / "b.bin", tmp_path / "d.bin")
+    finally:
+        os.umask(previous)
+    for name in ("a.json", "b.bin", "c.png", "d.bin"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == oct(0o666 & ~mask), name

@@ -71,6 +71,14 @@ def test_window_mass_is_a_share_of_each_rows_own_total():
     torch.testing.assert_close(window_mass(rows, torch.tensor([5, 15]), (4, 4), 1), torch.tensor([0.7, 0.75]))
 
 
+def test_window_mass_stays_in_zero_one_for_rows_with_negative_values():
+    # documented as a share in [0, 1]: a row whose window outweighs its (partly negative) total reads 1, a window
+    # of negative values in a positive total reads 0
+    rows = torch.tensor([[2.0, 0.0, 0.0, -1.0, 0.0], [-1.0, 0.0, 0.0, 5.0, 0.0], [3.0, 0.0, 0.0, -2.0, 0.0]])
+    mass = window_mass(rows, torch.tensor([0, 0, 0]), (1, 5), 1)
+    assert mass.tolist() == [1.0, 0.0, 1.0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bilinear reading
 # ---------------------------------------------------------------------------------------------------------------------
