@@ -28,6 +28,7 @@ from cosegment.runstate import (
     RunState,
     describe_kept,
     file_digest,
+    forget_empty_state,
     load_pair_analysis,
     record_settings,
     save_pair_analysis,
@@ -403,6 +404,78 @@ def test_describe_kept_counts_pair_files_only(tmp_path):
     assert describe_kept(tmp_path) == f"the features and 1 pair analysis in {tmp_path / 'resume'}"
     (pairs / "pair_000_001.safetensors").unlink()
     assert describe_kept(tmp_path) == f"the features in {tmp_path / 'resume'}"
+
+
+def _empty_state(out):
+    """A resume folder that keeps nothing: the settings record and an empty pairs folder."""
+    (out / "resume" / "pairs").mkdir(parents=True)
+    write_text(out / "resume" / "settings.json", "{}")
+
+
+def test_a_failed_run_that_kept_nothing_leaves_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "out"  # made by the run: it goes
+    _empty_state(out)
+    removed = forget_empty_state(out, remove_out=True)
+    resume = out / "resume"
+    assert removed == [str(resume / "settings.json"), str(resume / "pairs"), str(resume), str(out)]
+    assert not out.exists()
+    out = tmp_path / "given"  # the user's folder: it stays, emptied of the run's state
+    _empty_state(out)
+    assert forget_empty_state(out) == [str(out / "resume" / "settings.json"), str(out / "resume" / "pairs")] + [
+        str(out / "resume")
+    ]
+    assert out.is_dir() and os.listdir(out) == []
+    # the user's other files stay, and so does the folder holding them
+    _empty_state(out)
+    write_text(out / "photo.png", "x")
+    assert forget_empty_state(out, remove_out=True)[-1] == str(out / "resume")
+    assert os.listdir(out) == ["photo.png"]
+
+
+@pytest.mark.parametrize("kept", ["features.safetensors", "pairs/pair_000_001.safetensors"])
+def test_a_failed_run_never_removes_kept_files(tmp_path, kept):
+    _empty_state(tmp_path)
+    write_text(tmp_path / "resume" / kept, "x")
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    assert forget_empty_state(tmp_path, remove_out=True) == []
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
+
+
+def test_a_temporary_left_in_the_pairs_folder_is_not_kept_but_not_removed_either(tmp_path):
+    _empty_state(tmp_path)
+    leftover = temporary_path(tmp_path / "resume" / "pairs" / "pair_000_001.safetensors")
+    write_text(leftover, "x")
+    assert forget_empty_state(tmp_path, remove_out=True) == [str(tmp_path / "resume" / "settings.json")]
+    assert os.path.isfile(leftover)
+
+
+def test_kept_features_are_reused_only_when_their_settings_match(tmp_path):
+    settings = dict.fromkeys(RECORDED_SETTINGS)
+    first = RunState(tmp_path, settings)
+    first.check()
+    first.start()
+    write_text(first.features_path, "x")
+    assert not first.has_features()  # a fresh run captures, whatever the folder holds
+    again = RunState(tmp_path, settings, resume="reuse")
+    again.check()
+    assert again.has_features()
+    other_pairs = RunState(tmp_path, {**settings, "max_spread": 3.0}, resume="overwrite")
+    other_pairs.check()
+    assert other_pairs.has_features()  # only the pair analyses are stale
+    other_capture = RunState(tmp_path, {**settings, "seed": 1}, resume="overwrite")
+    other_capture.check()
+    assert not other_capture.has_features()
+    os.remove(first.features_path)
+    assert not again.has_features()  # nothing to reuse
+
+
+def test_the_settings_record_lists_one_setting_per_line(tmp_path):
+    # so that two runs' records can be compared with `diff` (which setting changed)
+    state = RunState(tmp_path, dict.fromkeys(RECORDED_SETTINGS))
+    state.start()
+    lines = (tmp_path / "resume" / "settings.json").read_text().splitlines()
+    for name in RECORDED_SETTINGS:
+        assert sum(line.strip() == f'"{name}": null,' or line.strip() == f'"{name}": null' for line in lines) == 1
 
 
 def test_pair_files_are_named_by_their_pair(tmp_path):
