@@ -676,3 +676,38 @@ def test_join_messages_name_what_is_wrong(small_pairs):
         ValueError, match=r"missing \[\], not in the collection \[\], not in the pair graph \[\(1, 2\)\]"
     ):
         _join(analyses, features, [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)])
+
+
+def test_join_messages_at_their_limits(small_pairs):
+    from dataclasses import replace
+
+    features, analyses = small_pairs
+    with pytest.raises(TypeError, match=r"got <generator object .*\(generator\)\.$"):
+        _join((a for a in analyses), features)  # the message names what was passed
+    other = replace(analyses[1], settings={**analyses[1].settings, "max_spread": 3.0})
+    with pytest.raises(ValueError, match=r": pass the same `selection` and thresholds to analyze_pairs and analyze_"):
+        _join([analyses[0], other], features)
+    # image index M is outside a collection of M images (indices 0..M-1)
+    edge = replace(analyses[0], source_index=1, target_index=4)
+    with pytest.raises(ValueError, match=r"not in the collection \[\(1, 4\)\], not in the pair graph \[\]\.$"):
+        _join([*analyses, edge], features)
+    # exactly six missing pairs: five shown, then " ..."
+    with pytest.raises(ValueError, match=r"missing \[\(0, 1\), \(0, 2\), \(0, 3\), \(1, 2\), \(1, 3\)\] \.\.\., "):
+        _join([], features)
+    # six pairs outside the collection, and six outside the graph: five of each shown
+    outside = [replace(analyses[0], source_index=0, target_index=4 + i) for i in range(6)]
+    with pytest.raises(ValueError) as error:
+        _join([*analyses, *outside], features)
+    assert "not in the collection [(0, 4), (0, 5), (0, 6), (0, 7), (0, 8)], not in" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        _join(analyses, features, [])
+    assert str(error.value).endswith("not in the pair graph [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3)].")
+
+
+def test_two_points_of_different_parts_make_one_part():
+    # two points cannot be told apart from noise: a part needs three (MIN_REGION_TOKENS), so the count is one
+    grids = [_grid({1: (3, 3)}), _grid({2: (7, 7)})]
+    features = _part_features(grids)
+    kept, regions = cluster_collection(features, _points(grids), [], None, None, "cpu")
+    assert [p.tolist() for p in kept] == [[3 * 12 + 3], [7 * 12 + 7]]
+    assert [r.tolist() for r in regions] == [[0], [0]]
