@@ -71,6 +71,12 @@ def test_window_mass_is_a_share_of_each_rows_own_total():
     torch.testing.assert_close(window_mass(rows, torch.tensor([5, 15]), (4, 4), 1), torch.tensor([0.7, 0.75]))
 
 
+def test_window_mass_reads_a_three_by_three_window_by_default():
+    rows = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]]) / 4
+    assert window_mass(rows, torch.tensor([0]), (1, 5)).tolist() == [0.5]  # tokens 0 and 1: the grid's part of it
+    assert window_mass(rows, torch.tensor([0]), (1, 5), 2).tolist() == [0.75]
+
+
 def test_window_mass_stays_in_zero_one_for_rows_with_negative_values():
     # documented as a share in [0, 1]: a row whose window outweighs its (partly negative) total reads 1, a window
     # of negative values in a positive total reads 0
