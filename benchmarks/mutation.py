@@ -16,6 +16,9 @@ runs, per mutant, only those tests.
     python benchmarks/mutation.py processors --workdir /tmp/rerun --mutants NAME...   # rerun chosen mutants
     python benchmarks/mutation.py runstate --without tests/test_bite_resume.py     # the score without a test file
 
+mutmut 3 never mutates decorated functions; each `@contextmanager` function of a group's files is rewritten as a plain
+function in the scratch copy (:func:`undecorate_context_managers`), so that it is mutated too.
+
 Score = killed / run, over the mutants that were run; a timeout counts as killed, "no tests" as survived (mutmut's
 convention). The survivors are listed and written to `<workdir>/<group>/survivors.txt`; `mutmut show NAME` there prints a diff.
 """
