@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_evaluation import spair_root  # noqa: F401 (a fixture)
 
 from cosegment import CoSegmentationFeatures, analyze_features, analyze_pairs, transfer_points
 from cosegment.benchmarks.families import SYMMETRIC, make_family_case, make_mirrored, score_case, twin_share
@@ -276,3 +277,14 @@ def test_cli_flip(tiny_sd_path, photos, flipped_run, tmp_path):
     assert len(document["points"]["transfers"]) == 2
     loaded = CoSegmentationFeatures.load(os.path.join(out, "resume", "features.safetensors"))
     assert loaded.mirrored is not None
+
+
+def test_eval_flip_on_tiny_model(spair_root, tiny_sd_path, tmp_path, capsys):  # noqa: F811
+    from cosegment.evaluation import main
+
+    out = tmp_path / "spair.json"
+    argv = ["spair", spair_root, "--model", tiny_sd_path, "--limit", "1", "--height", "64", "--width", "64"]
+    assert main(argv + ["--flip", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["flip"] is True and saved["summary"]["overall"]["keypoints"] == 3
+    assert "PCK@0.1" in capsys.readouterr().out
