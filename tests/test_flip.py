@@ -249,6 +249,18 @@ def test_pipeline_flip(tiny_pipe, photos, flipped_run):
     for a, b, m in zip(features.queries, plain.queries, features.mirrored.queries):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(a, m)
+    # the mirrored capture is the capture of the images flipped left-right, with each noise draw flipped
+    draw = tiny_pipe.prepare_noise
+    try:
+        tiny_pipe.prepare_noise = lambda *args, **kwargs: draw(*args, **kwargs).flip(-1)
+        flipped_photos = [np.ascontiguousarray(photo[:, ::-1]) for photo in photos[:3]]
+        by_hand = tiny_pipe.capture_features(
+            flipped_photos, height=128, width=128, generator=torch.Generator().manual_seed(3)
+        )
+    finally:
+        del tiny_pipe.prepare_noise
+    for a, b in zip(features.mirrored.queries + features.mirrored.keys, by_hand.queries + by_hand.keys):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     again = analyze_features(features, mirrored=features.mirrored, reference=features.reference)
     assert again.orientations.tolist() == bits
     np.testing.assert_array_equal(again.density_maps, output.density_maps)
