@@ -5,6 +5,7 @@ orientation decided inside `analyze_features`, points mapped back to the origina
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import PIL.Image
@@ -300,3 +301,26 @@ def test_eval_flip_on_tiny_model(spair_root, tiny_sd_path, tmp_path, capsys):  #
     saved = json.loads(out.read_text())
     assert saved["flip"] is True and saved["summary"]["overall"]["keypoints"] == 3
     assert "PCK@0.1" in capsys.readouterr().out
+
+
+def test_cli_flip_two_processes_write_what_one_process_writes(tiny_sd_path, photos, tmp_path):
+    """`--flip` split between 2 CPU processes (each weighs its share of the orientation evidence, every process
+    decides from the sum) writes the results of a one-process run."""
+    from conftest import assert_same_contents
+    from test_cli import _run_cli, two_process_launch
+
+    paths = []
+    for i, photo in enumerate(photos):
+        paths.append(str(tmp_path / f"photo_{i}.png"))
+        PIL.Image.fromarray(photo).save(paths[-1])
+    cli = ["-m", "cosegment"] + paths + ["--model", tiny_sd_path, "--batch-size", "2", "--seed", "3", "--flip"]
+    cli += ["--height", "128", "--width", "128", "--no-figures", "--no-viewer"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run_cli([sys.executable] + cli, one)
+    result = _run_cli(two_process_launch() + cli, two)
+    assert "[rank 1/2] analysed 3 pairs" in result.stderr
+    for name in ("results.json", "results.safetensors", "resume/features.safetensors"):
+        assert_same_contents(os.path.join(one, name), os.path.join(two, name))
+    with open(os.path.join(one, "results.json")) as handle:
+        document = json.load(handle)
+    assert len(document["orientations"]) == 4 and all("flipped" in pair for pair in document["correspondences"])
