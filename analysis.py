@@ -372,8 +372,8 @@ def analyze_features(
             is analysed in that orientation (an image whose bit is set through its mirrored capture; the reference
             correction applies to both) and every point, token, map and mask is mapped back to the original image
             (`x -> W - x`, token column `c -> w - 1 - c`). The output says what was decided: `orientations` per image
-            and `flipped` per pair. Costs about 4x the per-pair steps more (docs/FLIP_NOTES.md). `None` (default):
-            the output bitwise that of earlier versions.
+            and `flipped` per pair. Cost: 8 more attention row passes per pair beside its 2 (about 3x the analysis
+            without, BENCHMARKS.md (s)). `None` (default): the output bitwise that of earlier versions.
         orientations (`(M,)` bools, *optional*): with `mirrored`, the decision to use instead of deciding here (e.g.
             `collection_orientations(...).flipped`, as :func:`analyze_pairs` was given when `pair_analyses` come
             from there).

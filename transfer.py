@@ -196,9 +196,15 @@ def _check_image_index(value: Any, name: str, num_images: int) -> int:
 def _oriented_transfer(features, s, t, points, refine, chunk_size, bits) -> tuple[np.ndarray, np.ndarray]:
     """:func:`transfer_points` in orientation `bits`: the flipped images' mirrored captures, points reflected in and
     out (`x -> W - x`)."""
-    array = np.array(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
-    if bits[s] and array.ndim == 2 and array.shape[-1] == 2:
-        array[:, 0] = features.image_sizes[s][1] - array[:, 0]
+    try:
+        array = np.array(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = points  # transfer_points names the bad value
+    height, width = features.image_sizes[s]
+    if bits[s] and getattr(array, "ndim", 0) == 2 and array.shape[-1] == 2:
+        inside = np.isfinite(array).all() and (array >= 0).all() and (array <= [width, height]).all()
+        if inside:  # (otherwise transfer_points names the points as given)
+            array[:, 0] = width - array[:, 0]
     oriented = replace(oriented_features(features, features.mirrored, bits), mirrored=None)
     landed, scores = transfer_points(oriented, s, t, array, refine, chunk_size)
     if bits[t]:

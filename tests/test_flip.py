@@ -163,6 +163,8 @@ def test_transfer_points_in_the_decided_orientation(mixed_pair):
     assert right_share(oriented) > 0.8 > 0.4 > right_share(plain)
     with pytest.raises(ValueError, match="orientations"):
         transfer_points(case.features, 0, 1, points, orientations=[False, True])
+    with pytest.raises(ValueError, match=r"`points`.*\[-5\.0, 3\.0\]"):  # named as given, not reflected
+        transfer_points(features, 0, 1, [[-5.0, 3.0]], orientations=[True, False])
 
 
 def score_like(case, source_tokens, target_tokens) -> float:
