@@ -27,6 +27,7 @@ import torch
 
 from .features import (  # noqa: F401 (re-exported: importable from here as before the split)
     FEATURES_FORMAT,
+    MIRRORED_PREFIX,
     REFERENCE_PREFIX,
     CoSegmentationFeatures,
     CoSegmentationPipelineOutput,
@@ -36,6 +37,7 @@ from .features import (  # noqa: F401 (re-exported: importable from here as befo
     _exact_int,
     _image_features,
     _is_int,
+    check_mirrored,
 )
 from .matches import (  # noqa: F401 (re-exported: importable from here as before the split)
     SHARING_CUT,
@@ -48,6 +50,17 @@ from .matches import (  # noqa: F401 (re-exported: importable from here as befor
     pair_correspondences,
     sharing_scores,
     split_outlier_passes,
+)
+from .orientation import (  # noqa: F401 (re-exported)
+    OrientationDecision,
+    check_orientation_arguments,
+    check_orientations,
+    collection_orientations,
+    decide_checked,
+    decide_orientations,
+    orient_corrected,
+    oriented_features,
+    unflip_output,
 )
 from .pairs import (  # noqa: F401 (re-exported: importable from here as before the split)
     _analyze_pair_list,
@@ -180,7 +193,7 @@ def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> C
         return value
 
     fields = ("correspondences", "density_maps", "entropy_maps", "inverse_error_maps", "masks", "part_masks")
-    fields += ("sharing", "outliers")
+    fields += ("sharing", "outliers", "orientations")
     for name in fields + ("keypoints", "keypoint_parts"):
         setattr(output, name, convert(getattr(output, name)))
     return output
@@ -193,10 +206,13 @@ def analyze_checked_features(
     progress: Callable[[int], Any] | None = None,
     pair_analyses: Sequence[PairAnalysis] | None = None,
     pairs: list[tuple[int, int]] | None = None,
+    mirrored: CoSegmentationFeatures | None = None,
+    orientations: torch.Tensor | None = None,
 ) -> CoSegmentationPipelineOutput:
     """:func:`analyze_features` for features and settings already checked (`settings` from
-    :func:`check_analysis_settings`, `features` validated): the method's steps 4-11 in order. `pairs`: the pair
-    graph `partner_pairs(features, settings.partners)` when the caller has it already."""
+    :func:`check_analysis_settings`, `features` validated, `mirrored` checked against them, `orientations` an `(M,)`
+    bool tensor or `None`): the method's steps 4-11 in order. `pairs`: the pair graph
+    `partner_pairs(features, settings.partners)` when the caller has it already."""
     num_images, grid = features.num_images, tuple(features.grid_size)
     num_tokens = grid[0] * grid[1]
     # The pair graph, from the captured features (as the CLI splits it between processes)
@@ -204,6 +220,8 @@ def analyze_checked_features(
         pairs = partner_pairs(features, settings.partners)
     # 3b. Feature corrections: high-norm tokens, a reference's positional offsets
     features = correct_features(features, settings)
+    if mirrored is not None:  # 3c. Each image's orientation, from the whole collection; analysed that way round
+        features, orientations = orient_corrected(features, mirrored, orientations, settings, pairs, device)
     # 4-8a. Per pair of the pair graph (the expensive part), unless done already (e.g. split between processes)
     if pair_analyses is None:
         pair_analyses = _analyze_pair_list(features, pairs, settings, device, progress)
@@ -251,6 +269,8 @@ def analyze_checked_features(
             features, labels, num_parts, settings.background_threshold, settings.chunk_size, device
         )
         output.masks = [mask > 0 for mask in output.part_masks]
+    if mirrored is not None:  # back to the original images' pixels
+        output = unflip_output(output, orientations, grid, features.image_sizes)
     return _convert_output(output, settings.output_type)
 
 
@@ -273,6 +293,8 @@ def analyze_features(
     reference: CoSegmentationFeatures | None = None,
     clamp_high_norm: bool = True,
     partners: int | None = None,
+    mirrored: CoSegmentationFeatures | None = None,
+    orientations: Sequence[bool] | torch.Tensor | None = None,
 ) -> CoSegmentationPipelineOutput:
     r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
     4-11); no UNet needed, so a caller can re-run it with other thresholds.
@@ -341,6 +363,20 @@ def analyze_features(
             come from those pairs, `correspondences` lists only them, and step 8b confirms through paths of one or
             two third images along analysed pairs. `None` (default), or
             `partners >= M - 1`: every pair. With `pair_analyses`, they must cover exactly this graph.
+        mirrored (`CoSegmentationFeatures`, *optional*): the same images flipped left-right, captured alike (same
+            layers, grid, heads and sizes: `pipe(..., flip=True)`, `features.mirrored`; issue 27). Diffusion features
+            barely tell a left part from its right twin, so a symmetric object seen facing the other way matches its
+            mirror twin. With `mirrored`, one bit per image is decided from the whole collection
+            (:func:`~cosegment.orientation.collection_orientations`: every analysed pair's evidence from its four
+            captures, on the corrected features, then :func:`~cosegment.orientation.decide_orientations`), each pair
+            is analysed in that orientation (an image whose bit is set through its mirrored capture; the reference
+            correction applies to both) and every point, token, map and mask is mapped back to the original image
+            (`x -> W - x`, token column `c -> w - 1 - c`). The output says what was decided: `orientations` per image
+            and `flipped` per pair. Cost: 8 more attention row passes per pair beside its 2 (about 3x the analysis
+            without, BENCHMARKS.md (s)). `None` (default): the output bitwise that of earlier versions.
+        orientations (`(M,)` bools, *optional*): with `mirrored`, the decision to use instead of deciding here (e.g.
+            `collection_orientations(...).flipped`, as :func:`analyze_pairs` was given when `pair_analyses` come
+            from there).
 
     Returns:
         [`CoSegmentationPipelineOutput`]
@@ -367,4 +403,5 @@ def analyze_features(
         partners=partners,
     )
     device = _check_features(features, settings, device, progress)
-    return analyze_checked_features(features, settings, device, progress, pair_analyses)
+    mirrored, orientations = check_orientation_arguments(features, mirrored, orientations)
+    return analyze_checked_features(features, settings, device, progress, pair_analyses, None, mirrored, orientations)

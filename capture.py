@@ -8,11 +8,13 @@ A root module beside `pipeline_cosegment.py`, which imports it (and `.checks`, `
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+from diffusers.utils.torch_utils import randn_tensor
 
 from .checks import CheckedInputs
 from .features import CoSegmentationFeatures
@@ -179,6 +181,33 @@ def forward_batch(unet, prefix, store: AttentionStore, latents, timesteps, condi
         finish_interrupted_forward(unwrap_module(unet), store.stopped_at)
 
 
+def reference_cache_key(checked: CheckedInputs, num_images: int, config, unet, device) -> tuple:
+    """The key of `capture_reference`'s cache: processing size, timestep, layers, `num_images`, the model's
+    `_name_or_path`, the UNet object, its dtype and the execution device."""
+    size = (checked.height, checked.width, checked.timestep, tuple(checked.layer_names), int(num_images))
+    return (*size, getattr(config, "_name_or_path", None), id(unet), str(unet.dtype), str(device))
+
+
+def draw_noise(
+    num_images: int,
+    ensemble_size: int,
+    shape: tuple[int, ...],
+    generator,
+    device,
+    dtype,
+    image_indices: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The body of `StableDiffusionCoSegmentationPipeline.prepare_noise` (see there): `ensemble_size` draws of
+    `shape` per image, in image order from `generator` (or `generator[i]`), those of `image_indices` kept."""
+    noises = []
+    for index in range(num_images):
+        gen = generator[index] if isinstance(generator, list) else generator
+        noises.append(randn_tensor((ensemble_size, *shape), generator=gen, device=device, dtype=dtype))
+    if image_indices is not None:
+        noises = [noises[index] for index in image_indices]
+    return torch.cat(noises)
+
+
 def features_from_capture(
     checked: CheckedInputs,
     queries: list[torch.Tensor],
@@ -186,11 +215,26 @@ def features_from_capture(
     image_sizes: list[tuple[int, int]],
     model: str | None,
     prompt: str | None,
+    flip: bool = False,
 ) -> CoSegmentationFeatures:
     """The captured queries and keys, one `(M * E, H, N, d)` image-major tensor per layer of `checked.layer_names`
     (`E = checked.ensemble_size`), as [`CoSegmentationFeatures`]: one `(M, H, N, d)` entry per (layer, noise draw),
     named `layer#draw` when `E > 1`, with the capture's settings as metadata (`model`: the pipeline's
-    `_name_or_path`; `prompt`: None when the caller passed `prompt_embeds`)."""
+    `_name_or_path`; `prompt`: None when the caller passed `prompt_embeds`). With `flip`, each tensor holds `2 M * E`
+    rows, the originals then the same images flipped left-right: those become `features.mirrored` (metadata
+    `"mirrored": True`)."""
+    if flip:
+        half = len(image_sizes) * checked.ensemble_size
+        features = features_from_capture(
+            checked, [q[:half] for q in queries], [k[:half] for k in keys], image_sizes, model, prompt
+        )
+        mirrored = features_from_capture(
+            checked, [q[half:] for q in queries], [k[half:] for k in keys], image_sizes, model, prompt
+        )
+        mirrored.metadata["mirrored"] = True
+        features.mirrored = mirrored
+        features.validate()
+        return features
     num_images, ensemble_size = len(image_sizes), checked.ensemble_size
     entries_q, entries_k, entry_names = [], [], []
     for name, q, k in zip(checked.layer_names, queries, keys):

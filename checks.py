@@ -191,3 +191,16 @@ def check_reference_argument(reference, grid_size: tuple[int, int]) -> CoSegment
     if tuple(reference.grid_size) != tuple(grid_size):
         raise ValueError(f"`reference` has token grid {tuple(reference.grid_size)}; this call captures {grid_size}.")
     return reference
+
+
+def blank_images(num_images: int, size: int) -> torch.Tensor:
+    """`capture_reference`'s images: `num_images` (an int >= 2, else `ValueError`) mid-grey `size` x `size` RGB."""
+    if not _is_int(num_images) or num_images < 2:
+        raise ValueError(f"`num_images` must be an int >= 2, got {_describe(num_images)}.")
+    return torch.full((int(num_images), 3, size, size), 0.5)
+
+
+def check_flip(flip) -> None:
+    """`flip` (mirrored captures, issue 27) must be a bool."""
+    if not isinstance(flip, bool):
+        raise TypeError(f"`flip` must be a bool, got {_describe(flip)}.")

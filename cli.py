@@ -225,6 +225,12 @@ def _add_capture_arguments(group) -> None:
         help="content-free captures whose positional offsets are removed: 'auto' captures 16 blank images (once per "
         "process), FILE loads saved features, 'none' (default) removes nothing",
     )
+    group.add_argument(
+        "--flip",
+        action="store_true",
+        help="also capture every image flipped left-right and analyse each image the way round the collection "
+        "decides (symmetric objects facing opposite ways; 2x the capture; unmeasured on real weights)",
+    )
     group.add_argument("--batch-size", type=positive_int, default=8, help="images per UNet forward (default 8)")
     group.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", help="model dtype (default float32)")
 
@@ -428,7 +434,7 @@ def run(args: argparse.Namespace) -> dict:
             features = _capture(args, pipe, images, state)
             if main:
                 kept.save_features(features)
-        pair_analyses = _analyse_pairs(args, features, kept, state, device, analysis, bars)
+        pair_analyses, orientations = _analyse_pairs(args, features, kept, state, device, analysis, bars)
     except BaseException:
         if main:  # nothing kept: no resume/settings.json or empty folders left behind
             forget_empty_state(args.out, remove_out=created)
@@ -436,7 +442,7 @@ def run(args: argparse.Namespace) -> dict:
 
     document = None
     if main:
-        document = _finish(args, features, pair_analyses, images, points, device, analysis)
+        document = _finish(args, features, pair_analyses, images, points, device, analysis, orientations)
         logger.info("wrote %s in %.1f s", os.path.join(args.out, "results.json"), time.perf_counter() - started)
     state.wait_for_everyone()
     return document
@@ -484,12 +490,15 @@ def _capture(args: argparse.Namespace, pipe, images: list[np.ndarray], state) ->
             batch_size=args.batch_size,
             generator=torch.Generator().manual_seed(args.seed),
             image_indices=mine,
+            flip=args.flip,
         )
+        mirrored = features.mirrored or features  # (only read with --flip)
         payload = [
             {
                 "indices": mine,
                 "queries": [q.cpu() for q in features.queries],
                 "keys": [k.cpu() for k in features.keys],
+                "mirrored": ([q.cpu() for q in mirrored.queries], [k.cpu() for k in mirrored.keys]),
                 "grid_size": features.grid_size,
                 "image_sizes": features.image_sizes,
                 "layer_names": features.layer_names,
@@ -508,6 +517,17 @@ def _capture(args: argparse.Namespace, pipe, images: list[np.ndarray], state) ->
         first["layer_names"],
         first["metadata"],
     )
+    if args.flip:  # the same images flipped left-right (issue 27)
+        features.mirrored = CoSegmentationFeatures(
+            *(
+                [torch.cat([part["mirrored"][n][i] for part in parts]) for i in range(len(first["queries"]))]
+                for n in (0, 1)
+            ),
+            features.grid_size,
+            features.image_sizes,
+            features.layer_names,
+            {**features.metadata, "mirrored": True},
+        )
     logger.info("features of %d images gathered", features.num_images)
     if args.reference == "auto":  # the same captures on every process (a fixed seed), kept with the features
         features.reference = pipe.capture_reference(
@@ -534,9 +554,10 @@ def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bo
 
     graph = partner_pairs(features, args.partners)  # every pair, or the partner graph: the same on every process
     my_pairs = pair_shares(features.num_images, state.num_processes, graph)[state.process_index]
+    oriented, orientations = _orient(features, my_pairs, analysis, device)
     with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
         my_analyses, reused = kept.pair_analyses(
-            features,
+            oriented,
             my_pairs,
             analyze_pairs,
             progress=bar.update,
@@ -549,10 +570,27 @@ def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bo
         shown = ", ".join(map(str, reused[:8])) + (" ..." if len(reused) > 8 else "")
         logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), shown)
     logger.info("analysed %d pairs", len(my_pairs) - len(reused))
-    return gather_object(my_analyses)
+    return gather_object(my_analyses), orientations
 
 
-def _finish(args, features, pair_analyses, images, points, device, analysis: dict) -> dict:
+def _orient(features, my_pairs, analysis: dict, device):
+    """--flip (issue 27): each process weighs the orientation evidence of its share of the pairs; every process then
+    decides from the gathered evidence (the same on each). Returns the features in the chosen orientation (what the
+    pairs are analysed on) and the orientations; without --flip, `(features, None)`."""
+    if features.mirrored is None:
+        return features, None
+    from accelerate.utils import gather_object
+
+    from cosegment.orientation import collection_orientations, decide_orientations, oriented_features
+
+    mine = collection_orientations(features, features.mirrored, my_pairs, features.reference, device=device)
+    evidence = sum(gather_object([mine.evidence]))
+    orientations = decide_orientations(evidence).flipped
+    logger.info("orientations: images %s analysed flipped", orientations.nonzero().flatten().tolist())
+    return oriented_features(features, features.mirrored, orientations), orientations
+
+
+def _finish(args, features, pair_analyses, images, points, device, analysis: dict, orientations=None) -> dict:
     """8b-11 on the main process, from every pair's analysis (the same output as a one-process
     `analyze_features(features)`), then the files. Returns the results document."""
     from cosegment import analyze_features
@@ -571,6 +609,8 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
         **collection_only,
         refine=not args.no_refine,
         reference=features.reference,
+        mirrored=features.mirrored,
+        orientations=orientations,
     )
     filtered = not all(math.isinf(analysis.get(name, 0.0)) for name in THRESHOLD_ARGS)
     if warning := empty_results_warning(output, filtered=filtered, selection=analysis.get("selection", "auto")):
@@ -591,6 +631,8 @@ def _finish(args, features, pair_analyses, images, points, device, analysis: dic
         "refine": not args.no_refine,
         "reference": args.reference,
     }
+    if args.flip:  # (only then, so that results.json without --flip is as before)
+        settings["flip"] = True
     paths = [_relative_to(path, args.out) for path in args.images]  # results.json's paths: from --out
     document = results_document(output, paths, features.image_sizes, features.grid_size, settings, args.model)
     extra = _write_viewer(args, images, output, features) + (["annotations.json"] if args.export == "coco" else [])

@@ -163,6 +163,10 @@ def results_document(
             }
             for points, labels in zip(output.keypoints, parts)
         ]
+    if getattr(output, "orientations", None) is not None:  # --flip (issue 27): what was decided
+        document["orientations"] = np.asarray(output.orientations, dtype=bool).tolist()
+        for entry, pair in zip(document["correspondences"], output.correspondences):
+            entry["flipped"] = bool(pair.flipped)
     return document
 
 
@@ -408,13 +412,14 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # `--points` (issue 11): points of the first image transferred into every other image
 
 
-def point_transfers(features, points: np.ndarray, refine: bool) -> list[dict]:
-    """`transfer_points` of `points` (image 0's pixels) into every other image: one dict per target image."""
+def point_transfers(features, points: np.ndarray, refine: bool, orientations=None) -> list[dict]:
+    """`transfer_points` of `points` (image 0's pixels) into every other image: one dict per target image (in the
+    analysis's `orientations`, with `--flip`)."""
     from cosegment import transfer_points
 
     transfers = []
     for target in range(1, features.num_images):
-        landed, scores = transfer_points(features, 0, target, points, refine=refine)
+        landed, scores = transfer_points(features, 0, target, points, refine=refine, orientations=orientations)
         transfers.append({"target_index": target, "points": _floats(landed), "scores": _floats(scores)})
     return transfers
 
@@ -513,7 +518,7 @@ def write_results(
             output, images, out_dir, top_k=top_k, max_side=figure_size, names=_image_names(document)
         )
     if points is not None:  # --points (issue 11)
-        transfers = point_transfers(features, points, refine)
+        transfers = point_transfers(features, points, refine, getattr(output, "orientations", None))
         document["points"] = {"source_index": 0, "points": _floats(points), "transfers": transfers}
         if figures:
             document["figures"].append(write_points_figure(images, points, transfers, out_dir, figure_size))

@@ -386,7 +386,9 @@ def keypoint_tokens(keypoints, image_size: Sequence[int], grid_size: Sequence[in
     return torch.from_numpy(rows * w + cols)
 
 
-def transfer_keypoints(features, source: int, target: int, keypoints, refine: bool = True) -> np.ndarray:
+def transfer_keypoints(
+    features, source: int, target: int, keypoints, refine: bool = True, orientations=None
+) -> np.ndarray:
     """Source keypoints -> predicted target keypoints by :func:`cosegment.transfer_points` (each keypoint's query
     read bilinearly at the keypoint; refined below the token grid unless `refine=False`, which gives the token
     centre of the plain argmax of the keypoint's row of `A_st`).
@@ -397,6 +399,7 @@ def transfer_keypoints(features, source: int, target: int, keypoints, refine: bo
         keypoints: `(K, 2)` x, y in the source image's own pixels; annotations just outside the image (datasets
             have a few on or past the border) are moved onto its border first.
         refine: refine below the token grid.
+        orientations: `(M,)` bools, transfer in this orientation (`features.mirrored` needed; `--flip`).
 
     Returns:
         `(K, 2)` float x, y in the target image's own pixels.
@@ -406,7 +409,7 @@ def transfer_keypoints(features, source: int, target: int, keypoints, refine: bo
     keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
     height, width = features.image_sizes[source]
     keypoints = np.clip(keypoints, 0, [width, height])
-    points, _ = transfer_points(features, source, target, keypoints, refine=refine)
+    points, _ = transfer_points(features, source, target, keypoints, refine=refine, orientations=orientations)
     return points.astype(np.float64)
 
 
@@ -415,13 +418,16 @@ class PipelinePredictor:
 
     `refine`: keypoints transferred below the token grid (`False`: token centres of the plain argmax). Every call
     captures its images afresh with a generator seeded by `seed`, so results do not depend on the order
-    in which pairs are evaluated.
+    in which pairs are evaluated. `flip` (`--flip`, issue 27): capture each image flipped left-right too; a pair's
+    keypoints are transferred in the orientation its two images' evidence decides
+    (:func:`cosegment.orientation.collection_orientations`), and the co-segmentation decides over the whole category.
     """
 
-    def __init__(self, pipe, seed: int = 0, refine: bool = True, **capture) -> None:
+    def __init__(self, pipe, seed: int = 0, refine: bool = True, flip: bool = False, **capture) -> None:
         self.pipe = pipe
         self.seed = seed
         self.refine = refine
+        self.flip = flip
         self.capture = capture
 
     def _generator(self) -> torch.Generator:
@@ -438,12 +444,17 @@ class PipelinePredictor:
 
     def transfer(self, pair: KeypointPair) -> np.ndarray:
         images = [self._load(pair.source_image), self._load(pair.target_image)]
-        features = self.pipe.capture_features(images, generator=self._generator(), **self.capture)
-        return transfer_keypoints(features, 0, 1, pair.source_keypoints, refine=self.refine)
+        features = self.pipe.capture_features(images, generator=self._generator(), flip=self.flip, **self.capture)
+        orientations = None
+        if self.flip:
+            from cosegment.orientation import collection_orientations
+
+            orientations = collection_orientations(features, features.mirrored).flipped
+        return transfer_keypoints(features, 0, 1, pair.source_keypoints, self.refine, orientations)
 
     def segment(self, paths: list[str]) -> list[np.ndarray] | None:
         images = [self._load(path) for path in paths]
-        output = self.pipe(image=images, generator=self._generator(), **self.capture)
+        output = self.pipe(image=images, generator=self._generator(), flip=self.flip, **self.capture)
         return None if output.masks is None else [np.asarray(mask, dtype=bool) for mask in output.masks]
 
 
@@ -495,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keypoints at token centres of the plain argmax (default: refined below the token grid)",
     )
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="also capture every image flipped left-right and transfer in the orientation the evidence decides "
+        "(issue 27; unmeasured on real weights)",
+    )
     add_common_arguments(parser)
     return parser
 
@@ -537,7 +554,8 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         pipe = load_pipeline(args.model, device, args.dtype, quiet=quiet)
         pipe.set_progress_bar_config(disable=True)
         capture = {"height": args.height, "width": args.width, "timestep": args.timestep}
-        predictor = PipelinePredictor(pipe, seed=args.seed, refine=not getattr(args, "no_refine", False), **capture)
+        refine, flip = not getattr(args, "no_refine", False), getattr(args, "flip", False)
+        predictor = PipelinePredictor(pipe, seed=args.seed, refine=refine, flip=flip, **capture)
     with tqdm(total=len(pairs), desc="keypoint transfer (pairs)", file=sys.stderr, disable=quiet) as bar:
         records = evaluate_keypoints(pairs, predictor.transfer, alpha=args.alpha, progress=bar.update)
     notes = []
@@ -573,6 +591,7 @@ def run(args: argparse.Namespace, predictor: PipelinePredictor | None = None) ->
         "model": args.model,
         "seed": args.seed,
         "refine": not getattr(args, "no_refine", False),
+        **({"flip": True} if getattr(args, "flip", False) else {}),
         "cosegment_version": cosegment.__version__,
         "summary": summary,
         "notes": notes,

@@ -22,6 +22,8 @@ from .utils.images import describe as _describe
 FEATURES_FORMAT = "cosegment.features/1"
 # Names of a saved reference's tensors and header entries start with this (CoSegmentationFeatures.save).
 REFERENCE_PREFIX = "reference."
+# The same for the mirrored captures (`features.mirrored`, issue 27): the images flipped left-right.
+MIRRORED_PREFIX = "mirrored."
 
 
 @dataclass
@@ -37,6 +39,10 @@ class PairCorrespondence:
             matches first.
         mutual (`(K,)` bool): found by both passes (s -> t and t -> s).
         source_tokens (`(K,)` int), target_tokens (`(K,)` int): the matched token indices on the `(h, w)` grid.
+        flipped (`bool` or `None`): with mirrored captures (`analyze_features(mirrored=...)`), whether the pair was
+            analysed with one image flipped left-right (`orientations[s] != orientations[t]`: the two images show
+            their object opposite ways round); points and tokens are in the original images either way. `None`
+            without mirrored captures.
     """
 
     source_index: int
@@ -47,6 +53,7 @@ class PairCorrespondence:
     mutual: np.ndarray | torch.Tensor
     source_tokens: np.ndarray | torch.Tensor
     target_tokens: np.ndarray | torch.Tensor
+    flipped: bool | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -96,6 +103,7 @@ class CoSegmentationPipelineOutput(BaseOutput):
     thresholds: list | None = None
     sharing: np.ndarray | torch.Tensor | None = None
     outliers: np.ndarray | torch.Tensor | None = None
+    orientations: np.ndarray | torch.Tensor | None = None
 
 
 @dataclass
@@ -113,6 +121,11 @@ class CoSegmentationFeatures:
             timestep (:meth:`StableDiffusionCoSegmentationPipeline.capture_reference`) that the analysis used
             (`analyze_features(features, reference=features.reference)` repeats it); saved and loaded with the
             features, in the same file. Only stored here: :func:`analyze_features` uses its own `reference` argument.
+        mirrored (`CoSegmentationFeatures`, *optional*): the same images flipped left-right, captured with the same
+            layers, grid, heads and sizes (`pipe(..., flip=True)`; issue 27): what
+            `analyze_features(features, mirrored=features.mirrored)` decides the images' orientations from. Saved and
+            loaded with the features (`mirrored.*` in the same file; its own `reference` and `mirrored` are not
+            kept: the features' reference serves both). Only stored here, like `reference`.
     """
 
     queries: list[torch.Tensor]
@@ -122,6 +135,7 @@ class CoSegmentationFeatures:
     layer_names: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     reference: "CoSegmentationFeatures | None" = None
+    mirrored: "CoSegmentationFeatures | None" = None
 
     def __post_init__(self) -> None:
         try:
@@ -161,6 +175,8 @@ class CoSegmentationFeatures:
             raise ValueError(f"`metadata` must be a dict, got {_describe(self.metadata)}.")
         if self.reference is not None and not isinstance(self.reference, CoSegmentationFeatures):
             raise ValueError(f"`reference` must be a CoSegmentationFeatures or None, got {_describe(self.reference)}.")
+        if self.mirrored is not None and not isinstance(self.mirrored, CoSegmentationFeatures):
+            raise ValueError(f"`mirrored` must be a CoSegmentationFeatures or None, got {_describe(self.mirrored)}.")
         n = self.grid_size[0] * self.grid_size[1]
         first = self.queries[0]
         if not isinstance(first, torch.Tensor) or first.ndim != 4:
@@ -193,6 +209,8 @@ class CoSegmentationFeatures:
         for i, size in enumerate(self.image_sizes):
             if len(size) != 2 or min(size) < 1:
                 raise ValueError(f"`image_sizes[{i}]` must be a positive (height, width), got {size}.")
+        if self.mirrored is not None:
+            check_mirrored(self, self.mirrored)
 
     def image(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Queries and keys of one image: two lists of `(H, N, d)` tensors."""
@@ -209,6 +227,7 @@ class CoSegmentationFeatures:
             list(self.layer_names),
             dict(self.metadata),
             None if self.reference is None else self.reference.to(device, dtype),
+            None if self.mirrored is None else self.mirrored.to(device, dtype),
         )
 
     def _tensors_and_header(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -227,14 +246,16 @@ class CoSegmentationFeatures:
 
     def save(self, path: str | os.PathLike) -> None:
         """Saves to one `.safetensors` file (tensors, and the sizes and metadata as JSON in its header); a
-        `reference` goes into the same file, its tensors and header entries named `reference.*`. Atomic: an
-        interruption leaves the previous file, or none, never a partial one."""
+        `reference` goes into the same file, its tensors and header entries named `reference.*`, and so do the
+        `mirrored` captures (`mirrored.*`). Atomic: an interruption leaves the previous file, or none, never a partial
+        one."""
         tensors, header = self._tensors_and_header()
         header["format"] = FEATURES_FORMAT
-        if self.reference is not None:
-            reference_tensors, reference_header = self.reference._tensors_and_header(REFERENCE_PREFIX)
-            tensors.update(reference_tensors)
-            header.update(reference_header)
+        for prefix, extra in ((REFERENCE_PREFIX, self.reference), (MIRRORED_PREFIX, self.mirrored)):
+            if extra is not None:
+                extra_tensors, extra_header = extra._tensors_and_header(prefix)
+                tensors.update(extra_tensors)
+                header.update(extra_header)
         save_safetensors(tensors, path, metadata=header)
 
     @classmethod
@@ -264,9 +285,10 @@ class CoSegmentationFeatures:
             raise ValueError(f"`{path}` is not a cosegment features file (format {header.get('format')!r}).")
         count = len([name for name in names if name.startswith("queries.")])
         reference_count = len([name for name in names if name.startswith(f"{REFERENCE_PREFIX}queries.")])
+        mirrored_count = len([name for name in names if name.startswith(f"{MIRRORED_PREFIX}queries.")])
         expected = {
             f"{prefix}{kind}.{i}"
-            for prefix, n in (("", count), (REFERENCE_PREFIX, reference_count))
+            for prefix, n in (("", count), (REFERENCE_PREFIX, reference_count), (MIRRORED_PREFIX, mirrored_count))
             for kind in ("queries", "keys")
             for i in range(n)
         }
@@ -279,7 +301,7 @@ class CoSegmentationFeatures:
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
 
-        def make(prefix: str, n: int, reference=None) -> "CoSegmentationFeatures":
+        def make(prefix: str, n: int, reference=None, mirrored=None) -> "CoSegmentationFeatures":
             return cls(
                 [tensors[f"{prefix}queries.{i}"] for i in range(n)],
                 [tensors[f"{prefix}keys.{i}"] for i in range(n)],
@@ -288,12 +310,41 @@ class CoSegmentationFeatures:
                 json.loads(header[f"{prefix}layer_names"]),
                 json.loads(header.get(f"{prefix}metadata", "{}")),
                 reference,
+                mirrored,
             )
 
         try:
-            return make("", count, make(REFERENCE_PREFIX, reference_count) if reference_count else None)
+            reference = make(REFERENCE_PREFIX, reference_count) if reference_count else None
+            mirrored = make(MIRRORED_PREFIX, mirrored_count) if mirrored_count else None
+            return make("", count, reference, mirrored)
         except (KeyError, TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"`{path}` is a damaged cosegment features file: {error}") from error
+
+
+def check_mirrored(features: CoSegmentationFeatures, mirrored: Any) -> None:
+    """Checks that `mirrored` holds captures of the same images flipped left-right, made like `features`: a
+    `CoSegmentationFeatures` with the same token grid, layer names, image sizes and, per entry, the same
+    `(M, H, N, d)` shape and dtype.
+
+    Raises:
+        `TypeError`/`ValueError` naming `mirrored` and the value.
+    """
+    if not isinstance(mirrored, CoSegmentationFeatures):
+        raise TypeError(f"`mirrored` must be a CoSegmentationFeatures or None, got {_describe(mirrored)}.")
+    differences = (
+        ("token grid", tuple(mirrored.grid_size), tuple(features.grid_size)),
+        ("layer_names", list(mirrored.layer_names), list(features.layer_names)),
+        ("image_sizes", list(mirrored.image_sizes), list(features.image_sizes)),
+        ("query shapes", [tuple(q.shape) for q in mirrored.queries], [tuple(q.shape) for q in features.queries]),
+        ("key shapes", [tuple(k.shape) for k in mirrored.keys], [tuple(k.shape) for k in features.keys]),
+        ("dtypes", [str(q.dtype) for q in mirrored.queries], [str(q.dtype) for q in features.queries]),
+    )
+    for what, theirs, ours in differences:
+        if theirs != ours:
+            raise ValueError(
+                f"`mirrored` must be the same images flipped left-right, captured alike: its {what} {theirs} differ "
+                f"from the features' {ours}."
+            )
 
 
 def _is_int(value: Any) -> bool:

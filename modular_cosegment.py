@@ -37,6 +37,7 @@ from .checks import CheckedInputs  # noqa: F401
 from .features import REFERENCE_PREFIX  # noqa: F401
 from .loading import write_code_files  # noqa: F401
 from .matches import pair_correspondences  # noqa: F401
+from .orientation import collection_orientations  # noqa: F401
 from .pairs import join_pair_analyses  # noqa: F401
 from .parts import segment_parts  # noqa: F401
 from .pipeline_cosegment import StableDiffusionCoSegmentationPipeline, pipeline_code_files

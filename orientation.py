@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from .features import CoSegmentationFeatures, check_mirrored
+from .settings import AnalysisSettings, correct_features, settings_with_reference
 from .utils.correspondence import AttentionRowStatistics, attention_row_statistics, inverse_mapping_error
+from .utils.images import describe as _describe
 
 # A match counts as evidence when its cycle returns to p's 3x3 neighbourhood (IMS <= sqrt(2) cells, Eq. 2.8): the
 # `"auto"` preset's cycle check (DESIGN step 7), not a tuned number. Twin matches of a symmetric object close their
@@ -191,6 +194,8 @@ class OrientationDecision:
         overruled (`torch.Tensor`): `(M, M)` bool, pairs whose own evidence (a non-zero `J_ij`) says the opposite
             of the decision: the collection corrected them.
         exact (`bool`): the decision was found by enumeration (the best one); otherwise spectral and local search.
+        evidence (`torch.Tensor` or `None`): the `(M, M)` evidence decided from, when :func:`collection_orientations`
+            made the decision.
     """
 
     flipped: torch.Tensor
@@ -198,6 +203,7 @@ class OrientationDecision:
     agreement: float
     overruled: torch.Tensor
     exact: bool
+    evidence: torch.Tensor | None = None
 
 
 def _check_evidence(evidence: Any) -> np.ndarray:
@@ -295,3 +301,162 @@ def decide_orientations(evidence: torch.Tensor | np.ndarray, exact_limit: int = 
         overruled=torch.from_numpy(overruled),
         exact=exact,
     )
+
+
+def collection_orientations(
+    features: CoSegmentationFeatures,
+    mirrored: CoSegmentationFeatures,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    reference: CoSegmentationFeatures | None = None,
+    clamp_high_norm: bool = True,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> OrientationDecision:
+    """Which images to analyse flipped: :func:`orientation_evidence` of `pairs` on the corrected features (high-norm
+    tokens, `reference`: :func:`~cosegment.settings.correct_features`, applied to the mirrored captures alike; on raw
+    features the positional field rewards the orientation that puts the two objects at nearer grid positions), then
+    :func:`decide_orientations`. What `analyze_features(features, mirrored=...)` does before step 4; call it once
+    and pass `orientations=decision.flipped` to :func:`analyze_pairs` / :func:`analyze_features` to split an analysis
+    between processes.
+
+    Args:
+        features, mirrored (`CoSegmentationFeatures`): the captures and the same images flipped left-right.
+        pairs: the pairs weighed (default: every pair; give the analysis's pair graph, `partner_pairs`).
+        reference, clamp_high_norm, chunk_size, device: as in :func:`~cosegment.analysis.analyze_features`.
+
+    Returns:
+        :class:`OrientationDecision` with its `evidence`.
+    """
+    if not isinstance(features, CoSegmentationFeatures):
+        raise TypeError(f"`features` must be a CoSegmentationFeatures, got {_describe(features)}.")
+    check_mirrored(features, mirrored)
+    if not isinstance(clamp_high_norm, bool):
+        raise TypeError(f"`clamp_high_norm` must be a bool, got {_describe(clamp_high_norm)}.")
+    settings = settings_with_reference(AnalysisSettings(clamp_high_norm=clamp_high_norm), reference)
+    return decide_checked(
+        correct_features(features, settings), correct_features(mirrored, settings), pairs, chunk_size, device
+    )
+
+
+def decide_checked(
+    features: CoSegmentationFeatures,
+    mirrored: CoSegmentationFeatures,
+    pairs: Sequence[tuple[int, int]] | None,
+    chunk_size: int | None,
+    device: torch.device | str | None,
+) -> OrientationDecision:
+    """:func:`collection_orientations` of features and mirrored captures already checked and corrected."""
+    evidence = orientation_evidence(features, mirrored, pairs, chunk_size, device)
+    return replace(decide_orientations(evidence), evidence=evidence)
+
+
+def check_orientations(orientations: Any, num_images: int) -> torch.Tensor:
+    """`orientations` (`M` bools: `True` = analyse the image's mirrored capture) -> `(M,)` bool CPU tensor.
+
+    Raises:
+        `TypeError`/`ValueError` naming `orientations` and the value.
+    """
+    if isinstance(orientations, OrientationDecision):
+        orientations = orientations.flipped
+    if isinstance(orientations, torch.Tensor):
+        array = orientations.detach().cpu().numpy()
+    else:
+        try:
+            array = np.asarray(orientations)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"`orientations` must be {num_images} bools, got {_describe(orientations)}.") from error
+    if array.dtype != np.bool_:
+        raise TypeError(f"`orientations` must be {num_images} bools, got {_describe(orientations)}.")
+    if array.shape != (num_images,):
+        raise ValueError(f"`orientations` must be {num_images} bools (one per image), got shape {array.shape}.")
+    return torch.from_numpy(array.copy())
+
+
+def check_orientation_arguments(features: Any, mirrored: Any, orientations: Any) -> tuple[Any, torch.Tensor | None]:
+    """`analyze_features`' `mirrored` (checked against `features`) and `orientations` (an `(M,)` bool tensor, or
+    `None`: decided from the evidence). `orientations` needs `mirrored`."""
+    if mirrored is None:
+        if orientations is not None:
+            raise ValueError(
+                f"`orientations` needs `mirrored` captures, got `orientations`={_describe(orientations)}."
+            )
+        return None, None
+    check_mirrored(features, mirrored)
+    return mirrored, None if orientations is None else check_orientations(orientations, features.num_images)
+
+
+def orient_corrected(
+    features: CoSegmentationFeatures,
+    mirrored: CoSegmentationFeatures,
+    orientations: torch.Tensor | None,
+    settings: AnalysisSettings,
+    pairs: Sequence[tuple[int, int]] | None,
+    device: torch.device | str | None,
+) -> tuple[CoSegmentationFeatures, torch.Tensor]:
+    """Step 3c of the analysis: `features` already corrected (:func:`correct_features`), `mirrored` corrected here
+    alike; `orientations` decided from the evidence of `pairs` when `None`. Returns the oriented features
+    (:func:`oriented_features`) and the `(M,)` bool orientations."""
+    mirrored = correct_features(mirrored, settings)
+    if orientations is None:
+        orientations = decide_checked(features, mirrored, pairs, settings.chunk_size, device).flipped
+    return oriented_features(features, mirrored, orientations), orientations
+
+
+def oriented_features(
+    features: CoSegmentationFeatures, mirrored: CoSegmentationFeatures, flipped: torch.Tensor
+) -> CoSegmentationFeatures:
+    """The collection in the chosen orientation: image i's queries and keys from `mirrored` where `flipped[i]`, from
+    `features` elsewhere (sizes, names, metadata and `reference` of `features`; no `mirrored`). `features` itself
+    when no image is flipped, so that the analysis is then bitwise the one without mirrored captures."""
+    if not bool(flipped.any()):
+        return features
+    choose = flipped.to(features.queries[0].device).view(-1, 1, 1, 1)
+    queries = [torch.where(choose, m, q) for q, m in zip(features.queries, mirrored.queries)]
+    keys = [torch.where(choose, m, k) for k, m in zip(features.keys, mirrored.keys)]
+    return replace(features, queries=queries, keys=keys, mirrored=None)
+
+
+def flip_tokens(tokens: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+    """Token indices on an `(h, w)` grid, reflected left-right: column `c -> w - 1 - c`, the row kept."""
+    width = int(grid_size[1])
+    return tokens + (width - 1 - 2 * (tokens % width))
+
+
+def flip_points(points: torch.Tensor, width: int) -> torch.Tensor:
+    """`(K, 2)` x, y pixels of an image `width` pixels wide, reflected left-right: `x -> width - x` (pixel
+    coordinates run from 0 at the left edge to `width` at the right, pixel k covering `[k, k + 1]`, so the token
+    centre `(c + 0.5) W / w` goes to `(w - 1 - c + 0.5) W / w` exactly, and pixel column k to `width - 1 - k`)."""
+    flipped = points.clone()
+    flipped[:, 0] = width - points[:, 0]
+    return flipped
+
+
+def unflip_output(output: Any, flipped: torch.Tensor, grid_size: Sequence[int], image_sizes: Sequence) -> Any:
+    """The output of an analysis of :func:`oriented_features`, back in the original images (in place; torch
+    tensors): every point, token, map and mask of a flipped image reflected left-right (:func:`flip_points`,
+    :func:`flip_tokens`, maps and masks along their last axis). Records the decision: `output.orientations` and
+    each pair's `flipped` (`flipped[s] != flipped[t]`)."""
+    bits = [bool(b) for b in flipped.tolist()]
+    for pair in output.correspondences:
+        s, t = pair.source_index, pair.target_index
+        if bits[s]:
+            pair.source_points = flip_points(pair.source_points, image_sizes[s][1])
+            pair.source_tokens = flip_tokens(pair.source_tokens, grid_size)
+        if bits[t]:
+            pair.target_points = flip_points(pair.target_points, image_sizes[t][1])
+            pair.target_tokens = flip_tokens(pair.target_tokens, grid_size)
+        pair.flipped = bits[s] != bits[t]
+    for name in ("density_maps", "entropy_maps", "inverse_error_maps"):
+        maps = getattr(output, name)
+        setattr(output, name, torch.where(flipped.to(maps.device).view(-1, 1, 1), maps.flip(-1), maps))
+    for name in ("masks", "part_masks"):
+        masks = getattr(output, name)
+        if masks is not None:
+            setattr(output, name, [mask.flip(-1) if bit else mask for mask, bit in zip(masks, bits)])
+    if output.keypoints is not None:
+        output.keypoints = [
+            flip_points(points, size[1]) if bit else points
+            for points, size, bit in zip(output.keypoints, image_sizes, bits)
+        ]
+    output.orientations = flipped.clone()
+    return output

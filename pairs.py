@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .features import CoSegmentationFeatures, PairAnalysis, PassResult, _is_int
+from .orientation import check_orientation_arguments, orient_corrected
 from .settings import THRESHOLD_NAMES, AnalysisSettings, _check_features, check_analysis_settings, correct_features
 from .transfer import _peak_hook
 from .utils.correspondence import (
@@ -196,6 +197,8 @@ def analyze_pairs(
     reference: CoSegmentationFeatures | None = None,
     clamp_high_norm: bool = True,
     partners: int | None = None,
+    mirrored: CoSegmentationFeatures | None = None,
+    orientations: Sequence[bool] | torch.Tensor | None = None,
 ) -> list[PairAnalysis]:
     r"""The per-pair part of :func:`analyze_features` (DESIGN steps 4-8a): cross self-attention row statistics of
     both directions, maps, neighbourhood check, selection (and growth under `"auto"`) of both passes.
@@ -216,6 +219,10 @@ def analyze_pairs(
             image with its `partners` most similar images, plus bridges), as `analyze_features(partners=...)` analyses
             them. Give `pairs` or `partners`, not both (to split the graph between processes, split
             `partner_pairs(features, K)` and pass each share as `pairs`).
+        mirrored, orientations: as in :func:`analyze_features`: each pair analysed in the orientation decided (from
+            every pair, or the partner graph with `partners`) or given. To split between processes, decide once
+            (:func:`~cosegment.orientation.collection_orientations`) and pass the same `orientations` to every
+            process and to :func:`analyze_features`.
 
     Returns:
         `list[PairAnalysis]`, one per pair, in the order of `pairs`.
@@ -235,8 +242,13 @@ def analyze_pairs(
     device = _check_features(features, settings, device, progress)
     if pairs is not None and partners is not None:
         raise ValueError(f"Give `pairs` or `partners`, not both; got `partners`={partners!r} and a list of pairs.")
-    pairs = partner_pairs(features, partners) if pairs is None else _check_pair_list(pairs, features.num_images)
-    return _analyze_pair_list(correct_features(features, settings), pairs, settings, device, progress)
+    mirrored, orientations = check_orientation_arguments(features, mirrored, orientations)
+    graph = partner_pairs(features, partners) if pairs is None or mirrored is not None else None
+    pairs = graph if pairs is None else _check_pair_list(pairs, features.num_images)
+    corrected = correct_features(features, settings)
+    if mirrored is not None:  # issue 27: the orientation decided over the pair graph (or given)
+        corrected = orient_corrected(corrected, mirrored, orientations, settings, graph, device)[0]
+    return _analyze_pair_list(corrected, pairs, settings, device, progress)
 
 
 def join_pair_analyses(

@@ -15,7 +15,6 @@ from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging, replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import is_torchvision_available
 
@@ -48,17 +47,21 @@ from .analysis import (  # noqa: F401 (re-exported: importable from this file as
 )
 from .capture import (
     capture_queries_keys,
+    draw_noise,
     encode_pixels,
     encode_text,
     features_from_capture,
     lora_scaled,
     noise_latents,
+    reference_cache_key,
     resize_images,
 )
 from .capture import encoder_latents as _encoder_latents  # noqa: F401 (importable from this file as before)
 from .checks import (
     CheckedInputs,
+    blank_images,
     check_capture_numbers,
+    check_flip,
     check_generator,
     check_image_indices,
     check_paper_grid,
@@ -73,6 +76,7 @@ from .loading import HUB_ARGUMENTS, plain_class_name, push_folder, without_empty
 from .loading import drop_empty_fp32_notice as _drop_empty_fp32_notice  # noqa: F401 (importable as before)
 from .loading import pipeline_code_files as pipeline_code_files  # re-exported: importable from this file as before
 from .matches import pair_correspondences  # noqa: F401
+from .orientation import collection_orientations  # noqa: F401
 from .pairs import join_pair_analyses  # noqa: F401
 from .parts import segment_parts  # noqa: F401
 from .processors.cross_self_attention import (  # noqa: F401 (re-exported: importable from this file as before)
@@ -92,7 +96,6 @@ from .transfer import refine_correspondences  # noqa: F401
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text  # noqa: F401
 from .utils.images import collect_images, preferred_memory_format
-from .utils.images import describe as _describe
 from .utils.joining import merge_passes  # noqa: F401
 from .utils.reference import positional_offsets  # noqa: F401
 from .utils.refinement import window_soft_argmax  # noqa: F401
@@ -365,16 +368,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         """`(M * ensemble_size, C, h, w)` noise, image-major; image i's draws come from the generator in image order
         (or from `generator[i]`), so they do not depend on batching or on how images are split across processes.
 
-        With `image_indices`, the noise of all `num_images` images is drawn as above and only those images' draws are
-        returned (`(len(image_indices) * ensemble_size, C, h, w)`): a process handling a share of the collection gets
-        exactly the noise its images get in a full run."""
-        noises = []
-        for index in range(num_images):
-            gen = generator[index] if isinstance(generator, list) else generator
-            noises.append(randn_tensor((ensemble_size, *shape), generator=gen, device=device, dtype=dtype))
-        if image_indices is not None:
-            noises = [noises[index] for index in image_indices]
-        return torch.cat(noises)
+        With `image_indices`, all images' noise is drawn so and only theirs returned (`(len(image_indices) * E, C, h,
+        w)`): a process handling a share of the collection gets exactly the noise its images get in a full run."""
+        return draw_noise(num_images, ensemble_size, shape, generator, device, dtype, image_indices)
 
     @torch.no_grad()
     def capture_features(
@@ -391,6 +387,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        flip: bool = False,
     ) -> CoSegmentationFeatures:
         """DESIGN steps 1-3: encode, noise, and one UNet forward per batch with the capture processors installed.
 
@@ -400,8 +397,10 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         share); `stop_early` (`bool`, *optional*, defaults to `True`): end each UNet forward right after the last read
         layer (eager: an exception ends it; compiled: a compiled copy of the forward's start that returns after that
         layer, made with the UNet's own compile settings, or the whole forward for a UNet it does not mirror; the
-        queries and keys are the same in every case). Returns the captured [`CoSegmentationFeatures`] (queries and keys
-        `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on the execution device). Model CPU offload
+        queries and keys are the same in every case); `flip` (`bool`, *optional*, defaults to `False`): also capture
+        every image flipped left-right, as `features.mirrored` (see :meth:`__call__`). Returns the captured
+        [`CoSegmentationFeatures`] (queries and keys `(M, H, N, d)` per layer and noise draw, in the UNet's dtype, on
+        the execution device). Model CPU offload
         hooks are freed when the UNet pass ends (`maybe_free_model_hooks`), as at the end of a diffusers pipeline
         call.
         """
@@ -418,7 +417,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
             generator=generator,
             prompt_embeds=prompt_embeds,
         )
-        return self._capture(checked, prompt, generator, stop_early, image_indices, prompt_embeds)
+        return self._capture(checked, prompt, generator, stop_early, image_indices, prompt_embeds, flip)
 
     def _encode(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Step 1: `(M, 3, H, W)` pixels in [-1, 1] -> `(M, C, h, w)` latents as the UNet expects them, in batches
@@ -457,8 +456,11 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         stop_early: bool = True,
         image_indices: Sequence[int] | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        flip: bool = False,
     ) -> CoSegmentationFeatures:
-        """Steps 1-3 for inputs that :meth:`check_inputs` has checked and resolved (`checked`)."""
+        """Steps 1-3 for inputs that :meth:`check_inputs` has checked and resolved (`checked`); `flip`: the mirrored
+        captures too (every image flipped left-right after the originals, with their noise flipped)."""
+        check_flip(flip)
         device, timestep = self._execution_device, checked.timestep
         ensemble_size, batch_size = checked.ensemble_size, checked.batch_size
         # 1. Encode the images (VAE latent mode, scaled)
@@ -468,12 +470,13 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
             image_indices = check_image_indices(image_indices, collection_size)
             pixels = pixels[image_indices]
             image_sizes = [image_sizes[index] for index in image_indices]
-        latents = self._encode(pixels, batch_size)  # [M,C,h,w]
+        latents = self._encode(torch.cat([pixels, pixels.flip(-1)]) if flip else pixels, batch_size)  # [M or 2M,C,h,w]
 
         # 2. Noise at one timestep, one draw per image and ensemble member
         noise = self.prepare_noise(
             collection_size, ensemble_size, tuple(latents.shape[1:]), generator, device, latents.dtype, image_indices
         )
+        noise = torch.cat([noise, noise.flip(-1)]) if flip else noise  # issue 27: the same draws, flipped
         latents = latents.repeat_interleave(ensemble_size, dim=0)  # [M*E,C,h,w]
         noisy, timesteps = noise_latents(self.scheduler.config, latents, noise, timestep, device, self.unet.dtype)
         if prompt_embeds is None:
@@ -483,9 +486,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
 
         # 3. Capture the queries and keys of the chosen layers: [M*E,H,N,d] per layer -> one [M,H,N,d] per (layer, draw)
         queries, keys = self._run_unet(noisy, timesteps, prompt_embeds, checked.layer_names, batch_size, stop_early)
-        return features_from_capture(
-            checked, queries, keys, image_sizes, getattr(self.config, "_name_or_path", None), prompt
-        )
+        name = getattr(self.config, "_name_or_path", None)
+        return features_from_capture(checked, queries, keys, image_sizes, name, prompt, flip)
 
     @torch.no_grad()
     def capture_reference(
@@ -517,11 +519,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         Returns:
             [`CoSegmentationFeatures`] of `num_images` captures (metadata `"reference": "blank"`).
         """
-        if not _is_int(num_images) or num_images < 2:
-            raise ValueError(f"`num_images` must be an int >= 2, got {_describe(num_images)}.")
-        blank = torch.full((int(num_images), 3, self.size_multiple, self.size_multiple), 0.5)  # resized in step 1
         checked = self.check_inputs(
-            blank,
+            blank_images(num_images, self.size_multiple),  # resized in step 1
             height=height,
             width=width,
             timestep=timestep,
@@ -529,9 +528,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
             batch_size=batch_size,
             generator=generator,
         )
-        name = getattr(self.config, "_name_or_path", None)
-        size = (checked.height, checked.width, checked.timestep, tuple(checked.layer_names), int(num_images))
-        key = (*size, name, id(self.unet), str(self.unet.dtype), str(self._execution_device))
+        key = reference_cache_key(checked, num_images, self.config, self.unet, self._execution_device)
         if key not in self.reference_cache:
             generator = torch.Generator().manual_seed(0) if generator is None else generator
             features = self._capture(checked, None, generator)
@@ -542,9 +539,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
     @property
     def reference_cache(self) -> dict:
         """The references :meth:`capture_reference` made, by its cache key."""
-        if "_reference_cache" not in self.__dict__:
-            self.__dict__["_reference_cache"] = {}
-        return self.__dict__["_reference_cache"]
+        return self.__dict__.setdefault("_reference_cache", {})
 
     def _resolve_reference(self, reference, checked: CheckedInputs):
         """`__call__`'s `reference` -> features or `None` (`"auto"`: :meth:`capture_reference`); a given reference is
@@ -553,12 +548,9 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         reference = check_reference_argument(reference, checked.grid_size)
         if not isinstance(reference, str):
             return reference
-        return self.capture_reference(  # "auto"
-            checked.height,
-            checked.width,
-            timestep=checked.timestep,
-            attention_layers=checked.layer_names,
-            batch_size=checked.batch_size,
+        c = checked  # "auto":
+        return self.capture_reference(
+            c.height, c.width, timestep=c.timestep, attention_layers=c.layer_names, batch_size=c.batch_size
         )
 
     @torch.no_grad()
@@ -588,6 +580,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         refine: bool = True,
         reference: "CoSegmentationFeatures | str | None" = None,
         partners: int | None = None,
+        flip: bool = False,
     ):
         r"""Finds what a collection of images has in common.
 
@@ -642,6 +635,12 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
                 global descriptor of the captured queries, see :func:`~cosegment.analysis.partner_pairs`), plus the
                 most similar pairs that join groups this leaves apart (bridges: the graph stays connected), the union
                 of those pairs; the cost grows as `M * partners` instead of `M^2 / 2`. `None` (default): every pair.
+            flip (`bool`, *optional*, defaults to `False`): also capture every image flipped left-right (2x the
+                capture; the flipped image's noise is its own draw flipped left-right, from the same generator, so
+                nothing new is drawn and the original capture is unchanged) and analyse each image in the orientation
+                the whole collection decides (`analyze_features(mirrored=...)`: a symmetric object seen facing the other
+                way otherwise matches its mirror twin). The output says what was decided (`orientations`, each pair's
+                `flipped`); points and masks stay in the original images. Off by default: unmeasured on real weights.
 
         Examples:
 
@@ -652,6 +651,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
             `False`.
         """
         # 0. Check everything before touching the UNet (images are converted once, here)
+        check_flip(flip)
         checked = self.check_inputs(
             image,
             prompt=prompt,
@@ -679,7 +679,7 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         reference = self._resolve_reference(reference, checked)
 
         # 1-3. Encode, noise, capture (the features are validated once, as they are made)
-        features = self._capture(checked, prompt, generator, prompt_embeds=prompt_embeds)
+        features = self._capture(checked, prompt, generator, prompt_embeds=prompt_embeds, flip=flip)
 
         # 3b. The reference, checked against the features (heads, head size)
         check_reference(features, reference)
@@ -689,7 +689,8 @@ class StableDiffusionCoSegmentationPipeline(DiffusionPipeline, StableDiffusionMi
         # 4-11. Analyse the captured features
         pairs = partner_pairs(features, checked.settings.partners)  # computed once: the bar's total and the analysis
         with self._labelled_progress_bar(len(pairs), "pair analysis (pairs)") as bar:
-            output = analyze_checked_features(features, settings, features.queries[0].device, bar.update, pairs=pairs)
+            device, mirrored = features.queries[0].device, features.mirrored
+            output = analyze_checked_features(features, settings, device, bar.update, None, pairs, mirrored)
         if return_features:
             output.features = features
         # (the capture freed the model hooks, `maybe_free_model_hooks`, before the analysis)

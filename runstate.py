@@ -52,6 +52,7 @@ RECORDED_SETTINGS = {
     "dtype": "features",
     "batch_size": "features",
     "reference": "features",  # kept with the features (`features.reference`); a FILE recorded by its SHA-256
+    "flip": "features",  # the mirrored captures are kept with the features (`features.mirrored`, issue 27)
     "selection": "pairs",
     "max_entropy": "pairs",
     "max_spread": "pairs",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .features import CoSegmentationFeatures, PairCorrespondence, PassResult, _image_features, _is_int
+from .orientation import check_orientations, oriented_features
 from .settings import AnalysisSettings, correct_features
 from .utils.correspondence import cross_attention_probs, default_chunk_size
 from .utils.images import describe as _describe
@@ -192,6 +193,25 @@ def _check_image_index(value: Any, name: str, num_images: int) -> int:
     return int(value)
 
 
+def _oriented_transfer(features, s, t, points, refine, chunk_size, bits) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`transfer_points` in orientation `bits`: the flipped images' mirrored captures, points reflected in and
+    out (`x -> W - x`)."""
+    try:
+        array = np.array(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = points  # transfer_points names the bad value
+    height, width = features.image_sizes[s]
+    if bits[s] and getattr(array, "ndim", 0) == 2 and array.shape[-1] == 2:
+        inside = np.isfinite(array).all() and (array >= 0).all() and (array <= [width, height]).all()
+        if inside:  # (otherwise transfer_points names the points as given)
+            array[:, 0] = width - array[:, 0]
+    oriented = replace(oriented_features(features, features.mirrored, bits), mirrored=None)
+    landed, scores = transfer_points(oriented, s, t, array, refine, chunk_size)
+    if bits[t]:
+        landed[:, 0] = features.image_sizes[t][1] - landed[:, 0]
+    return landed, scores
+
+
 def transfer_points(
     features: CoSegmentationFeatures,
     source_index: int,
@@ -199,6 +219,7 @@ def transfer_points(
     points: np.ndarray | torch.Tensor | Sequence[Sequence[float]],
     refine: bool = True,
     chunk_size: int | None = None,
+    orientations: Sequence[bool] | torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Where points of one image land in another: "where does *this* point of image A go in image B?".
 
@@ -225,6 +246,10 @@ def transfer_points(
         refine (`bool`, *optional*, defaults to `True`): refine below the token grid; `False`: token centres of
             the plain argmax.
         chunk_size (`int`, *optional*): attention rows computed at once; automatic by default.
+        orientations (`(M,)` bools, *optional*): transfer in the orientation an analysis with mirrored captures
+            decided (`output.orientations`; issue 27): an image whose bit is set is read through its mirrored capture
+            (`features.mirrored`, required then), the points reflected into it (`x -> W - x`) and the landed
+            points back. `None`: the images as they are.
 
     Returns:
         `(target_points, scores)`: `(K, 2)` float32 x, y in image `target_index`'s own pixels (inside the image)
@@ -243,6 +268,12 @@ def transfer_points(
     features.validate()
     s = _check_image_index(source_index, "source_index", features.num_images)
     t = _check_image_index(target_index, "target_index", features.num_images)
+    if orientations is not None:
+        if features.mirrored is None:
+            raise ValueError("`orientations` needs `features.mirrored` (the images flipped left-right), got None.")
+        return _oriented_transfer(
+            features, s, t, points, refine, chunk_size, check_orientations(orientations, features.num_images)
+        )
     try:
         array = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
     except (TypeError, ValueError) as error:

@@ -89,13 +89,19 @@ def _two_images(features, i: int, j: int):
         queries=[q[[i, j]] for q in features.queries],
         keys=[k[[i, j]] for k in features.keys],
         image_sizes=[features.image_sizes[i], features.image_sizes[j]],
+        mirrored=None if features.mirrored is None else _two_images(features.mirrored, i, j),
     )
 
 
 def precompute_transfers(
-    features, pairs: Sequence[tuple[int, int]], refine: bool = True, progress: Callable[[int], object] | None = None
+    features,
+    pairs: Sequence[tuple[int, int]],
+    refine: bool = True,
+    progress: Callable[[int], object] | None = None,
+    orientations=None,
 ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """For each analysed pair, both ways, `transfer_points(features, i, j, token_centres(i), refine=refine)`.
+    """For each analysed pair, both ways, `transfer_points(features, i, j, token_centres(i), refine=refine)` (in the
+    analysis's `orientations` when given: `--flip`, issue 27).
 
     Returns:
         `{(i, j): (points, scores)}`: `(N, 2)` float32 x, y in image `j`'s pixels and `(N,)` float32 scores, row `k`
@@ -110,7 +116,8 @@ def precompute_transfers(
         both = _two_images(features, s, t)
         for i, j, a, b in ((s, t, 0, 1), (t, s, 1, 0)):
             centres = token_centres(features.grid_size, features.image_sizes[i])
-            transfers[(i, j)] = transfer_points(both, a, b, centres, refine=refine)
+            bits = None if orientations is None else [bool(orientations[s]), bool(orientations[t])]
+            transfers[(i, j)] = transfer_points(both, a, b, centres, refine=refine, orientations=bits)
             if progress is not None:
                 progress(1)
     return transfers
@@ -334,7 +341,11 @@ def build_viewer(
     pairs = analysed_pairs(output)
     partners = partner_lists(len(rgb), pairs)
     if transfers is None:
-        transfers = {} if features is None else precompute_transfers(features, pairs, refine, progress)
+        transfers = (
+            {}
+            if features is None
+            else precompute_transfers(features, pairs, refine, progress, getattr(output, "orientations", None))
+        )
     part_ids = _part_ids(output)
     colors = part_colors(max(part_ids, default=0))
     grid = list(_numpy(output.density_maps).shape[1:3])
