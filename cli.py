@@ -561,6 +561,7 @@ def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bo
             my_pairs,
             analyze_pairs,
             progress=bar.update,
+            orientations=orientations,
             device=device,
             refine=not args.no_refine,
             reference=features.reference,

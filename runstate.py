@@ -119,9 +119,10 @@ def setting_differences(recorded: dict[str, Any], current: dict[str, Any]) -> di
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_pair_analysis(analysis, path: str | os.PathLike) -> None:
+def save_pair_analysis(analysis, path: str | os.PathLike, orientation: list[bool] | None = None) -> None:
     """Saves a :class:`PairAnalysis` to one `.safetensors` file, atomically: the tensors of both passes, and the
-    indices, grid, settings and thresholds as JSON in its header (never pickle)."""
+    indices, grid, settings and thresholds as JSON in its header (never pickle). `orientation`: with `--flip`, whether
+    each of the pair's two images was analysed flipped (:func:`pair_orientation` reads it back)."""
     tensors, passes = {}, []
     for index, result in enumerate(analysis.passes):
         prefix = f"passes.{index}"
@@ -145,7 +146,22 @@ def save_pair_analysis(analysis, path: str | os.PathLike) -> None:
         "settings": json.dumps(analysis.settings),
         "passes": json.dumps(passes),
     }
+    if orientation is not None:
+        header["orientation"] = json.dumps([bool(bit) for bit in orientation])
     save_safetensors(tensors, path, metadata=header)
+
+
+def pair_orientation(path: str | os.PathLike) -> list[bool] | None:
+    """The `orientation` a pair file was saved with (:func:`save_pair_analysis`); `None` for a pair analysed without
+    `--flip`, or a file whose header cannot be read (:func:`load_pair_analysis` then says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("orientation")
+    except (SafetensorError, OSError):
+        return None
+    return None if recorded is None else json.loads(recorded)
 
 
 def load_pair_analysis(path: str | os.PathLike):
@@ -290,10 +306,14 @@ class RunState:
     def save_features(self, features) -> None:
         features.save(self.features_path)
 
-    def load_pair(self, source: int, target: int):
-        """The kept analysis of pair `(source, target)`, or `None` when there is none to reuse."""
+    def load_pair(self, source: int, target: int, orientation: list[bool] | None = None):
+        """The kept analysis of pair `(source, target)`, or `None` when there is none to reuse (also when it was
+        analysed in another orientation than `orientation`, `--flip`: the decision depends on the pairs analysed)."""
         path = self.pair_path(source, target)
         if "pairs" in self.stale or not os.path.isfile(path):
+            return None
+        if pair_orientation(path) != orientation:
+            logger.info("%s was analysed in another orientation: analysing the pair again", path)
             return None
         try:
             return load_pair_analysis(path)
@@ -307,20 +327,24 @@ class RunState:
         pairs: Sequence[tuple[int, int]],
         analyze: Callable[..., list],
         progress: Callable[[int], Any] | None = None,
+        orientations: Sequence[bool] | None = None,
         **analysis,
     ) -> tuple[list, list[tuple[int, int]]]:
         """The analyses of `pairs`, in order: kept ones loaded, the others made by `analyze`
         (:func:`cosegment.analyze_pairs`, called with `**analysis`) one pair at a time and kept as each finishes.
+        `orientations` (`--flip`): each image's decided orientation; a kept pair is reused only if analysed the same
+        way round.
 
         Returns:
             the analyses (on the CPU) and the pairs reused.
         """
         analyses, reused = [], []
         for source, target in pairs:
-            kept = self.load_pair(source, target)
+            bits = None if orientations is None else [bool(orientations[source]), bool(orientations[target])]
+            kept = self.load_pair(source, target, bits)
             if kept is None:
                 kept = analyze_one_pair(features, source, target, analyze, **analysis).to("cpu")
-                save_pair_analysis(kept, self.pair_path(source, target))
+                save_pair_analysis(kept, self.pair_path(source, target), orientation=bits)
             else:
                 reused.append((source, target))
             analyses.append(kept)

@@ -30,6 +30,7 @@ from cosegment.runstate import (
     file_digest,
     forget_empty_state,
     load_pair_analysis,
+    pair_orientation,
     record_settings,
     save_pair_analysis,
     setting_differences,
@@ -55,6 +56,7 @@ INVALIDATES = {
     "dtype": "features",
     "batch_size": "features",  # the UNet batch: SD's attention is not bitwise batch-invariant
     "reference": "features",
+    "flip": "features",
     "selection": "pairs",
     "max_entropy": "pairs",
     "max_spread": "pairs",
@@ -94,6 +96,7 @@ CHANGES = {
     "dtype": ["--dtype", "float16"],
     "batch_size": ["--batch-size", "4"],
     "reference": ["--reference", "auto"],
+    "flip": ["--flip"],
     "selection": ["--selection", "paper"],
     "max_entropy": ["--max-entropy", "2.0"],
     "max_spread": ["--max-spread", "3.0"],
@@ -586,3 +589,31 @@ def test_one_pair_keeps_the_layer_names_the_reference_is_matched_by(inputs):
     assert (mine.source_index, mine.target_index) == (0, 2) and mine.settings == expected.settings
     for a, b in zip(mine.passes, expected.passes):
         assert torch.equal(a.keep, b.keep) and torch.equal(a.max_prob, b.max_prob)
+
+
+def test_with_flip_a_kept_pair_is_reused_only_in_the_orientation_it_was_analysed_in(inputs, kept_run, tmp_path):
+    """--flip --resume: the decided orientations depend on the pairs analysed (e.g. --partners changed), so a kept pair
+    analysed the other way round must be analysed again, and one analysed without --flip is not reused with it."""
+    paths, features = inputs
+    out = _copy(kept_run, tmp_path)
+    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state.check()
+    state.start()
+    calls = []
+
+    def analyze(two, pairs, **analysis):
+        calls.append(pairs)
+        return analyze_pairs(two, pairs, **analysis)
+
+    flipped = [False, True, False]
+    _, reused = state.pair_analyses(features, PAIRS, analyze, orientations=flipped)
+    assert reused == [] and len(calls) == 2  # the kept pairs were analysed without --flip
+    assert pair_orientation(state.pair_path(0, 1)) == [False, True]
+    assert pair_orientation(state.pair_path(1, 2)) == [True, False]
+    _, reused = state.pair_analyses(features, PAIRS, analyze, orientations=flipped)
+    assert reused == PAIRS and len(calls) == 2  # the same decision: both reused
+    _, reused = state.pair_analyses(features, PAIRS, analyze, orientations=[False, False, True])
+    assert reused == [] and len(calls) == 4  # image 1 now the right way round, image 2 flipped: both pairs again
+    _, reused = state.pair_analyses(features, PAIRS, analyze)
+    assert reused == [] and len(calls) == 6  # without --flip: none of the flipped analyses
+    assert pair_orientation(state.pair_path(0, 1)) is None
