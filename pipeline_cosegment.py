@@ -86,6 +86,7 @@ from .processors.cross_self_attention import (  # noqa: F401 (re-exported: impor
     unwrap_module,
 )
 from .settings import THRESHOLD_NAMES  # noqa: F401
+from .store import FeatureStore  # noqa: F401
 from .transfer import refine_correspondences  # noqa: F401
 
 # Named for the loader only, likewise (the root modules import them)
