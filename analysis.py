@@ -77,14 +77,19 @@ from .pairs import (  # noqa: F401 (re-exported: importable from here as before 
 from .parts import (  # noqa: F401 (re-exported: importable from here as before the split)
     ATTACHED_SHARE,
     KEY_ITERATIONS,
+    MASKS_IN_MEMORY_BYTES,
+    MAX_CLUSTER_IMAGES,
     MAX_EMBEDDING_IMAGES,
     MAX_PARTS,
     MIN_REGION_TOKENS,
     SEGMENTATION_REFINEMENTS,
     STEP11_ROWS_BYTES,
     TYPICAL_POINT_SHARE,
+    LazyMasks,
+    PartModel,
     _embedding_and_mass,
     _keep_points,
+    assign_points,
     attached_points,
     cluster_collection,
     cluster_hits,
@@ -183,6 +188,8 @@ def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> C
     """Moves every tensor of the output to the CPU, as numpy arrays for `output_type="np"`."""
 
     def convert(value):
+        if isinstance(value, LazyMasks):
+            return value.recast(output_type=output_type)
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu()
             return value.numpy() if output_type == "np" else value
@@ -197,6 +204,25 @@ def _convert_output(output: CoSegmentationPipelineOutput, output_type: str) -> C
     for name in fields + ("keypoints", "keypoint_parts"):
         setattr(output, name, convert(getattr(output, name)))
     return output
+
+
+def _collection_checks(
+    passes: dict[tuple[int, int], PassResult],
+    outliers: torch.Tensor,
+    num_images: int,
+    grid: tuple[int, int],
+    num_pairs: int,
+) -> dict[tuple[int, int], PassResult]:
+    """Steps 8b-8c (`"auto"`) on the passes of every analysed pair: an outlier's passes keep nothing, the others are
+    confirmed by third images (three or more images) and checked for consistency."""
+    inliers, dropped = split_outlier_passes(passes, outliers)
+    # 8b. With three or more images: matches that third images confirm
+    if num_images > 2:
+        sparse = num_pairs < num_images * (num_images - 1) // 2
+        inliers = confirm_by_third_images(inliers, num_images, grid, longer_paths=sparse)
+    # 8c. Final consistency with the reverse pass and the local affine field
+    inliers = check_consistency(inliers, grid)
+    return {pair: inliers[pair] if pair in inliers else dropped[pair] for pair in passes}
 
 
 def analyze_checked_features(
@@ -226,6 +252,7 @@ def analyze_checked_features(
     if pair_analyses is None:
         pair_analyses = _analyze_pair_list(features, pairs, settings, device, progress)
     passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device, pairs)
+    del pair_analyses  # the passes hold what is needed of them (freed before steps 10-11 when they were made here)
     thresholds = [
         {"source": result.source_index, "target": result.target_index, **result.thresholds.__dict__}
         for result in passes.values()
@@ -233,15 +260,8 @@ def analyze_checked_features(
     # How much each image shares with the collection; an outlier's matches are dropped before 8b
     sharing = sharing_scores(passes, num_images)
     outliers = find_outliers(sharing, settings.selection)
-    if settings.selection == "auto":
-        inliers, dropped = split_outlier_passes(passes, outliers)
-        # 8b. With three or more images: matches that third images confirm
-        if num_images > 2:
-            sparse = len(pairs) < num_images * (num_images - 1) // 2
-            inliers = confirm_by_third_images(inliers, num_images, grid, longer_paths=sparse)
-        # 8c. Final consistency with the reverse pass and the local affine field
-        inliers = check_consistency(inliers, grid)
-        passes = {pair: inliers[pair] if pair in inliers else dropped[pair] for pair in passes}
+    if settings.selection == "auto":  # 8b-8c
+        passes = _collection_checks(passes, outliers, num_images, grid, len(pairs))
     # 8. Both passes of each pair joined into its correspondences
     correspondences = pair_correspondences(passes, features)
     if settings.refine:  # below the token grid (the tokens stay as they are)
@@ -249,6 +269,7 @@ def analyze_checked_features(
     # 9. Hit counts, and the mean IME and IMS maps of step 5
     density = hit_counts(correspondences, num_images, num_tokens, device)
     entropy, inverse_error = mean_pass_maps(passes, num_images, num_tokens, device)
+    del passes  # per pair and pass `(N,)` statistics: not needed by steps 10-11
     output = CoSegmentationPipelineOutput(
         correspondences=correspondences,
         density_maps=density.view(num_images, *grid),
@@ -268,7 +289,10 @@ def analyze_checked_features(
         output.part_masks = segment_parts(
             features, labels, num_parts, settings.background_threshold, settings.chunk_size, device
         )
-        output.masks = [mask > 0 for mask in output.part_masks]
+        if isinstance(output.part_masks, LazyMasks):  # a large collection: masks made when indexed
+            output.masks = output.part_masks.recast(kind="foreground")
+        else:
+            output.masks = [mask > 0 for mask in output.part_masks]
     if mirrored is not None:  # back to the original images' pixels
         output = unflip_output(output, orientations, grid, features.image_sizes)
     return _convert_output(output, settings.output_type)

@@ -74,7 +74,9 @@ class CoSegmentationPipelineOutput(BaseOutput):
             as a target, over all partners.
         inverse_error_maps (`(M, h, w)` float): per token, the mean inverse mapping error (grid cells, Eq. 2.8) of
             the token as a source, over all partners.
-        masks (`list[(H_i, W_i)]` bool): common foreground at each image's own size (`part_masks > 0`).
+        masks (`list[(H_i, W_i)]` bool): common foreground at each image's own size (`part_masks > 0`). For a large
+            collection (masks over `MASKS_IN_MEMORY_BYTES`, 128 MiB) `masks` and `part_masks` are sequences that make
+            each mask when indexed ([`~cosegment.parts.LazyMasks`], same values; `list(masks)` makes them all).
         part_masks (`list[(H_i, W_i)]` int64): part ids `1..K`, 0 = background; the same id is the same part in
             every image (step 11: nearest part in KL of self-attention rows; at pixel size the tokens' labels
             smoothed by half a token cell and resized, outlines and part boundaries midway between tokens).
@@ -138,6 +140,13 @@ class CoSegmentationFeatures:
     mirrored: "CoSegmentationFeatures | None" = None
 
     def __post_init__(self) -> None:
+        self._normalise_sizes()
+        if not self.layer_names:
+            self.layer_names = [f"layer_{i}" for i in range(len(self.queries))]
+        self.validate()
+
+    def _normalise_sizes(self) -> None:
+        """`grid_size` and `image_sizes` as tuples of ints (`ValueError` naming the argument otherwise)."""
         try:
             self.grid_size = tuple(_exact_int(v) for v in self.grid_size)
         except (TypeError, ValueError) as error:
@@ -150,13 +159,25 @@ class CoSegmentationFeatures:
             raise ValueError(
                 f"`image_sizes` must be a list of (height, width) int pairs, got {_describe(self.image_sizes)}."
             ) from error
-        if not self.layer_names:
-            self.layer_names = [f"layer_{i}" for i in range(len(self.queries))]
-        self.validate()
 
     @property
     def num_images(self) -> int:
         return int(self.queries[0].shape[0])
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int, int]]:
+        """Per entry (layer, noise draw), the `(M, H, N, d)` shape of its queries (and keys)."""
+        return [tuple(q.shape) for q in self.queries]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The queries' and keys' dtype."""
+        return self.queries[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the queries and keys are (where reads of :meth:`image` return them)."""
+        return self.queries[0].device
 
     def validate(self) -> None:
         """Raises `ValueError` when the tensors and sizes disagree."""
@@ -213,8 +234,22 @@ class CoSegmentationFeatures:
             check_mirrored(self, self.mirrored)
 
     def image(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Queries and keys of one image: two lists of `(H, N, d)` tensors."""
+        """Queries and keys of one image: two lists of `(H, N, d)` tensors. Every analysis step reads the features
+        this way, one image at a time (features on disk, `load(path, mmap=True)`, read the image then)."""
         return [q[index] for q in self.queries], [k[index] for k in self.keys]
+
+    def select(self, indices: list[int]) -> "CoSegmentationFeatures":
+        """In-memory features of the images `indices` (2 or more, in that order), with their sizes, names and
+        metadata; reads only those images (of features on disk too)."""
+        images = [self.image(i) for i in indices]
+        return CoSegmentationFeatures(
+            [torch.stack([image[0][e] for image in images]) for e in range(len(self.layer_names))],
+            [torch.stack([image[1][e] for image in images]) for e in range(len(self.layer_names))],
+            self.grid_size,
+            [self.image_sizes[i] for i in indices],
+            list(self.layer_names),
+            dict(self.metadata),
+        )
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -259,8 +294,18 @@ class CoSegmentationFeatures:
         save_safetensors(tensors, path, metadata=header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "CoSegmentationFeatures":
-        """Loads a file written by :meth:`save` (safetensors and JSON only, never pickle).
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str = "cpu", mmap: bool = False
+    ) -> "CoSegmentationFeatures":
+        """Loads a file written by :meth:`save`, or a folder written by a :class:`~cosegment.store.FeatureStore`
+        (safetensors and JSON only, never pickle).
+
+        Args:
+            path (`str`): the file, or the store's folder.
+            device (`torch.device`, *optional*, defaults to `"cpu"`): where the tensors go.
+            mmap (`bool`, *optional*, defaults to `False`): keep the queries and keys on disk, memory-mapped, and read
+                each image when a step needs it (a :class:`~cosegment.store.LazyFeatures`): for collections whose
+                features do not fit in memory. `False` reads everything into memory.
 
         Raises:
             `FileNotFoundError` when there is no such file; `ValueError` when the file is not a cosegment features
@@ -268,7 +313,14 @@ class CoSegmentationFeatures:
         """
         from safetensors import SafetensorError, safe_open
 
+        if not isinstance(mmap, bool):
+            raise TypeError(f"`mmap` must be a bool, got {_describe(mmap)}.")
         path = os.fspath(path)
+        if os.path.isdir(path) or mmap:
+            from .store import FeatureStore, open_features_file
+
+            lazy = FeatureStore(path).features(device) if os.path.isdir(path) else open_features_file(path, device)
+            return lazy if mmap else lazy.in_memory()
         if not os.path.isfile(path):
             raise FileNotFoundError(f"`path` {path!r} is not a file.")
         try:
@@ -335,9 +387,8 @@ def check_mirrored(features: CoSegmentationFeatures, mirrored: Any) -> None:
         ("token grid", tuple(mirrored.grid_size), tuple(features.grid_size)),
         ("layer_names", list(mirrored.layer_names), list(features.layer_names)),
         ("image_sizes", list(mirrored.image_sizes), list(features.image_sizes)),
-        ("query shapes", [tuple(q.shape) for q in mirrored.queries], [tuple(q.shape) for q in features.queries]),
-        ("key shapes", [tuple(k.shape) for k in mirrored.keys], [tuple(k.shape) for k in features.keys]),
-        ("dtypes", [str(q.dtype) for q in mirrored.queries], [str(q.dtype) for q in features.queries]),
+        ("query shapes", [tuple(s) for s in mirrored.shapes], [tuple(s) for s in features.shapes]),
+        ("dtype", str(mirrored.dtype), str(features.dtype)),  # (read without loading features on disk)
     )
     for what, theirs, ours in differences:
         if theirs != ours:

@@ -43,6 +43,7 @@ from .parts import segment_parts  # noqa: F401
 from .pipeline_cosegment import StableDiffusionCoSegmentationPipeline, pipeline_code_files
 from .processors.cross_self_attention import AttentionStore  # noqa: F401
 from .settings import THRESHOLD_NAMES  # noqa: F401
+from .store import FeatureStore  # noqa: F401
 from .transfer import refine_correspondences  # noqa: F401
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file

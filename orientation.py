@@ -27,6 +27,7 @@ import torch
 
 from .features import CoSegmentationFeatures, check_mirrored
 from .settings import AnalysisSettings, correct_features, settings_with_reference
+from .store import LazyFeatures, lazy_view
 from .utils.correspondence import AttentionRowStatistics, attention_row_statistics, inverse_mapping_error
 from .utils.images import describe as _describe
 
@@ -124,8 +125,7 @@ def _check_mirrored(features: Any, mirrored: Any) -> None:
             raise TypeError(f"`{name}` must be a CoSegmentationFeatures, got {type(value).__name__}.")
     if tuple(mirrored.grid_size) != tuple(features.grid_size):
         raise ValueError(f"`mirrored` has grid {tuple(mirrored.grid_size)}, the features {tuple(features.grid_size)}.")
-    ours = [tuple(q.shape) for q in features.queries]
-    theirs = [tuple(q.shape) for q in mirrored.queries]
+    ours, theirs = [tuple(shape) for shape in features.shapes], [tuple(shape) for shape in mirrored.shapes]
     if ours != theirs:
         raise ValueError(f"`mirrored` must hold the same images, layers and heads: query shapes {theirs}, not {ours}.")
 
@@ -155,7 +155,7 @@ def orientation_evidence(
     _check_mirrored(features, mirrored)
     if not isinstance(both_ways, bool):
         raise TypeError(f"`both_ways` must be a bool, got {type(both_ways).__name__}.")
-    num_images = features.queries[0].shape[0]
+    num_images = features.num_images
     if pairs is None:
         pairs = [(i, j) for i in range(num_images) for j in range(i + 1, num_images)]
 
@@ -407,9 +407,15 @@ def oriented_features(
 ) -> CoSegmentationFeatures:
     """The collection in the chosen orientation: image i's queries and keys from `mirrored` where `flipped[i]`, from
     `features` elsewhere (sizes, names, metadata and `reference` of `features`; no `mirrored`). `features` itself
-    when no image is flipped, so that the analysis is then bitwise the one without mirrored captures."""
+    when no image is flipped, so that the analysis is then bitwise the one without mirrored captures. Lazy features
+    (on disk, or corrected as read) give a :class:`~cosegment.store.LazyFeatures` that reads each image from one
+    side when a step needs it: nothing of the collection is copied."""
     if not bool(flipped.any()):
         return features
+    if isinstance(features, LazyFeatures) or isinstance(mirrored, LazyFeatures):
+        bits = [bool(bit) for bit in flipped.tolist()]
+        sides = (features, mirrored)
+        return lazy_view(features, lambda index: sides[bits[index]].image(index), reference=features.reference)
     choose = flipped.to(features.queries[0].device).view(-1, 1, 1, 1)
     queries = [torch.where(choose, m, q) for q, m in zip(features.queries, mirrored.queries)]
     keys = [torch.where(choose, m, k) for k, m in zip(features.keys, mirrored.keys)]

@@ -14,6 +14,7 @@ import torch
 from .features import CoSegmentationFeatures, PairAnalysis, PassResult, _is_int
 from .orientation import check_orientation_arguments, orient_corrected
 from .settings import THRESHOLD_NAMES, AnalysisSettings, _check_features, check_analysis_settings, correct_features
+from .store import trim_memory
 from .transfer import _peak_hook
 from .utils.correspondence import (
     PassStatistics,
@@ -33,6 +34,11 @@ def _every_pair(num_images: int) -> list[tuple[int, int]]:
     return [(s, t) for s in range(num_images) for t in range(s + 1, num_images)]
 
 
+# The pair graph's search holds at most this many bytes of similarities (float64) at once: row blocks of the `M x M`
+# matrix (64 MiB: one block up to M = 2896, 8 rows at M = 1,000,000).
+PARTNER_BLOCK_BYTES = 2**26
+
+
 def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
     """A cheap global descriptor per image, `(M, D)` float32 with unit rows (zero rows when every image is alike).
 
@@ -40,15 +46,86 @@ def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
     image's tokens, minus the mean of that over the collection (what every image has alike, e.g. a positional
     component, cancels), scaled to unit length; the layers' descriptors concatenated, each weighted
     `1 / sqrt(layers)`, and the whole scaled to unit length. Two images' cosine similarity is the dot product of their
-    rows. Cost: one pass over the features, `O(M N H d)`, next to the `O(N^2 H d)` of one pair's attention.
+    rows. Computed image by image (one read of each image), `O(M N H d)`, next to the `O(N^2 H d)` of one pair's
+    attention; holds `M x D` floats (`D = layers * H * d`: 1,920 for SD 2.1's default layers).
     """
+    entries = len(features.layer_names)
+    means = [[] for _ in range(entries)]
+    for index in range(features.num_images):
+        queries, _ = features.image(index)
+        for entry, query in enumerate(queries):
+            tokens = query.detach().float().permute(1, 0, 2).flatten(1)  # (N, H * d)
+            means[entry].append(torch.nn.functional.normalize(tokens, dim=-1).mean(dim=0))
     parts = []
-    for queries in features.queries:
-        tokens = queries.detach().float().permute(0, 2, 1, 3).flatten(2)  # (M, N, H * d)
-        mean = torch.nn.functional.normalize(tokens, dim=-1).mean(dim=1)
+    for entry_means in means:
+        mean = torch.stack(entry_means)  # (M, H * d)
         mean = mean - mean.mean(dim=0, keepdim=True)
-        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(len(features.queries)))
+        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(entries))
     return torch.nn.functional.normalize(torch.cat(parts, dim=1).cpu(), dim=-1)
+
+
+def _similarity_rows(descriptors: torch.Tensor, start: int, stop: int, symmetric: bool = False) -> torch.Tensor:
+    """`(stop - start, M)` cosine similarities of images `start .. stop - 1` to every image, `-inf` with themselves.
+    `symmetric`, when the block is the whole matrix: each pair's value is the one above the diagonal (`(s, t)`,
+    `s < t`) in both places (a matrix product need not be symmetric to the last bit)."""
+    block = descriptors[start:stop] @ descriptors.T
+    if symmetric and stop - start == descriptors.shape[0]:
+        block = torch.where(torch.ones_like(block, dtype=torch.bool).triu(1), block, block.T)
+    rows = torch.arange(stop - start)
+    block[rows, rows + start] = -math.inf
+    return block
+
+
+def _row_blocks(num_images: int) -> list[tuple[int, int]]:
+    step = max(1, PARTNER_BLOCK_BYTES // (8 * num_images))
+    return [(start, min(start + step, num_images)) for start in range(0, num_images, step)]
+
+
+def _nearest(similarity: torch.Tensor, count: int) -> torch.Tensor:
+    """`(B, M)` bool: in each row the `count` largest similarities, ties to the lower index (exactly the first
+    `count` of the row sorted by decreasing similarity, then index)."""
+    kth = similarity.topk(count, dim=1).values[:, -1:]
+    above = similarity > kth
+    equal = similarity == kth
+    need = count - above.sum(dim=1, keepdim=True)
+    return above | (equal & (equal.cumsum(dim=1) <= need))
+
+
+def _bridges(descriptors: torch.Tensor, pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The pairs that join the components of `pairs` into one: Kruskal's rule (the most similar pair of images in two
+    different components first, ties to the lower indices), found component by component (Boruvka: each component's
+    most similar pair to another joins it, until one is left; with a strict order of the pairs this is the same tree)
+    with the similarities in row blocks, never the whole matrix."""
+    num_images = descriptors.shape[0]
+    component = list(range(num_images))  # union-find: each image's representative
+
+    def root(i: int) -> int:
+        while component[i] != i:
+            component[i] = component[component[i]]
+            i = component[i]
+        return i
+
+    for s, t in pairs:
+        component[root(s)] = root(t)
+    added = set()
+    while True:
+        labels = torch.tensor([root(i) for i in range(num_images)])
+        if bool((labels == labels[0]).all()):
+            return added
+        best = {}  # per component: (-similarity, s, t) of its most similar pair leaving it
+        for start, stop in _row_blocks(num_images):
+            similarity = _similarity_rows(descriptors, start, stop, symmetric=True)
+            similarity[labels[start:stop, None] == labels[None, :]] = -math.inf
+            values, partner = similarity.max(dim=1)  # ties: the first (lowest) index
+            for row, (value, j) in enumerate(zip(values.tolist(), partner.tolist())):
+                i = start + row
+                key = (-value, min(i, j), max(i, j))
+                if value > -math.inf and key < best.get(int(labels[i]), (math.inf,)):
+                    best[int(labels[i])] = key
+        for _, s, t in sorted(best.values()):
+            if root(s) != root(t):
+                component[root(s)] = root(t)
+                added.add((s, t))
 
 
 def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
@@ -63,33 +140,21 @@ def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> lis
     `M * partners + M / (partners + 1)` pairs, and the analysis grows as `M * K`. (An earlier graph joined every image
     to a hub image instead: up to `M - 1` more pairs, about 1/4 more analysis at M = 16, BENCHMARKS.md (k2).) `None`,
     or `partners >= M - 1`: every pair. Computed from the features as captured, before the corrections of
-    :func:`correct_features` (the analysis and the CLI's split between processes use the same graph)."""
+    :func:`correct_features` (the analysis and the CLI's split between processes use the same graph).
+
+    The search is exact and never holds the `M x M` similarities: rows in blocks of `PARTNER_BLOCK_BYTES` (one block
+    up to M = 2896), `O(M^2 D)` time for the neighbours and again per round of bridges (a few). Past about 10^5
+    images that time (hours on a CPU) calls for an approximate nearest-neighbour index instead (README, "Large
+    collections")."""
     num_images = features.num_images
     if partners is None or partners >= num_images - 1:
         return _every_pair(num_images)
     descriptors = image_descriptors(features).double()
-    similarity = descriptors @ descriptors.T
-    similarity.fill_diagonal_(-math.inf)
     pairs = set()
-    for i in range(num_images):
-        order = sorted(range(num_images), key=lambda j: (-float(similarity[i, j]), j))
-        pairs.update((min(i, j), max(i, j)) for j in order[:partners])
-    component = list(range(num_images))  # union-find: each image's representative
-
-    def root(i: int) -> int:
-        while component[i] != i:
-            component[i] = component[component[i]]
-            i = component[i]
-        return i
-
-    for s, t in pairs:
-        component[root(s)] = root(t)
-    candidates = sorted((-float(similarity[s, t]), s, t) for s, t in _every_pair(num_images) if root(s) != root(t))
-    for _, s, t in candidates:
-        if root(s) != root(t):
-            component[root(s)] = root(t)
-            pairs.add((s, t))
-    return sorted(pairs)
+    for start, stop in _row_blocks(num_images):
+        rows, columns = torch.nonzero(_nearest(_similarity_rows(descriptors, start, stop), partners), as_tuple=True)
+        pairs.update((min(i, j), max(i, j)) for i, j in zip((rows + start).tolist(), columns.tolist()))
+    return sorted(pairs | _bridges(descriptors, pairs))
 
 
 def _check_pair_list(pairs, num_images: int) -> list[tuple[int, int]]:
@@ -140,7 +205,7 @@ def analyze_pair(
     """Steps 4-8a for one pair `source < target` of checked features and settings: both passes."""
     grid = tuple(features.grid_size)
     num_tokens = grid[0] * grid[1]
-    queries_s, keys_s = features.image(source)
+    queries_s, keys_s = features.image(source)  # read one image at a time: features may be on disk
     queries_t, keys_t = features.image(target)
     queries_s, keys_s = [q.to(device) for q in queries_s], [k.to(device) for k in keys_s]
     queries_t, keys_t = [q.to(device) for q in queries_t], [k.to(device) for k in keys_t]
@@ -177,6 +242,7 @@ def _analyze_pair_list(
             analyses.append(analyze_pair(features, s, t, settings, device))
         except Exception as error:  # name the pair; keep the type where it can take a message
             raise _in_pair(error, s, t) from error
+        trim_memory()  # the pair's attention blocks, freed, go back to the system
         if progress is not None:
             progress(1)
     return analyses

@@ -5,11 +5,14 @@ assigned to the part of nearest self-attention distribution, or to the backgroun
 """
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from .features import CoSegmentationFeatures, PairCorrespondence, _image_features
+from .store import LazyFeatures, trim_memory
 from .utils.joining import token_centres_in_pixels
 from .utils.segmentation import (
     assign_parts,
@@ -38,6 +41,18 @@ STEP11_ROWS_BYTES = 2**28
 # Step 10: the columns of the collection embedding are the hit tokens of at most this many images (those with most
 # hits), so its width, and the cost of the clustering, stop growing with M beyond them.
 MAX_EMBEDDING_IMAGES = 8
+# Step 10 clusters the hit points of at most this many images together (those with most hit points; ties to the lower
+# index), so that its memory and time stop growing with M: its embedding and spectral factors take about 12 MiB per
+# clustered image at N = 1024 (400 MiB for 32 planted images, measured). Each other image's points then go through the
+# same tests on their own, with the clustered points' statistics (:func:`assign_points`). 16: every collection the
+# benchmarks and tests score (M <= 16) is clustered whole, as before; BENCHMARKS.md (s) measures larger ones.
+MAX_CLUSTER_IMAGES = 16
+# Step 11 returns the masks as lists up to this many bytes of int64 part ids at the images' own sizes (64 images of
+# 512 x 512 px, 16 of 1024 x 1024); beyond, as sequences that make each image's mask when indexed ([`LazyMasks`]):
+# at full size the masks of a large collection outweigh its features.
+MASKS_IN_MEMORY_BYTES = 2**27
+# Step 10b copies the linked embedding rows this many bytes at a time (`link_by_correspondences`).
+LINK_CHUNK_BYTES = 2**24
 # Step 10: the largest part count the estimate considers (num_parts=None).
 MAX_PARTS = 8
 # Step 10: a clustered point less than this share as similar to its part as the part's median point is dropped
@@ -102,8 +117,7 @@ def _embedding_and_mass(
     softmax over every token of u, so the values are those a new computation gives (the matrix product of a block
     of fewer than about 4 rows may take another BLAS path and differ in the last bit)."""
     sizes = [p.numel() for p in points]
-    anchors = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_EMBEDDING_IMAGES].tolist())
-    anchors = [u for u in anchors if sizes[u] > 0]
+    anchors = _anchors(sizes)
     if blocks is not None:
         base = blocks.setdefault("points", points)
         where = [
@@ -136,6 +150,13 @@ def _embedding_and_mass(
         blocks_out.append(torch.cat(row, dim=1) if row else torch.zeros(sizes[s], 0, device=device))
         masses.append(torch.stack(mass, dim=1) if mass else torch.zeros(sizes[s], 0, device=device))
     return torch.cat(blocks_out), torch.cat(masses)
+
+
+def _anchors(sizes: list[int]) -> list[int]:
+    """The anchor images of :func:`collection_embedding`: the `MAX_EMBEDDING_IMAGES` images with most points (ties to
+    the lower index) that have any, ascending."""
+    anchors = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_EMBEDDING_IMAGES].tolist())
+    return [u for u in anchors if sizes[u] > 0]
 
 
 def attached_points(mass: np.ndarray) -> np.ndarray:
@@ -176,9 +197,12 @@ def link_by_correspondences(
         both = (a >= 0) & (b >= 0)
         links += [torch.stack([a[both], b[both]]), torch.stack([b[both], a[both]])]
     links = torch.unique(torch.cat(links, dim=1), dim=1)
-    total = embedding.clone().index_add_(0, links[0], embedding[links[1]])
+    total = embedding.clone()
+    step = max(1, LINK_CHUNK_BYTES // max(1, embedding.shape[1] * embedding.element_size()))
+    for start in range(0, links.shape[1], step):  # the same sums in the same order, a bounded copy at a time
+        total.index_add_(0, links[0, start : start + step], embedding[links[1, start : start + step]])
     count = 1.0 + torch.bincount(links[0], minlength=embedding.shape[0]).to(embedding.dtype)
-    return total / count[:, None]
+    return total.div_(count[:, None])
 
 
 def _keep_points(
@@ -190,11 +214,12 @@ def _keep_points(
     return kept, regions[keep]
 
 
-def typical_points(embedding: np.ndarray, regions: np.ndarray) -> np.ndarray:
+def typical_points(embedding: np.ndarray, regions: np.ndarray, centres: dict | None = None) -> np.ndarray:
     """Step 10c (end): `(R,)` bool, False for a point less than `TYPICAL_POINT_SHARE` times as similar to its part
     (cosine to the mean `embedding` row of the part) as the part's median point. Such points are mostly stray hits
     off the object that the clustering had to put somewhere: in step 11 they would stretch their part's distribution
-    over the background."""
+    over the background. `centres`, when given, receives per part its unit mean row and median similarity (to test
+    other points the same way)."""
     keep = np.ones(regions.shape[0], dtype=bool)
     unit = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     for part in np.unique(regions):
@@ -202,6 +227,8 @@ def typical_points(embedding: np.ndarray, regions: np.ndarray) -> np.ndarray:
         centre = unit[members].mean(0)
         similarity = unit[members] @ (centre / max(np.linalg.norm(centre), 1e-12))
         keep[members] = similarity >= TYPICAL_POINT_SHARE * np.median(similarity)
+        if centres is not None:
+            centres[int(part)] = (centre / max(np.linalg.norm(centre), 1e-12), float(np.median(similarity)))
     return keep
 
 
@@ -214,10 +241,15 @@ def key_descriptors(features: CoSegmentationFeatures, points: list[torch.Tensor]
     rows = []
     for i, image_points in enumerate(points):
         _, keys = _image_features(features, i, device)
-        index = image_points.to(device)
-        layers = [torch.nn.functional.normalize(k.float().permute(1, 0, 2).flatten(1)[index], dim=-1) for k in keys]
-        rows.append(torch.cat(layers, dim=1) / math.sqrt(len(keys)))  # (P_i, layers * H * d)
+        rows.append(_key_rows(keys, image_points.to(device), numpy=False))
     return torch.cat(rows).double().cpu().numpy()
+
+
+def _key_rows(keys: list[torch.Tensor], points: torch.Tensor, numpy: bool = True) -> torch.Tensor | np.ndarray:
+    """The rows of :func:`key_descriptors` for one image's `(H, N, d)` `keys` at its `points` `(P,)`: `(P, D)`."""
+    layers = [torch.nn.functional.normalize(k.float().permute(1, 0, 2).flatten(1)[points], dim=-1) for k in keys]
+    rows = torch.cat(layers, dim=1) / math.sqrt(len(keys))  # (P, layers * H * d)
+    return rows.double().cpu().numpy() if numpy else rows
 
 
 def refine_by_keys(descriptors: np.ndarray, regions: np.ndarray, iterations: int | None = None) -> np.ndarray:
@@ -290,26 +322,136 @@ def cluster_collection(
     Returns the kept points per image and their parts `(P'_i,)`, numbered `0..K-1` over the collection (one id, one
     part in every image; a part may have no point in some image).
     """
+    return _cluster_points(features, points, correspondences, num_parts, chunk_size, device)[:2]
+
+
+@dataclass
+class PartModel:
+    """What step 10 learnt from the images it clustered, to give the points of the other images their parts
+    (:func:`assign_points`). Image indices are those of the clustered features.
+
+    Attributes:
+        mass_anchors (`list[tuple[int, torch.Tensor]]`): the anchor images and points of the first embedding, whose
+            mass decides :func:`attached_points`; `mass_median` `(U,)`: the clustered points' median mass on each
+            (`None` when the test was not applied).
+        anchors (`list[tuple[int, torch.Tensor]]`): the anchor images and points of the final embedding.
+        centres (`np.ndarray`): `(K, D)` unit mean embedding row of each part; `typical` `(K,)` its points' median
+            similarity to it (:func:`typical_points`).
+        key_centres (`np.ndarray`): `(K, D_k)` mean key descriptor of each part's points (:func:`key_descriptors`).
+    """
+
+    mass_anchors: list
+    mass_median: np.ndarray | None
+    anchors: list
+    centres: np.ndarray
+    typical: np.ndarray
+    key_centres: np.ndarray
+
+
+def _cluster_points(
+    features: CoSegmentationFeatures,
+    points: list[torch.Tensor],
+    correspondences: list[PairCorrespondence],
+    num_parts: int | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], PartModel]:
+    """:func:`cluster_collection`, and the [`PartModel`] it leaves (for :func:`assign_points`)."""
     num_tokens = features.grid_size[0] * features.grid_size[1]
     blocks = {}  # attention blocks of the first embedding, reused after points are dropped
-    mass = _embedding_and_mass(features, points, chunk_size, device, blocks)[1]
-    attached = attached_points(mass.double().cpu().numpy())
+    mass_anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
+    mass = _embedding_and_mass(features, points, chunk_size, device, blocks)[1].double().cpu().numpy()
+    trim_memory()  # between the large steps below, so that what one frees is not counted twice
+    attached = attached_points(mass)
+    mass_median = None
     if attached.sum() >= 2:
         points = _keep_points(points, np.zeros(attached.shape[0], dtype=np.int64), attached)[0]
+        mass_median = np.median(mass, axis=0)
     while True:
         embedding = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
+        trim_memory()
         embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
+        trim_memory()
         total = embedding.shape[0]
         regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)))
+        trim_memory()
         small = np.bincount(regions)[regions] < MIN_REGION_TOKENS
         if not small.any() or small.all():
             break
         points, regions = _keep_points(points, regions, ~small)
-    regions = refine_by_keys(key_descriptors(features, points, device), regions)
-    points, regions = _keep_points(points, regions, typical_points(embedding, regions))
-    regions = np.unique(regions, return_inverse=True)[1].reshape(-1)
+    blocks.clear()
+    anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
+    descriptors = key_descriptors(features, points, device)
+    regions = refine_by_keys(descriptors, regions)
+    centres = {}
+    typical = typical_points(embedding, regions, centres)
+    embedding_width = embedding.shape[1]
+    del embedding
+    points, regions = _keep_points(points, regions, typical)
+    ids, regions = np.unique(regions, return_inverse=True)
+    regions = regions.reshape(-1)
+    width = (descriptors.shape[1], embedding_width)
+    model = PartModel(
+        mass_anchors,
+        mass_median,
+        anchors,
+        np.stack([centres[int(part)][0] for part in ids]) if len(ids) else np.zeros((0, width[1])),
+        np.array([centres[int(part)][1] for part in ids]),
+        np.stack([descriptors[typical][regions == k].mean(0) for k in range(len(ids))])
+        if len(ids)
+        else np.zeros((0, width[0])),
+    )
     offsets = np.cumsum([0] + [p.numel() for p in points])
-    return points, [torch.from_numpy(regions[offsets[i] : offsets[i + 1]]) for i in range(len(points))]
+    return points, [torch.from_numpy(regions[offsets[i] : offsets[i + 1]]) for i in range(len(points))], model
+
+
+def assign_points(
+    queries: list[torch.Tensor],
+    keys: list[torch.Tensor],
+    points: torch.Tensor,
+    anchor_keys: dict[int, list[torch.Tensor]],
+    model: PartModel,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 10 for an image that was not clustered with the others (collections of more than `MAX_CLUSTER_IMAGES`):
+    its hit `points` `(P,)` go through the tests the clustered points went through, with the clustered points'
+    statistics (`model`, [`PartModel`]): a point attending less than `ATTACHED_SHARE` as much as their median to the
+    anchors' points is dropped (:func:`attached_points`); a kept one takes the part of nearest key centre (the rule
+    the clustered points end with, :func:`refine_by_keys`), and is dropped when it is less than `TYPICAL_POINT_SHARE`
+    times as similar to that part's mean embedding row as the part's median point (:func:`typical_points`).
+
+    Args:
+        queries, keys: the image's `(H, N, d)` per entry; `anchor_keys`: each anchor image's keys.
+
+    Returns:
+        the kept points `(P',)` and their parts `(P',)` (`0..K-1`).
+    """
+    empty = points[:0]
+    if points.numel() == 0 or model.centres.shape[0] == 0:
+        return empty, empty
+    used = sorted({u for u, _ in model.mass_anchors} | {u for u, _ in model.anchors})
+    rows = {u: attention_rows(queries, anchor_keys[u], points, None, chunk_size) for u in used}  # (P, N) each
+    keep = torch.ones(points.numel(), dtype=torch.bool)
+    if model.mass_median is not None:
+        mass = torch.stack([rows[u][:, p].sum(dim=1) for u, p in model.mass_anchors], dim=1).double().cpu().numpy()
+        relative = (mass / np.maximum(model.mass_median[None], np.finfo(np.float64).tiny)).mean(axis=1)
+        keep = torch.from_numpy(relative >= ATTACHED_SHARE)
+    points = points[keep.to(points.device)]
+    if points.numel() == 0:
+        return empty, empty
+    blocks = []
+    for u, anchor_points in model.anchors:
+        block = rows[u][keep.to(rows[u].device)][:, anchor_points]
+        block = block / block.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        blocks.append(block.sqrt() / math.sqrt(len(model.anchors)))
+    embedding = torch.cat(blocks, dim=1).double().cpu().numpy()
+    descriptors = _key_rows(keys, points)
+    distance = ((descriptors[:, None, :] - model.key_centres[None]) ** 2).sum(-1)
+    parts = distance.argmin(axis=1)
+    unit = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+    similarity = (unit * model.centres[parts]).sum(axis=1)
+    typical = torch.from_numpy(similarity >= TYPICAL_POINT_SHARE * model.typical[parts])
+    return points[typical.to(points.device)], torch.from_numpy(parts)[typical]
 
 
 def cluster_hits(
@@ -323,7 +465,9 @@ def cluster_hits(
     """Step 10. Per image, its hit tokens (`density` `(M, N)` > 0) minus isolated ones (regions under
     `MIN_REGION_TOKENS`); then the points of all images are clustered together into K parts
     (:func:`cluster_collection`), numbered 1..K. No image is a reference: one id is one part in every image, and a
-    part that one image lacks (hidden, or without hits there) still exists in the others.
+    part that one image lacks (hidden, or without hits there) still exists in the others. In a collection of more
+    than `MAX_CLUSTER_IMAGES` images, the points of the `MAX_CLUSTER_IMAGES` images with most points are clustered
+    together, and each other image's points then take their parts on their own (:func:`assign_points`).
 
     Returns one `(N,)` long label tensor per image (0 = not a clustered point) and the number of parts K.
     """
@@ -337,10 +481,63 @@ def cluster_hits(
     labels = [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(num_images)]
     if sum(p.numel() for p in points) < 2:
         return labels, 0
+    sizes = [p.numel() for p in points]
+    clustered = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_CLUSTER_IMAGES].tolist())
+    if len(clustered) < num_images:
+        return _cluster_some(features, points, clustered, correspondences, num_parts, chunk_size, device)
     points, regions = cluster_collection(features, points, correspondences, num_parts, chunk_size, device)
+    trim_memory()
     for image_labels, image_points, image_regions in zip(labels, points, regions):
         image_labels[image_points] = image_regions.to(device) + 1
     return labels, int(max(int(r.max()) for r in regions if r.numel()) + 1)
+
+
+def _cluster_some(
+    features: CoSegmentationFeatures,
+    points: list[torch.Tensor],
+    clustered: list[int],
+    correspondences: list[PairCorrespondence],
+    num_parts: int | None,
+    chunk_size: int | None,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], int]:
+    """:func:`cluster_hits` for more images than the clustering takes: the points of the `clustered` images (ascending)
+    are clustered together (:func:`cluster_collection`, their correspondences tying them), then each other image's
+    points are given their parts on their own (:func:`assign_points`), one image read at a time."""
+    num_tokens = features.grid_size[0] * features.grid_size[1]
+    labels = [torch.zeros(num_tokens, dtype=torch.long, device=device) for _ in range(features.num_images)]
+    position = {image: i for i, image in enumerate(clustered)}
+    linked = [
+        replace(pair, source_index=position[pair.source_index], target_index=position[pair.target_index])
+        for pair in correspondences
+        if pair.source_index in position and pair.target_index in position
+    ]
+    subset = LazyFeatures(
+        lambda i: features.image(clustered[i]),
+        [shape[1:] for shape in features.shapes],
+        features.dtype,
+        features.grid_size,
+        [features.image_sizes[i] for i in clustered],
+        list(features.layer_names),
+        device=features.device,
+        cache_bytes=0,
+    )
+    kept, regions, model = _cluster_points(
+        subset, [points[i] for i in clustered], linked, num_parts, chunk_size, device
+    )
+    trim_memory()
+    for image, image_points, image_regions in zip(clustered, kept, regions):
+        labels[image][image_points] = image_regions.to(device) + 1
+    model.mass_anchors = [(clustered[u], p) for u, p in model.mass_anchors]
+    model.anchors = [(clustered[u], p) for u, p in model.anchors]
+    anchor_keys = {u: features.image(u)[1] for u, _ in model.mass_anchors + model.anchors}
+    for image in range(features.num_images):
+        if image not in position:
+            queries, keys = _image_features(features, image, device)
+            image_points, image_parts = assign_points(queries, keys, points[image], anchor_keys, model, chunk_size)
+            labels[image][image_points] = image_parts.to(device) + 1
+            trim_memory()
+    return labels, int(model.centres.shape[0])
 
 
 def part_keypoints(
@@ -380,6 +577,8 @@ def part_divergences(
         kl = parts_and_divergences(queries, keys, labels[i], num_parts, chunk_size, image_rows)[1]
         present = torch.bincount(labels[i], minlength=num_parts + 1)[1:] > 0
         divergences.append(kl.masked_fill(~present[None, :], math.inf))
+        if image_rows is None:  # the image's attention rows were computed here: give them back
+            trim_memory()
     return divergences
 
 
@@ -432,7 +631,54 @@ def segment_parts(
                 for previous, image_labels in zip(foreground, labels)
             ]
         foreground = [image_labels > 0 for image_labels in labels]
-    return [
-        torch.from_numpy(upsample_assignment(kl, grid, threshold, size, foreground=image_foreground))
-        for kl, size, image_foreground in zip(divergences, features.image_sizes, foreground)
-    ]
+    del rows
+    trim_memory()
+    masks = LazyMasks(divergences, grid, threshold, features.image_sizes, foreground)
+    return masks if masks.nbytes > MASKS_IN_MEMORY_BYTES else list(masks)
+
+
+class LazyMasks(Sequence):
+    """The part masks (or foreground masks) of a collection, each made when indexed from what step 11 leaves per
+    image: its tokens' KL to each part `(N, K)` and foreground `(N,)` (:func:`upsample_assignment`, the same values
+    as a list of masks). :func:`segment_parts` returns one in place of a list when the masks at the images' own sizes
+    would take more than `MASKS_IN_MEMORY_BYTES`; `list(masks)` makes them all.
+
+    Items: `(H_i, W_i)` int64 part ids (`kind="parts"`) or bool foreground (`kind="foreground"`), torch tensors
+    (`output_type="pt"`) or numpy arrays (`"np"`).
+    """
+
+    def __init__(self, divergences, grid_size, threshold, sizes, foreground, output_type="pt", kind="parts"):
+        self._divergences, self._foreground = divergences, foreground
+        self._grid, self._threshold, self._sizes = tuple(grid_size), threshold, [tuple(s) for s in sizes]
+        self.output_type, self.kind = output_type, kind
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the masks take as a list (`int64` labels, or bool foreground)."""
+        return sum(h * w for h, w in self._sizes) * (8 if self.kind == "parts" else 1)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        kl, size, foreground = self._divergences[index], self._sizes[index], self._foreground[index]
+        mask = upsample_assignment(kl, self._grid, self._threshold, size, foreground=foreground)
+        mask = mask > 0 if self.kind == "foreground" else mask
+        return mask if self.output_type == "np" else torch.from_numpy(mask)
+
+    def __repr__(self) -> str:
+        return f"LazyMasks({len(self)} {self.kind} masks, made when indexed)"
+
+    def recast(self, output_type: str | None = None, kind: str | None = None) -> "LazyMasks":
+        """The same masks as `output_type` (`"pt"` or `"np"`) items, or their foreground (`kind="foreground"`)."""
+        return LazyMasks(
+            self._divergences,
+            self._grid,
+            self._threshold,
+            self._sizes,
+            self._foreground,
+            output_type or self.output_type,
+            kind or self.kind,
+        )

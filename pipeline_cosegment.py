@@ -70,7 +70,7 @@ from .checks import (
 )
 from .checks import check_prompt as _check_prompt
 
-# Named for the loader only (`analysis.py` imports them; diffusers copies only what this file imports: DESIGN sec. 3)
+# Named for the loader only (the root modules import them; diffusers copies only what this file imports: DESIGN sec. 3)
 from .features import REFERENCE_PREFIX  # noqa: F401
 from .loading import HUB_ARGUMENTS, plain_class_name, push_folder, without_empty_fp32_notice, write_code_files
 from .loading import drop_empty_fp32_notice as _drop_empty_fp32_notice  # noqa: F401 (importable as before)
@@ -90,9 +90,8 @@ from .processors.cross_self_attention import (  # noqa: F401 (re-exported: impor
     unwrap_module,
 )
 from .settings import THRESHOLD_NAMES  # noqa: F401
+from .store import FeatureStore  # noqa: F401
 from .transfer import refine_correspondences  # noqa: F401
-
-# Named for the loader only, likewise (the root modules import them)
 from .utils.correspondence import SelectionThresholds  # noqa: F401
 from .utils.files import copy_file, write_text  # noqa: F401
 from .utils.images import collect_images, preferred_memory_format

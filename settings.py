@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .features import CoSegmentationFeatures, _is_int
+from .store import DEFAULT_CACHE_BYTES, LazyFeatures, lazy_view
 from .utils.images import describe as _describe
 from .utils.reference import inpaint_high_norm_tokens, reference_offsets, remove_offsets
 
@@ -186,7 +187,7 @@ def check_reference(features: CoSegmentationFeatures, reference: CoSegmentationF
                 f"`reference` has no entry for layer {name!r} of the features (it holds {names}): capture it with the "
                 "same `attention_layers`."
             )
-        shape, reference_shape = features.queries[i].shape, reference.queries[j].shape
+        shape, reference_shape = features.shapes[i], reference.shapes[j]
         if (shape[1], shape[3]) != (reference_shape[1], reference_shape[3]):
             raise ValueError(
                 f"`reference` entry {names[j]!r} has {reference_shape[1]} heads of size {reference_shape[3]}, the "
@@ -215,31 +216,43 @@ def correct_features(features: CoSegmentationFeatures, settings: AnalysisSetting
        explains why the softmax allows it); the reference's own high-norm tokens are replaced first (step 1) when
        `clamp_high_norm` is on, so its anomalies, at random places, do not leak into the mean.
 
-    Returns `features` itself when nothing changes (no reference, and no token above its bound or the clamp off), so
-    that the analysis is then bitwise the one without corrections; otherwise new features (same sizes, names and
-    metadata).
+    Both act on each image alone, so they are applied as each image is read: the result is a
+    :class:`~cosegment.store.LazyFeatures` over `features` (no copy of the collection; with features on disk, nothing
+    read before a step needs it). An image with no token above its bound and no reference comes back as read, so
+    that the analysis is then bitwise the one without corrections. `features` itself when both are off.
     """
     reference = settings.reference
     entries = check_reference(features, reference)
-
     grid = features.grid_size
     num_mads = HIGH_NORM_MADS if settings.clamp_high_norm else None
-
-    def clamp(tokens: torch.Tensor) -> torch.Tensor:
-        return tokens if num_mads is None else inpaint_high_norm_tokens(tokens, num_mads, grid)
-
-    queries, keys = [], []
-    for i, (q, k) in enumerate(zip(features.queries, features.keys)):
-        q, k = clamp(q), clamp(k)
-        if entries is not None:
-            q = remove_offsets(q, reference_offsets(reference.queries[entries[i]], grid, num_mads))
-            k = remove_offsets(k, reference_offsets(reference.keys[entries[i]], grid, num_mads))
-        queries.append(q)
-        keys.append(k)
-    unchanged = all(a is b for a, b in zip(queries + keys, features.queries + features.keys))
-    if unchanged:
+    if num_mads is None and entries is None:
         return features
-    return replace(features, queries=queries, keys=keys, reference=None)
+    offsets = None
+    if entries is not None:
+        offsets = [
+            (
+                reference_offsets(reference.queries[j], grid, num_mads),
+                reference_offsets(reference.keys[j], grid, num_mads),
+            )
+            for j in entries
+        ]
+
+    def correct(tokens: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:  # (H, N, d)
+        if num_mads is not None:
+            tokens = inpaint_high_norm_tokens(tokens[None], num_mads, grid)[0]
+        return tokens if offset is None else remove_offsets(tokens[None], offset)[0]
+
+    def read(index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        queries, keys = features.image(index)
+        if offsets is None:
+            return [correct(q, None) for q in queries], [correct(k, None) for k in keys]
+        return (
+            [correct(q, offset[0]) for q, offset in zip(queries, offsets)],
+            [correct(k, offset[1]) for k, offset in zip(keys, offsets)],
+        )
+
+    # features on disk keep their recent images already: correct them again at each read rather than keep copies
+    return lazy_view(features, read, cache_bytes=0 if isinstance(features, LazyFeatures) else DEFAULT_CACHE_BYTES)
 
 
 def _check_partners(partners: Any) -> int | None:
@@ -270,6 +283,6 @@ def _check_features(
     if settings.selection == "paper" and grid[0] * grid[1] < 2:
         raise ValueError(f"`selection`='paper' needs a token grid of 2+ tokens, got `grid_size` {grid}.")
     try:
-        return torch.device(device) if device is not None else features.queries[0].device
+        return torch.device(device) if device is not None else features.device
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"`device` {device!r} is not a torch device: {error}") from error

@@ -293,7 +293,7 @@ def transfer_points(
         )
     features = correct_features(features, AnalysisSettings(reference=features.reference))  # no digest needed here
     grid = tuple(features.grid_size)
-    device = features.queries[0].device
+    device = features.device
     if array.shape[0] == 0:
         return np.zeros((0, 2), dtype=np.float32), np.zeros(0, dtype=np.float32)
     queries_s, keys_s = _image_features(features, s, device)

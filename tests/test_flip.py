@@ -326,3 +326,19 @@ def test_cli_flip_two_processes_write_what_one_process_writes(tiny_sd_path, phot
     with open(os.path.join(one, "results.json")) as handle:
         document = json.load(handle)
     assert len(document["orientations"]) == 4 and all("flipped" in pair for pair in document["correspondences"])
+
+
+def test_mirrored_features_on_disk_give_the_in_memory_output_reading_images_one_at_a_time(mixed_pair, tmp_path):
+    """Issues 26 and 27 together: features and mirrored captures loaded with `mmap=True` are analysed in the decided
+    orientation without reading the collection into memory at once, and give the in-memory output."""
+    case, mirrored = mixed_pair
+    case.features.save(tmp_path / "features.safetensors")
+    mirrored.features.save(tmp_path / "mirrored.safetensors")
+    lazy = CoSegmentationFeatures.load(tmp_path / "features.safetensors", mmap=True)
+    lazy_mirrored = CoSegmentationFeatures.load(tmp_path / "mirrored.safetensors", mmap=True)
+    expected = analyze_features(case.features, mirrored=mirrored.features)
+    assert expected.orientations.tolist() in ([False, True], [True, False])
+    output = analyze_features(lazy, mirrored=lazy_mirrored)
+    assert output.orientations.tolist() == expected.orientations.tolist()
+    _same_output(output, expected)
+    assert min(lazy.reads) > 0 and max(lazy_mirrored.reads) > 0  # both sides read, image by image
