@@ -437,6 +437,35 @@ def test_keys_move_points_by_squared_distance_to_each_parts_mean_key():
     assert refine_by_keys(keys, np.array([0, 0, 0, 1, 1, 1, 1, 1, 2])).tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2]
 
 
+def test_a_step_that_moves_every_point_is_taken():
+    from cosegment.analysis import refine_by_keys
+
+    # four parts of three keys around the vertices of a tetrahedron: each key of part a lies past its own part's mean,
+    # towards one of the other three vertices, and is nearest that vertex's part mean; every part gives one key to
+    # each other part and gets one from each, so the first step moves every point and keeps every part's size
+    vertices = np.array([[1.0, 1.0, 1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]])
+    keys, regions, towards = [], [], []
+    for a in range(4):
+        others = [b for b in range(4) if b != a]
+        directions = np.array(
+            [(vertices[b] - vertices[a]) / np.linalg.norm(vertices[b] - vertices[a]) for b in others]
+        )
+        for b, direction in zip(others, directions):
+            keys.append(vertices[a] + 6.0 * (direction - directions.mean(0)))
+            regions.append(a)
+            towards.append(b)
+    keys, regions = np.array(keys), np.array(regions)
+
+    def nearest_mean(labels):
+        means = np.stack([keys[labels == k].mean(0) for k in range(4)])
+        return ((keys[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+
+    assert (nearest_mean(regions) != regions).all()  # the start is no Lloyd fixed point: every key is elsewhere
+    out = refine_by_keys(keys, regions)
+    assert out.tolist() == towards and np.bincount(out).tolist() == [3, 3, 3, 3]
+    assert (nearest_mean(out) == out).all()  # where it stops, each key is nearest its own part's mean
+
+
 def test_key_distances_are_computed_in_float64_and_labels_are_int64():
     from cosegment.analysis import refine_by_keys
 
