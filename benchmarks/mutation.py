@@ -81,7 +81,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "reference": (
         ["utils/reference.py"],
-        ["tests/test_reference.py", "tests/test_device_follows_inputs.py"],
+        ["tests/test_reference.py", "tests/test_device_follows_inputs.py", "tests/test_bite_reference.py"],
     ),
     "analysis": (
         ["analysis.py", "features.py", "settings.py", "pairs.py", "matches.py", "transfer.py", "parts.py"],
