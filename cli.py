@@ -41,6 +41,7 @@ from cosegment.utils.command_line import (
     SELECTION_PRESETS,
     THRESHOLD_NAMES,
     ArgumentParser,
+    ImageFiles,
     add_common_arguments,
     check_capture_arguments,
     check_image_headers,
@@ -61,7 +62,6 @@ from cosegment.utils.command_line import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from cosegment import CoSegmentationFeatures
 
 THRESHOLD_ARGS = THRESHOLD_NAMES
 
@@ -322,14 +322,15 @@ def load_image(path: str) -> np.ndarray:
     return read_image(path, "IMAGE")
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndarray | None]:
+def check_arguments(args: argparse.Namespace) -> tuple[ImageFiles, np.ndarray | None]:
     """Every check that needs no model, the most specific first: the images (folders, globs and lists expanded into
     `args.images`, what they gave in `args.image_notes`; each file's header, then its pixels), `--out`, the options,
     `--points` and the device (last: only it may need torch, for `--device auto`/`cuda`/`mps`). Its errors are
     input errors (:func:`checking_inputs`: one line, no `--debug` advice).
 
     Returns:
-        the images, `(H, W, 3)` uint8 RGB, and the `--points` (`(K, 2)` x, y) or None.
+        the images (:class:`ImageFiles`: `(H, W, 3)` uint8 RGB, each read when indexed) and the `--points`
+        (`(K, 2)` x, y) or None.
     """
     with checking_inputs():
         args.images, args.image_notes = expand_images(args.images, "IMAGE")
@@ -344,7 +345,9 @@ def check_arguments(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndar
             from cosegment.export import check_export_options
 
             check_export_options(args.export, args.category, segment=not args.no_segment)
-        images = [load_image(path) for path in args.images]
+        for path in args.images:  # every file's pixels decode (not kept: the capture reads them again in batches)
+            load_image(path)
+        images = ImageFiles(args.images, "IMAGE")
         points = None if args.points is None else parse_points(args.points)  # --points (issue 11)
         if points is not None:
             check_points(points, images[0])
@@ -425,15 +428,14 @@ def run(args: argparse.Namespace) -> dict:
             for change in kept.changes:
                 logger.info("resume: %s", change)
         state.wait_for_everyone()
+        kept.started()
 
-        features = kept.load_features()
-        if features is not None:
-            logger.info("resume: reused the features of %d images from %s", features.num_images, kept.features_path)
+        if kept.has_features():
+            logger.info("resume: reused the features of %d images from %s", len(images), kept.features_path)
         else:
             pipe = pipe or _load_pipeline(args, state, device, bars)
-            features = _capture(args, pipe, images, state)
-            if main:
-                kept.save_features(features)
+            _capture(args, pipe, images, state, kept, bars)
+        features = _load_features(args, kept)
         pair_analyses, orientations = _analyse_pairs(args, features, kept, state, device, analysis, bars)
     except BaseException:
         if main:  # nothing kept: no resume/settings.json or empty folders left behind
@@ -453,7 +455,7 @@ def _load_pipeline(args: argparse.Namespace, state, device, bars: bool):
     from cosegment.utils.command_line import load_pipeline
 
     pipe = load_pipeline(args.model, device, args.dtype, quiet=args.quiet or not state.is_main_process)
-    pipe.set_progress_bar_config(disable=not bars, desc="capture (UNet batches)")
+    pipe.set_progress_bar_config(disable=True)  # the command's own bar counts the images (`_capture`)
     return pipe
 
 
@@ -465,81 +467,73 @@ def _analysis_settings(args: argparse.Namespace) -> dict:
     return analysis
 
 
-def _capture(args: argparse.Namespace, pipe, images: list[np.ndarray], state) -> "CoSegmentationFeatures":
-    """1-3. Capture: each process its share of whole batches, with the noise of a one-process run; the features of
-    every image, gathered to every process."""
+def _capture(args: argparse.Namespace, pipe, images: Sequence, state, kept, bars: bool) -> None:
+    """1-3. Capture: each process its share of whole batches, with the noise of a one-process run, kept in
+    --out/resume/features/ batch by batch as captured (`RunState.capture`: what an earlier run kept is not captured
+    again); then, with `--reference auto`, the main process captures the reference and keeps it with them."""
     import torch
-    from accelerate.utils import gather_object
-
-    from cosegment import CoSegmentationFeatures
+    from tqdm.auto import tqdm
 
     rank, world = state.process_index, state.num_processes
-    shares = capture_shares(len(images), args.batch_size, world)
-    mine = shares[rank]
-    payload = []
+    mine = capture_shares(len(images), args.batch_size, world)[rank]
+    missing = len(set(kept.missing_images()).intersection(mine))
+    if len(mine) - missing:
+        logger.info("resume: %d of this process's %d images captured already", len(mine) - missing, len(mine))
     if mine:
-        logger.info("capturing images %s", mine)
-        features = pipe.capture_features(
+        logger.info("capturing images %s", _span(mine))
+    with tqdm(total=missing, desc="capture (images)", disable=not bars) as bar:
+        kept.capture(
+            pipe,
             images,
+            mine,
+            args.batch_size,
+            torch.Generator().manual_seed(args.seed),
+            progress=bar.update,
             prompt=args.prompt,
             height=args.height,
             width=args.width,
             timestep=args.timestep,
             ensemble_size=args.ensemble_size,
             attention_layers=args.attention_layers,
-            batch_size=args.batch_size,
-            generator=torch.Generator().manual_seed(args.seed),
-            image_indices=mine,
             flip=args.flip,
         )
-        mirrored = features.mirrored or features  # (only read with --flip)
-        payload = [
-            {
-                "indices": mine,
-                "queries": [q.cpu() for q in features.queries],
-                "keys": [k.cpu() for k in features.keys],
-                "mirrored": ([q.cpu() for q in mirrored.queries], [k.cpu() for k in mirrored.keys]),
-                "grid_size": features.grid_size,
-                "image_sizes": features.image_sizes,
-                "layer_names": features.layer_names,
-                "metadata": features.metadata,
-            }
-        ]
-    else:
-        logger.info("no images to capture (fewer batches than processes)")
-    parts = sorted(gather_object(payload), key=lambda part: part["indices"][0])
-    first = parts[0]
-    features = CoSegmentationFeatures(
-        [torch.cat([part["queries"][i] for part in parts]) for i in range(len(first["queries"]))],
-        [torch.cat([part["keys"][i] for part in parts]) for i in range(len(first["keys"]))],
-        first["grid_size"],
-        [size for part in parts for size in part["image_sizes"]],
-        first["layer_names"],
-        first["metadata"],
-    )
-    if args.flip:  # the same images flipped left-right (issue 27)
-        features.mirrored = CoSegmentationFeatures(
-            *(
-                [torch.cat([part["mirrored"][n][i] for part in parts]) for i in range(len(first["queries"]))]
-                for n in (0, 1)
-            ),
-            features.grid_size,
-            features.image_sizes,
-            features.layer_names,
-            {**features.metadata, "mirrored": True},
-        )
-    logger.info("features of %d images gathered", features.num_images)
-    if args.reference == "auto":  # the same captures on every process (a fixed seed), kept with the features
-        features.reference = pipe.capture_reference(
+    state.wait_for_everyone()
+    if state.is_main_process and args.reference == "auto" and not kept.has_features():
+        reference = pipe.capture_reference(
             args.height,
             args.width,
             timestep=args.timestep,
             attention_layers=args.attention_layers,
             batch_size=args.batch_size,
         ).to("cpu")
-        logger.info("reference: %d blank images captured", features.reference.num_images)
-    elif args.reference != "none":
+        kept.save_reference(reference)
+        logger.info("reference: %d blank images captured", reference.num_images)
+    state.wait_for_everyone()
+
+
+def _span(indices: Sequence[int]) -> str:
+    """`[0, 1, 2, 3]` -> `"0-3"`; other lists as they are, shortened."""
+    if list(indices) == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}"
+    return _listed([str(i) for i in indices], 16)
+
+
+def _load_features(args: argparse.Namespace, kept):
+    """The features kept in --out/resume, read from disk image by image as the steps need them (each process reads
+    only what its pairs need), with the reference of `--reference` (a file) when one was given."""
+    from cosegment import CoSegmentationFeatures
+
+    features = kept.load_features()
+    if features is None:
+        missing = kept.missing_images()
+        raise RuntimeError(
+            f"the features of {len(missing)} images ({_listed([str(i) for i in missing])}) are not in "
+            f"{kept.features_path} after the capture: with several processes, --out must be on a disk that every "
+            "process sees."
+        )
+    if args.reference not in ("auto", "none"):
         features.reference = CoSegmentationFeatures.load(args.reference)
+    logger.info("features of %d images in %s", features.num_images, kept.features_path)
     return features
 
 
@@ -552,7 +546,7 @@ def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bo
     from cosegment import analyze_pairs
     from cosegment.analysis import partner_pairs
 
-    graph = partner_pairs(features, args.partners)  # every pair, or the partner graph: the same on every process
+    graph = partner_pairs(features, args.partners, _gathered_means(features, args.partners, state))
     my_pairs = pair_shares(features.num_images, state.num_processes, graph)[state.process_index]
     oriented, orientations = _orient(features, my_pairs, analysis, device)
     with tqdm(total=len(my_pairs), desc="pair analysis (pairs)", disable=not bars) as bar:
@@ -572,6 +566,22 @@ def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bo
         logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), shown)
     logger.info("analysed %d pairs", len(my_pairs) - len(reused))
     return gather_object(my_analyses), orientations
+
+
+def _gathered_means(features, partners: int | None, state) -> list | None:
+    """--partners: what the pair graph needs of each image (`image_means`), each process reading its share of the
+    images and every process getting all (so that each reads only its share and its pairs' images); None without."""
+    if partners is None or partners >= features.num_images - 1:
+        return None
+    import torch
+    from accelerate.utils import gather_object
+
+    from cosegment.pairs import image_means
+
+    rank, world, count = state.process_index, state.num_processes, features.num_images
+    share = list(range(count * rank // world, count * (rank + 1) // world))
+    parts = sorted(gather_object([(share, image_means(features, share))] if share else []), key=lambda p: p[0][0])
+    return [torch.cat([means[entry] for _, means in parts]) for entry in range(len(features.layer_names))]
 
 
 def _orient(features, my_pairs, analysis: dict, device):

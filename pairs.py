@@ -39,28 +39,38 @@ def _every_pair(num_images: int) -> list[tuple[int, int]]:
 PARTNER_BLOCK_BYTES = 2**26
 
 
-def image_descriptors(features: CoSegmentationFeatures) -> torch.Tensor:
-    """A cheap global descriptor per image, `(M, D)` float32 with unit rows (zero rows when every image is alike).
-
-    Per captured layer: each token's query (heads concatenated, `H * d`) scaled to unit length, averaged over the
-    image's tokens, minus the mean of that over the collection (what every image has alike, e.g. a positional
-    component, cancels), scaled to unit length; the layers' descriptors concatenated, each weighted
-    `1 / sqrt(layers)`, and the whole scaled to unit length. Two images' cosine similarity is the dot product of their
-    rows. Computed image by image (one read of each image), `O(M N H d)`, next to the `O(N^2 H d)` of one pair's
-    attention; holds `M x D` floats (`D = layers * H * d`: 1,920 for SD 2.1's default layers).
-    """
-    entries = len(features.layer_names)
-    means = [[] for _ in range(entries)]
-    for index in range(features.num_images):
+def image_means(features: CoSegmentationFeatures, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Per captured entry, each image's mean unit query (heads concatenated): one `(len(indices), H * d)` float32
+    tensor per entry, one read per image of `indices` (default: every image). What :func:`image_descriptors` needs of
+    each image, so that processes can each compute their images' share and gather them (`cosegment --partners`)."""
+    indices = range(features.num_images) if indices is None else indices
+    if len(indices) == 0:
+        raise ValueError("`indices` must name one image or more, got none.")
+    means = [[] for _ in features.layer_names]
+    for index in indices:
         queries, _ = features.image(index)
         for entry, query in enumerate(queries):
             tokens = query.detach().float().permute(1, 0, 2).flatten(1)  # (N, H * d)
             means[entry].append(torch.nn.functional.normalize(tokens, dim=-1).mean(dim=0))
+    return [torch.stack(entry) for entry in means]
+
+
+def image_descriptors(features: CoSegmentationFeatures, means: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """A cheap global descriptor per image, `(M, D)` float32 with unit rows (zero rows when every image is alike).
+
+    Per captured layer: each token's query (heads concatenated, `H * d`) scaled to unit length, averaged over the
+    image's tokens (:func:`image_means`; or `means`, one `(M, H * d)` tensor per entry, as it returns them), minus the
+    mean of that over the collection (what every image has alike, e.g. a positional component, cancels), scaled to
+    unit length; the layers' descriptors concatenated, each weighted `1 / sqrt(layers)`, and the whole scaled to unit
+    length. Two images' cosine similarity is the dot product of their rows. Computed image by image (one read of each
+    image), `O(M N H d)`, next to the `O(N^2 H d)` of one pair's attention; holds `M x D` floats (`D = layers * H *
+    d`: 1,920 for SD 2.1's default layers).
+    """
+    means = image_means(features) if means is None else means
     parts = []
-    for entry_means in means:
-        mean = torch.stack(entry_means)  # (M, H * d)
+    for mean in means:  # (M, H * d)
         mean = mean - mean.mean(dim=0, keepdim=True)
-        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(entries))
+        parts.append(torch.nn.functional.normalize(mean, dim=-1) / math.sqrt(len(means)))
     return torch.nn.functional.normalize(torch.cat(parts, dim=1).cpu(), dim=-1)
 
 
@@ -128,7 +138,9 @@ def _bridges(descriptors: torch.Tensor, pairs: set[tuple[int, int]]) -> set[tupl
                 added.add((s, t))
 
 
-def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> list[tuple[int, int]]:
+def partner_pairs(
+    features: CoSegmentationFeatures, partners: int | None, means: Sequence[torch.Tensor] | None = None
+) -> list[tuple[int, int]]:
     """The pair graph: each image with its `partners` most similar images (cosine similarity of
     :func:`image_descriptors`; ties to the lower index), then *bridges* that join the groups this leaves apart: while
     the graph has several connected components, the most similar pair of images in two different components is
@@ -145,11 +157,12 @@ def partner_pairs(features: CoSegmentationFeatures, partners: int | None) -> lis
     The search is exact and never holds the `M x M` similarities: rows in blocks of `PARTNER_BLOCK_BYTES` (one block
     up to M = 2896), `O(M^2 D)` time for the neighbours and again per round of bridges (a few). Past about 10^5
     images that time (hours on a CPU) calls for an approximate nearest-neighbour index instead (README, "Large
-    collections")."""
+    collections"). `means`: :func:`image_means` of every image when already computed (the command's processes each
+    compute their own images' and gather them), else read here."""
     num_images = features.num_images
     if partners is None or partners >= num_images - 1:
         return _every_pair(num_images)
-    descriptors = image_descriptors(features).double()
+    descriptors = image_descriptors(features, means).double()
     pairs = set()
     for start, stop in _row_blocks(num_images):
         rows, columns = torch.nonzero(_nearest(_similarity_rows(descriptors, start, stop), partners), as_tuple=True)

@@ -1,7 +1,10 @@
 """What a `cosegment` run keeps in its output folder as it goes, so that an interrupted run can resume (`--resume`).
 
     DIR/resume/settings.json          the settings the kept files were made with (:data:`RECORDED_SETTINGS`)
-    DIR/resume/features.safetensors   the captured features (:meth:`CoSegmentationFeatures.save`)
+    DIR/resume/features/              the captured features, one shard per captured batch, written as each batch
+                                      is captured (a :class:`~cosegment.store.FeatureStore`; `reference.safetensors`
+                                      in it with `--reference auto`)
+    DIR/resume/mirrored/              with `--flip`: the mirrored captures, likewise
     DIR/resume/pairs/pair_S_T.safetensors   each finished per-pair analysis (:func:`save_pair_analysis`)
 
 Every file is written atomically (`cosegment.utils.files`), so a kept file is complete or absent. The files in the
@@ -35,6 +38,10 @@ RUN_FORMAT = "cosegment.run/1"
 PAIR_FORMAT = "cosegment.pair/1"
 STATE_FOLDER = "resume"
 RESUME_MODES = ("reuse", "overwrite")
+# What cosegment before issue 26 kept: one features file, read whole (a run removes it: never reused)
+LEGACY_FEATURES = "features.safetensors"
+# The noise of images skipped before a capture unit is drawn (and dropped) this many images at a time
+_SKIP_CHUNK = 64
 
 # Every setting a run records, by its `cosegment` argument name, and what a different value makes stale:
 # "features": the captured features and every pair analysis; "pairs": the per-pair analyses; "results": nothing kept
@@ -241,7 +248,20 @@ class RunState:
 
     @property
     def features_path(self) -> str:
-        return os.path.join(self.folder, "features.safetensors")
+        """The feature store of the captures (a folder, :class:`~cosegment.store.FeatureStore`)."""
+        return os.path.join(self.folder, "features")
+
+    @property
+    def mirrored_path(self) -> str:
+        """With `--flip`: the feature store of the mirrored captures."""
+        return os.path.join(self.folder, "mirrored")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.settings.get("images") or [])
+
+    def _store_paths(self) -> list[str]:
+        return [self.features_path] + ([self.mirrored_path] if self.settings.get("flip") else [])
 
     def pair_path(self, source: int, target: int) -> str:
         return os.path.join(self.folder, "pairs", f"pair_{source:03d}_{target:03d}.safetensors")
@@ -280,31 +300,140 @@ class RunState:
         os.makedirs(self.out_dir, exist_ok=True)
         for path in remove_temporaries(self.out_dir):
             logger.info("removed %s, left by an interrupted writer", path)
-        if "features" in self.stale and os.path.exists(self.features_path):
-            os.remove(self.features_path)
+        legacy = os.path.join(self.folder, LEGACY_FEATURES)
+        if os.path.isfile(legacy):  # an older cosegment's features file: the features are now kept as a store
+            os.remove(legacy)
+            logger.info(
+                "removed %s (an older cosegment's features file; features are kept in %s now)",
+                legacy,
+                self.features_path,
+            )
+        if "features" in self.stale:
+            for path in (self.features_path, self.mirrored_path):
+                shutil.rmtree(path, ignore_errors=True)
         if "pairs" in self.stale:
             shutil.rmtree(os.path.join(self.folder, "pairs"), ignore_errors=True)
         os.makedirs(os.path.join(self.folder, "pairs"), exist_ok=True)
         write_json(self.settings_path, {"format": RUN_FORMAT, "settings": self.settings}, indent=1)
 
+    def started(self) -> None:
+        """On every process once :meth:`start` has run on the main one: what is kept now belongs to this run's
+        settings (the stale files are gone), so it all counts, and what this run keeps next too."""
+        self.stale = ()
+
+    def _missing_by_store(self) -> dict[str, set[int]]:
+        """Per feature store of the run, the images it does not hold yet (every image when the features are stale
+        or the store is absent). A store that cannot be read is removed (with a warning) and counts as empty."""
+        from cosegment.store import FeatureStore
+
+        every = set(range(self.num_images))
+        missing = {}
+        for path in self._store_paths():
+            missing[path] = every
+            if "features" in self.stale or not os.path.isdir(path):
+                continue
+            try:
+                store = FeatureStore(path)
+                if store.num_images != self.num_images:
+                    raise ValueError(f"a store of {store.num_images} images, the run has {self.num_images}")
+            except (FileNotFoundError, ValueError) as error:
+                logger.warning("cannot reuse %s (%s): capturing again", path, error)
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            try:
+                missing[path] = set(store.missing())
+            except ValueError as error:  # a damaged batch: only its images are captured again
+                logger.warning("cannot reuse %s (%s): capturing its images again", store.remove_damaged(), error)
+                missing[path] = set(store.missing())
+        return missing
+
+    def missing_images(self) -> list[int]:
+        """The images whose features (or, with `--flip`, mirrored captures) are not kept yet, ascending."""
+        return sorted(set().union(*self._missing_by_store().values()))
+
     def has_features(self) -> bool:
-        """Whether kept features will be reused (:meth:`load_features` may still find them unreadable)."""
-        return "features" not in self.stale and os.path.isfile(self.features_path)
+        """Whether every image's features are kept (and the mirrored ones with `--flip`, the reference with
+        `--reference auto`): then the run needs no model."""
+        if self.missing_images():
+            return False
+        return self.settings.get("reference") != "auto" or os.path.isfile(self._reference_path)
+
+    @property
+    def _reference_path(self) -> str:
+        from cosegment.store import STORE_REFERENCE
+
+        return os.path.join(self.features_path, STORE_REFERENCE)
 
     def load_features(self, device: torch.device | str = "cpu"):
-        """The kept features, or `None` when there are none to reuse."""
-        from cosegment import CoSegmentationFeatures
+        """The kept features as :class:`~cosegment.store.LazyFeatures` (each image read from disk when a step needs
+        it, `mirrored` with `--flip`, the reference saved with `--reference auto`), or `None` when some are missing."""
+        from cosegment.store import FeatureStore
 
-        if "features" in self.stale or not os.path.isfile(self.features_path):
+        if not self.has_features():
             return None
-        try:
-            return CoSegmentationFeatures.load(self.features_path, device=device)
-        except ValueError as error:
-            logger.warning("cannot reuse %s (%s): capturing again", self.features_path, error)
-            return None
+        features = FeatureStore(self.features_path).features(device)
+        if self.settings.get("flip"):
+            features.mirrored = FeatureStore(self.mirrored_path).features(device)
+        return features
+
+    def capture(
+        self,
+        pipe,
+        images: Sequence,
+        share: Sequence[int],
+        batch_size: int,
+        generator: torch.Generator,
+        progress: Callable[[int], Any] | None = None,
+        **capture_arguments,
+    ) -> int:
+        """Captures the images of `share` (a process's share: whole batches of the one-process run, ascending) that
+        are not kept yet, one unit (:func:`capture_units`) at a time, each kept as a shard as soon as it is captured:
+        an interrupted capture resumes from the last unit kept. `generator` starts at the collection's first image:
+        the noise of the images before each captured unit is drawn and dropped, so that every image gets the noise of
+        a one-process run of the whole collection. `capture_arguments`: those of `pipe.capture_features` (`flip`
+        too). Returns the number of images captured."""
+        from cosegment.store import FeatureStore
+
+        missing = self._missing_by_store()
+        captured, skipped = 0, share[0] if share else 0
+        for unit in capture_units(share, batch_size):
+            count = len(set().union(*missing.values()).intersection(unit))
+            if not count:
+                skipped += len(unit)
+                continue
+            with _skipping_noise(pipe, skipped):
+                features = pipe.capture_features(
+                    [images[i] for i in unit], batch_size=batch_size, generator=generator, **capture_arguments
+                )
+            skipped = 0
+            for path, one in zip(self._store_paths(), (features, features.mirrored)):
+                rows = [row for row, image in enumerate(unit) if image in missing[path]]
+                if rows:  # a store holds each image once (a unit kept whole in one store, not yet in the other)
+                    store = FeatureStore.create(path, self.num_images, one.grid_size, one.layer_names, one.metadata)
+                    store.write(
+                        [unit[row] for row in rows],
+                        [q[rows].cpu() for q in one.queries],
+                        [k[rows].cpu() for k in one.keys],
+                        [one.image_sizes[row] for row in rows],
+                    )
+            captured += count
+            if progress is not None:
+                progress(count)
+        return captured
 
     def save_features(self, features) -> None:
-        features.save(self.features_path)
+        """Keeps `features` (in memory or on disk; their `mirrored` captures and reference too) as this run's."""
+        from cosegment.store import FeatureStore
+
+        FeatureStore.from_features(self.features_path, features)
+        if features.mirrored is not None:
+            FeatureStore.from_features(self.mirrored_path, features.mirrored)
+
+    def save_reference(self, reference) -> None:
+        """Keeps the reference captured with `--reference auto` beside the features."""
+        from cosegment.store import FeatureStore
+
+        FeatureStore(self.features_path).save_reference(reference)
 
     def load_pair(self, source: int, target: int, orientation: list[bool] | None = None):
         """The kept analysis of pair `(source, target)`, or `None` when there is none to reuse (also when it was
@@ -353,21 +482,42 @@ class RunState:
         return analyses, reused
 
 
+def capture_units(share: Sequence[int], batch_size: int) -> list[list[int]]:
+    """A process's share (whole batches of the one-process run, ascending) cut into the units it captures and keeps
+    one at a time: its batches, of at least 2 images (the capture's minimum: with `batch_size` 1, two batches a unit),
+    a lone last image joined to the unit before it. The UNet batches within a unit are the run's batches, so the
+    features do not depend on the cut."""
+    size = max(int(batch_size), 2)
+    units = [list(share[start : start + size]) for start in range(0, len(share), size)]
+    if len(units) > 1 and len(units[-1]) == 1:
+        units[-2].extend(units.pop())
+    return units
+
+
+@contextlib.contextmanager
+def _skipping_noise(pipe, skipped: int) -> Iterator[None]:
+    """Within the block, `pipe.prepare_noise` first draws (and drops) the noise of `skipped` images from the
+    generator it is given, then draws as it does: the images of a capture unit get the noise of their place in the
+    collection (the generator draws each image's noise in collection order, :func:`cosegment.capture.draw_noise`)."""
+    prepare_noise = pipe.prepare_noise
+
+    def skipping(num_images, ensemble_size, shape, generator, device, dtype, image_indices=None):
+        for start in range(0, skipped, _SKIP_CHUNK):
+            prepare_noise(min(_SKIP_CHUNK, skipped - start), ensemble_size, shape, generator, device, dtype)
+        return prepare_noise(num_images, ensemble_size, shape, generator, device, dtype, image_indices)
+
+    pipe.prepare_noise = skipping
+    try:
+        yield
+    finally:
+        del pipe.prepare_noise  # the pipeline's own method again
+
+
 def analyze_one_pair(features, source: int, target: int, analyze: Callable[..., list], **analysis):
     """`analyze(features, [(source, target)], **analysis)[0]`, computed on the two images' features alone: the same
     values, without checking every image's features for each pair (`analyze_pairs` validates all of them, which at 40
     images of SD 2.1's default layers takes as long as a pair's analysis)."""
-    from cosegment import CoSegmentationFeatures
-
-    chosen = [source, target]
-    two = CoSegmentationFeatures(
-        [q[chosen] for q in features.queries],
-        [k[chosen] for k in features.keys],
-        features.grid_size,
-        [features.image_sizes[source], features.image_sizes[target]],
-        list(features.layer_names),
-        dict(features.metadata),
-    )
+    two = features.select([source, target])  # reads the two images only (of features on disk too)
     result = analyze(two, [(0, 1)], **analysis)[0]
     index = {0: source, 1: target}
     passes = tuple(
@@ -383,7 +533,7 @@ def describe_kept(out_dir: str | os.PathLike) -> str:
     pairs_folder = os.path.join(folder, "pairs")
     names = os.listdir(pairs_folder) if os.path.isdir(pairs_folder) else []
     pairs = len([name for name in names if name.endswith(".safetensors") and not is_temporary(name)])
-    features = os.path.isfile(os.path.join(folder, "features.safetensors"))
+    features = _holds_shards(os.path.join(folder, "features"))
     if not features and not pairs:
         return "nothing kept yet"
     kept = ["the features"] if features else []
@@ -409,11 +559,28 @@ def forget_empty_state(out_dir: str | os.PathLike, remove_out: bool = False) -> 
     if os.path.isfile(settings):
         os.remove(settings)
         removed.append(settings)
-    for path in (os.path.join(folder, "pairs"), folder, *([out_dir] if remove_out else [])):
+    for name in ("features", "mirrored"):  # a store made before its first batch was kept
+        index = os.path.join(folder, name, "store.json")
+        if os.path.isfile(index):
+            os.remove(index)
+            removed.append(index)
+    for path in (*(os.path.join(folder, name) for name in ("pairs", "features", "mirrored")), folder):
         with contextlib.suppress(OSError):  # only an empty folder goes
             os.rmdir(path)
             removed.append(path)
+    if remove_out:
+        with contextlib.suppress(OSError):
+            os.rmdir(out_dir)
+            removed.append(out_dir)
     return removed
+
+
+def _holds_shards(store: str) -> bool:
+    """Whether the feature store folder `store` holds a captured batch (a shard, not a temporary file)."""
+    names = os.listdir(store) if os.path.isdir(store) else []
+    return any(
+        name.startswith("images-") and name.endswith(".safetensors") and not is_temporary(name) for name in names
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -653,6 +653,24 @@ class FeatureStore:
             found.append((path, images))
         return found
 
+    def remove_damaged(self) -> list[str]:
+        """Removes the shards whose header cannot be read (e.g. a disk that filled up); returns their paths. Their
+        images are then :meth:`missing` (to capture again)."""
+        removed = []
+        for name in sorted(os.listdir(self.folder)):
+            path = os.path.join(self.folder, name)
+            if is_temporary(name) or not _SHARD_NAME.match(name):
+                continue
+            try:
+                meta = read_safetensors_header(path)[1].get("__metadata__") or {}
+                if meta.get("format") != SHARD_FORMAT:
+                    raise ValueError(meta.get("format"))
+                [int(i) for i in json.loads(meta["images"])]
+            except (KeyError, TypeError, ValueError):
+                os.remove(path)
+                removed.append(path)
+        return removed
+
     def captured(self) -> np.ndarray:
         """`(M,)` bool: the images some shard holds."""
         held = np.zeros(self.num_images, dtype=bool)

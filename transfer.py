@@ -14,6 +14,7 @@ import torch
 from .features import CoSegmentationFeatures, PairCorrespondence, PassResult, _image_features, _is_int
 from .orientation import check_orientations, oriented_features
 from .settings import AnalysisSettings, correct_features
+from .store import LazyFeatures
 from .utils.correspondence import cross_attention_probs, default_chunk_size
 from .utils.images import describe as _describe
 from .utils.refinement import (
@@ -205,7 +206,14 @@ def _oriented_transfer(features, s, t, points, refine, chunk_size, bits) -> tupl
         inside = np.isfinite(array).all() and (array >= 0).all() and (array <= [width, height]).all()
         if inside:  # (otherwise transfer_points names the points as given)
             array[:, 0] = width - array[:, 0]
-    oriented = replace(oriented_features(features, features.mirrored, bits), mirrored=None)
+    oriented = oriented_features(features, features.mirrored, bits)
+    if oriented.mirrored is not None:  # `features` itself (no image flipped): the same, without the mirrored captures
+        lazy = isinstance(oriented, LazyFeatures)
+        oriented = (
+            oriented.derived(oriented.image, reference=oriented.reference)
+            if lazy
+            else replace(oriented, mirrored=None)
+        )
     landed, scores = transfer_points(oriented, s, t, array, refine, chunk_size)
     if bits[t]:
         landed[:, 0] = features.image_sizes[t][1] - landed[:, 0]

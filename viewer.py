@@ -82,15 +82,10 @@ def token_centres(grid_size: Sequence[int], image_size: Sequence[int]) -> np.nda
 def _two_images(features, i: int, j: int):
     """The features of images `i` and `j` only (the corrections of :func:`transfer_points` are per image, so the
     transfers are the same; one call then costs the same at any M)."""
-    from dataclasses import replace
-
-    return replace(
-        features,
-        queries=[q[[i, j]] for q in features.queries],
-        keys=[k[[i, j]] for k in features.keys],
-        image_sizes=[features.image_sizes[i], features.image_sizes[j]],
-        mirrored=None if features.mirrored is None else _two_images(features.mirrored, i, j),
-    )
+    two = features.select([i, j])  # reads the two images only (of features on disk too)
+    two.reference = features.reference
+    two.mirrored = None if features.mirrored is None else _two_images(features.mirrored, i, j)
+    return two
 
 
 def precompute_transfers(
@@ -222,7 +217,7 @@ def _check_inputs(images, output, features) -> list[np.ndarray]:
     """Images as `(H, W, 3)` uint8; `ValueError` naming the argument when they do not fit the output/features."""
     from cosegment.utils.visualization import as_rgb_uint8
 
-    if not isinstance(images, (list, tuple)):
+    if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):  # a list, or files read when indexed
         raise TypeError(f"`images` must be a list of images, got {type(images).__name__}.")
     maps = getattr(output, "density_maps", None)
     if maps is None or not hasattr(output, "correspondences"):

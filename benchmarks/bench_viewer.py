@@ -140,7 +140,7 @@ def _collection(m: int, folder: str, partners: int | None) -> dict:
 
     if m == 4:
         out, seconds = _tiny_run(folder)
-        features = CoSegmentationFeatures.load(os.path.join(out, "resume", "features.safetensors"))
+        features = CoSegmentationFeatures.load(os.path.join(out, "resume", "features"), mmap=True)
         start = time.perf_counter()
         output = analyze_features(features, output_type="np", **NO_FILTER)
         analysis = time.perf_counter() - start

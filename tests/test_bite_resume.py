@@ -36,6 +36,7 @@ from cosegment.runstate import (
     setting_differences,
     stop_on_signals,
 )
+from cosegment.store import FeatureStore
 from cosegment.utils.command_line import threshold_overrides
 from cosegment.utils.files import temporary_path, write_text
 
@@ -113,7 +114,7 @@ PAIRS = [(0, 1), (1, 2)]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """Two image files and the tiny features of three images (what the run captured)."""
+    """Three image files and their tiny features (what the run captured)."""
     folder = tmp_path_factory.mktemp("inputs")
     paths = []
     for i in range(3):
@@ -164,7 +165,7 @@ def kept_run(inputs, tmp_path_factory):
     """The folder a finished run with default settings leaves: its settings, features and two pair analyses."""
     paths, features = inputs
     out = tmp_path_factory.mktemp("kept") / "out"
-    state = RunState(out, _record(paths[:2]))
+    state = RunState(out, _record(paths))
     state.check()
     state.start()
     assert state.load_features() is None  # a fresh run reuses nothing
@@ -190,8 +191,8 @@ def test_every_option_is_recorded_or_changes_no_kept_file():
 def test_a_changed_setting_invalidates_exactly_what_depends_on_it(name, inputs, kept_run, tmp_path):
     paths, features = inputs
     out = _copy(kept_run, tmp_path)
-    base = _record(paths[:2])
-    changed = _record(paths[1::-1]) if name == "images" else _record(paths[:2], *CHANGES[name])
+    base = _record(paths)
+    changed = _record(paths[::-1]) if name == "images" else _record(paths, *CHANGES[name])
     stale = INVALIDATES[name]
     differences = setting_differences(base, changed)
     assert {group: len(found) for group, found in differences.items()} == {
@@ -234,7 +235,7 @@ def test_a_changed_setting_invalidates_exactly_what_depends_on_it(name, inputs, 
 
 def test_no_filter_is_a_change_of_every_threshold(inputs):
     paths, _ = inputs
-    differences = setting_differences(_record(paths[:2]), _record(paths[:2], "--no-filter"))
+    differences = setting_differences(_record(paths), _record(paths, "--no-filter"))
     assert differences["features"] == differences["results"] == []
     assert sorted(differences["pairs"]) == [
         f"{name} was null, now Infinity" for name in ("max_collapse", "max_entropy", "max_inverse_error", "max_spread")
@@ -307,7 +308,7 @@ def test_a_missing_or_unreadable_record_reuses_nothing(inputs, kept_run, tmp_pat
     else:
         settings.write_text(content)
     for mode in ("reuse", "overwrite"):
-        state = RunState(out, _record(paths[:2]), resume=mode)
+        state = RunState(out, _record(paths), resume=mode)
         state.check()  # no record to compare: nothing refused, nothing reused
         assert state.stale == ("features", "pairs")
         assert len(state.changes) == 1 and why in state.changes[0]
@@ -320,7 +321,7 @@ def test_a_fresh_run_removes_what_an_earlier_run_kept(inputs, kept_run, tmp_path
     paths, _ = inputs
     out = _copy(kept_run, tmp_path)
     assert describe_kept(out) == f"the features and 2 pair analyses in {out / 'resume'}"
-    state = RunState(out, _record(paths[:2]))  # no --resume, the same settings
+    state = RunState(out, _record(paths))  # no --resume, the same settings
     state.check()
     assert state.stale == ("features", "pairs") and state.changes == []  # nothing to report either
     state.start()
@@ -338,7 +339,7 @@ def test_start_removes_what_a_killed_writer_left_and_only_that(inputs, kept_run,
     for path in left:
         write_text(path, "half")
     write_text(out / "notes.txt", "mine")
-    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state = RunState(out, _record(paths), resume="reuse")
     state.check()
     with _logged() as lines:
         state.start()
@@ -351,7 +352,7 @@ def test_start_removes_what_a_killed_writer_left_and_only_that(inputs, kept_run,
 def test_kept_pairs_are_reused_and_missing_ones_analysed(inputs, kept_run, tmp_path):
     paths, features = inputs
     out = _copy(kept_run, tmp_path)
-    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state = RunState(out, _record(paths), resume="reuse")
     state.check()
     state.start()
     calls, progress = [], []
@@ -374,17 +375,28 @@ def test_kept_pairs_are_reused_and_missing_ones_analysed(inputs, kept_run, tmp_p
 def test_damaged_kept_files_are_computed_again(inputs, kept_run, tmp_path):
     paths, _ = inputs
     out = _copy(kept_run, tmp_path)
-    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state = RunState(out, _record(paths), resume="reuse")
     state.check()
     state.start()
-    write_text(state.features_path, "not features")
+    (shard,) = [name for name in os.listdir(state.features_path) if name.startswith("images-")]
+    write_text(os.path.join(state.features_path, shard), "not features")
     write_text(state.pair_path(0, 1), "not a pair")
     with _logged() as lines:
         assert state.load_features() is None
         assert state.load_pair(0, 1) is None
     assert len(lines) == 2
-    assert lines[0].startswith(f"cannot reuse {state.features_path} (`{state.features_path}` is ")
-    assert lines[0].endswith("): capturing again")
+    damaged = os.path.join(state.features_path, shard)
+    assert lines[0].startswith(f"cannot reuse {[damaged]} (`{damaged}` is not a safetensors file")
+    assert lines[0].endswith("): capturing its images again")
+    assert not os.path.exists(damaged) and os.path.isfile(os.path.join(state.features_path, "store.json"))
+    assert state.missing_images() == [0, 1, 2]  # the images of the damaged batch
+    write_text(os.path.join(state.features_path, "store.json"), "not an index")
+    with _logged() as again:
+        assert state.missing_images() == [0, 1, 2] and not os.path.exists(state.features_path)
+    assert again == [
+        f"cannot reuse {state.features_path} (`{state.features_path}/store.json` is not a cosegment "
+        "feature store index: Expecting value: line 1 column 1 (char 0)): capturing again"
+    ]
     assert lines[1].startswith(f"cannot reuse {state.pair_path(0, 1)} (`{state.pair_path(0, 1)}` is not a complete ")
     assert lines[1].endswith("): analysing the pair again")
     assert state.load_pair(1, 2) is not None and state.load_pair(0, 2) is None  # kept / never made
@@ -392,10 +404,15 @@ def test_damaged_kept_files_are_computed_again(inputs, kept_run, tmp_path):
 
 def test_describe_kept_counts_pair_files_only(tmp_path):
     assert describe_kept(tmp_path) == "nothing kept yet"  # no resume folder at all
-    (tmp_path / "resume").mkdir()
-    write_text(tmp_path / "resume" / "features.safetensors", "x")
+    (tmp_path / "resume" / "features").mkdir(parents=True)
+    write_text(tmp_path / "resume" / "features" / "store.json", "{}")
+    assert describe_kept(tmp_path) == "nothing kept yet"  # a store, no captured batch in it
+    shard = tmp_path / "resume" / "features" / "images-00000000-00000001.safetensors"
+    write_text(temporary_path(shard), "x")
+    assert describe_kept(tmp_path) == "nothing kept yet"  # an interrupted write
+    write_text(shard, "x")
     assert describe_kept(tmp_path) == f"the features in {tmp_path / 'resume'}"  # no pairs folder
-    (tmp_path / "resume" / "features.safetensors").unlink()
+    shard.unlink()
     pairs = tmp_path / "resume" / "pairs"
     pairs.mkdir(parents=True)
     assert describe_kept(tmp_path) == "nothing kept yet"
@@ -403,7 +420,7 @@ def test_describe_kept_counts_pair_files_only(tmp_path):
     write_text(pairs / "notes.txt", "x")
     write_text(temporary_path(pairs / "pair_000_002.safetensors"), "x")
     assert describe_kept(tmp_path) == f"1 pair analysis in {tmp_path / 'resume'}"
-    write_text(tmp_path / "resume" / "features.safetensors", "x")
+    write_text(shard, "x")
     assert describe_kept(tmp_path) == f"the features and 1 pair analysis in {tmp_path / 'resume'}"
     (pairs / "pair_000_001.safetensors").unlink()
     assert describe_kept(tmp_path) == f"the features in {tmp_path / 'resume'}"
@@ -435,9 +452,11 @@ def test_a_failed_run_that_kept_nothing_leaves_the_folder_as_it_was(tmp_path):
     assert os.listdir(out) == ["photo.png"]
 
 
-@pytest.mark.parametrize("kept", ["features.safetensors", "pairs/pair_000_001.safetensors"])
+@pytest.mark.parametrize("kept", ["features/images-00000000-00000007.safetensors", "pairs/pair_000_001.safetensors"])
 def test_a_failed_run_never_removes_kept_files(tmp_path, kept):
     _empty_state(tmp_path)
+    (tmp_path / "resume" / "features").mkdir()
+    write_text(tmp_path / "resume" / "features" / "store.json", "{}")
     write_text(tmp_path / "resume" / kept, "x")
     before = sorted(str(path) for path in tmp_path.rglob("*"))
     assert forget_empty_state(tmp_path, remove_out=True) == []
@@ -452,13 +471,17 @@ def test_a_temporary_left_in_the_pairs_folder_is_not_kept_but_not_removed_either
     assert os.path.isfile(leftover)
 
 
-def test_kept_features_are_reused_only_when_their_settings_match(tmp_path):
-    settings = dict.fromkeys(RECORDED_SETTINGS)
+def test_kept_features_are_reused_only_when_their_settings_match(inputs, tmp_path):
+    paths, features = inputs
+    settings = _record(paths)
     first = RunState(tmp_path, settings)
     first.check()
+    assert not first.has_features() and first.missing_images() == [0, 1, 2]
     first.start()
-    write_text(first.features_path, "x")
-    assert not first.has_features()  # a fresh run captures, whatever the folder holds
+    first.save_features(features)
+    stale = RunState(tmp_path, settings)
+    stale.check()
+    assert not stale.has_features()  # a fresh run captures, whatever the folder holds
     again = RunState(tmp_path, settings, resume="reuse")
     again.check()
     assert again.has_features()
@@ -468,8 +491,8 @@ def test_kept_features_are_reused_only_when_their_settings_match(tmp_path):
     other_capture = RunState(tmp_path, {**settings, "seed": 1}, resume="overwrite")
     other_capture.check()
     assert not other_capture.has_features()
-    os.remove(first.features_path)
-    assert not again.has_features()  # nothing to reuse
+    shutil.rmtree(first.features_path)
+    assert not again.has_features() and again.missing_images() == [0, 1, 2]  # nothing to reuse
 
 
 def test_the_settings_record_lists_one_setting_per_line(tmp_path):
@@ -484,7 +507,8 @@ def test_the_settings_record_lists_one_setting_per_line(tmp_path):
 def test_pair_files_are_named_by_their_pair(tmp_path):
     state = RunState(tmp_path, {})
     assert state.pair_path(3, 12) == os.path.join(tmp_path, "resume", "pairs", "pair_003_012.safetensors")
-    assert state.features_path == os.path.join(tmp_path, "resume", "features.safetensors")
+    assert state.features_path == os.path.join(tmp_path, "resume", "features")  # a FeatureStore folder
+    assert state.mirrored_path == os.path.join(tmp_path, "resume", "mirrored")
     assert state.settings_path == os.path.join(tmp_path, "resume", "settings.json")
 
 
@@ -535,7 +559,7 @@ def test_stale_files_are_not_reused_even_before_they_are_removed(name, inputs, k
     # every process decides what is stale (check); only the main one removes it (start): the others must not load it
     paths, _ = inputs
     out = _copy(kept_run, tmp_path)
-    state = RunState(out, _record(paths[:2], *CHANGES[name]), resume="overwrite")
+    state = RunState(out, _record(paths, *CHANGES[name]), resume="overwrite")
     state.check()
     assert os.path.exists(state.features_path) and os.path.exists(state.pair_path(0, 1))
     assert (state.load_features() is None) == (INVALIDATES[name] == "features")
@@ -545,7 +569,7 @@ def test_stale_files_are_not_reused_even_before_they_are_removed(name, inputs, k
 def test_the_refusal_names_every_setting_and_what_to_do(inputs, kept_run, tmp_path):
     paths, _ = inputs
     out = _copy(kept_run, tmp_path)
-    state = RunState(out, _record(paths[:2], "--seed", "5", "--max-entropy", "2", "--num-parts", "3"), resume="reuse")
+    state = RunState(out, _record(paths, "--seed", "5", "--max-entropy", "2", "--num-parts", "3"), resume="reuse")
     with pytest.raises(ValueError) as refusal:
         state.check()
     assert str(refusal.value) == (
@@ -558,16 +582,16 @@ def test_the_refusal_names_every_setting_and_what_to_do(inputs, kept_run, tmp_pa
 def test_kept_features_are_loaded_onto_the_runs_device(inputs, kept_run, tmp_path, monkeypatch):
     paths, features = inputs
     out = _copy(kept_run, tmp_path)
-    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state = RunState(out, _record(paths), resume="reuse")
     state.check()
     devices = []
-    real = CoSegmentationFeatures.load.__func__
+    real = FeatureStore.features
 
-    def load(cls, path, device="cpu"):
+    def features_on(self, device="cpu", **kwargs):
         devices.append(device)
-        return real(cls, path, device="cpu")
+        return real(self, "cpu", **kwargs)
 
-    monkeypatch.setattr(CoSegmentationFeatures, "load", classmethod(load))
+    monkeypatch.setattr(FeatureStore, "features", features_on)
     assert state.load_features(device="cuda:1") is not None and devices == ["cuda:1"]
 
 
@@ -596,7 +620,7 @@ def test_with_flip_a_kept_pair_is_reused_only_in_the_orientation_it_was_analysed
     analysed the other way round must be analysed again, and one analysed without --flip is not reused with it."""
     paths, features = inputs
     out = _copy(kept_run, tmp_path)
-    state = RunState(out, _record(paths[:2]), resume="reuse")
+    state = RunState(out, _record(paths), resume="reuse")
     state.check()
     state.start()
     calls = []

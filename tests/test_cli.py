@@ -255,14 +255,16 @@ def test_two_processes_write_what_one_process_writes(image_files, tiny_sd_path, 
     _run_cli([sys.executable] + cli, one)
     two = str(tmp_path / "two")
     result = _run_cli(two_process_launch() + cli, two)
-    assert "[rank 0/2] capturing images [0, 1]" in result.stderr
-    assert "[rank 1/2] capturing images [2, 3]" in result.stderr
+    assert "[rank 0/2] capturing images 0-1" in result.stderr
+    assert "[rank 1/2] capturing images 2-3" in result.stderr
     assert "[rank 1/2] analysed 3 pairs" in result.stderr
     files = sorted(os.path.relpath(os.path.join(r, f), one) for r, _, fs in os.walk(one) for f in fs)
     assert "results.json" in files and "pairs/pair_002_003.png" in files
     # results, pictures of 6 pairs and 4 images, 4 masks and 4 part masks, what a resumed run reuses: settings,
-    # features, 6 pair analyses, and the viewer: index.html, viewer/ with a script per image and per pair
-    assert len(files) == 2 + 6 + 4 + 8 + 2 + 6 + 1 + 4 + 6 and "resume/pairs/pair_002_003.safetensors" in files
+    # the features (a store: its index and a shard per batch of 2, each written by the process that captured it),
+    # 6 pair analyses, and the viewer: index.html, viewer/ with a script per image and per pair
+    assert len(files) == 2 + 6 + 4 + 8 + 1 + 3 + 6 + 1 + 4 + 6 and "resume/pairs/pair_002_003.safetensors" in files
+    assert "resume/features/images-00000002-00000003.safetensors" in files
     assert files == sorted(os.path.relpath(os.path.join(r, f), two) for r, _, fs in os.walk(two) for f in fs)
     for name in files:
         assert_same_contents(os.path.join(one, name), os.path.join(two, name))

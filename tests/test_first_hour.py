@@ -185,7 +185,8 @@ def test_interrupt_line_says_what_was_kept(tmp_path):
         "interrupted by SIGINT before anything was kept for --resume; run the same command to start again"
     )
     (tmp_path / "resume" / "pairs").mkdir(parents=True)
-    (tmp_path / "resume" / "features.safetensors").write_bytes(b"x")
+    (tmp_path / "resume" / "features").mkdir()
+    (tmp_path / "resume" / "features" / "images-00000000-00000007.safetensors").write_bytes(b"x")  # a batch
     (tmp_path / "resume" / "pairs" / "pair_000_001.safetensors").write_bytes(b"x")
     assert interrupt_message(stop, str(tmp_path)) == (
         f"interrupted by SIGINT: kept the features and 1 pair analysis in {tmp_path / 'resume'}; run the same "
@@ -293,7 +294,8 @@ def test_forget_empty_state_keeps_kept_files(tmp_path):
     assert len(forget_empty_state(tmp_path, remove_out=True)) == 4 and not tmp_path.exists()
     (tmp_path / "resume" / "pairs").mkdir(parents=True)
     (tmp_path / "resume" / "settings.json").write_text("{}")
-    (tmp_path / "resume" / "features.safetensors").write_bytes(b"x")
+    (tmp_path / "resume" / "features").mkdir()
+    (tmp_path / "resume" / "features" / "images-00000000-00000007.safetensors").write_bytes(b"x")  # a batch
     assert forget_empty_state(tmp_path, remove_out=True) == [] and (tmp_path / "resume" / "settings.json").exists()
 
 

@@ -290,8 +290,10 @@ def test_cli_flip(tiny_sd_path, photos, flipped_run, tmp_path):
         assert entry["flipped"] == pair.flipped
         assert np.array_equal(np.array(entry["target_points"], np.float32).reshape(-1, 2), pair.target_points)
     assert len(document["points"]["transfers"]) == 2
-    loaded = CoSegmentationFeatures.load(os.path.join(out, "resume", "features.safetensors"))
-    assert loaded.mirrored is not None
+    from cosegment.store import FeatureStore
+
+    mirrored = FeatureStore(os.path.join(out, "resume", "mirrored"))  # the mirrored captures, kept as a store
+    assert mirrored.missing() == [] and mirrored.metadata["mirrored"] is True
 
 
 def test_eval_flip_on_tiny_model(spair_root, tiny_sd_path, tmp_path, capsys):  # noqa: F811
@@ -321,7 +323,12 @@ def test_cli_flip_two_processes_write_what_one_process_writes(tiny_sd_path, phot
     _run_cli([sys.executable] + cli, one)
     result = _run_cli(two_process_launch() + cli, two)
     assert "[rank 1/2] analysed 3 pairs" in result.stderr
-    for name in ("results.json", "results.safetensors", "resume/features.safetensors"):
+    kept = [
+        f"resume/{store}/images-0000000{i}-0000000{i + 1}.safetensors"
+        for store in ("features", "mirrored")
+        for i in (0, 2)
+    ]
+    for name in ("results.json", "results.safetensors", *kept):  # each process kept the batch it captured
         assert_same_contents(os.path.join(one, name), os.path.join(two, name))
     with open(os.path.join(one, "results.json")) as handle:
         document = json.load(handle)

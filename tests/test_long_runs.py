@@ -248,7 +248,8 @@ def test_run_state_refuses_or_recomputes_what_changed(tmp_path):
     first.check()
     first.start()
     assert json.loads((out / "resume" / "settings.json").read_text())["settings"] == _settings(tmp_path)
-    write_text(first.features_path, "stand-in")
+    os.makedirs(first.features_path)
+    write_text(os.path.join(first.features_path, "images-00000000-00000001.safetensors"), "stand-in")
     write_text(first.pair_path(0, 1), "stand-in")
 
     changed = RunState(out, _settings(tmp_path, max_entropy=2.0, seed=5), resume="reuse")
@@ -346,17 +347,25 @@ def _inode(path) -> int:
     return os.stat(path).st_ino
 
 
+def _feature_inodes(out) -> dict[str, int]:
+    """The inodes of the kept feature store's files (its index and one shard per captured batch)."""
+    return {name: _inode(out / "resume" / "features" / name) for name in os.listdir(out / "resume" / "features")}
+
+
 def test_resume_after_a_complete_run_reuses_everything(clean_run, image_files, tiny_sd_path, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(clean_run, out)
-    features = _inode(out / "resume" / "features.safetensors")
+    features = _feature_inodes(out)
+    assert sorted(features) == ["images-00000000-00000001.safetensors", "images-00000002-00000003.safetensors"] + [
+        "store.json"
+    ]  # one shard per batch of 2
     pairs = {name: _inode(out / "resume" / "pairs" / name) for name in os.listdir(out / "resume" / "pairs")}
     capsys.readouterr()
     assert main(_arguments(image_files, tiny_sd_path, out) + ["--resume"]) == 0
     log = capsys.readouterr().err
     assert "resume: reused the features of 4 images" in log and "reused 6 of 6 pair analyses" in log
     assert "analysed 0 pairs" in log and "capturing" not in log
-    assert _inode(out / "resume" / "features.safetensors") == features
+    assert _feature_inodes(out) == features
     assert {name: _inode(out / "resume" / "pairs" / name) for name in pairs} == pairs
     _assert_same_as(clean_run, out)
 
@@ -366,7 +375,7 @@ def test_resume_refuses_other_settings_and_overwrite_recomputes(
 ):
     out = tmp_path / "out"
     shutil.copytree(clean_run, out)
-    features = _inode(out / "resume" / "features.safetensors")
+    features = _feature_inodes(out)
     changed = [a if a != "--max-spread=inf" else "--max-spread=30" for a in _arguments(image_files, tiny_sd_path, out)]
     capsys.readouterr()
     with pytest.raises(SystemExit) as refusal:
@@ -379,14 +388,14 @@ def test_resume_refuses_other_settings_and_overwrite_recomputes(
     log = capsys.readouterr().err
     assert "resume: max_spread was Infinity, now 30.0" in log and "reused the features of 4 images" in log
     assert "analysed 6 pairs" in log and "reused 6" not in log
-    assert _inode(out / "resume" / "features.safetensors") == features
+    assert _feature_inodes(out) == features
     fresh = tmp_path / "fresh"
     assert main([a if a != str(out) else str(fresh) for a in changed]) == 0
     _assert_same_as(fresh, out)
 
     assert main(changed) == 0  # no --resume: a fresh run, nothing reused
     assert "reused" not in capsys.readouterr().err
-    assert _inode(out / "resume" / "features.safetensors") != features
+    assert set(_feature_inodes(out).values()).isdisjoint(features.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -482,8 +491,8 @@ def _assert_every_file_complete(out) -> None:
                 json.load(handle)
         elif name == "results.safetensors":
             assert "density_maps" in load_file(path)
-        elif name == "resume/features.safetensors":
-            assert CoSegmentationFeatures.load(path).num_images == 4
+        elif name.startswith("resume/features/images-"):  # a shard: one captured batch
+            assert {name.split(".")[0] for name in load_file(path)} == {"keys", "queries"}
         elif name.startswith("resume/pairs/"):
             load_pair_analysis(path)
         elif name.endswith(".png"):
@@ -517,18 +526,10 @@ def test_interrupted_run_keeps_complete_files_and_resumes(
     stopped = _interrupt(arguments, point, signum, tmp_path)
     name = signal.Signals(signum).name
     assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
-    lines = [line for line in stopped.stderr.splitlines() if "interrupted" in line]
-    if point == "capture":  # nothing kept: the line says so, and no resume state is left behind
-        assert len(lines) == 1 and lines[0].endswith(
-            f"interrupted by {name} before anything was kept for --resume; run the same command to start again"
-        ), stopped.stderr[-3000:]
-        assert not os.path.exists(out), os.listdir(out)  # the run made the folder: it goes too
-    else:
-        assert len(lines) == 1 and f"interrupted by {name}: kept " in lines[0], stopped.stderr[-3000:]
-        assert lines[0].endswith("run the same command with --resume to continue")
+    lines = [line for line in stopped.stderr.splitlines() if "] interrupted by" in line]
+    assert len(lines) == 1 and f"interrupted by {name}: kept " in lines[0], stopped.stderr[-3000:]
+    assert lines[0].endswith("run the same command with --resume to continue")
     assert "Traceback" not in stopped.stderr
-    if point == "capture":
-        out.mkdir()
     _assert_every_file_complete(out)
     # results.json goes before the arrays are written: it never names files of another run
     assert not (out / "results.json").exists()
@@ -536,22 +537,33 @@ def test_interrupted_run_keeps_complete_files_and_resumes(
         assert_same_contents(str(clean_run / "results.safetensors"), str(out / "results.safetensors"))
     else:
         assert not (out / "results.safetensors").exists()
-    kept_features = (out / "resume" / "features.safetensors").exists()
-    assert kept_features == (point != "capture")
-    assert kept_pairs == (len(os.listdir(out / "resume" / "pairs")) if kept_features else 0)
+    # the capture keeps each batch as it is captured (issue 26): stopped in the second batch, the first is kept
+    kept_features = point != "capture"
+    shards = sorted(name for name in os.listdir(out / "resume" / "features") if name.startswith("images-"))
+    assert (
+        shards
+        == ["images-00000000-00000001.safetensors", "images-00000002-00000003.safetensors"][
+            : 2 if kept_features else 1
+        ]
+    )
+    assert kept_pairs == len(os.listdir(out / "resume" / "pairs"))
     if kept_features:
         assert f"kept the features and {kept_pairs} pair analyses in {out / 'resume'};" in lines[0]
-        inodes = {name: _inode(out / "resume" / name) for name in _files(out / "resume") if name != "settings.json"}
+    else:
+        assert f"kept the features in {out / 'resume'};" in lines[0]
+    inodes = {name: _inode(out / "resume" / name) for name in _files(out / "resume") if name != "settings.json"}
 
     capsys.readouterr()
     assert main(arguments + ["--resume"]) == 0
     log = capsys.readouterr().err
     assert ("reused the features of 4 images" in log) == kept_features
-    assert ("capturing images" in log) != kept_features
+    assert ("capturing images 0-3" in log) != kept_features
+    assert ("resume: 2 of this process's 4 images captured already" in log) != kept_features
     assert f"analysed {6 - kept_pairs} pairs" in log
     assert (f"reused {kept_pairs} of 6 pair analyses" in log) == (kept_pairs > 0)
-    if kept_features:  # what was kept was reused, not written again
-        assert {name: _inode(out / "resume" / name) for name in inodes} == inodes
+    # what was kept was reused, not written again; the resumed capture draws the noise of the batches it skips, so
+    # the run writes what the uninterrupted one wrote (features included)
+    assert {name: _inode(out / "resume" / name) for name in inodes} == inodes
     _assert_same_as(clean_run, out)
 
 

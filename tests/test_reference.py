@@ -679,7 +679,7 @@ class TestCli:
         assert main(args + flags + ["--reference", "auto", "--quiet"]) == 0
         with open(os.path.join(out, "results.json")) as handle:
             first = json.load(handle)
-        kept = CoSegmentationFeatures.load(os.path.join(out, "resume", "features.safetensors"))
+        kept = CoSegmentationFeatures.load(os.path.join(out, "resume", "features"), mmap=True)  # the kept store
         assert kept.reference is not None and kept.reference.num_images == 16
         assert kept.reference.grid_size == kept.grid_size
         assert main(args + flags + ["--reference", "auto", "--quiet", "--resume"]) == 0

@@ -71,7 +71,7 @@ def run(tmp_path_factory, tiny_sd_path, photos):
     out = folder / "out"
     flags = ["--model", tiny_sd_path, "--out", str(out), "--no-filter", "--quiet", "--no-figures"]
     assert main(files + flags) == 0
-    features = CoSegmentationFeatures.load(str(out / "resume" / "features.safetensors"))
+    features = CoSegmentationFeatures.load(str(out / "resume" / "features"), mmap=True)
     return out, photos, features
 
 

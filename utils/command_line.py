@@ -280,6 +280,25 @@ def read_image(path: str, name: str = "image") -> np.ndarray:
         raise ValueError(f"`{name}` {path!r} cannot be read as an image: {error}") from error
 
 
+class ImageFiles(Sequence):
+    """Image files as a sequence of `(H, W, 3)` uint8 RGB arrays, each read (:func:`read_image`) when indexed and not
+    kept: a command's collection of thousands of photos is read batch by batch, never held whole."""
+
+    def __init__(self, paths: Sequence[str], name: str = "image") -> None:
+        self.paths, self.name = list(paths), name
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [read_image(path, self.name) for path in self.paths[index]]
+        return read_image(self.paths[index], self.name)
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self.paths)} files)"
+
+
 def check_image_file(path: str, name: str = "image") -> None:
     """`path` exists and is not a folder (what :func:`read_image` checks before reading, without importing PIL)."""
     if not os.path.exists(path):

@@ -1,0 +1,176 @@
+"""The command at scale (issue 26, item 4): the capture kept batch by batch in a feature store as it goes, resumed
+from it, and each process reading only the features it needs (its share of the images for the pair graph, the
+images of its pairs).
+
+The whole command (one and two processes, interrupted and resumed) is tested in test_long_runs.py and test_cli.py;
+these test the pieces on the tiny random pipeline and planted features.
+"""
+
+import argparse
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cosegment import CoSegmentationFeatures, analyze_pairs
+from cosegment.benchmarks.planted import make_planted_features
+from cosegment.cli import _analyse_pairs, pair_shares
+from cosegment.pairs import image_means, partner_pairs
+from cosegment.runstate import RECORDED_SETTINGS, RunState, capture_units
+from cosegment.store import FeatureStore
+from cosegment.utils.command_line import ImageFiles
+
+CAPTURE = {"height": 64, "width": 64, "timestep": 261}
+
+
+def test_capture_units_are_the_runs_batches_of_two_or_more_images():
+    assert capture_units(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert capture_units(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5, 6]]  # a lone last image joins the unit before
+    assert capture_units(list(range(5)), 1) == [[0, 1], [2, 3, 4]]  # batch size 1: two batches a unit
+    assert capture_units([8, 9, 10, 11, 12], 4) == [[8, 9, 10, 11, 12]]
+    assert capture_units([4, 5], 8) == [[4, 5]] and capture_units([], 2) == []
+
+
+def _state(out, num_images: int, flip: bool = False) -> RunState:
+    settings = {**dict.fromkeys(RECORDED_SETTINGS), "images": [f"digest {i}" for i in range(num_images)], "flip": flip}
+    state = RunState(out, settings)
+    state.check()
+    state.start()
+    state.started()
+    return state
+
+
+@pytest.mark.parametrize("batch_size, flip", [(2, False), (1, True)])
+def test_the_capture_kept_unit_by_unit_equals_one_capture(tiny_pipe, photos, tmp_path, batch_size, flip):
+    images = (photos * 2)[:5]
+    whole = tiny_pipe.capture_features(
+        images, batch_size=batch_size, generator=torch.Generator().manual_seed(4), flip=flip, **CAPTURE
+    )
+    state = _state(tmp_path / "out", 5, flip)
+    progress = []
+    captured = state.capture(
+        tiny_pipe,
+        images,
+        list(range(5)),
+        batch_size,
+        torch.Generator().manual_seed(4),
+        progress.append,
+        flip=flip,
+        **CAPTURE,
+    )
+    assert captured == 5 and sum(progress) == 5 and len(progress) == len(capture_units(range(5), batch_size))
+    assert "prepare_noise" not in vars(tiny_pipe)  # the pipeline's own method again
+    kept = state.load_features()
+    assert kept.num_images == 5 and kept.metadata == whole.metadata and kept.image_sizes == whole.image_sizes
+    for a, b in zip(kept.queries + kept.keys, whole.queries + whole.keys):
+        assert torch.equal(a, b)  # every image with its own noise: bitwise the capture of the whole collection
+    if flip:
+        assert kept.mirrored.metadata["mirrored"] is True
+        for a, b in zip(kept.mirrored.queries, whole.mirrored.queries):
+            assert torch.equal(a, b)
+
+
+def test_a_resumed_capture_captures_only_what_is_missing(tiny_pipe, photos, tmp_path, monkeypatch):
+    images = (photos * 2)[:6]
+    whole = tiny_pipe.capture_features(images, batch_size=2, generator=torch.Generator().manual_seed(1), **CAPTURE)
+    state = _state(tmp_path / "out", 6)
+    first = state.capture(tiny_pipe, images, [0, 1, 2, 3, 4, 5], 2, torch.Generator().manual_seed(1), **CAPTURE)
+    assert first == 6 and state.missing_images() == []
+    os.remove(os.path.join(state.features_path, "images-00000002-00000003.safetensors"))  # as if never captured
+    assert state.missing_images() == [2, 3] and not state.has_features()
+    calls = []
+    capture = tiny_pipe.capture_features
+
+    def counting(batch, **kwargs):
+        calls.append(len(batch))
+        return capture(batch, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe, "capture_features", counting)
+    progress = []
+    again = RunState(tmp_path / "out", state.settings, resume="reuse")
+    again.check()
+    assert again.missing_images() == [2, 3]
+    assert (
+        again.capture(
+            tiny_pipe, images, list(range(6)), 2, torch.Generator().manual_seed(1), progress.append, **CAPTURE
+        )
+        == 2
+    )
+    assert calls == [2] and progress == [2]  # only the missing batch, after drawing the noise of the one before it
+    for a, b in zip(again.load_features().queries, whole.queries):
+        assert torch.equal(a, b)
+    # a process whose share starts later draws the noise of the images before it
+    other = _state(tmp_path / "share", 6)
+    assert other.capture(tiny_pipe, images, [4, 5], 2, torch.Generator().manual_seed(1), **CAPTURE) == 2
+    assert other.missing_images() == [0, 1, 2, 3]
+    shard = load_file(os.path.join(other.features_path, "images-00000004-00000005.safetensors"))
+    assert torch.equal(shard["queries.0"], whole.queries[0][4:]) and torch.equal(shard["keys.1"], whole.keys[1][4:])
+
+
+def test_the_pipelines_noise_comes_back_when_a_capture_fails(tiny_pipe, photos, tmp_path):
+    state = _state(tmp_path / "out", 4)
+    with pytest.raises(ValueError, match="timestep"):
+        state.capture(tiny_pipe, photos[:4], [2, 3], 2, torch.Generator(), height=64, width=64, timestep=-3)
+    assert "prepare_noise" not in vars(tiny_pipe) and state.missing_images() == [0, 1, 2, 3]
+
+
+def test_image_means_of_shares_make_the_same_pair_graph():
+    features = make_planted_features(num_images=9, seed=2).features
+    shares = [[0, 1, 2], [3, 4, 5, 6], [7, 8]]
+    parts = [image_means(features, share) for share in shares]
+    means = [torch.cat([part[e] for part in parts]) for e in range(len(features.layer_names))]
+    whole = image_means(features)
+    assert all(torch.equal(a, b) for a, b in zip(means, whole)) and whole[0].shape == (9, 4 * 32)
+    assert partner_pairs(features, 2, means) == partner_pairs(features, 2)
+    with pytest.raises(ValueError, match="indices"):
+        image_means(features, [])
+
+
+def test_each_process_reads_its_share_and_its_pairs_images_only(tmp_path, monkeypatch):
+    """Process 1 of 2 (the other simulated): it reads its half of the images for the pair graph (the other half's
+    means come gathered) and then only the images of its pairs."""
+    case = make_planted_features(num_images=12, seed=5)
+    FeatureStore.from_features(tmp_path / "store", case.features, images_per_shard=4)
+    other, mine = (FeatureStore(tmp_path / "store").features(cache_bytes=0) for _ in range(2))
+
+    def gather(parts):  # what process 0 contributes: the means of its share, read by its own reader
+        if parts and isinstance(parts[0], tuple):
+            return [(list(range(6)), image_means(other, range(6)))] + parts
+        return parts
+
+    monkeypatch.setattr("accelerate.utils.gather_object", gather)
+    state = SimpleNamespace(process_index=1, num_processes=2)
+    kept = _state(tmp_path / "out", 12)
+    args = argparse.Namespace(partners=2, no_refine=False)
+    analyses, orientations = _analyse_pairs(args, mine, kept, state, "cpu", {}, False)
+    my_pairs = pair_shares(12, 2, partner_pairs(case.features, 2))[1]
+    read = {i for i, count in enumerate(mine.reads) if count}
+    assert read == set(range(6, 12)) | {i for pair in my_pairs for i in pair} and len(read) < 12
+    assert orientations is None and [(a.source_index, a.target_index) for a in analyses] == my_pairs
+    expected = analyze_pairs(case.features, my_pairs[:1])[0]
+    assert torch.equal(analyses[0].passes[0].keep, expected.passes[0].keep)
+
+
+def test_image_files_are_read_when_indexed(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        PIL.Image.fromarray(np.full((5, 7, 3), 50 * i, np.uint8)).save(paths[-1])
+    files = ImageFiles(paths, "IMAGE")
+    assert len(files) == 3 and files[2].shape == (5, 7, 3) and int(files[2][0, 0, 0]) == 100
+    assert [int(image[0, 0, 0]) for image in files[1:]] == [50, 100] and repr(files) == "ImageFiles(3 files)"
+    os.remove(paths[1])  # read when indexed: a file gone since the check is named then
+    with pytest.raises(ValueError, match="1.png"):
+        files[1]
+
+
+def test_a_store_of_another_collection_size_is_not_reused(tmp_path, caplog):
+    state = _state(tmp_path / "out", 4)
+    features = CoSegmentationFeatures([torch.ones(3, 1, 4, 2)], [torch.ones(3, 1, 4, 2)], (2, 2), [(8, 8)] * 3)
+    FeatureStore.from_features(state.features_path, features)
+    assert state.missing_images() == [0, 1, 2, 3] and not os.path.exists(state.features_path)
+    assert "a store of 3 images, the run has 4" in caplog.text
