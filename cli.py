@@ -539,8 +539,8 @@ def _load_features(args: argparse.Namespace, kept):
 
 def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bool) -> list:
     """4-8a. Per-pair analysis (the expensive part): each process its share of the pairs, each kept in --out/resume as
-    it finishes. Returns every pair's analysis, gathered to every process."""
-    from accelerate.utils import gather_object
+    it finishes. Returns, on the main process, every pair's analysis (its own, and the others' read from their kept
+    files once every process is done), None on the others; and the orientations (`--flip`)."""
     from tqdm.auto import tqdm
 
     from cosegment import analyze_pairs
@@ -565,7 +565,22 @@ def _analyse_pairs(args, features, kept, state, device, analysis: dict, bars: bo
         shown = ", ".join(map(str, reused[:8])) + (" ..." if len(reused) > 8 else "")
         logger.info("resume: reused %d of %d pair analyses: %s", len(reused), len(my_pairs), shown)
     logger.info("analysed %d pairs", len(my_pairs) - len(reused))
-    return gather_object(my_analyses), orientations
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None, orientations
+    mine = dict(zip(my_pairs, my_analyses))
+    analyses = [mine[pair] if pair in mine else kept.load_pair(*pair, _bits(orientations, pair)) for pair in graph]
+    if any(one is None for one in analyses):
+        missing = [f"{s}-{t}" for (s, t), one in zip(graph, analyses) if one is None]
+        raise RuntimeError(
+            f"the analyses of pairs {_listed(missing)} are not in {kept.folder} after the analysis: with several "
+            "processes, --out must be on a disk that every process sees."
+        )
+    return analyses, orientations
+
+
+def _bits(orientations, pair: tuple[int, int]) -> list[bool] | None:
+    return None if orientations is None else [bool(orientations[pair[0]]), bool(orientations[pair[1]])]
 
 
 def _gathered_means(features, partners: int | None, state) -> list | None:

@@ -197,9 +197,11 @@ def bounded_mask(mask, parts: bool) -> np.ndarray:
     return resized.astype(mask.dtype)
 
 
-def _listed(output, field: str) -> list:
+def _listed(output, field: str):
+    """The output's masks of `field` (none: `[]`), as they are: `LazyMasks` (thousands of images) make each mask when
+    indexed, so that writing them never holds them all."""
     values = getattr(output, field, None)
-    return [] if values is None else list(values)
+    return [] if values is None else values
 
 
 def write_mask_files(output, out_dir: str, document: dict) -> list[str]:
@@ -240,6 +242,14 @@ def write_mask_files(output, out_dir: str, document: dict) -> list[str]:
 
 def results_arrays(output) -> dict[str, torch.Tensor]:
     """Every array of the output as named CPU tensors for `results.safetensors`."""
+    return {name: make() for name, _, _, make in results_entries(output)}
+
+
+def results_entries(output) -> list[tuple]:
+    """The arrays of `results.safetensors` as `(name, dtype, shape, make)` (`make()` gives the CPU tensor): the
+    masks of `LazyMasks` (thousands of images) are made only when written (`save_safetensors_streamed`)."""
+    from cosegment.parts import LazyMasks
+
     arrays = {
         name: torch.as_tensor(np.ascontiguousarray(getattr(output, name)), dtype=torch.float32)
         for name in ("density_maps", "entropy_maps", "inverse_error_maps")
@@ -251,16 +261,29 @@ def results_arrays(output) -> dict[str, torch.Tensor]:
         arrays[f"{prefix}.mutual"] = torch.as_tensor(np.asarray(pair.mutual, dtype=bool))
         for name in ("source_tokens", "target_tokens"):
             arrays[f"{prefix}.{name}"] = torch.as_tensor(np.asarray(getattr(pair, name), dtype=np.int64))
+    later = []
     for field in ("masks", "part_masks"):
-        for i, value in enumerate(_listed(output, field)):
-            arrays[f"{field}.{i}"] = torch.as_tensor(np.ascontiguousarray(bounded_mask(value, field == "part_masks")))
+        parts, values = field == "part_masks", getattr(output, field, None)
+        for i in range(0 if values is None else len(values)):
+            if isinstance(values, LazyMasks) and (not parts or values.num_parts <= 255):  # uint8 ids: shape known
+                make = _mask_maker(values, i, parts)
+                later.append(
+                    (f"{field}.{i}", torch.uint8 if parts else torch.bool, mask_array_size(*values.sizes[i]), make)
+                )
+            else:
+                arrays[f"{field}.{i}"] = torch.as_tensor(np.ascontiguousarray(bounded_mask(values[i], parts)))
     for field, dtype in (("keypoints", np.float32), ("keypoint_parts", np.int64)):
         values = getattr(output, field, None)
         if values is None:
             continue
         for i, value in enumerate(values):
             arrays[f"{field}.{i}"] = torch.as_tensor(np.ascontiguousarray(np.asarray(value, dtype=dtype)))
-    return {name: tensor.contiguous() for name, tensor in arrays.items()}
+    made = [(name, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()) for name, t in arrays.items()]
+    return made + later
+
+
+def _mask_maker(masks, index: int, parts: bool):
+    return lambda: torch.as_tensor(np.ascontiguousarray(bounded_mask(masks[index], parts)))
 
 
 # Pictured images smaller than this (longer side, px) are scaled up to it (never beyond `--figure-size`): a panel's
@@ -504,14 +527,14 @@ def write_results(
     Returns:
         the files removed, and the files of `out_dir` that are not a run's (left alone), relative paths.
     """
-    from cosegment.utils.files import save_safetensors, write_text
+    from cosegment.utils.files import save_safetensors_streamed, write_text
 
     os.makedirs(out_dir, exist_ok=True)
     results_json = os.path.join(out_dir, "results.json")
     if os.path.exists(results_json):
         os.remove(results_json)
-    arrays = results_arrays(output)
-    save_safetensors(arrays, os.path.join(out_dir, "results.safetensors"), metadata={"format": RESULTS_FORMAT})
+    path, metadata = os.path.join(out_dir, "results.safetensors"), {"format": RESULTS_FORMAT}
+    save_safetensors_streamed(results_entries(output), path, metadata=metadata)  # masks made one at a time
     written = ["results.json", "results.safetensors", *write_mask_files(output, out_dir, document)]
     if figures:
         document["figures"] = write_figures(

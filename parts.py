@@ -653,6 +653,16 @@ class LazyMasks(Sequence):
         self.output_type, self.kind = output_type, kind
 
     @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """Each mask's `(H_i, W_i)`."""
+        return list(self._sizes)
+
+    @property
+    def num_parts(self) -> int:
+        """The number of parts `K` (part ids `1..K`)."""
+        return int(self._divergences[0].shape[1]) if len(self._divergences) else 0
+
+    @property
     def nbytes(self) -> int:
         """Bytes the masks take as a list (`int64` labels, or bool foreground)."""
         return sum(h * w for h, w in self._sizes) * (8 if self.kind == "parts" else 1)

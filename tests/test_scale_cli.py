@@ -135,24 +135,35 @@ def test_each_process_reads_its_share_and_its_pairs_images_only(tmp_path, monkey
     means come gathered) and then only the images of its pairs."""
     case = make_planted_features(num_images=12, seed=5)
     FeatureStore.from_features(tmp_path / "store", case.features, images_per_shard=4)
-    other, mine = (FeatureStore(tmp_path / "store").features(cache_bytes=0) for _ in range(2))
+    other, mine, third = (FeatureStore(tmp_path / "store").features(cache_bytes=0) for _ in range(3))
 
-    def gather(parts):  # what process 0 contributes: the means of its share, read by its own reader
-        if parts and isinstance(parts[0], tuple):
-            return [(list(range(6)), image_means(other, range(6)))] + parts
-        return parts
+    def gather(parts):  # every process's share of the means (each process computed its own, as `parts`)
+        assert len(parts) == 1 and len(parts[0][0]) == 6
+        return [(list(range(6)), image_means(third, range(6))), (list(range(6, 12)), image_means(third, range(6, 12)))]
 
     monkeypatch.setattr("accelerate.utils.gather_object", gather)
-    state = SimpleNamespace(process_index=1, num_processes=2)
+    waits = []
+    state = SimpleNamespace(process_index=1, num_processes=2, is_main_process=False)
+    state.wait_for_everyone = lambda: waits.append(1)
     kept = _state(tmp_path / "out", 12)
     args = argparse.Namespace(partners=2, no_refine=False)
-    analyses, orientations = _analyse_pairs(args, mine, kept, state, "cpu", {}, False)
-    my_pairs = pair_shares(12, 2, partner_pairs(case.features, 2))[1]
+    assert _analyse_pairs(args, mine, kept, state, "cpu", {}, False) == (None, None)  # the main process joins
+    graph = partner_pairs(case.features, 2)
+    my_pairs = pair_shares(12, 2, graph)[1]
     read = {i for i, count in enumerate(mine.reads) if count}
     assert read == set(range(6, 12)) | {i for pair in my_pairs for i in pair} and len(read) < 12
-    assert orientations is None and [(a.source_index, a.target_index) for a in analyses] == my_pairs
+    assert waits == [1] and sorted(os.listdir(os.path.join(kept.folder, "pairs"))) == [
+        f"pair_{s:03d}_{t:03d}.safetensors" for s, t in my_pairs
+    ]
     expected = analyze_pairs(case.features, my_pairs[:1])[0]
-    assert torch.equal(analyses[0].passes[0].keep, expected.passes[0].keep)
+    assert torch.equal(kept.load_pair(*my_pairs[0]).passes[0].keep, expected.passes[0].keep)
+    # the main process: its own pairs, and the others' from their kept files (in the graph's order)
+    state = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    analyses, _ = _analyse_pairs(args, other, kept, state, "cpu", {}, False)
+    assert [(a.source_index, a.target_index) for a in analyses] == graph
+    os.remove(kept.pair_path(*my_pairs[-1]))  # a process that kept its pairs where the main one cannot see them
+    with pytest.raises(RuntimeError, match=f"pairs {my_pairs[-1][0]}-{my_pairs[-1][1]} are not in .*every process"):
+        _analyse_pairs(args, other, kept, state, "cpu", {}, False)
 
 
 def test_image_files_are_read_when_indexed(tmp_path):
@@ -174,3 +185,78 @@ def test_a_store_of_another_collection_size_is_not_reused(tmp_path, caplog):
     FeatureStore.from_features(state.features_path, features)
     assert state.missing_images() == [0, 1, 2, 3] and not os.path.exists(state.features_path)
     assert "a store of 3 images, the run has 4" in caplog.text
+
+
+def test_a_streamed_safetensors_file_loads_as_the_tensors_it_was_given(tmp_path):
+    from safetensors import safe_open
+
+    from cosegment.utils.files import find_temporaries, save_safetensors_streamed
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.bool": torch.rand(3, 5, generator=g) > 0.5,
+        "b.uint8": torch.randint(0, 255, (7,), generator=g, dtype=torch.uint8),
+        "c.int64": torch.randint(-9, 9, (2, 3), generator=g),
+        "d.float32": torch.randn(4, 1, 3, generator=g),
+        "e.bfloat16": torch.randn(5, generator=g).to(torch.bfloat16),
+        "f.empty": torch.zeros(0, 3),
+        "g.int32": torch.arange(3, dtype=torch.int32),
+    }
+    made = []
+
+    def maker(name):
+        def make():
+            made.append(name)
+            return tensors[name]
+
+        return make
+
+    entries = [(name, t.dtype, tuple(t.shape), maker(name)) for name, t in tensors.items()]
+    save_safetensors_streamed(entries, tmp_path / "x.safetensors", metadata={"format": "test"})
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert sorted(loaded) == sorted(tensors)
+    assert all(torch.equal(loaded[name], t) and loaded[name].dtype == t.dtype for name, t in tensors.items())
+    assert made[0] == "c.int64" and made.index("d.float32") < made.index("e.bfloat16") < made.index("a.bool")
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as handle:  # memory-mapped reads: aligned
+        assert handle.metadata() == {"format": "test"} and torch.equal(
+            handle.get_tensor("c.int64"), tensors["c.int64"]
+        )
+    wrong = [("x", torch.float32, (2,), lambda: torch.zeros(3))]
+    with pytest.raises(ValueError, match=r"`x` was announced torch.float32 \(2,\), made torch.float32 \(3,\)"):
+        save_safetensors_streamed(wrong, tmp_path / "y.safetensors")
+    assert not (tmp_path / "y.safetensors").exists() and find_temporaries(tmp_path) == []
+
+
+def test_results_of_lazy_masks_are_written_one_mask_at_a_time(tmp_path, monkeypatch):
+    import cosegment.parts as parts_module
+    from cosegment import analyze_features
+    from cosegment.cli_output import results_arrays, results_entries, write_results
+
+    features = make_planted_features(num_images=4, seed=1).features
+    listed = analyze_features(features, output_type="np")
+    monkeypatch.setattr(parts_module, "MASKS_IN_MEMORY_BYTES", 0)
+    lazy = analyze_features(features, output_type="np")
+    assert isinstance(lazy.part_masks, parts_module.LazyMasks) and lazy.part_masks.num_parts >= 2
+    assert lazy.part_masks.sizes == [tuple(np.asarray(m).shape) for m in listed.part_masks]
+    indexed = []
+    real = parts_module.LazyMasks.__getitem__
+
+    def counted(self, index):
+        indexed.append(index)
+        return real(self, index)
+
+    monkeypatch.setattr(parts_module.LazyMasks, "__getitem__", counted)
+    entries = results_entries(lazy)
+    assert indexed == []  # the masks' shapes and dtypes are known: none is made before it is written
+    assert [(dtype, shape) for name, dtype, shape, _ in entries if name == "part_masks.2"] == [
+        (torch.uint8, lazy.part_masks.sizes[2])
+    ]
+    for name, output in (("listed", listed), ("lazy", lazy)):
+        document = {"masks": [{} for _ in range(4)], "parts": [[] for _ in range(4)]}
+        write_results(str(tmp_path / name), document, output, [], figures=False)
+    expected = results_arrays(listed)
+    written = load_file(tmp_path / "lazy" / "results.safetensors")
+    assert sorted(written) == sorted(expected) == sorted(load_file(tmp_path / "listed" / "results.safetensors"))
+    assert all(torch.equal(written[name], expected[name]) for name in expected)
+    assert written["part_masks.0"].dtype == torch.uint8 and written["masks.3"].dtype == torch.bool
+    assert {0, 1, 2, 3} <= set(indexed)

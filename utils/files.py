@@ -129,6 +129,47 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
         save_file(tensors, temporary, metadata=metadata)
 
 
+# safetensors' names of the dtypes `save_safetensors_streamed` writes
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def save_safetensors_streamed(entries, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of tensors made one at a time, atomically: `entries` lists `(name, dtype, shape, make)`,
+    `make()` returning that tensor when its turn comes, so that at most one is in memory (thousands of masks). The
+    same format as `save_safetensors` (8-byte header length, JSON header, then each tensor's bytes, the larger
+    element sizes first so that every tensor stays aligned); `ValueError` when a made tensor has another dtype or
+    shape than announced."""
+    import math
+    import struct
+
+    import torch
+
+    def size_of(dtype) -> int:
+        return torch.empty(0, dtype=dtype).element_size()
+
+    entries = sorted(entries, key=lambda entry: (-size_of(entry[1]), entry[0]))
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
+    for name, dtype, shape, _ in entries:
+        end = offset + math.prod(shape) * size_of(dtype)
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(shape)}
+        header[name]["data_offsets"] = [offset, end]
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for name, dtype, shape, make in entries:
+            tensor = make().detach().contiguous().cpu()
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(
+                    f"`{name}` was announced {dtype} {tuple(shape)}, made {tensor.dtype} {tuple(tensor.shape)}."
+                )
+            handle.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+
+
 def save_png(path: str | os.PathLike, picture) -> None:
     """Saves an `(H, W, 3)` or `(H, W)` uint8 array (or a PIL image) as a PNG file, atomically (PIL's encoder)."""
     import numpy as np
