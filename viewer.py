@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import os
 import re
@@ -213,10 +214,10 @@ class ViewerData:
     pairs: dict[tuple[int, int], dict] = field(default_factory=dict)
 
 
-def _check_inputs(images, output, features) -> list[np.ndarray]:
-    """Images as `(H, W, 3)` uint8; `ValueError` naming the argument when they do not fit the output/features."""
-    from cosegment.utils.visualization import as_rgb_uint8
-
+def _check_inputs(images, output, features) -> Sequence[np.ndarray]:
+    """Images as `(H, W, 3)` uint8; `ValueError` naming the argument when they do not fit the output/features. A list
+    or tuple is converted and checked here; other sequences (`cosegment`'s image files, read when indexed) as each
+    image is used, so that thousands of them are never held at once."""
     if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):  # a list, or files read when indexed
         raise TypeError(f"`images` must be a list of images, got {type(images).__name__}.")
     maps = getattr(output, "density_maps", None)
@@ -225,14 +226,28 @@ def _check_inputs(images, output, features) -> list[np.ndarray]:
     num_images = int(_numpy(maps).shape[0])
     if len(images) != num_images:
         raise ValueError(f"`images` must hold the output's {num_images} images, got {len(images)}.")
-    rgb = [as_rgb_uint8(np.asarray(image), f"images[{i}]") for i, image in enumerate(images)]
-    if features is not None:
-        if features.num_images != num_images:
-            raise ValueError(f"`features` must hold the output's {num_images} images, got {features.num_images}.")
-        for i, (image, size) in enumerate(zip(rgb, features.image_sizes)):
-            if tuple(image.shape[:2]) != tuple(size):
-                raise ValueError(f"`images[{i}]` is {image.shape[:2]} px but the features say {tuple(size)}.")
-    return rgb
+    if features is not None and features.num_images != num_images:
+        raise ValueError(f"`features` must hold the output's {num_images} images, got {features.num_images}.")
+    checked = _CheckedImages(images, None if features is None else features.image_sizes)
+    return [checked[i] for i in range(num_images)] if isinstance(images, (list, tuple)) else checked
+
+
+class _CheckedImages(Sequence):
+    """`images[i]` as `(H, W, 3)` uint8, checked against the features' image size `sizes[i]`, when indexed."""
+
+    def __init__(self, images: Sequence, sizes: Sequence | None) -> None:
+        self.images, self.sizes = images, sizes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from cosegment.utils.visualization import as_rgb_uint8
+
+        image = as_rgb_uint8(np.asarray(self.images[i]), f"images[{i}]")
+        if self.sizes is not None and tuple(image.shape[:2]) != tuple(self.sizes[i]):
+            raise ValueError(f"`images[{i}]` is {image.shape[:2]} px but the features say {tuple(self.sizes[i])}.")
+        return image
 
 
 def _map_ranges(output) -> list[dict]:
@@ -307,7 +322,7 @@ def _pair_record(pair) -> dict:
 def _part_ids(output) -> list[int]:
     """The part ids found anywhere in the collection (masks and keypoints), ascending, background left out."""
     found = set()
-    for labels in list(output.part_masks or []) + list(output.keypoint_parts or []):
+    for labels in itertools.chain(output.part_masks or [], output.keypoint_parts or []):  # masks made one at a time
         found.update(int(p) for p in np.unique(_numpy(labels)) if int(p) != 0)
     return sorted(found)
 

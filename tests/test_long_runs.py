@@ -435,14 +435,13 @@ elif point.startswith("pair:"):  # inside the next pair's analysis (pass_statist
             pause()
         return statistics(*args, **kwargs)
     module.pass_statistics = paused_statistics
-elif point.startswith("write:"):
-    import safetensors.torch
-    save = safetensors.torch.save_file
-    def paused_save(tensors, filename, metadata=None):
-        save(tensors, filename, metadata=metadata)
-        if os.path.basename(filename).startswith("." + point[6:]):
+elif point.startswith("write:"):  # the atomic writers' rename of the complete temporary file
+    replace = os.replace
+    def paused_replace(source, destination, *args, **kwargs):
+        if os.path.basename(os.fspath(source)).startswith("." + point[6:]):
             pause()
-    safetensors.torch.save_file = paused_save
+        return replace(source, destination, *args, **kwargs)
+    os.replace = paused_replace
 
 from cosegment.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -260,3 +260,26 @@ def test_results_of_lazy_masks_are_written_one_mask_at_a_time(tmp_path, monkeypa
     assert all(torch.equal(written[name], expected[name]) for name in expected)
     assert written["part_masks.0"].dtype == torch.uint8 and written["masks.3"].dtype == torch.bool
     assert {0, 1, 2, 3} <= set(indexed)
+
+
+def test_the_viewer_reads_image_files_one_at_a_time(tmp_path):
+    """`build_viewer` on `ImageFiles` (the command's images, read when indexed) gives the data of the in-memory list,
+    converting each image when it is used; a file that changed size since the capture is named then."""
+    from cosegment import analyze_features
+    from cosegment.viewer import build_viewer
+
+    features = make_planted_features(num_images=4, grid_size=(8, 8), seed=3).features
+    output = analyze_features(features, partners=2)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in features.image_sizes]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        PIL.Image.fromarray(image).save(paths[-1])
+    files = ImageFiles(paths)
+    expected = build_viewer(images, output, features, figure_size=32)
+    lazy = build_viewer(files, output, features, figure_size=32)
+    assert lazy.manifest == expected.manifest and lazy.images == expected.images and lazy.pairs == expected.pairs
+    PIL.Image.fromarray(images[2][:-1]).save(paths[2])  # one row shorter
+    with pytest.raises(ValueError, match=r"`images\[2\]` is \(\d+, \d+\) px but the features say"):
+        build_viewer(files, output, features, figure_size=32)
