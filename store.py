@@ -42,9 +42,12 @@ STORE_INDEX = "store.json"
 STORE_REFERENCE = "reference.safetensors"
 _SHARD_NAME = re.compile(r"^images-(\d{8})-(\d{8})\.safetensors$")
 # The images a lazy features object keeps after reading them (least recently used dropped first): the two images of
-# a pair and the anchor images of step 10 are read again soon after. 64 MiB: 64 planted images, 4 of SD 2.1's default
-# layers at 512 px (about 15 MiB each).
-DEFAULT_CACHE_BYTES = 2**26
+# a pair and the anchor images of step 10 are read again soon after. 16 MiB: 16 planted images (a pair's source image
+# stays for its next partner, step 10's 8 anchor images and the image they are compared with stay); at least
+# `CACHE_MIN_IMAGES` whatever their size (2 of SD 2.1's default layers at 512 px, about 15 MiB each). Was 64 MiB: at
+# M = 1024 planted the smaller cache read no image more often and kept 48 MiB less (BENCHMARKS.md (t2)).
+DEFAULT_CACHE_BYTES = 2**24
+CACHE_MIN_IMAGES = 2
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HEADER_LIMIT = 2**27
 
@@ -73,7 +76,8 @@ class LazyFeatures(CoSegmentationFeatures):
         shapes (`list[tuple[int, int, int]]`): per entry `(H, N, d)`.
         dtype (`torch.dtype`), device (`torch.device`): of the tensors `read` returns.
         grid_size, image_sizes, layer_names, metadata, reference: as in [`CoSegmentationFeatures`].
-        cache_bytes (`int`, *optional*): images kept after reading (0: none).
+        cache_bytes (`int`, *optional*): images kept after reading (0: none; else at least the last
+            `CACHE_MIN_IMAGES` = 2 read, whatever their size: a pair's two images).
 
     Attributes:
         reads (`list[int]`): per image, how many times `read` was called for it (cache misses).
@@ -201,10 +205,8 @@ class LazyFeatures(CoSegmentationFeatures):
         if self._cache_bytes > 0:
             self._cache[index] = (queries, keys)
             size = _image_bytes(self._shapes, self._dtype)
-            while len(self._cache) * size > self._cache_bytes and len(self._cache) > 1:
+            while len(self._cache) * size > self._cache_bytes and len(self._cache) > CACHE_MIN_IMAGES:
                 self._cache.popitem(last=False)
-            if size > self._cache_bytes:
-                self._cache.clear()
         return queries, keys
 
     def forget(self) -> None:
