@@ -6,8 +6,8 @@ made elsewhere (:func:`join_pair_analyses`). This is where the time goes.
 """
 
 import math
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -251,7 +251,14 @@ def compact_pass(result: PassResult) -> PassResult:
     `inverse_entropy` and `peak_points`. 3 of a pass's 9 `(N,)` tensors' 41 KiB at N = 1024: the per-pair results
     are what grows with the collection (BENCHMARKS.md (t2))."""
     stats = result.statistics
-    kept = [stats.forward, stats.inverse_error, result.max_prob, result.inverse_entropy, result.peak_points, result.keep]
+    kept = [
+        stats.forward,
+        stats.inverse_error,
+        result.max_prob,
+        result.inverse_entropy,
+        result.peak_points,
+        result.keep,
+    ]
     kept = _packed([t for t in kept if t is not None])  # widest dtype first, so that each view is aligned
     forward, inverse_error, max_prob, inverse_entropy = kept[:4]
     empty = stats.target_entropy[:0].clone()

@@ -521,6 +521,7 @@ def _cluster_some(
         list(features.layer_names),
         device=features.device,
         cache_bytes=0,
+        check_values=False,  # read from `features`, which checked them
     )
     kept, regions, model = _cluster_points(
         subset, [points[i] for i in clustered], linked, num_parts, chunk_size, device
