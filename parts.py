@@ -373,18 +373,19 @@ def _cluster_points(
         linked = link_by_correspondences(linked, points, correspondences, num_tokens)  # the unlinked rows freed
         trim_memory()
         total = linked.shape[0]
-        # a float64 copy that the clustering divides in place; `linked` (float32) gives it again exactly
-        regions = factored_spectral_clusters(
-            linked.double().cpu().numpy(), num_parts, min(MAX_PARTS, max(1, total - 1)), overwrite=True
-        )
+        embedding = linked.double().cpu().numpy()  # a float64 copy, which the clustering divides in place
+        del linked
+        regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)), overwrite=True)
+        del embedding
         trim_memory()
         small = np.bincount(regions)[regions] < MIN_REGION_TOKENS
         if not small.any() or small.all():
             break
         points, regions = _keep_points(points, regions, ~small)
+    # the last embedding again (from the kept blocks: the same values), rather than a copy held through the clustering
+    embedding = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
+    embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
     blocks.clear()
-    embedding = linked.double().cpu().numpy()
-    del linked
     anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
     descriptors = key_descriptors(features, points, device)
     regions = refine_by_keys(descriptors, regions)
