@@ -221,11 +221,14 @@ def typical_points(embedding: np.ndarray, regions: np.ndarray, centres: dict | N
     over the background. `centres`, when given, receives per part its unit mean row and median similarity (to test
     other points the same way)."""
     keep = np.ones(regions.shape[0], dtype=bool)
-    unit = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     for part in np.unique(regions):
         members = regions == part
-        centre = unit[members].mean(0)
-        similarity = unit[members] @ (centre / max(np.linalg.norm(centre), 1e-12))
+        rows = embedding[members]  # unit rows of one part at a time: no unit copy of the whole `(R, D)` embedding
+        unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        del rows
+        centre = unit.mean(0)
+        similarity = unit @ (centre / max(np.linalg.norm(centre), 1e-12))
+        del unit
         keep[members] = similarity >= TYPICAL_POINT_SHARE * np.median(similarity)
         if centres is not None:
             centres[int(part)] = (centre / max(np.linalg.norm(centre), 1e-12), float(np.median(similarity)))
