@@ -119,6 +119,7 @@ from .settings import (  # noqa: F401 (re-exported: importable from here as befo
     features_digest,
     settings_with_reference,
 )
+from .store import trim_memory
 from .transfer import (  # noqa: F401 (re-exported: importable from here as before the split)
     REFINE_FIELD_RADIUS,
     REFINE_RADIUS,
@@ -250,7 +251,7 @@ def analyze_checked_features(
         features, orientations = orient_corrected(features, mirrored, orientations, settings, pairs, device)
     # 4-8a. Per pair of the pair graph (the expensive part), unless done already (e.g. split between processes)
     if pair_analyses is None:
-        pair_analyses = _analyze_pair_list(features, pairs, settings, device, progress)
+        pair_analyses = _analyze_pair_list(features, pairs, settings, device, progress, compact=True)
     passes = join_pair_analyses(pair_analyses, features, settings.pair_settings, device, pairs)
     del pair_analyses  # the passes hold what is needed of them (freed before steps 10-11 when they were made here)
     thresholds = [
@@ -270,6 +271,7 @@ def analyze_checked_features(
     density = hit_counts(correspondences, num_images, num_tokens, device)
     entropy, inverse_error = mean_pass_maps(passes, num_images, num_tokens, device)
     del passes  # per pair and pass `(N,)` statistics: not needed by steps 10-11
+    trim_memory()  # their memory back to the system before step 10's buffers (else counted twice at the peak)
     output = CoSegmentationPipelineOutput(
         correspondences=correspondences,
         density_maps=density.view(num_images, *grid),

@@ -29,12 +29,14 @@ def sharing_scores(passes: dict[tuple[int, int], PassResult], num_images: int) -
     0.78-1); one without it keeps only the few matches that per-pass adaptive thresholds always let through (0.05-
     0.19). The median makes the score collection-relative; it assumes most images show the object. All ones when
     the collection keeps no match at all."""
-    kept = torch.zeros(num_images, num_images, dtype=torch.float64)
+    kept = {}  # per analysed pair, its kept matches (both passes): no (M, M) matrix
     for (s, t), result in passes.items():
-        count = float(result.keep.sum())
-        kept[s, t] += count
-        kept[t, s] += count
-    best = kept.max(dim=1).values
+        pair = (min(s, t), max(s, t))
+        kept[pair] = kept.get(pair, 0.0) + float(result.keep.sum())
+    best = torch.zeros(num_images, dtype=torch.float64)
+    for (s, t), count in kept.items():
+        best[s] = max(float(best[s]), count)
+        best[t] = max(float(best[t]), count)
     typical = float(np.median(best.numpy()))
     if typical <= 0:
         return torch.ones(num_images, dtype=torch.float64)

@@ -7,6 +7,7 @@ made elsewhere (:func:`join_pair_analyses`). This is where the time goes.
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,11 +48,14 @@ def image_means(features: CoSegmentationFeatures, indices: Sequence[int] | None 
     if len(indices) == 0:
         raise ValueError("`indices` must name one image or more, got none.")
     means = [[] for _ in features.layer_names]
-    for index in indices:
+    for position, index in enumerate(indices):
         queries, _ = features.image(index)
         for entry, query in enumerate(queries):
             tokens = query.detach().float().permute(1, 0, 2).flatten(1)  # (N, H * d)
             means[entry].append(torch.nn.functional.normalize(tokens, dim=-1).mean(dim=0))
+        if position % 32 == 31:  # the reads' freed buffers, between the means, back to the system
+            trim_memory()
+    trim_memory()
     return [torch.stack(entry) for entry in means]
 
 
@@ -241,20 +245,69 @@ def analyze_pair(
     return PairAnalysis(source, target, tuple(passes), grid, settings.pair_settings)
 
 
+def compact_pass(result: PassResult) -> PassResult:
+    """`result` without the statistics that only the selection of steps 7-8a reads (`target_entropy`, `spread`,
+    `collapse`: left empty, `(0,)`); steps 8b-11 read `forward`, `inverse_error`, `keep`, `max_prob`,
+    `inverse_entropy` and `peak_points`. 3 of a pass's 9 `(N,)` tensors' 41 KiB at N = 1024: the per-pair results
+    are what grows with the collection (BENCHMARKS.md (t2))."""
+    stats = result.statistics
+    kept = [
+        stats.forward,
+        stats.inverse_error,
+        result.max_prob,
+        result.inverse_entropy,
+        result.peak_points,
+        result.keep,
+    ]
+    kept = _packed([t for t in kept if t is not None])  # widest dtype first, so that each view is aligned
+    forward, inverse_error, max_prob, inverse_entropy = kept[:4]
+    empty = stats.target_entropy[:0].clone()
+    statistics = replace(
+        stats, forward=forward, inverse_error=inverse_error, target_entropy=empty, spread=empty, collapse=empty
+    )
+    peak_points = None if result.peak_points is None else kept[4]
+    return replace(
+        result,
+        statistics=statistics,
+        keep=kept[-1],
+        max_prob=max_prob,
+        inverse_entropy=inverse_entropy,
+        peak_points=peak_points,
+    )
+
+
+def _packed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` (contiguous, one device) as views of one buffer: one allocation instead of several small
+    ones, which a heap shared with large transient buffers does not give back (measured: a pair's results took
+    2.3 times their size in resident memory when each tensor was its own allocation)."""
+    flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    buffer = torch.cat(flat)
+    views, start = [], 0
+    for tensor, part in zip(tensors, flat):
+        views.append(buffer[start : start + part.numel()].view(tensor.dtype).view(tensor.shape))
+        start += part.numel()
+    return views
+
+
 def _analyze_pair_list(
     features: CoSegmentationFeatures,
     pairs: list[tuple[int, int]],
     settings: AnalysisSettings,
     device: torch.device,
     progress: Callable[[int], Any] | None,
+    compact: bool = False,
 ) -> list[PairAnalysis]:
-    """:func:`analyze_pair` for each of `pairs` (checked), naming the pair in any error."""
+    """:func:`analyze_pair` for each of `pairs` (checked), naming the pair in any error. `compact`: each pass keeps
+    only what steps 8b-11 read (:func:`compact_pass`), for the analysis that joins them in this process."""
     analyses = []
     for s, t in pairs:
         try:
-            analyses.append(analyze_pair(features, s, t, settings, device))
+            analysis = analyze_pair(features, s, t, settings, device)
         except Exception as error:  # name the pair; keep the type where it can take a message
             raise _in_pair(error, s, t) from error
+        if compact:
+            analysis = replace(analysis, passes=tuple(compact_pass(result) for result in analysis.passes))
+        analyses.append(analysis)
         trim_memory()  # the pair's attention blocks, freed, go back to the system
         if progress is not None:
             progress(1)

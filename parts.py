@@ -221,11 +221,14 @@ def typical_points(embedding: np.ndarray, regions: np.ndarray, centres: dict | N
     over the background. `centres`, when given, receives per part its unit mean row and median similarity (to test
     other points the same way)."""
     keep = np.ones(regions.shape[0], dtype=bool)
-    unit = embedding / np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
     for part in np.unique(regions):
         members = regions == part
-        centre = unit[members].mean(0)
-        similarity = unit[members] @ (centre / max(np.linalg.norm(centre), 1e-12))
+        rows = embedding[members]  # unit rows of one part at a time: no unit copy of the whole `(R, D)` embedding
+        unit = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        del rows
+        centre = unit.mean(0)
+        similarity = unit @ (centre / max(np.linalg.norm(centre), 1e-12))
+        del unit
         keep[members] = similarity >= TYPICAL_POINT_SHARE * np.median(similarity)
         if centres is not None:
             centres[int(part)] = (centre / max(np.linalg.norm(centre), 1e-12), float(np.median(similarity)))
@@ -368,17 +371,23 @@ def _cluster_points(
         points = _keep_points(points, np.zeros(attached.shape[0], dtype=np.int64), attached)[0]
         mass_median = np.median(mass, axis=0)
     while True:
-        embedding = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
+        linked = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
         trim_memory()
-        embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
+        linked = link_by_correspondences(linked, points, correspondences, num_tokens)  # the unlinked rows freed
         trim_memory()
-        total = embedding.shape[0]
-        regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)))
+        total = linked.shape[0]
+        embedding = linked.double().cpu().numpy()  # a float64 copy, which the clustering divides in place
+        del linked
+        regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)), overwrite=True)
+        del embedding
         trim_memory()
         small = np.bincount(regions)[regions] < MIN_REGION_TOKENS
         if not small.any() or small.all():
             break
         points, regions = _keep_points(points, regions, ~small)
+    # the last embedding again (from the kept blocks: the same values), rather than a copy held through the clustering
+    embedding = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
+    embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
     blocks.clear()
     anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
     descriptors = key_descriptors(features, points, device)
@@ -521,6 +530,7 @@ def _cluster_some(
         list(features.layer_names),
         device=features.device,
         cache_bytes=0,
+        check_values=False,  # read from `features`, which checked them
     )
     kept, regions, model = _cluster_points(
         subset, [points[i] for i in clustered], linked, num_parts, chunk_size, device

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import re
@@ -42,9 +43,12 @@ STORE_INDEX = "store.json"
 STORE_REFERENCE = "reference.safetensors"
 _SHARD_NAME = re.compile(r"^images-(\d{8})-(\d{8})\.safetensors$")
 # The images a lazy features object keeps after reading them (least recently used dropped first): the two images of
-# a pair and the anchor images of step 10 are read again soon after. 64 MiB: 64 planted images, 4 of SD 2.1's default
-# layers at 512 px (about 15 MiB each).
-DEFAULT_CACHE_BYTES = 2**26
+# a pair and the anchor images of step 10 are read again soon after. 16 MiB: 16 planted images (a pair's source image
+# stays for its next partner, step 10's 8 anchor images and the image they are compared with stay); at least
+# `CACHE_MIN_IMAGES` whatever their size (2 of SD 2.1's default layers at 512 px, about 15 MiB each). Was 64 MiB: at
+# M = 1024 planted 48 MiB less for 7.35 instead of 7.09 reads per image (BENCHMARKS.md (t2)).
+DEFAULT_CACHE_BYTES = 2**24
+CACHE_MIN_IMAGES = 2
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _HEADER_LIMIT = 2**27
 
@@ -73,7 +77,10 @@ class LazyFeatures(CoSegmentationFeatures):
         shapes (`list[tuple[int, int, int]]`): per entry `(H, N, d)`.
         dtype (`torch.dtype`), device (`torch.device`): of the tensors `read` returns.
         grid_size, image_sizes, layer_names, metadata, reference: as in [`CoSegmentationFeatures`].
-        cache_bytes (`int`, *optional*): images kept after reading (0: none).
+        cache_bytes (`int`, *optional*): images kept after reading (0: none; else at least the last
+            `CACHE_MIN_IMAGES` = 2 read, whatever their size: a pair's two images).
+        check_values (`bool`, *optional*, defaults to `True`): check each image read for NaN and inf; `False` for
+            images read from features already checked (:func:`lazy_view`: corrected or oriented as read).
 
     Attributes:
         reads (`list[int]`): per image, how many times `read` was called for it (cache misses).
@@ -91,6 +98,7 @@ class LazyFeatures(CoSegmentationFeatures):
         reference: CoSegmentationFeatures | None = None,
         device: torch.device | str = "cpu",
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        check_values: bool = True,
     ) -> None:
         if not callable(read):
             raise TypeError(f"`read` must be callable, got {_describe(read)}.")
@@ -102,6 +110,7 @@ class LazyFeatures(CoSegmentationFeatures):
         self._device = torch.device(device)
         self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = int(cache_bytes)
+        self._check_values = bool(check_values)
         self.grid_size = grid_size
         self.image_sizes = image_sizes
         self.layer_names = list(layer_names) if layer_names else []
@@ -193,7 +202,7 @@ class LazyFeatures(CoSegmentationFeatures):
                     raise ValueError(
                         f"`{name}[{entry}]` of image {index} has shape {tuple(tensor.shape)}, expected {expected[entry]}."
                     )
-                if not bool(torch.isfinite(tensor).all()):
+                if self._check_values and not _all_finite(tensor):
                     raise ValueError(
                         f"`{name}[{entry}]` ({self.layer_names[entry]}) of image {index} contains NaN or inf; in "
                         "float16 the UNet can overflow: run it in float32 or bfloat16."
@@ -201,10 +210,8 @@ class LazyFeatures(CoSegmentationFeatures):
         if self._cache_bytes > 0:
             self._cache[index] = (queries, keys)
             size = _image_bytes(self._shapes, self._dtype)
-            while len(self._cache) * size > self._cache_bytes and len(self._cache) > 1:
+            while len(self._cache) * size > self._cache_bytes and len(self._cache) > CACHE_MIN_IMAGES:
                 self._cache.popitem(last=False)
-            if size > self._cache_bytes:
-                self._cache.clear()
         return queries, keys
 
     def forget(self) -> None:
@@ -259,6 +266,14 @@ class LazyFeatures(CoSegmentationFeatures):
             close()
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. For float32 / float16 / bfloat16 one float64 sum, which finite values cannot
+    overflow (a NaN or inf makes it NaN or inf): half the time of `torch.isfinite(tensor).all()` at SD 2.1's shapes."""
+    if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor.numel() < 2**60:
+        return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(tensor).all())
+
+
 def lazy_view(
     features: CoSegmentationFeatures,
     read: Callable[[int], tuple[list[torch.Tensor], list[torch.Tensor]]],
@@ -268,7 +283,9 @@ def lazy_view(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> LazyFeatures:
     """:class:`LazyFeatures` over the images of `features` (in memory or lazy), read by `read` (which typically reads
-    `features.image(i)` and transforms it): same grid, sizes, names and metadata."""
+    `features.image(i)` and transforms it): same grid, sizes, names and metadata. The values are not checked again
+    (`features` checked them: in-memory features when made, lazy ones as each image is read; `read` must keep them
+    finite): at SD 2.1's shapes the check took 1.4 of the 1.75 s of 32 reads through the corrected view."""
     return LazyFeatures(
         read,
         [shape[1:] for shape in features.shapes],
@@ -280,6 +297,7 @@ def lazy_view(
         reference,
         features.device if device is None else device,
         cache_bytes,
+        check_values=False,
     )
 
 

@@ -461,6 +461,8 @@ def spectral_clusters(affinity: np.ndarray, num_clusters: int | None, max_cluste
         affinity: `(R, R)` symmetric non-negative.
         num_clusters: `k`, or None to estimate it.
         max_clusters: largest k considered when estimating.
+        overwrite: `B` may be made in `embedding` itself when it is a float64 array (the caller's copy, not read
+            again): no second `(R, D)` float64 array (step 10's largest buffer).
 
     Returns:
         `(R,)` int64 labels in `0..k-1` (k is `labels.max() + 1`; at most R).
@@ -573,7 +575,9 @@ def _top_left_singular(b: np.ndarray, count: int | None = None) -> tuple[np.ndar
     return values, np.ascontiguousarray(vectors)
 
 
-def factored_spectral_clusters(embedding: np.ndarray, num_clusters: int | None, max_clusters: int) -> np.ndarray:
+def factored_spectral_clusters(
+    embedding: np.ndarray, num_clusters: int | None, max_clusters: int, overwrite: bool = False
+) -> np.ndarray:
     """Spectral clustering (Ng, Jordan and Weiss) of points whose affinity is `A = E E^T` for a non-negative
     `embedding` `E`, without forming `A`: the normalised affinity `D^-1/2 A D^-1/2` is `B B^T` with `B = D^-1/2 E`
     (`D = diag(E E^T 1)`), so its top eigenvectors are the left singular vectors of `B` and its eigenvalues the
@@ -586,6 +590,8 @@ def factored_spectral_clusters(embedding: np.ndarray, num_clusters: int | None, 
         embedding: `(R, D)` non-negative (e.g. Hellinger embeddings: square roots of probabilities).
         num_clusters: `k`, or None to estimate it.
         max_clusters: largest k considered when estimating.
+        overwrite: `B` may be made in `embedding` itself when it is a float64 array (the caller's copy, not read
+            again): no second `(R, D)` float64 array (step 10's largest buffer).
 
     Returns:
         `(R,)` int64 labels in `0..k-1` (k is `labels.max() + 1`; at most R).
@@ -603,7 +609,10 @@ def factored_spectral_clusters(embedding: np.ndarray, num_clusters: int | None, 
     if r == 0:
         return np.zeros(0, dtype=np.int64)
     degree = e @ e.sum(0)
-    b = e / np.sqrt(np.maximum(degree, 1e-12))[:, None]
+    if overwrite and e is embedding:  # the same quotients, in place
+        b = np.divide(e, np.sqrt(np.maximum(degree, 1e-12))[:, None], out=e)
+    else:
+        b = e / np.sqrt(np.maximum(degree, 1e-12))[:, None]
     # the count reads the values up to max_clusters + 1, the clustering the first num_clusters vectors
     values, vectors = _top_left_singular(b, max(int(max_clusters) + 1, int(num_clusters or 0)))
     if num_clusters is None:
