@@ -104,52 +104,47 @@ def _embedding_and_mass(
     points: list[torch.Tensor],
     chunk_size: int | None,
     device: torch.device,
-    blocks: dict | None = None,
+    base: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`collection_embedding` `(R, D)` and each point's attention mass on the anchors' points before the
     renormalisation `(R, len(anchors))`.
 
-    `blocks` (step 10 embeds the points, drops some and embeds the rest again): a dict kept between calls on the
-    same collection. The first call stores its `points` (`blocks["points"]`) and each attention block it computes,
-    image s's rows over anchor u's points (`blocks[(s, u)]`, `(P_s, P_u)` float32, before the renormalisation); a
-    later call whose `points` are subsets of those (per image, ascending token indices, as :func:`_keep_points`
-    leaves them) takes its blocks' rows and columns from there instead of computing them again. Each row is its own
-    softmax over every token of u, so the values are those a new computation gives (the matrix product of a block
-    of fewer than about 4 rows may take another BLAS path and differ in the last bit)."""
+    `base` (step 10 embeds the points, drops some and embeds the rest again): the points of the first embedding, of
+    which `points` are subsets (per image, ascending token indices, as :func:`_keep_points` leaves them). Each
+    attention block (image s's rows over anchor u's points) is then computed for the `base` points, as in the first
+    embedding, and its rows and columns of `points` taken: each row is its own softmax over every token of u, so the
+    values are the first embedding's (a new computation for fewer points may differ in the last bit: the matrix
+    product of a block of fewer than about 4 rows may take another BLAS path). The blocks are computed again rather
+    than held through the clustering, which would keep one more `(R, D)` float32 array at step 10's peak."""
     sizes = [p.numel() for p in points]
     anchors = _anchors(sizes)
-    if blocks is not None:
-        base = blocks.setdefault("points", points)
+    where = [None] * len(points)
+    if base is not None:
         where = [
             torch.searchsorted(b, p.contiguous()) if b.numel() != p.numel() else None for b, p in zip(base, points)
         ]
         for b, p, w in zip(base, points, where):
             found = b if w is None else b[w.clamp_max(b.numel() - 1)] if b.numel() else b
             if found.shape != p.shape or not torch.equal(found, p):
-                raise ValueError("`points` must be subsets of the points the kept `blocks` were computed for.")
-    blocks_out, masses = [], []
+                raise ValueError("`points` must be subsets of the `base` points.")
+    source = points if base is None else base
+    offsets = np.cumsum([0] + sizes).tolist()
+    columns = np.cumsum([0] + [sizes[u] for u in anchors]).tolist()
+    embedding = torch.empty(offsets[-1], columns[-1], device=device)  # written block by block: no second copy
+    mass = torch.empty(offsets[-1], len(anchors), device=device)
     for s in range(features.num_images):
         queries = None
-        row, mass = [], []
-        for u in anchors:
-            if blocks is None or (s, u) not in blocks:
-                if queries is None:
-                    queries, _ = _image_features(features, s, device)
-                _, keys = _image_features(features, u, device)
-                source = points if blocks is None else base
-                rows = attention_rows(queries, keys, source[s], source[u], chunk_size)
-                if blocks is not None:
-                    blocks[(s, u)] = rows
-            if blocks is not None:
-                rows = blocks[(s, u)]
-                rows = rows if where[s] is None else rows[where[s]]
-                rows = rows if where[u] is None else rows[:, where[u]]
-            mass.append(rows.sum(dim=1))
+        for j, u in enumerate(anchors):
+            if queries is None:
+                queries, _ = _image_features(features, s, device)
+            _, keys = _image_features(features, u, device)
+            rows = attention_rows(queries, keys, source[s], source[u], chunk_size)
+            rows = rows if where[s] is None else rows[where[s]]
+            rows = rows if where[u] is None else rows[:, where[u]]
+            mass[offsets[s] : offsets[s + 1], j] = rows.sum(dim=1)
             rows = rows / rows.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-            row.append(rows.sqrt() / math.sqrt(len(anchors)))
-        blocks_out.append(torch.cat(row, dim=1) if row else torch.zeros(sizes[s], 0, device=device))
-        masses.append(torch.stack(mass, dim=1) if mass else torch.zeros(sizes[s], 0, device=device))
-    return torch.cat(blocks_out), torch.cat(masses)
+            embedding[offsets[s] : offsets[s + 1], columns[j] : columns[j + 1]] = rows.sqrt() / math.sqrt(len(anchors))
+    return embedding, mass
 
 
 def _anchors(sizes: list[int]) -> list[int]:
@@ -361,9 +356,9 @@ def _cluster_points(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], PartModel]:
     """:func:`cluster_collection`, and the [`PartModel`] it leaves (for :func:`assign_points`)."""
     num_tokens = features.grid_size[0] * features.grid_size[1]
-    blocks = {}  # attention blocks of the first embedding, reused after points are dropped
+    base = points  # the points of the first embedding, whose attention blocks later embeddings take theirs from
     mass_anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
-    mass = _embedding_and_mass(features, points, chunk_size, device, blocks)[1].double().cpu().numpy()
+    mass = _embedding_and_mass(features, points, chunk_size, device)[1].double().cpu().numpy()
     trim_memory()  # between the large steps below, so that what one frees is not counted twice
     attached = attached_points(mass)
     mass_median = None
@@ -371,7 +366,7 @@ def _cluster_points(
         points = _keep_points(points, np.zeros(attached.shape[0], dtype=np.int64), attached)[0]
         mass_median = np.median(mass, axis=0)
     while True:
-        linked = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
+        linked = _embedding_and_mass(features, points, chunk_size, device, base)[0]
         trim_memory()
         linked = link_by_correspondences(linked, points, correspondences, num_tokens)  # the unlinked rows freed
         trim_memory()
@@ -385,10 +380,9 @@ def _cluster_points(
         if not small.any() or small.all():
             break
         points, regions = _keep_points(points, regions, ~small)
-    # the last embedding again (from the kept blocks: the same values), rather than a copy held through the clustering
-    embedding = _embedding_and_mass(features, points, chunk_size, device, blocks)[0]
+    # the last embedding again (the same values), rather than a copy held through the clustering
+    embedding = _embedding_and_mass(features, points, chunk_size, device, base)[0]
     embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
-    blocks.clear()
     anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
     descriptors = key_descriptors(features, points, device)
     regions = refine_by_keys(descriptors, regions)

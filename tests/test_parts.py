@@ -428,19 +428,19 @@ def test_top_left_singular_with_a_count_matches_the_full_solver(shape, monkeypat
     assert labels.max() + 1 == 3
 
 
-def test_embedding_blocks_kept_for_a_subset_give_the_same_embedding():
-    """Step 10 embeds its points, drops some and embeds the rest: the second embedding, read from the attention
-    blocks kept by the first, is the one computed afresh (the anchors change too: image 2 loses most points)."""
+def test_embedding_of_a_subset_from_the_first_points_blocks_gives_the_same_embedding():
+    """Step 10 embeds its points, drops some and embeds the rest: the second embedding, from the attention blocks of
+    the first points (`base`), is the one computed afresh (the anchors change too: image 2 loses most points)."""
     from cosegment.analysis import _embedding_and_mass
 
     grids = [_blocks([1, 2]), _blocks([2, 1], top=7), _blocks([1, 2, 1], top=5, height=4)]
     features = _features(grids)
     points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
-    blocks = {}
-    first, mass = _embedding_and_mass(features, points, None, "cpu", blocks)
+    first, mass = _embedding_and_mass(features, points, None, "cpu")
     assert torch.equal(first, collection_embedding(features, points, None, "cpu"))
+    assert torch.equal(_embedding_and_mass(features, points, None, "cpu", points)[0], first)
     subset = [points[0][::2], points[1][1:], points[2][:5]]
-    again, again_mass = _embedding_and_mass(features, subset, None, "cpu", blocks)
+    again, again_mass = _embedding_and_mass(features, subset, None, "cpu", points)
     fresh, fresh_mass = _embedding_and_mass(features, subset, None, "cpu")
     torch.testing.assert_close(again, fresh, rtol=0, atol=1e-7)
     torch.testing.assert_close(again_mass, fresh_mass, rtol=0, atol=1e-7)
@@ -463,15 +463,14 @@ def test_step_11_masks_with_kept_rows_equal_the_masks_computed_each_round(monkey
         assert np.array_equal(a, b)
 
 
-def test_embedding_blocks_refuse_points_they_were_not_computed_for():
+def test_embedding_refuses_points_that_are_not_subsets_of_the_base_points():
     from cosegment.analysis import _embedding_and_mass
 
     grids = [_blocks([1, 2]), _blocks([2, 1], top=7)]
     features = _features(grids)
     points = [torch.from_numpy(np.flatnonzero(g.reshape(-1) > 0)) for g in grids]
-    blocks = {}
-    _embedding_and_mass(features, [points[0][:6], points[1]], None, "cpu", blocks)
+    base = [points[0][:6], points[1]]
     with pytest.raises(ValueError, match="subsets"):
-        _embedding_and_mass(features, points, None, "cpu", blocks)  # image 0 has points the blocks lack
+        _embedding_and_mass(features, points, None, "cpu", base)  # image 0 has points the base lacks
     with pytest.raises(ValueError, match="subsets"):
-        _embedding_and_mass(features, [points[0][:6] + 1, points[1]], None, "cpu", blocks)
+        _embedding_and_mass(features, [points[0][:6] + 1, points[1]], None, "cpu", base)
