@@ -105,6 +105,7 @@ def _embedding_and_mass(
     chunk_size: int | None,
     device: torch.device,
     base: list[torch.Tensor] | None = None,
+    blocks: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`collection_embedding` `(R, D)` and each point's attention mass on the anchors' points before the
     renormalisation `(R, len(anchors))`.
@@ -114,8 +115,10 @@ def _embedding_and_mass(
     attention block (image s's rows over anchor u's points) is then computed for the `base` points, as in the first
     embedding, and its rows and columns of `points` taken: each row is its own softmax over every token of u, so the
     values are the first embedding's (a new computation for fewer points may differ in the last bit: the matrix
-    product of a block of fewer than about 4 rows may take another BLAS path). The blocks are computed again rather
-    than held through the clustering, which would keep one more `(R, D)` float32 array at step 10's peak."""
+    product of a block of fewer than about 4 rows may take another BLAS path). `blocks`, a dict kept between the
+    calls (the first one without `base`), holds each block `(s, u)` once computed, for the later calls to take it
+    from; without it the blocks are computed again in each call, which keeps them out of step 10's peak (one more
+    `(R, D)` float32 array) at the cost of their computation."""
     sizes = [p.numel() for p in points]
     anchors = _anchors(sizes)
     where = [None] * len(points)
@@ -135,10 +138,14 @@ def _embedding_and_mass(
     for s in range(features.num_images):
         queries = None
         for j, u in enumerate(anchors):
-            if queries is None:
-                queries, _ = _image_features(features, s, device)
-            _, keys = _image_features(features, u, device)
-            rows = attention_rows(queries, keys, source[s], source[u], chunk_size)
+            rows = None if blocks is None else blocks.get((s, u))
+            if rows is None:
+                if queries is None:
+                    queries, _ = _image_features(features, s, device)
+                _, keys = _image_features(features, u, device)
+                rows = attention_rows(queries, keys, source[s], source[u], chunk_size)
+                if blocks is not None:
+                    blocks[(s, u)] = rows
             rows = rows if where[s] is None else rows[where[s]]
             rows = rows if where[u] is None else rows[:, where[u]]
             mass[offsets[s] : offsets[s + 1], j] = rows.sum(dim=1)
@@ -353,12 +360,15 @@ def _cluster_points(
     num_parts: int | None,
     chunk_size: int | None,
     device: torch.device,
+    hold_blocks: bool = True,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], PartModel]:
-    """:func:`cluster_collection`, and the [`PartModel`] it leaves (for :func:`assign_points`)."""
+    """:func:`cluster_collection`, and the [`PartModel`] it leaves (for :func:`assign_points`). `hold_blocks`: the
+    first embedding's attention blocks are held for the later ones (else computed again: the same values)."""
     num_tokens = features.grid_size[0] * features.grid_size[1]
     base = points  # the points of the first embedding, whose attention blocks later embeddings take theirs from
     mass_anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
-    mass = _embedding_and_mass(features, points, chunk_size, device)[1].double().cpu().numpy()
+    blocks = {} if hold_blocks else None
+    mass = _embedding_and_mass(features, points, chunk_size, device, None, blocks)[1].double().cpu().numpy()
     trim_memory()  # between the large steps below, so that what one frees is not counted twice
     attached = attached_points(mass)
     mass_median = None
@@ -366,7 +376,7 @@ def _cluster_points(
         points = _keep_points(points, np.zeros(attached.shape[0], dtype=np.int64), attached)[0]
         mass_median = np.median(mass, axis=0)
     while True:
-        linked = _embedding_and_mass(features, points, chunk_size, device, base)[0]
+        linked = _embedding_and_mass(features, points, chunk_size, device, base, blocks)[0]
         trim_memory()
         linked = link_by_correspondences(linked, points, correspondences, num_tokens)  # the unlinked rows freed
         trim_memory()
@@ -381,7 +391,8 @@ def _cluster_points(
             break
         points, regions = _keep_points(points, regions, ~small)
     # the last embedding again (the same values), rather than a copy held through the clustering
-    embedding = _embedding_and_mass(features, points, chunk_size, device, base)[0]
+    embedding = _embedding_and_mass(features, points, chunk_size, device, base, blocks)[0]
+    blocks = None
     embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
     anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
     descriptors = key_descriptors(features, points, device)
@@ -486,9 +497,12 @@ def cluster_hits(
         return labels, 0
     sizes = [p.numel() for p in points]
     clustered = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_CLUSTER_IMAGES].tolist())
+    # the clustering's attention blocks held between its embeddings when step 11 holds more (its rows): the peak is
+    # step 11's then; in a larger collection they are computed again instead (the same values)
+    hold = _step11_holds_rows(num_images, num_tokens)
     if len(clustered) < num_images:
-        return _cluster_some(features, points, clustered, correspondences, num_parts, chunk_size, device)
-    points, regions = cluster_collection(features, points, correspondences, num_parts, chunk_size, device)
+        return _cluster_some(features, points, clustered, correspondences, num_parts, chunk_size, device, hold)
+    points, regions = _cluster_points(features, points, correspondences, num_parts, chunk_size, device, hold)[:2]
     trim_memory()
     for image_labels, image_points, image_regions in zip(labels, points, regions):
         image_labels[image_points] = image_regions.to(device) + 1
@@ -503,6 +517,7 @@ def _cluster_some(
     num_parts: int | None,
     chunk_size: int | None,
     device: torch.device,
+    hold_blocks: bool = True,
 ) -> tuple[list[torch.Tensor], int]:
     """:func:`cluster_hits` for more images than the clustering takes: the points of the `clustered` images (ascending)
     are clustered together (:func:`cluster_collection`, their correspondences tying them), then each other image's
@@ -527,7 +542,7 @@ def _cluster_some(
         check_values=False,  # read from `features`, which checked them
     )
     kept, regions, model = _cluster_points(
-        subset, [points[i] for i in clustered], linked, num_parts, chunk_size, device
+        subset, [points[i] for i in clustered], linked, num_parts, chunk_size, device, hold_blocks
     )
     trim_memory()
     for image, image_points, image_regions in zip(clustered, kept, regions):
@@ -617,7 +632,7 @@ def segment_parts(
     divergences = [torch.zeros(num_tokens, 0, device=device) for _ in range(features.num_images)]
     threshold = math.inf
     rows = None
-    if num_parts > 0 and SEGMENTATION_REFINEMENTS > 0 and features.num_images * num_tokens**2 * 4 <= STEP11_ROWS_BYTES:
+    if num_parts > 0 and SEGMENTATION_REFINEMENTS > 0 and _step11_holds_rows(features.num_images, num_tokens):
         rows = [
             attention_rows(*_image_features(features, i, device), chunk_size=chunk_size)
             for i in range(features.num_images)
@@ -639,6 +654,12 @@ def segment_parts(
     trim_memory()
     masks = LazyMasks(divergences, grid, threshold, features.image_sizes, foreground)
     return masks if masks.nbytes > MASKS_IN_MEMORY_BYTES else list(masks)
+
+
+def _step11_holds_rows(num_images: int, num_tokens: int) -> bool:
+    """Whether step 11 holds the images' self-attention rows (`M N^2` float32) for its rounds: when they fit in
+    `STEP11_ROWS_BYTES`."""
+    return num_images * num_tokens**2 * 4 <= STEP11_ROWS_BYTES
 
 
 class LazyMasks(Sequence):

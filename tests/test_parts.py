@@ -441,6 +441,10 @@ def test_embedding_of_a_subset_from_the_first_points_blocks_gives_the_same_embed
     assert torch.equal(_embedding_and_mass(features, points, None, "cpu", points)[0], first)
     subset = [points[0][::2], points[1][1:], points[2][:5]]
     again, again_mass = _embedding_and_mass(features, subset, None, "cpu", points)
+    blocks = {}  # the blocks held from the first call: the same values as computed again
+    assert torch.equal(_embedding_and_mass(features, points, None, "cpu", None, blocks)[0], first)
+    held, held_mass = _embedding_and_mass(features, subset, None, "cpu", points, blocks)
+    assert torch.equal(held, again) and torch.equal(held_mass, again_mass)
     fresh, fresh_mass = _embedding_and_mass(features, subset, None, "cpu")
     torch.testing.assert_close(again, fresh, rtol=0, atol=1e-7)
     torch.testing.assert_close(again_mass, fresh_mass, rtol=0, atol=1e-7)
@@ -474,3 +478,33 @@ def test_embedding_refuses_points_that_are_not_subsets_of_the_base_points():
         _embedding_and_mass(features, points, None, "cpu", base)  # image 0 has points the base lacks
     with pytest.raises(ValueError, match="subsets"):
         _embedding_and_mass(features, [points[0][:6] + 1, points[1]], None, "cpu", base)
+
+
+def test_step_10_holds_its_attention_blocks_only_when_step_11_holds_its_rows(monkeypatch):
+    """Step 10 holds the attention blocks of its first embedding for the later ones when step 11 holds its rows (a
+    small collection), else computes them again (a large one: not held at its peak); the parts are the same, bit for
+    bit, and only the number of blocks computed differs."""
+    from cosegment import parts
+
+    case = make_family_case("sectors", 3, 3, seed=12)
+    computed = []
+    attention_rows = parts.attention_rows
+
+    def counting(*args, **kwargs):
+        if len(args) == 5:  # step 10's blocks, (queries, keys, points of s, points of u, chunk_size); not step 11's
+            computed.append(1)
+        return attention_rows(*args, **kwargs)
+
+    monkeypatch.setattr(parts, "attention_rows", counting)
+    monkeypatch.setattr(parts, "STEP11_ROWS_BYTES", 0)  # nothing held: blocks computed again, rows each round
+    again = analyze_features(case.features)
+    computed_again = len(computed)
+    computed.clear()
+    monkeypatch.setattr(parts, "STEP11_ROWS_BYTES", 2**40)
+    held = analyze_features(case.features)
+    assert 0 < len(computed) < computed_again
+    assert any((mask > 0).any() for mask in held.part_masks)
+    for a, b in zip(held.part_masks, again.part_masks):
+        assert np.array_equal(a, b)
+    for a, b in zip(held.keypoints, again.keypoints):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
