@@ -5,7 +5,7 @@ assigned to the part of nearest self-attention distribution, or to the backgroun
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -180,11 +180,12 @@ def link_by_correspondences(
     points: list[torch.Tensor],
     correspondences: list[PairCorrespondence],
     num_tokens: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step 10b: the kept correspondences tie the points of different images together: each point's row of
     `embedding` `(R, D)` (rows in image order, `points` a list of `(P_i,)` token indices) becomes the mean of its own
     row and the rows of the points it is matched to (in any pair, either pass; a link counted once). Returns
-    `(R, D)`."""
+    `(R, D)`, written in `out` when given (same shape and dtype, not `embedding` itself)."""
     offsets = np.cumsum([0] + [p.numel() for p in points]).tolist()
     device = embedding.device
     rows_of = []  # per image: (N,) row of each token in `embedding`, -1 for a token that is no point
@@ -199,12 +200,42 @@ def link_by_correspondences(
         both = (a >= 0) & (b >= 0)
         links += [torch.stack([a[both], b[both]]), torch.stack([b[both], a[both]])]
     links = torch.unique(torch.cat(links, dim=1), dim=1)
-    total = embedding.clone()
+    total = embedding.clone() if out is None else out.copy_(embedding)
     step = max(1, LINK_CHUNK_BYTES // max(1, embedding.shape[1] * embedding.element_size()))
     for start in range(0, links.shape[1], step):  # the same sums in the same order, a bounded copy at a time
         total.index_add_(0, links[0, start : start + step], embedding[links[1, start : start + step]])
     count = 1.0 + torch.bincount(links[0], minlength=embedding.shape[0]).to(embedding.dtype)
     return total.div_(count[:, None])
+
+
+def _linked_float64(
+    make_embedding: Callable[[], torch.Tensor],
+    points: list[torch.Tensor],
+    correspondences: list[PairCorrespondence],
+    num_tokens: int,
+) -> np.ndarray:
+    """`link_by_correspondences(make_embedding(), ...)` as a float64 array `(R, D)` (the spectral clustering's input),
+    the same values as `.double()` of it, in the memory of two float32 copies rather than four (the unlinked and
+    the linked float32 arrays and the float64 one): on the CPU, the linked rows are written as float32 in the first
+    half of the float64 array's bytes (its other pages not yet touched), the unlinked rows freed, and each value
+    then widened in place, from the last rows back (row i's float64 bytes are float32 rows 2i and 2i + 1, widened
+    already)."""
+    embedding = make_embedding()
+    if embedding.device.type != "cpu":
+        return link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
+    rows, width = embedding.shape
+    wide = np.empty((rows, width), dtype=np.float64)
+    narrow = wide.reshape(-1).view(np.float32)[: rows * width].reshape(rows, width)
+    link_by_correspondences(embedding, points, correspondences, num_tokens, out=torch.from_numpy(narrow))
+    del embedding
+    end = rows
+    while end > 1:
+        start = (end + 1) // 2  # rows start..end-1 widen into float32 rows 2 start.. 2 end - 1, past `end`: no overlap
+        wide[start:end] = narrow[start:end]
+        end = start
+    if rows:
+        wide[0] = narrow[0].copy()
+    return wide
 
 
 def _keep_points(
@@ -376,13 +407,14 @@ def _cluster_points(
         points = _keep_points(points, np.zeros(attached.shape[0], dtype=np.int64), attached)[0]
         mass_median = np.median(mass, axis=0)
     while True:
-        linked = _embedding_and_mass(features, points, chunk_size, device, base, blocks)[0]
+        embedding = _linked_float64(  # float64, which the clustering divides in place
+            lambda: _embedding_and_mass(features, points, chunk_size, device, base, blocks)[0],
+            points,
+            correspondences,
+            num_tokens,
+        )
         trim_memory()
-        linked = link_by_correspondences(linked, points, correspondences, num_tokens)  # the unlinked rows freed
-        trim_memory()
-        total = linked.shape[0]
-        embedding = linked.double().cpu().numpy()  # a float64 copy, which the clustering divides in place
-        del linked
+        total = embedding.shape[0]
         regions = factored_spectral_clusters(embedding, num_parts, min(MAX_PARTS, max(1, total - 1)), overwrite=True)
         del embedding
         trim_memory()
@@ -391,9 +423,13 @@ def _cluster_points(
             break
         points, regions = _keep_points(points, regions, ~small)
     # the last embedding again (the same values), rather than a copy held through the clustering
-    embedding = _embedding_and_mass(features, points, chunk_size, device, base, blocks)[0]
+    embedding = _linked_float64(
+        lambda: _embedding_and_mass(features, points, chunk_size, device, base, blocks)[0],
+        points,
+        correspondences,
+        num_tokens,
+    )
     blocks = None
-    embedding = link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
     anchors = [(u, points[u]) for u in _anchors([p.numel() for p in points])]
     descriptors = key_descriptors(features, points, device)
     regions = refine_by_keys(descriptors, regions)

@@ -177,6 +177,25 @@ class TestLinks:
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(link_by_correspondences(embedding, points, [], 10), embedding)
 
+    @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 64, 101])
+    def test_linked_float64_widened_in_place_is_the_linked_embedding_as_float64(self, rows):
+        """Step 10 writes the linked rows as float32 into its float64 array and widens them in place: the values
+        of `link_by_correspondences(...).double()`, bit for bit, whatever the row count."""
+        from cosegment.parts import _linked_float64
+
+        generator = torch.Generator().manual_seed(rows)
+        embedding = torch.rand(rows, 13, generator=generator)
+        points = [torch.arange(rows // 2), torch.arange(rows - rows // 2)]
+        count = min(rows // 2, rows - rows // 2)
+        tokens = [torch.randint(0, max(count, 1), (3 * count,), generator=generator) for _ in range(2)]
+        pairs = [PairCorrespondence(0, 1, None, None, None, None, *tokens)] if count else []
+        expected = link_by_correspondences(embedding, points, pairs, num_tokens=rows).double().numpy()
+        wide = _linked_float64(lambda: embedding.clone(), points, pairs, rows)
+        assert wide.dtype == np.float64 and wide.shape == (rows, 13)
+        assert np.array_equal(wide, expected)
+        if count:
+            assert not np.array_equal(wide, embedding.double().numpy())  # the links changed rows
+
 
 class TestTypicalPoints:
     def test_a_stray_point_is_dropped_per_part(self):
