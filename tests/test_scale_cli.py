@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from cosegment import CoSegmentationFeatures, analyze_pairs
 from cosegment.benchmarks.planted import make_planted_features
-from cosegment.cli import _analyse_pairs, pair_shares
+from cosegment.cli import pair_shares
+from cosegment.cli_steps import analyse_pairs
 from cosegment.pairs import image_means, partner_pairs
 from cosegment.runstate import RECORDED_SETTINGS, RunState, capture_units
 from cosegment.store import FeatureStore
@@ -147,7 +148,7 @@ def test_each_process_reads_its_share_and_its_pairs_images_only(tmp_path, monkey
     state.wait_for_everyone = lambda: waits.append(1)
     kept = _state(tmp_path / "out", 12)
     args = argparse.Namespace(partners=2, no_refine=False)
-    assert _analyse_pairs(args, mine, kept, state, "cpu", {}, False) == (None, None)  # the main process joins
+    assert analyse_pairs(args, mine, kept, state, "cpu", {}, False) == (None, None)  # the main process joins
     graph = partner_pairs(case.features, 2)
     my_pairs = pair_shares(12, 2, graph)[1]
     read = {i for i, count in enumerate(mine.reads) if count}
@@ -159,11 +160,11 @@ def test_each_process_reads_its_share_and_its_pairs_images_only(tmp_path, monkey
     assert torch.equal(kept.load_pair(*my_pairs[0]).passes[0].keep, expected.passes[0].keep)
     # the main process: its own pairs, and the others' from their kept files (in the graph's order)
     state = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
-    analyses, _ = _analyse_pairs(args, other, kept, state, "cpu", {}, False)
+    analyses, _ = analyse_pairs(args, other, kept, state, "cpu", {}, False)
     assert [(a.source_index, a.target_index) for a in analyses] == graph
     os.remove(kept.pair_path(*my_pairs[-1]))  # a process that kept its pairs where the main one cannot see them
     with pytest.raises(RuntimeError, match=f"pairs {my_pairs[-1][0]}-{my_pairs[-1][1]} are not in .*every process"):
-        _analyse_pairs(args, other, kept, state, "cpu", {}, False)
+        analyse_pairs(args, other, kept, state, "cpu", {}, False)
 
 
 def test_image_files_are_read_when_indexed(tmp_path):
