@@ -154,6 +154,7 @@ def analyse_pairs(args, features, kept, state, device, analysis: dict, bars: boo
 
     from cosegment import analyze_pairs
     from cosegment.analysis import partner_pairs
+    from cosegment.runstate import pair_bits
 
     graph = partner_pairs(features, args.partners, gathered_means(features, args.partners, state))
     my_pairs = pair_shares(features.num_images, state.num_processes, graph)[state.process_index]
@@ -178,7 +179,9 @@ def analyse_pairs(args, features, kept, state, device, analysis: dict, bars: boo
     if not state.is_main_process:
         return None, orientations
     mine = dict(zip(my_pairs, my_analyses))
-    analyses = [mine[pair] if pair in mine else kept.load_pair(*pair, _bits(orientations, pair)) for pair in graph]
+    analyses = [
+        mine[pair] if pair in mine else kept.load_pair(*pair, pair_bits(orientations, *pair)) for pair in graph
+    ]
     if any(one is None for one in analyses):
         missing = [f"{s}-{t}" for (s, t), one in zip(graph, analyses) if one is None]
         raise RuntimeError(
@@ -186,10 +189,6 @@ def analyse_pairs(args, features, kept, state, device, analysis: dict, bars: boo
             "processes, --out must be on a disk that every process sees."
         )
     return analyses, orientations
-
-
-def _bits(orientations, pair: tuple[int, int]) -> list[bool] | None:
-    return None if orientations is None else [bool(orientations[pair[0]]), bool(orientations[pair[1]])]
 
 
 def gathered_means(features, partners: int | None, state) -> list | None:

@@ -469,7 +469,7 @@ class RunState:
         """
         analyses, reused = [], []
         for source, target in pairs:
-            bits = None if orientations is None else [bool(orientations[source]), bool(orientations[target])]
+            bits = pair_bits(orientations, source, target)
             kept = self.load_pair(source, target, bits)
             if kept is None:
                 kept = analyze_one_pair(features, source, target, analyze, **analysis).to("cpu")
@@ -480,6 +480,12 @@ class RunState:
             if progress is not None:
                 progress(1)
         return analyses, reused
+
+
+def pair_bits(orientations: Sequence[bool] | None, source: int, target: int) -> list[bool] | None:
+    """`[flipped source, flipped target]`: how pair `(source, target)` is analysed with `--flip` (the `orientation` of
+    :func:`save_pair_analysis` and :meth:`RunState.load_pair`), from each image's decided orientation; `None` without."""
+    return None if orientations is None else [bool(orientations[source]), bool(orientations[target])]
 
 
 def capture_units(share: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -284,3 +284,12 @@ def test_the_viewer_reads_image_files_one_at_a_time(tmp_path):
     PIL.Image.fromarray(images[2][:-1]).save(paths[2])  # one row shorter
     with pytest.raises(ValueError, match=r"`images\[2\]` is \(\d+, \d+\) px but the features say"):
         build_viewer(files, output, features, figure_size=32)
+
+
+def test_pair_bits_are_the_pairs_two_orientations():
+    from cosegment.runstate import pair_bits
+
+    orientations = torch.tensor([True, False, True])
+    assert pair_bits(orientations, 0, 1) == [True, False] and pair_bits(orientations, 1, 2) == [False, True]
+    assert all(type(bit) is bool for bit in pair_bits(orientations, 0, 2))  # JSON-ready, not tensors
+    assert pair_bits(None, 0, 1) is None
