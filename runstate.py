@@ -241,6 +241,10 @@ class RunState:
         self.resume = resume
         self.stale: tuple[str, ...] = ("features", "pairs")
         self.changes: list[str] = []
+        # The shard headers read so far (:class:`~cosegment.store.FeatureStore`'s `headers`): a run asks what is kept
+        # several times (before the model loads, after `start`, after the capture, when it reads the features back),
+        # and each shard's header is read once, again only if its file changed (e.g. written by another process).
+        self._headers: dict = {}
 
     @property
     def settings_path(self) -> str:
@@ -333,7 +337,7 @@ class RunState:
             if "features" in self.stale or not os.path.isdir(path):
                 continue
             try:
-                store = FeatureStore(path)
+                store = FeatureStore(path, self._headers)
                 if store.num_images != self.num_images:
                     raise ValueError(f"a store of {store.num_images} images, the run has {self.num_images}")
             except (FileNotFoundError, ValueError) as error:
@@ -371,9 +375,9 @@ class RunState:
 
         if not self.has_features():
             return None
-        features = FeatureStore(self.features_path).features(device)
+        features = FeatureStore(self.features_path, self._headers).features(device)
         if self.settings.get("flip"):
-            features.mirrored = FeatureStore(self.mirrored_path).features(device)
+            features.mirrored = FeatureStore(self.mirrored_path, self._headers).features(device)
         return features
 
     def capture(

@@ -518,8 +518,11 @@ class FeatureStore:
         ```
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, headers: dict | None = None) -> None:
         folder = os.fspath(folder)
+        # The shard headers read so far, path -> (the file's inode, size and times, its header): each is read once,
+        # again only when its file changed. `headers`: a dict to share between stores of a folder (a run's `RunState`).
+        self._headers = {} if headers is None else headers
         index = os.path.join(folder, STORE_INDEX)
         if not os.path.isfile(index):
             raise FileNotFoundError(f"`folder` {folder!r} holds no feature store (no {STORE_INDEX}).")
@@ -653,6 +656,16 @@ class FeatureStore:
         save_safetensors(tensors, path, metadata=header)
         return path
 
+    def _header(self, path: str) -> tuple[int, dict]:
+        """`read_safetensors_header(path)`, read once: again only when the file is another than the one read (its
+        inode, size or times differ: a shard is replaced atomically, never changed in place)."""
+        status = os.stat(path)
+        version = (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        known = self._headers.get(path)
+        if known is None or known[0] != version:
+            known = self._headers[path] = (version, read_safetensors_header(path))
+        return known[1]
+
     def shards(self) -> list[tuple[str, list[int]]]:
         """The shards written so far: `(path, image indices)` each, by file name (temporary files of an interrupted
         write are skipped)."""
@@ -661,7 +674,7 @@ class FeatureStore:
             if is_temporary(name) or not _SHARD_NAME.match(name):
                 continue
             path = os.path.join(self.folder, name)
-            meta = read_safetensors_header(path)[1].get("__metadata__") or {}
+            meta = self._header(path)[1].get("__metadata__") or {}
             if meta.get("format") != SHARD_FORMAT:
                 raise ValueError(f"`{path}` is not a cosegment feature shard (format {meta.get('format')!r}).")
             try:
@@ -680,7 +693,7 @@ class FeatureStore:
             if is_temporary(name) or not _SHARD_NAME.match(name):
                 continue
             try:
-                meta = read_safetensors_header(path)[1].get("__metadata__") or {}
+                meta = self._header(path)[1].get("__metadata__") or {}
                 if meta.get("format") != SHARD_FORMAT:
                     raise ValueError(meta.get("format"))
                 [int(i) for i in json.loads(meta["images"])]
@@ -724,7 +737,7 @@ class FeatureStore:
         files, places = [], [None] * self.num_images
         sizes: list = [None] * self.num_images
         for path, images in self.shards():
-            offset, header = read_safetensors_header(path)
+            offset, header = self._header(path)
             meta = header.get("__metadata__") or {}
             try:
                 file = _MappedFile(path, _entry_names(len(self.layer_names)), offset, header)

@@ -293,3 +293,78 @@ def test_pair_bits_are_the_pairs_two_orientations():
     assert pair_bits(orientations, 0, 1) == [True, False] and pair_bits(orientations, 1, 2) == [False, True]
     assert all(type(bit) is bool for bit in pair_bits(orientations, 0, 2))  # JSON-ready, not tensors
     assert pair_bits(None, 0, 1) is None
+
+
+def _photo_files(photos, folder, count: int) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(folder, f"photo_{i}.png"))
+        PIL.Image.fromarray(photos[i % len(photos)][: 80 + 8 * i]).save(paths[-1])  # each file its own content
+    return paths
+
+
+def test_a_run_reads_each_shard_header_once(photos, tiny_sd_path, tmp_path, monkeypatch):
+    """A run asks several times what is kept (before the model loads, after `start`, before and after the capture,
+    when it reads the features back): each shard's header is read once a run, fresh or resumed (at 10^4 images, 1,250
+    shards a store, every extra pass is seconds of reads)."""
+    import collections
+
+    import cosegment.store
+    from cosegment.cli import main
+
+    reads = collections.Counter()
+    read_header = cosegment.store.read_safetensors_header
+
+    def counted(path):
+        if os.path.basename(path).startswith("images-"):
+            reads[os.path.relpath(path, tmp_path)] += 1
+        return read_header(path)
+
+    monkeypatch.setattr(cosegment.store, "read_safetensors_header", counted)
+    out = str(tmp_path / "out")
+    command = _photo_files(photos, tmp_path / "images", 6) + ["--model", tiny_sd_path, "--out", out, "--quiet"]
+    command += ["--height", "64", "--width", "64", "--batch-size", "2", "--flip", "--partners", "2", "--no-figures"]
+    shards = [
+        os.path.join("out", "resume", store, name)
+        for store in ("features", "mirrored")
+        for name in ("images-00000000-00000001.safetensors", "images-00000002-00000003.safetensors")
+        + ("images-00000004-00000005.safetensors",)
+    ]
+    for reference in ("none", "auto"):  # auto: the reference is captured after the images, then kept beside them
+        for extra in ([], ["--resume"]):
+            reads.clear()
+            main(command + ["--no-viewer", "--reference", reference] + extra)
+            assert sorted(reads) == sorted(shards) and set(reads.values()) == {1}, (reference, extra, dict(reads))
+    # (before the headers were kept: 3 reads of each shard in a fresh run, 4 with --reference auto, 5 resumed)
+
+
+def test_kept_shards_are_seen_as_other_processes_write_them(tmp_path, monkeypatch):
+    """What a run knows of the kept shards is read once, and read again where a file is new or another: the shards
+    other processes write during the capture count, and a shard replaced is read again."""
+    import cosegment.store
+
+    features = make_planted_features(num_images=6, seed=1).features
+    reads = []
+    read_header = cosegment.store.read_safetensors_header
+    monkeypatch.setattr(
+        cosegment.store, "read_safetensors_header", lambda path: reads.append(path) or read_header(path)
+    )
+    state = _state(tmp_path / "out", 6)
+    assert state.missing_images() == [0, 1, 2, 3, 4, 5] and reads == []
+    other = FeatureStore.create(state.features_path, 6, features.grid_size, features.layer_names, features.metadata)
+
+    def write(images, queries=features.queries):  # as another process does
+        other.write(images, [q[images] for q in queries], [k[images] for k in features.keys], [(8, 8)] * len(images))
+
+    write([0, 1])
+    write([2, 3])
+    assert state.missing_images() == [4, 5] and len(reads) == 2
+    assert state.missing_images() == [4, 5] and not state.has_features() and len(reads) == 2  # nothing read again
+    write([4, 5])
+    assert state.has_features() and len(reads) == 3  # the new shard only
+    kept = state.load_features()
+    assert len(reads) == 3 and torch.equal(kept.queries[0], features.queries[0])
+    write([2, 3], [q + 1 for q in features.queries])  # the same shard name, written again (atomically)
+    assert torch.equal(state.load_features().queries[0][2:4], features.queries[0][2:4] + 1)
+    assert len(reads) == 4 and os.path.basename(reads[-1]) == "images-00000002-00000003.safetensors"
