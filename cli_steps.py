@@ -238,9 +238,11 @@ def finish(args, features, pair_analyses, images, points, device, analysis: dict
         output_type="np",
         device=device,
         pair_analyses=pair_analyses,
+        # the pair graph of `analyse_pairs` (the analyses come in its order), not made again (a read of every image)
+        pairs=[(one.source_index, one.target_index) for one in pair_analyses],
         segment=not args.no_segment,
         **analysis,
-        **collection_only,
+        num_parts=args.num_parts,
         refine=not args.no_refine,
         reference=features.reference,
         mirrored=features.mirrored,

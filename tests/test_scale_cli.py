@@ -368,3 +368,50 @@ def test_kept_shards_are_seen_as_other_processes_write_them(tmp_path, monkeypatc
     write([2, 3], [q + 1 for q in features.queries])  # the same shard name, written again (atomically)
     assert torch.equal(state.load_features().queries[0][2:4], features.queries[0][2:4] + 1)
     assert len(reads) == 4 and os.path.basename(reads[-1]) == "images-00000002-00000003.safetensors"
+
+
+def test_a_given_pair_graph_gives_the_output_of_partners_without_reading_the_images_again(tmp_path):
+    """`analyze_features(pairs=partner_pairs(features, K))` (what the command gives, having made the graph to split
+    it) is `analyze_features(partners=K)` bitwise, one read of each image fewer."""
+    from cosegment import analyze_features
+    from cosegment.cli_output import results_arrays
+
+    case = make_planted_features(num_images=6, seed=7)
+    FeatureStore.from_features(tmp_path / "store", case.features, images_per_shard=2)
+    graph = partner_pairs(case.features, 2)
+    analyses = analyze_pairs(case.features, graph)
+    outputs, reads = [], []
+    for given in ({"partners": 2}, {"pairs": graph}):
+        lazy = FeatureStore(tmp_path / "store").features(cache_bytes=0)  # every image() call a read
+        outputs.append(results_arrays(analyze_features(lazy, pair_analyses=analyses, **given)))
+        reads.append(sum(lazy.reads))
+    assert sorted(outputs[0]) == sorted(outputs[1]) and len(graph) < 15  # a sparse graph: not every pair
+    assert all(torch.equal(outputs[0][name], outputs[1][name]) for name in outputs[0])
+    assert reads[0] - reads[1] == 6  # the graph's read of every image
+    with pytest.raises(ValueError, match="not both"):
+        analyze_features(case.features, partners=2, pairs=graph)
+    with pytest.raises(ValueError, match=r"`pairs` must hold \(s, t\) with 0 <= s < t < 6"):
+        analyze_features(case.features, pairs=[(0, 6)])
+    with pytest.raises(
+        ValueError, match=r"`pair_analyses` must hold each pair .* not in the pair graph \[\(0, \d\)\]"
+    ):
+        analyze_features(case.features, pair_analyses=analyses, pairs=graph[1:])
+
+
+def test_a_run_with_partners_computes_each_images_mean_once(photos, tiny_sd_path, tmp_path, monkeypatch):
+    """`--partners`: the image means the pair graph needs are computed once a run (each process its share), not again
+    for the collection-level steps on the main process."""
+    import cosegment.pairs
+    from cosegment.cli import main
+
+    computed = []
+    means = cosegment.pairs.image_means
+
+    def counted(features, indices=None):
+        computed.extend(range(features.num_images) if indices is None else indices)
+        return means(features, indices)
+
+    monkeypatch.setattr(cosegment.pairs, "image_means", counted)
+    command = _photo_files(photos, tmp_path / "images", 5) + ["--model", tiny_sd_path, "--out", str(tmp_path / "out")]
+    main(command + ["--height", "64", "--width", "64", "--partners", "1", "--quiet", "--no-figures", "--no-viewer"])
+    assert sorted(computed) == [0, 1, 2, 3, 4]  # (twice each before)
