@@ -518,11 +518,12 @@ class FeatureStore:
         ```
     """
 
-    def __init__(self, folder: str | os.PathLike, headers: dict | None = None) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, read_header: Callable[[str], tuple[int, dict]] | None = None
+    ) -> None:
         folder = os.fspath(folder)
-        # The shard headers read so far, path -> (the file's inode, size and times, its header): each is read once,
-        # again only when its file changed. `headers`: a dict to share between stores of a folder (a run's `RunState`).
-        self._headers = {} if headers is None else headers
+        # How a shard's header is read: `read_safetensors_header`, or a run's reader that reads each once (`RunState`)
+        self._header = read_safetensors_header if read_header is None else read_header
         index = os.path.join(folder, STORE_INDEX)
         if not os.path.isfile(index):
             raise FileNotFoundError(f"`folder` {folder!r} holds no feature store (no {STORE_INDEX}).")
@@ -655,16 +656,6 @@ class FeatureStore:
         path = os.path.join(self.folder, f"images-{min(indices):08d}-{max(indices):08d}.safetensors")
         save_safetensors(tensors, path, metadata=header)
         return path
-
-    def _header(self, path: str) -> tuple[int, dict]:
-        """`read_safetensors_header(path)`, read once: again only when the file is another than the one read (its
-        inode, size or times differ: a shard is replaced atomically, never changed in place)."""
-        status = os.stat(path)
-        version = (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-        known = self._headers.get(path)
-        if known is None or known[0] != version:
-            known = self._headers[path] = (version, read_safetensors_header(path))
-        return known[1]
 
     def shards(self) -> list[tuple[str, list[int]]]:
         """The shards written so far: `(path, image indices)` each, by file name (temporary files of an interrupted
