@@ -321,6 +321,7 @@ def analyze_features(
     partners: int | None = None,
     mirrored: CoSegmentationFeatures | None = None,
     orientations: Sequence[bool] | torch.Tensor | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
 ) -> CoSegmentationPipelineOutput:
     r"""Correspondences, hit counts, parts and co-segmentation masks from captured features alone (DESIGN steps
     4-11); no UNet needed, so a caller can re-run it with other thresholds.
@@ -403,6 +404,11 @@ def analyze_features(
         orientations (`(M,)` bools, *optional*): with `mirrored`, the decision to use instead of deciding here (e.g.
             `collection_orientations(...).flipped`, as :func:`analyze_pairs` was given when `pair_analyses` come
             from there).
+        pairs (`list[tuple[int, int]]`, *optional*): the pairs `(s, t)`, `0 <= s < t < M`, to analyse, in place of
+            the graph `partners` makes: e.g. `partner_pairs(features, K)` computed once and split between processes
+            for :func:`analyze_pairs`, then given here with their `pair_analyses` (as the `cosegment` command does),
+            so that the graph (a read of every image and a search among them) is not made twice. Give `pairs` or
+            `partners`, not both.
 
     Returns:
         [`CoSegmentationPipelineOutput`]
@@ -428,6 +434,9 @@ def analyze_features(
         clamp_high_norm=clamp_high_norm,
         partners=partners,
     )
+    if pairs is not None and partners is not None:
+        raise ValueError(f"Give `pairs` or `partners`, not both; got `partners`={partners!r} and a list of pairs.")
     device = _check_features(features, settings, device, progress)
+    pairs = None if pairs is None else _check_pair_list(pairs, features.num_images)
     mirrored, orientations = check_orientation_arguments(features, mirrored, orientations)
-    return analyze_checked_features(features, settings, device, progress, pair_analyses, None, mirrored, orientations)
+    return analyze_checked_features(features, settings, device, progress, pair_analyses, pairs, mirrored, orientations)

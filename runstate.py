@@ -241,6 +241,7 @@ class RunState:
         self.resume = resume
         self.stale: tuple[str, ...] = ("features", "pairs")
         self.changes: list[str] = []
+        self._headers: dict[str, tuple[tuple[int, ...], tuple[int, dict]]] = {}  # what `_read_header` read
 
     @property
     def settings_path(self) -> str:
@@ -333,7 +334,7 @@ class RunState:
             if "features" in self.stale or not os.path.isdir(path):
                 continue
             try:
-                store = FeatureStore(path)
+                store = FeatureStore(path, self._read_header)
                 if store.num_images != self.num_images:
                     raise ValueError(f"a store of {store.num_images} images, the run has {self.num_images}")
             except (FileNotFoundError, ValueError) as error:
@@ -346,6 +347,21 @@ class RunState:
                 logger.warning("cannot reuse %s (%s): capturing its images again", store.remove_damaged(), error)
                 missing[path] = set(store.missing())
         return missing
+
+    def _read_header(self, path: str) -> tuple[int, dict]:
+        """A shard's header (`read_safetensors_header`) for this run's feature stores, read once: a run asks what is
+        kept several times (before the model loads, after `start`, after the capture, when it reads the features back:
+        seconds of reads each at 10^4 images). Read again when the file is another than the one read (its inode, size
+        or times differ: shards are replaced atomically, never changed in place), so that the shards other processes
+        write, or that replace others, are seen."""
+        from cosegment.store import read_safetensors_header
+
+        status = os.stat(path)
+        version = (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+        known = self._headers.get(path)
+        if known is None or known[0] != version:
+            known = self._headers[path] = (version, read_safetensors_header(path))
+        return known[1]
 
     def missing_images(self) -> list[int]:
         """The images whose features (or, with `--flip`, mirrored captures) are not kept yet, ascending."""
@@ -371,9 +387,9 @@ class RunState:
 
         if not self.has_features():
             return None
-        features = FeatureStore(self.features_path).features(device)
+        features = FeatureStore(self.features_path, self._read_header).features(device)
         if self.settings.get("flip"):
-            features.mirrored = FeatureStore(self.mirrored_path).features(device)
+            features.mirrored = FeatureStore(self.mirrored_path, self._read_header).features(device)
         return features
 
     def capture(
@@ -469,7 +485,7 @@ class RunState:
         """
         analyses, reused = [], []
         for source, target in pairs:
-            bits = None if orientations is None else [bool(orientations[source]), bool(orientations[target])]
+            bits = pair_bits(orientations, source, target)
             kept = self.load_pair(source, target, bits)
             if kept is None:
                 kept = analyze_one_pair(features, source, target, analyze, **analysis).to("cpu")
@@ -480,6 +496,12 @@ class RunState:
             if progress is not None:
                 progress(1)
         return analyses, reused
+
+
+def pair_bits(orientations: Sequence[bool] | None, source: int, target: int) -> list[bool] | None:
+    """`[flipped source, flipped target]`: how pair `(source, target)` is analysed with `--flip` (the `orientation` of
+    :func:`save_pair_analysis` and :meth:`RunState.load_pair`), from each image's decided orientation; `None` without."""
+    return None if orientations is None else [bool(orientations[source]), bool(orientations[target])]
 
 
 def capture_units(share: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -518,8 +518,12 @@ class FeatureStore:
         ```
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, read_header: Callable[[str], tuple[int, dict]] | None = None
+    ) -> None:
         folder = os.fspath(folder)
+        # How a shard's header is read: `read_safetensors_header`, or a run's reader that reads each once (`RunState`)
+        self._header = read_safetensors_header if read_header is None else read_header
         index = os.path.join(folder, STORE_INDEX)
         if not os.path.isfile(index):
             raise FileNotFoundError(f"`folder` {folder!r} holds no feature store (no {STORE_INDEX}).")
@@ -661,7 +665,7 @@ class FeatureStore:
             if is_temporary(name) or not _SHARD_NAME.match(name):
                 continue
             path = os.path.join(self.folder, name)
-            meta = read_safetensors_header(path)[1].get("__metadata__") or {}
+            meta = self._header(path)[1].get("__metadata__") or {}
             if meta.get("format") != SHARD_FORMAT:
                 raise ValueError(f"`{path}` is not a cosegment feature shard (format {meta.get('format')!r}).")
             try:
@@ -680,7 +684,7 @@ class FeatureStore:
             if is_temporary(name) or not _SHARD_NAME.match(name):
                 continue
             try:
-                meta = read_safetensors_header(path)[1].get("__metadata__") or {}
+                meta = self._header(path)[1].get("__metadata__") or {}
                 if meta.get("format") != SHARD_FORMAT:
                     raise ValueError(meta.get("format"))
                 [int(i) for i in json.loads(meta["images"])]
@@ -724,7 +728,7 @@ class FeatureStore:
         files, places = [], [None] * self.num_images
         sizes: list = [None] * self.num_images
         for path, images in self.shards():
-            offset, header = read_safetensors_header(path)
+            offset, header = self._header(path)
             meta = header.get("__metadata__") or {}
             try:
                 file = _MappedFile(path, _entry_names(len(self.layer_names)), offset, header)

@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 import torch
 
-from cosegment.cli import _log_outliers, build_parser, interrupt_message, main
+from cosegment.cli import build_parser, interrupt_message, main
 from cosegment.cli_output import (
     MAX_ARRAY_MASK_PIXELS,
     _image_names,
@@ -19,6 +19,7 @@ from cosegment.cli_output import (
     results_arrays,
     write_mask_files,
 )
+from cosegment.cli_steps import log_outliers
 from cosegment.runstate import RunInterrupted, forget_empty_state
 from cosegment.utils.command_line import empty_results_warning, expand_images
 from cosegment.utils.visualization import add_title, as_rgb_uint8, draw_correspondences, overlay_mask
@@ -203,7 +204,7 @@ def test_outliers_are_logged_by_file_name_and_labelled_in_pictures(caplog):
 
     paths = ["photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "photos/d.jpg"]
     with caplog.at_level(logging.INFO, logger="cosegment.cli"):
-        _log_outliers(Output(), paths)
+        log_outliers(Output(), paths)
     assert "outliers: c.jpg (2), d.jpg (3) share nothing with the other images" in caplog.text
     document = {"images": [{"path": "../" + p} for p in paths], "outliers": [False, False, True, True]}
     assert _image_names(document) == ["a.jpg", "b.jpg", "c.jpg (outlier)", "d.jpg (outlier)"]

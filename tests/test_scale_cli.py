@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from cosegment import CoSegmentationFeatures, analyze_pairs
 from cosegment.benchmarks.planted import make_planted_features
-from cosegment.cli import _analyse_pairs, pair_shares
+from cosegment.cli import pair_shares
+from cosegment.cli_steps import analyse_pairs
 from cosegment.pairs import image_means, partner_pairs
 from cosegment.runstate import RECORDED_SETTINGS, RunState, capture_units
 from cosegment.store import FeatureStore
@@ -147,7 +148,7 @@ def test_each_process_reads_its_share_and_its_pairs_images_only(tmp_path, monkey
     state.wait_for_everyone = lambda: waits.append(1)
     kept = _state(tmp_path / "out", 12)
     args = argparse.Namespace(partners=2, no_refine=False)
-    assert _analyse_pairs(args, mine, kept, state, "cpu", {}, False) == (None, None)  # the main process joins
+    assert analyse_pairs(args, mine, kept, state, "cpu", {}, False) == (None, None)  # the main process joins
     graph = partner_pairs(case.features, 2)
     my_pairs = pair_shares(12, 2, graph)[1]
     read = {i for i, count in enumerate(mine.reads) if count}
@@ -159,11 +160,11 @@ def test_each_process_reads_its_share_and_its_pairs_images_only(tmp_path, monkey
     assert torch.equal(kept.load_pair(*my_pairs[0]).passes[0].keep, expected.passes[0].keep)
     # the main process: its own pairs, and the others' from their kept files (in the graph's order)
     state = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
-    analyses, _ = _analyse_pairs(args, other, kept, state, "cpu", {}, False)
+    analyses, _ = analyse_pairs(args, other, kept, state, "cpu", {}, False)
     assert [(a.source_index, a.target_index) for a in analyses] == graph
     os.remove(kept.pair_path(*my_pairs[-1]))  # a process that kept its pairs where the main one cannot see them
     with pytest.raises(RuntimeError, match=f"pairs {my_pairs[-1][0]}-{my_pairs[-1][1]} are not in .*every process"):
-        _analyse_pairs(args, other, kept, state, "cpu", {}, False)
+        analyse_pairs(args, other, kept, state, "cpu", {}, False)
 
 
 def test_image_files_are_read_when_indexed(tmp_path):
@@ -283,3 +284,134 @@ def test_the_viewer_reads_image_files_one_at_a_time(tmp_path):
     PIL.Image.fromarray(images[2][:-1]).save(paths[2])  # one row shorter
     with pytest.raises(ValueError, match=r"`images\[2\]` is \(\d+, \d+\) px but the features say"):
         build_viewer(files, output, features, figure_size=32)
+
+
+def test_pair_bits_are_the_pairs_two_orientations():
+    from cosegment.runstate import pair_bits
+
+    orientations = torch.tensor([True, False, True])
+    assert pair_bits(orientations, 0, 1) == [True, False] and pair_bits(orientations, 1, 2) == [False, True]
+    assert all(type(bit) is bool for bit in pair_bits(orientations, 0, 2))  # JSON-ready, not tensors
+    assert pair_bits(None, 0, 1) is None
+
+
+def _photo_files(photos, folder, count: int) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        paths.append(os.path.join(folder, f"photo_{i}.png"))
+        PIL.Image.fromarray(photos[i % len(photos)][: 80 + 8 * i]).save(paths[-1])  # each file its own content
+    return paths
+
+
+def test_a_run_reads_each_shard_header_once(photos, tiny_sd_path, tmp_path, monkeypatch):
+    """A run asks several times what is kept (before the model loads, after `start`, before and after the capture,
+    when it reads the features back): each shard's header is read once a run, fresh or resumed (at 10^4 images, 1,250
+    shards a store, every extra pass is seconds of reads)."""
+    import collections
+
+    import cosegment.store
+    from cosegment.cli import main
+
+    reads = collections.Counter()
+    read_header = cosegment.store.read_safetensors_header
+
+    def counted(path):
+        if os.path.basename(path).startswith("images-"):
+            reads[os.path.relpath(path, tmp_path)] += 1
+        return read_header(path)
+
+    monkeypatch.setattr(cosegment.store, "read_safetensors_header", counted)
+    out = str(tmp_path / "out")
+    command = _photo_files(photos, tmp_path / "images", 6) + ["--model", tiny_sd_path, "--out", out, "--quiet"]
+    command += ["--height", "64", "--width", "64", "--batch-size", "2", "--flip", "--partners", "2", "--no-figures"]
+    shards = [
+        os.path.join("out", "resume", store, name)
+        for store in ("features", "mirrored")
+        for name in ("images-00000000-00000001.safetensors", "images-00000002-00000003.safetensors")
+        + ("images-00000004-00000005.safetensors",)
+    ]
+    for reference in ("none", "auto"):  # auto: the reference is captured after the images, then kept beside them
+        for extra in ([], ["--resume"]):
+            reads.clear()
+            main(command + ["--no-viewer", "--reference", reference] + extra)
+            assert sorted(reads) == sorted(shards) and set(reads.values()) == {1}, (reference, extra, dict(reads))
+    # (before the headers were kept: 3 reads of each shard in a fresh run, 4 with --reference auto, 5 resumed)
+
+
+def test_kept_shards_are_seen_as_other_processes_write_them(tmp_path, monkeypatch):
+    """What a run knows of the kept shards is read once, and read again where a file is new or another: the shards
+    other processes write during the capture count, and a shard replaced is read again."""
+    import cosegment.store
+
+    features = make_planted_features(num_images=6, seed=1).features
+    reads = []
+    read_header = cosegment.store.read_safetensors_header
+    monkeypatch.setattr(
+        cosegment.store, "read_safetensors_header", lambda path: reads.append(path) or read_header(path)
+    )
+    state = _state(tmp_path / "out", 6)
+    assert state.missing_images() == [0, 1, 2, 3, 4, 5] and reads == []
+    other = FeatureStore.create(state.features_path, 6, features.grid_size, features.layer_names, features.metadata)
+
+    def write(images, queries=features.queries):  # as another process does
+        other.write(images, [q[images] for q in queries], [k[images] for k in features.keys], [(8, 8)] * len(images))
+
+    write([0, 1])
+    write([2, 3])
+    assert state.missing_images() == [4, 5] and len(reads) == 2
+    assert state.missing_images() == [4, 5] and not state.has_features() and len(reads) == 2  # nothing read again
+    write([4, 5])
+    assert state.has_features() and len(reads) == 3  # the new shard only
+    kept = state.load_features()
+    assert len(reads) == 3 and torch.equal(kept.queries[0], features.queries[0])
+    write([2, 3], [q + 1 for q in features.queries])  # the same shard name, written again (atomically)
+    assert torch.equal(state.load_features().queries[0][2:4], features.queries[0][2:4] + 1)
+    assert len(reads) == 4 and os.path.basename(reads[-1]) == "images-00000002-00000003.safetensors"
+
+
+def test_a_given_pair_graph_gives_the_output_of_partners_without_reading_the_images_again(tmp_path):
+    """`analyze_features(pairs=partner_pairs(features, K))` (what the command gives, having made the graph to split
+    it) is `analyze_features(partners=K)` bitwise, one read of each image fewer."""
+    from cosegment import analyze_features
+    from cosegment.cli_output import results_arrays
+
+    case = make_planted_features(num_images=6, seed=7)
+    FeatureStore.from_features(tmp_path / "store", case.features, images_per_shard=2)
+    graph = partner_pairs(case.features, 2)
+    analyses = analyze_pairs(case.features, graph)
+    outputs, reads = [], []
+    for given in ({"partners": 2}, {"pairs": graph}):
+        lazy = FeatureStore(tmp_path / "store").features(cache_bytes=0)  # every image() call a read
+        outputs.append(results_arrays(analyze_features(lazy, pair_analyses=analyses, **given)))
+        reads.append(sum(lazy.reads))
+    assert sorted(outputs[0]) == sorted(outputs[1]) and len(graph) < 15  # a sparse graph: not every pair
+    assert all(torch.equal(outputs[0][name], outputs[1][name]) for name in outputs[0])
+    assert reads[0] - reads[1] == 6  # the graph's read of every image
+    with pytest.raises(ValueError, match="not both"):
+        analyze_features(case.features, partners=2, pairs=graph)
+    with pytest.raises(ValueError, match=r"`pairs` must hold \(s, t\) with 0 <= s < t < 6"):
+        analyze_features(case.features, pairs=[(0, 6)])
+    with pytest.raises(
+        ValueError, match=r"`pair_analyses` must hold each pair .* not in the pair graph \[\(0, \d\)\]"
+    ):
+        analyze_features(case.features, pair_analyses=analyses, pairs=graph[1:])
+
+
+def test_a_run_with_partners_computes_each_images_mean_once(photos, tiny_sd_path, tmp_path, monkeypatch):
+    """`--partners`: the image means the pair graph needs are computed once a run (each process its share), not again
+    for the collection-level steps on the main process."""
+    import cosegment.pairs
+    from cosegment.cli import main
+
+    computed = []
+    means = cosegment.pairs.image_means
+
+    def counted(features, indices=None):
+        computed.extend(range(features.num_images) if indices is None else indices)
+        return means(features, indices)
+
+    monkeypatch.setattr(cosegment.pairs, "image_means", counted)
+    command = _photo_files(photos, tmp_path / "images", 5) + ["--model", tiny_sd_path, "--out", str(tmp_path / "out")]
+    main(command + ["--height", "64", "--width", "64", "--partners", "1", "--quiet", "--no-figures", "--no-viewer"])
+    assert sorted(computed) == [0, 1, 2, 3, 4]  # (twice each before)
