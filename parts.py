@@ -215,11 +215,10 @@ def _linked_float64(
     num_tokens: int,
 ) -> np.ndarray:
     """`link_by_correspondences(make_embedding(), ...)` as a float64 array `(R, D)` (the spectral clustering's input),
-    the same values as `.double()` of it, in the memory of two float32 copies rather than four (the unlinked and
-    the linked float32 arrays and the float64 one): on the CPU, the linked rows are written as float32 in the first
-    half of the float64 array's bytes (its other pages not yet touched), the unlinked rows freed, and each value
-    then widened in place, from the last rows back (row i's float64 bytes are float32 rows 2i and 2i + 1, widened
-    already)."""
+    the same values as `.double()` of it, in the memory of two float32 copies rather than three (the linked float32
+    array beside its float64 copy): on the CPU, the linked rows are written as float32 in the first half of the
+    float64 array's bytes (its other pages not yet touched), the unlinked rows freed, and each value then widened in
+    place, from the last rows back (row i's float64 bytes are float32 rows 2i and 2i + 1, widened already)."""
     embedding = make_embedding()
     if embedding.device.type != "cpu":
         return link_by_correspondences(embedding, points, correspondences, num_tokens).double().cpu().numpy()
@@ -358,7 +357,10 @@ def cluster_collection(
     Returns the kept points per image and their parts `(P'_i,)`, numbered `0..K-1` over the collection (one id, one
     part in every image; a part may have no point in some image).
     """
-    return _cluster_points(features, points, correspondences, num_parts, chunk_size, device)[:2]
+    # the attention blocks held between the embeddings when step 11 would hold more (its rows): the peak is step 11's
+    # then; else computed again for each embedding (the same values)
+    hold = _step11_holds_rows(features.num_images, features.grid_size[0] * features.grid_size[1])
+    return _cluster_points(features, points, correspondences, num_parts, chunk_size, device, hold)[:2]
 
 
 @dataclass
@@ -391,7 +393,7 @@ def _cluster_points(
     num_parts: int | None,
     chunk_size: int | None,
     device: torch.device,
-    hold_blocks: bool = True,
+    hold_blocks: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], PartModel]:
     """:func:`cluster_collection`, and the [`PartModel`] it leaves (for :func:`assign_points`). `hold_blocks`: the
     first embedding's attention blocks are held for the later ones (else computed again: the same values)."""
@@ -533,12 +535,9 @@ def cluster_hits(
         return labels, 0
     sizes = [p.numel() for p in points]
     clustered = sorted(np.argsort([-n for n in sizes], kind="stable")[:MAX_CLUSTER_IMAGES].tolist())
-    # the clustering's attention blocks held between its embeddings when step 11 holds more (its rows): the peak is
-    # step 11's then; in a larger collection they are computed again instead (the same values)
-    hold = _step11_holds_rows(num_images, num_tokens)
     if len(clustered) < num_images:
-        return _cluster_some(features, points, clustered, correspondences, num_parts, chunk_size, device, hold)
-    points, regions = _cluster_points(features, points, correspondences, num_parts, chunk_size, device, hold)[:2]
+        return _cluster_some(features, points, clustered, correspondences, num_parts, chunk_size, device)
+    points, regions = cluster_collection(features, points, correspondences, num_parts, chunk_size, device)
     trim_memory()
     for image_labels, image_points, image_regions in zip(labels, points, regions):
         image_labels[image_points] = image_regions.to(device) + 1
@@ -553,7 +552,6 @@ def _cluster_some(
     num_parts: int | None,
     chunk_size: int | None,
     device: torch.device,
-    hold_blocks: bool = True,
 ) -> tuple[list[torch.Tensor], int]:
     """:func:`cluster_hits` for more images than the clustering takes: the points of the `clustered` images (ascending)
     are clustered together (:func:`cluster_collection`, their correspondences tying them), then each other image's
@@ -578,7 +576,13 @@ def _cluster_some(
         check_values=False,  # read from `features`, which checked them
     )
     kept, regions, model = _cluster_points(
-        subset, [points[i] for i in clustered], linked, num_parts, chunk_size, device, hold_blocks
+        subset,
+        [points[i] for i in clustered],
+        linked,
+        num_parts,
+        chunk_size,
+        device,
+        _step11_holds_rows(features.num_images, num_tokens),  # of the whole collection, as step 11 decides
     )
     trim_memory()
     for image, image_points, image_regions in zip(clustered, kept, regions):
